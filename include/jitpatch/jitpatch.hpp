@@ -1,0 +1,7 @@
+// jitpatch: the umbrella header.
+#pragma once
+
+#include <jitpatch/arch.hpp>
+#include <jitpatch/error.hpp>
+#include <jitpatch/rseq.hpp>
+#include <jitpatch/runtime.hpp>

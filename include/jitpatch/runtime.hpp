@@ -1,0 +1,186 @@
+// jitpatch::Runtime: the process-wide kernel layer.
+//
+// Create exactly one Runtime, early, before the process starts threads: it probes the
+// kernel, registers the membarrier commands it will use (with more than one thread a
+// registration waits for a kernel RCU grace period, milliseconds), installs the signal
+// handler of the signal fallback, and owns the registry of participating threads.
+//
+// It provides three process-wide operations, each with a ladder of strategies chosen
+// once from the probed capabilities, and each forceable by API or by the environment:
+//
+//   process_barrier()  every thread of the process executed a full memory barrier
+//                      membarrier PRIVATE_EXPEDITED -> mprotect TLB shootdown (x86-64
+//                      only) -> signal broadcast -> Errc::unavailable
+//   serialize_cores()  as above, and every thread's core executed a core-serializing
+//                      instruction: no stale prefetched instruction survives
+//                      membarrier PRIVATE_EXPEDITED_SYNC_CORE -> signal broadcast -> error
+//   rseq_fence(cpu)    as process_barrier, and every rseq critical section in progress
+//                      (on `cpu`, or on all CPUs) was aborted
+//                      membarrier PRIVATE_EXPEDITED_RSEQ -> signal broadcast -> error
+//
+// The membarrier strategies cover every thread of the process. The signal strategy
+// covers the threads attached with attach_current_thread() (and the caller): attach
+// every thread that runs code these operations must reach.
+//
+// Environment (read by create() unless RuntimeOptions::use_environment is false):
+//   JITPATCH_FORCE=signals                       force every operation to one strategy
+//   JITPATCH_FORCE=process_barrier=mprotect,serialize_cores=signals,rseq_fence=none
+//   JITPATCH_SIGNAL=SIGRTMIN+5 | 40              the signal of the signal strategy
+#pragma once
+
+#include <chrono>
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include <jitpatch/error.hpp>
+
+namespace jitpatch {
+
+enum class Strategy : std::uint8_t {
+  automatic,   // only as an option: resolved to the best available one at create()
+  membarrier,
+  mprotect,    // process_barrier only, x86-64 only
+  signals,
+  none,        // the operation reports Errc::unavailable
+};
+const char* strategy_name(Strategy s) noexcept;
+
+enum class Operation : std::uint8_t { process_barrier, serialize_cores, rseq_fence };
+const char* operation_name(Operation op) noexcept;
+
+// membarrier(2) command bits (include/uapi/linux/membarrier.h).
+namespace membarrier_cmd {
+inline constexpr unsigned query = 0;
+inline constexpr unsigned global = 1u << 0;
+inline constexpr unsigned global_expedited = 1u << 1;
+inline constexpr unsigned register_global_expedited = 1u << 2;
+inline constexpr unsigned private_expedited = 1u << 3;
+inline constexpr unsigned register_private_expedited = 1u << 4;
+inline constexpr unsigned private_expedited_sync_core = 1u << 5;
+inline constexpr unsigned register_private_expedited_sync_core = 1u << 6;
+inline constexpr unsigned private_expedited_rseq = 1u << 7;
+inline constexpr unsigned register_private_expedited_rseq = 1u << 8;
+inline constexpr unsigned get_registrations = 1u << 9;
+}  // namespace membarrier_cmd
+
+// What the probe found. Plain data, filled once by create().
+struct Capabilities {
+  char arch[16] = {};
+  char kernel_release[65] = {};
+
+  // MEMBARRIER_CMD_QUERY: the supported-command mask, or 0 with query_errno set when the
+  // query itself failed (ENOSYS: no membarrier; EPERM: seccomp).
+  unsigned membarrier_supported = 0;
+  int membarrier_query_errno = 0;
+  // Registrations this Runtime made (and, when the kernel has GET_REGISTRATIONS, what it
+  // reports: registrations_reported is then true).
+  unsigned membarrier_registered = 0;
+  unsigned membarrier_registrations_kernel = 0;
+  bool registrations_reported = false;
+  // errno of each failed registration, by the bit of the command it registers.
+  int register_private_expedited_errno = 0;
+  int register_sync_core_errno = 0;
+  int register_rseq_errno = 0;
+
+  // rseq as glibc registered it (glibc 2.35+: __rseq_size, __rseq_offset).
+  bool rseq_registered = false;
+  unsigned rseq_size = 0;
+  std::ptrdiff_t rseq_offset = 0;
+
+  // CPU facts that matter for patching.
+  bool x86_serialize = false;          // SERIALIZE instruction available
+  std::uint64_t aarch64_ctr_el0 = 0;   // raw CTR_EL0 (aarch64 only)
+  unsigned cpus_configured = 0;
+  unsigned cpus_online = 0;
+};
+
+struct RuntimeOptions {
+  Strategy process_barrier = Strategy::automatic;
+  Strategy serialize_cores = Strategy::automatic;
+  Strategy rseq_fence = Strategy::automatic;
+  // Signal of the signal strategy; 0 picks SIGRTMIN+5. A handler already installed for
+  // it is chained to: signals that are not ours go to it.
+  int signal = 0;
+  // JITPATCH_FORCE / JITPATCH_SIGNAL override the fields above when set.
+  bool use_environment = true;
+  // How long the signal strategy waits for a thread's acknowledgement before it reports
+  // Errc::timeout (a thread blocking the signal, or stopped under a debugger).
+  std::chrono::milliseconds ack_timeout{5000};
+};
+
+class Runtime;
+
+// RAII attachment of the calling thread to a Runtime's thread registry. Move-only; must
+// be destroyed on the thread that created it (detaching another thread is refused).
+class ThreadAttachment {
+ public:
+  ThreadAttachment() noexcept = default;
+  ThreadAttachment(ThreadAttachment&& o) noexcept;
+  ThreadAttachment& operator=(ThreadAttachment&& o) noexcept;
+  ThreadAttachment(const ThreadAttachment&) = delete;
+  ThreadAttachment& operator=(const ThreadAttachment&) = delete;
+  ~ThreadAttachment();
+
+  bool attached() const noexcept { return record_ != nullptr; }
+  // Detach now (idempotent). Errc::invalid_argument when called on another thread.
+  Status detach() noexcept;
+
+ private:
+  friend class Runtime;
+  explicit ThreadAttachment(void* record) noexcept : record_(record) {}
+  void* record_ = nullptr;
+};
+
+class Runtime {
+ public:
+  // Probe, register, install the signal handler. Errc::busy if a Runtime already exists
+  // in this process; Errc::unsupported/refused if a forced strategy cannot work here;
+  // Errc::invalid_argument for a bad option or environment value. Thread-safe.
+  static Result<std::unique_ptr<Runtime>> create(const RuntimeOptions& options = {}) noexcept;
+  // The live Runtime, or nullptr. Async-signal-safe.
+  static Runtime* current() noexcept;
+
+  ~Runtime();
+  Runtime(const Runtime&) = delete;
+  Runtime& operator=(const Runtime&) = delete;
+
+  const Capabilities& capabilities() const noexcept;
+  // The strategy in use now. An automatic choice can step down the ladder at run time
+  // if the kernel starts refusing (seccomp installed later): this reports the current one.
+  Strategy strategy(Operation op) const noexcept;
+  // Whether `s` can perform `op` here (registered, supported on this arch, ...).
+  bool can_use(Operation op, Strategy s) const noexcept;
+
+  // The three operations, with the current strategy. Thread-safe; not async-signal-safe.
+  // The signal strategy returns Errc::timeout if an attached thread does not acknowledge
+  // within ack_timeout.
+  Status process_barrier() noexcept;
+  Status serialize_cores() noexcept;
+  static constexpr int all_cpus = -1;
+  Status rseq_fence(int cpu = all_cpus) noexcept;
+
+  // The same with an explicit strategy (benchmarks, the doctor, tests). No stepping down.
+  Status run(Operation op, Strategy s, int cpu = all_cpus) noexcept;
+
+  // Attach the calling thread (registry of the signal strategy, and of later layers).
+  // Errc::already_attached if it is. Thread-safe.
+  Result<ThreadAttachment> attach_current_thread() noexcept;
+  std::size_t attached_thread_count() const noexcept;
+  int signal_number() const noexcept;
+
+  // Signals our handler received and acknowledged (for tests and the doctor).
+  std::uint64_t signal_acks() const noexcept;
+
+ private:
+  struct Impl;
+  explicit Runtime(std::unique_ptr<Impl> impl) noexcept;
+  std::unique_ptr<Impl> impl_;
+  friend class ThreadAttachment;
+};
+
+// Parse "membarrier", "mprotect", "signals", "none", "auto". False on anything else.
+bool parse_strategy(const char* text, Strategy* out) noexcept;
+
+}  // namespace jitpatch

@@ -1,0 +1,75 @@
+#include <jitpatch/error.hpp>
+#include <jitpatch/runtime.hpp>
+
+#include <cstring>
+#include <string>
+
+namespace jitpatch {
+
+const char* errc_name(Errc e) noexcept {
+  switch (e) {
+    case Errc::ok: return "ok";
+    case Errc::invalid_argument: return "invalid_argument";
+    case Errc::unsupported: return "unsupported";
+    case Errc::refused: return "refused";
+    case Errc::unavailable: return "unavailable";
+    case Errc::not_attached: return "not_attached";
+    case Errc::already_attached: return "already_attached";
+    case Errc::busy: return "busy";
+    case Errc::timeout: return "timeout";
+    case Errc::out_of_memory: return "out_of_memory";
+    case Errc::os_error: return "os_error";
+  }
+  return "unknown";
+}
+
+std::string Status::message() const {
+  std::string m = name();
+  if (context_) {
+    m += ": ";
+    m += context_;
+  }
+  if (errno_ != 0) {
+    m += ": ";
+    m += ::strerrordesc_np(errno_) ? ::strerrordesc_np(errno_) : "unknown error";
+    m += " (";
+    m += ::strerrorname_np(errno_) ? ::strerrorname_np(errno_) : std::to_string(errno_).c_str();
+    m += ")";
+  }
+  return m;
+}
+
+const char* strategy_name(Strategy s) noexcept {
+  switch (s) {
+    case Strategy::automatic: return "auto";
+    case Strategy::membarrier: return "membarrier";
+    case Strategy::mprotect: return "mprotect";
+    case Strategy::signals: return "signals";
+    case Strategy::none: return "none";
+  }
+  return "unknown";
+}
+
+const char* operation_name(Operation op) noexcept {
+  switch (op) {
+    case Operation::process_barrier: return "process_barrier";
+    case Operation::serialize_cores: return "serialize_cores";
+    case Operation::rseq_fence: return "rseq_fence";
+  }
+  return "unknown";
+}
+
+bool parse_strategy(const char* text, Strategy* out) noexcept {
+  static constexpr Strategy all[] = {Strategy::automatic, Strategy::membarrier, Strategy::mprotect,
+                                     Strategy::signals, Strategy::none};
+  if (!text) return false;
+  for (Strategy s : all) {
+    if (std::strcmp(text, strategy_name(s)) == 0) {
+      *out = s;
+      return true;
+    }
+  }
+  return false;
+}
+
+}  // namespace jitpatch

@@ -1,0 +1,612 @@
+// The kernel layer: capability probe, membarrier registration, the three process-wide
+// operations with their strategy ladders, and the signal-broadcast fallback with its
+// thread registry.
+#include <jitpatch/arch.hpp>
+#include <jitpatch/rseq.hpp>
+#include <jitpatch/runtime.hpp>
+
+#include <sys/mman.h>
+#include <sys/utsname.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <cerrno>
+#include <csignal>
+#include <cstdlib>
+#include <cstring>
+#include <mutex>
+#include <new>
+
+#include "runtime/sys.hpp"
+
+namespace jitpatch {
+
+namespace {
+
+namespace mb = membarrier_cmd;
+
+// Tags our signals (sival_int) so the handler can tell them from the embedder's.
+constexpr int kSignalMagic = 0x4a505452;  // "JPTR"
+
+// One per attached thread. Owned by its ThreadAttachment; linked into the registry while
+// attached. `request`/`ack` are 32-bit because `ack` is also a futex word.
+struct ThreadRecord {
+  pid_t tid = 0;
+  std::uint32_t request = 0;  // written by the broadcaster (under g_registry_mu)
+  std::uint32_t ack = 0;      // written by the thread's signal handler; futex word
+  ThreadRecord* prev = nullptr;
+  ThreadRecord* next = nullptr;
+  bool linked = false;
+};
+
+// Process-wide state. Constant-initialized: no global constructors run for these.
+constinit std::mutex g_registry_mu;      // registry membership, broadcasts, Runtime lifetime
+constinit ThreadRecord* g_threads = nullptr;
+constinit std::size_t g_thread_count = 0;
+constinit std::uint32_t g_broadcast_seq = 0;
+constinit Runtime* g_runtime = nullptr;  // atomic accesses only (read by the handler)
+constinit std::uint64_t g_acks = 0;
+constinit pid_t g_pid = 0;
+
+// The signal handler's configuration; written before the handler is installed, and the
+// handler stays installed (chaining) even after the Runtime is gone.
+constinit int g_signo = 0;
+constinit struct sigaction g_prev_action = {};
+
+thread_local ThreadRecord* t_record __attribute__((tls_model("initial-exec"))) = nullptr;
+
+void chain_to_previous(int sig, siginfo_t* si, void* uc) {
+  const struct sigaction& prev = g_prev_action;
+  if (prev.sa_flags & SA_SIGINFO) {
+    if (prev.sa_sigaction) prev.sa_sigaction(sig, si, uc);
+    return;
+  }
+  if (prev.sa_handler == SIG_IGN) return;
+  if (prev.sa_handler == SIG_DFL) {
+    // Not ours, and nobody else wanted it: what the default action would have done
+    // (terminate, for a real-time signal). Re-raise with the default disposition.
+    struct sigaction dfl = {};
+    dfl.sa_handler = SIG_DFL;
+    ::sigaction(sig, &dfl, nullptr);
+    ::raise(sig);
+    return;
+  }
+  prev.sa_handler(sig);
+}
+
+// Runs on the target thread. Async-signal-safe: atomics, a fence, SERIALIZE/ISB, futex.
+void on_signal(int sig, siginfo_t* si, void* uc) {
+  const int saved_errno = errno;
+  const bool ours = si != nullptr && si->si_code == SI_QUEUE &&
+                    si->si_value.sival_int == kSignalMagic &&
+                    si->si_pid == __atomic_load_n(&g_pid, __ATOMIC_RELAXED);
+  ThreadRecord* rec = t_record;
+  if (!ours) {
+    chain_to_previous(sig, si, uc);
+  } else if (rec != nullptr) {
+    const std::uint32_t req = __atomic_load_n(&rec->request, __ATOMIC_ACQUIRE);
+    // Pairs with the broadcaster's smp_mb() before it sent the signal and after it saw
+    // this ack: everything this thread did before the signal is ordered before the
+    // broadcaster's later accesses, and everything it does after, after the earlier ones
+    // (the membarrier(2) guarantee, made by hand).
+    smp_mb();
+    // The acknowledgement path serializes the core, so the signal strategy also gives
+    // serialize_cores() its guarantee. The return through rt_sigreturn would usually be
+    // serializing too (IRET on x86, ERET on arm64), but the kernel may return by SYSRET,
+    // which is not, so do not rely on it.
+    sync_core();
+    __atomic_fetch_add(&g_acks, 1, __ATOMIC_RELAXED);  // before the ack: the count is exact when the broadcast returns
+    __atomic_store_n(&rec->ack, req, __ATOMIC_RELEASE);
+    sys::futex_wake(&rec->ack, 1);
+  }
+  // else: our signal reached a thread that detached meanwhile; the broadcaster did not
+  // wait for it (it only waits for linked records), so there is nothing to acknowledge.
+  // Delivery itself already aborted any rseq critical section the thread was in.
+  errno = saved_errno;
+}
+
+bool is_acked(std::uint32_t ack, std::uint32_t seq) { return static_cast<std::int32_t>(ack - seq) >= 0; }
+
+long monotonic_ns() {
+  timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return ts.tv_sec * 1000000000L + ts.tv_nsec;
+}
+
+// The registration command that goes with each operation's command.
+unsigned register_cmd_for(unsigned cmd) {
+  switch (cmd) {
+    case mb::private_expedited: return mb::register_private_expedited;
+    case mb::private_expedited_sync_core: return mb::register_private_expedited_sync_core;
+    case mb::private_expedited_rseq: return mb::register_private_expedited_rseq;
+  }
+  return 0;
+}
+
+unsigned command_for(Operation op) {
+  switch (op) {
+    case Operation::process_barrier: return mb::private_expedited;
+    case Operation::serialize_cores: return mb::private_expedited_sync_core;
+    case Operation::rseq_fence: return mb::private_expedited_rseq;
+  }
+  return 0;
+}
+
+bool parse_signal(const char* text, int* out) {
+  char* end = nullptr;
+  long base = 0;
+  const char* num = text;
+  if (std::strncmp(text, "SIGRTMIN", 8) == 0) {
+    base = SIGRTMIN;
+    num = text + 8;
+    if (*num == '\0') {
+      *out = static_cast<int>(base);
+      return true;
+    }
+    if (*num != '+') return false;
+    ++num;
+  }
+  errno = 0;
+  long v = std::strtol(num, &end, 10);
+  if (errno != 0 || end == num || *end != '\0' || v < 0) return false;
+  *out = static_cast<int>(base + v);
+  return true;
+}
+
+bool signal_allowed(int sig) {
+  return (sig >= SIGRTMIN && sig <= SIGRTMAX) || sig == SIGUSR1 || sig == SIGUSR2;
+}
+
+// Applies JITPATCH_FORCE / JITPATCH_SIGNAL to `o`.
+Status apply_environment(RuntimeOptions& o) {
+  if (const char* force = std::getenv("JITPATCH_FORCE"); force && *force) {
+    char buf[256];
+    if (std::strlen(force) >= sizeof buf)
+      return Status(Errc::invalid_argument, 0, "JITPATCH_FORCE: value too long");
+    std::strcpy(buf, force);
+    char* save = nullptr;
+    for (char* item = strtok_r(buf, ",", &save); item; item = strtok_r(nullptr, ",", &save)) {
+      Strategy s;
+      if (char* eq = std::strchr(item, '=')) {
+        *eq = '\0';
+        if (!parse_strategy(eq + 1, &s))
+          return Status(Errc::invalid_argument, 0, "JITPATCH_FORCE: unknown strategy");
+        if (std::strcmp(item, "process_barrier") == 0) o.process_barrier = s;
+        else if (std::strcmp(item, "serialize_cores") == 0) o.serialize_cores = s;
+        else if (std::strcmp(item, "rseq_fence") == 0) o.rseq_fence = s;
+        else return Status(Errc::invalid_argument, 0, "JITPATCH_FORCE: unknown operation");
+      } else {
+        if (!parse_strategy(item, &s))
+          return Status(Errc::invalid_argument, 0, "JITPATCH_FORCE: unknown strategy");
+        // A bare strategy applies to every operation it can perform.
+        o.process_barrier = s;
+        if (s != Strategy::mprotect) {
+          o.serialize_cores = s;
+          o.rseq_fence = s;
+        }
+      }
+    }
+  }
+  if (const char* sig = std::getenv("JITPATCH_SIGNAL"); sig && *sig) {
+    if (!parse_signal(sig, &o.signal))
+      return Status(Errc::invalid_argument, 0, "JITPATCH_SIGNAL: not a signal number or SIGRTMIN+N");
+  }
+  return {};
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------
+
+struct Runtime::Impl {
+  RuntimeOptions options;
+  Capabilities caps;
+  Strategy current[3] = {};     // atomic accesses: an automatic choice may step down
+  bool automatic[3] = {};
+  void* mprotect_page = nullptr;
+  std::mutex mprotect_mu;
+  bool handler_installed = false;
+  int signo = 0;
+
+  Strategy& cur(Operation op) { return current[static_cast<int>(op)]; }
+
+  void probe();
+  void register_membarrier();
+  bool usable(Operation op, Strategy s) const;
+  Strategy best(Operation op, Strategy at_or_below) const;
+  Status run_membarrier(Operation op, int cpu);
+  Status run_mprotect();
+  Status run_signals();
+  Status run(Operation op, Strategy s, int cpu);
+  Status run_current(Operation op, int cpu);
+};
+
+void Runtime::Impl::probe() {
+  utsname u;
+  if (::uname(&u) == 0) std::snprintf(caps.kernel_release, sizeof caps.kernel_release, "%s", u.release);
+  std::snprintf(caps.arch, sizeof caps.arch, "%s", JITPATCH_ARCH_NAME);
+
+  long q = sys::membarrier(mb::query);
+  if (q < 0) {
+    caps.membarrier_query_errno = errno;
+  } else {
+    caps.membarrier_supported = static_cast<unsigned>(q);
+  }
+
+  caps.rseq_registered = rseq::available();
+  caps.rseq_size = rseq::area_size();
+  caps.rseq_offset = rseq::area_offset();
+#if defined(__x86_64__)
+  caps.x86_serialize = arch::native::cpu_has_serialize();
+#elif defined(__aarch64__)
+  caps.aarch64_ctr_el0 = arch::native::read_ctr_el0();
+#endif
+  long conf = ::sysconf(_SC_NPROCESSORS_CONF), onl = ::sysconf(_SC_NPROCESSORS_ONLN);
+  caps.cpus_configured = conf > 0 ? static_cast<unsigned>(conf) : 0;
+  caps.cpus_online = onl > 0 ? static_cast<unsigned>(onl) : 0;
+}
+
+void Runtime::Impl::register_membarrier() {
+  struct Reg {
+    unsigned cmd, reg;
+    int* err;
+  } regs[] = {
+      {mb::private_expedited, mb::register_private_expedited, &caps.register_private_expedited_errno},
+      {mb::private_expedited_sync_core, mb::register_private_expedited_sync_core,
+       &caps.register_sync_core_errno},
+      {mb::private_expedited_rseq, mb::register_private_expedited_rseq, &caps.register_rseq_errno},
+  };
+  for (const Reg& r : regs) {
+    if (!(caps.membarrier_supported & r.cmd)) {
+      *r.err = caps.membarrier_query_errno ? caps.membarrier_query_errno : EINVAL;
+      continue;
+    }
+    if (sys::membarrier(r.reg) == 0) {
+      caps.membarrier_registered |= r.reg;
+    } else {
+      *r.err = errno;
+    }
+  }
+  if (caps.membarrier_supported & mb::get_registrations) {
+    long g = sys::membarrier(mb::get_registrations);
+    if (g >= 0) {
+      caps.membarrier_registrations_kernel = static_cast<unsigned>(g);
+      caps.registrations_reported = true;
+    }
+  }
+}
+
+bool Runtime::Impl::usable(Operation op, Strategy s) const {
+  switch (s) {
+    case Strategy::automatic: return false;
+    case Strategy::membarrier:
+      return (caps.membarrier_registered & register_cmd_for(command_for(op))) != 0;
+    case Strategy::mprotect: return op == Operation::process_barrier && mprotect_page != nullptr;
+    case Strategy::signals: return handler_installed;
+    case Strategy::none: return true;
+  }
+  return false;
+}
+
+// The ladder: the best usable strategy strictly after `after` (automatic = from the top).
+Strategy Runtime::Impl::best(Operation op, Strategy after) const {
+  static constexpr Strategy ladder[] = {Strategy::membarrier, Strategy::mprotect, Strategy::signals,
+                                        Strategy::none};
+  bool past = after == Strategy::automatic;
+  for (Strategy s : ladder) {
+    if (past && usable(op, s)) return s;
+    if (s == after) past = true;
+  }
+  return Strategy::none;
+}
+
+Status Runtime::Impl::run_membarrier(Operation op, int cpu) {
+  const unsigned cmd = command_for(op);
+  unsigned flags = 0;
+  int cpu_arg = 0;
+  if (op == Operation::rseq_fence && cpu != Runtime::all_cpus) {
+    flags = 1;  // MEMBARRIER_CMD_FLAG_CPU
+    cpu_arg = cpu;
+  }
+  if (sys::membarrier(cmd, flags, cpu_arg) == 0) return {};
+  int e = errno;
+  // An offline CPU has no rseq critical section in progress: the fence is done.
+  if (e == ENXIO && flags) return {};
+  if (e == EPERM) {
+    // EPERM means "not registered" or "seccomp said no". Register once and retry; if that
+    // fails too it is a refusal (REFERENCE 1).
+    if (sys::membarrier(register_cmd_for(cmd)) == 0 && sys::membarrier(cmd, flags, cpu_arg) == 0) return {};
+    return Status(Errc::refused, errno ? errno : e, "membarrier refused after a registration retry");
+  }
+  if (e == ENOSYS || e == EINVAL) return Status(Errc::unsupported, e, "membarrier command not supported");
+  return Status(Errc::os_error, e, "membarrier");
+}
+
+Status Runtime::Impl::run_mprotect() {
+#if defined(__x86_64__)
+  // Downgrading a present, dirty PTE forces a TLB shootdown, which on x86 is an IPI to
+  // every CPU currently running this mm; taking the interrupt is a full barrier on each.
+  // This is what HotSpot (os::serialize_thread_states, before membarrier) and .NET
+  // (FlushProcessWriteBuffers) rely on. Not valid where TLB invalidation is broadcast
+  // without IPIs (arm64 TLBI, AMD INVLPGB), hence x86-64 only.
+  std::lock_guard<std::mutex> g(mprotect_mu);
+  if (::mprotect(mprotect_page, static_cast<std::size_t>(::getpagesize()), PROT_READ | PROT_WRITE) != 0)
+    return Status(Errc::os_error, errno, "mprotect(RW) of the barrier page");
+  // The write makes the PTE present and dirty so the downgrade below must flush it.
+  __atomic_fetch_add(static_cast<int*>(mprotect_page), 1, __ATOMIC_SEQ_CST);
+  if (::mprotect(mprotect_page, static_cast<std::size_t>(::getpagesize()), PROT_NONE) != 0)
+    return Status(Errc::os_error, errno, "mprotect(NONE) of the barrier page");
+  return {};
+#else
+  return Status(Errc::unsupported, 0, "the mprotect barrier is valid on x86-64 only");
+#endif
+}
+
+Status Runtime::Impl::run_signals() {
+  if (!handler_installed) return Status(Errc::unavailable, 0, "signal handler not installed");
+  std::lock_guard<std::mutex> g(g_registry_mu);
+  const std::uint32_t seq = ++g_broadcast_seq;
+  const pid_t self = sys::gettid();
+  // Pairs with the handler's smp_mb(): our accesses before the call are ordered before
+  // whatever each target does after it acknowledges.
+  smp_mb();
+  for (ThreadRecord* r = g_threads; r; r = r->next) {
+    if (r->tid == self) continue;
+    __atomic_store_n(&r->request, seq, __ATOMIC_RELAXED);
+    if (sys::tgsigqueue(r->tid, signo, kSignalMagic) != 0) {
+      // ESRCH: the thread exited without detaching; it runs nothing any more, so it
+      // needs no barrier. Count it as acknowledged.
+      if (errno == ESRCH) __atomic_store_n(&r->ack, seq, __ATOMIC_RELAXED);
+      else return Status(Errc::os_error, errno, "rt_tgsigqueueinfo");
+    }
+  }
+  const long deadline = monotonic_ns() + options.ack_timeout.count() * 1000000L;
+  for (ThreadRecord* r = g_threads; r; r = r->next) {
+    if (r->tid == self) continue;
+    for (int spins = 0;; ++spins) {
+      const std::uint32_t a = __atomic_load_n(&r->ack, __ATOMIC_ACQUIRE);
+      if (is_acked(a, seq)) break;
+      if (spins < 256) {
+        cpu_relax();
+        continue;
+      }
+      const long left = deadline - monotonic_ns();
+      if (left <= 0) return Status(Errc::timeout, 0, "signal broadcast: a thread did not acknowledge");
+      timespec ts{left / 1000000000L, left % 1000000000L};
+      if (ts.tv_sec > 0 || ts.tv_nsec > 1000000) ts = {0, 1000000};  // re-check every 1 ms
+      sys::futex_wait(&r->ack, a, &ts);
+    }
+  }
+  // Pairs with the handler's smp_mb(): what each target did before it acknowledged is
+  // ordered before our accesses after the call. The caller's own core is serialized too.
+  smp_mb();
+  sync_core();
+  return {};
+}
+
+Status Runtime::Impl::run(Operation op, Strategy s, int cpu) {
+  if (op == Operation::rseq_fence && (cpu < Runtime::all_cpus || (caps.cpus_configured && cpu >= static_cast<int>(caps.cpus_configured))))
+    return Status(Errc::invalid_argument, 0, "rseq_fence: no such CPU");
+  switch (s) {
+    case Strategy::membarrier:
+      if (!usable(op, s)) return Status(Errc::unsupported, 0, "membarrier command not registered");
+      return run_membarrier(op, cpu);
+    case Strategy::mprotect:
+      if (op != Operation::process_barrier)
+        return Status(Errc::invalid_argument, 0, "mprotect only implements process_barrier");
+      if (!usable(op, s)) return Status(Errc::unsupported, 0, "the mprotect barrier is valid on x86-64 only");
+      return run_mprotect();
+    case Strategy::signals: return run_signals();
+    case Strategy::none: return Status(Errc::unavailable, 0, "no strategy left for this operation");
+    case Strategy::automatic: break;
+  }
+  return Status(Errc::invalid_argument, 0, "strategy 'auto' is not runnable");
+}
+
+Status Runtime::Impl::run_current(Operation op, int cpu) {
+  Strategy* slot = &cur(op);
+  for (;;) {
+    const Strategy s = __atomic_load_n(slot, __ATOMIC_RELAXED);
+    Status st = run(op, s, cpu);
+    if (st.ok() || !automatic[static_cast<int>(op)]) return st;
+    if (st.code() != Errc::refused && st.code() != Errc::unsupported) return st;
+    // The kernel stopped honouring this strategy (e.g. a seccomp filter installed after
+    // start-up): step down the ladder for good and try again.
+    const Strategy next = best(op, s);
+    Strategy expected = s;
+    __atomic_compare_exchange_n(slot, &expected, next, false, __ATOMIC_RELAXED, __ATOMIC_RELAXED);
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+
+Runtime::Runtime(std::unique_ptr<Impl> impl) noexcept : impl_(std::move(impl)) {}
+
+Result<std::unique_ptr<Runtime>> Runtime::create(const RuntimeOptions& options_in) noexcept {
+  RuntimeOptions options = options_in;
+  if (options.use_environment) {
+    if (Status st = apply_environment(options); !st) return st;
+  }
+  if (options.signal == 0) options.signal = SIGRTMIN + 5;
+  if (!signal_allowed(options.signal))
+    return Status(Errc::invalid_argument, 0, "signal must be a real-time signal, SIGUSR1 or SIGUSR2");
+  const Strategy wanted[3] = {options.process_barrier, options.serialize_cores, options.rseq_fence};
+  if (wanted[1] == Strategy::mprotect || wanted[2] == Strategy::mprotect)
+    return Status(Errc::invalid_argument, 0, "mprotect only implements process_barrier");
+
+  std::lock_guard<std::mutex> g(g_registry_mu);
+  if (__atomic_load_n(&g_runtime, __ATOMIC_ACQUIRE) != nullptr)
+    return Status(Errc::busy, 0, "a jitpatch::Runtime already exists in this process");
+
+  auto impl = std::unique_ptr<Impl>(new (std::nothrow) Impl);
+  if (!impl) return Status(Errc::out_of_memory);
+  impl->options = options;
+  impl->signo = options.signal;
+  impl->probe();
+  impl->register_membarrier();
+
+#if defined(__x86_64__)
+  {
+    const auto page = static_cast<std::size_t>(::getpagesize());
+    void* p = ::mmap(nullptr, page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (p != MAP_FAILED) {
+      // Keep the page resident so the PTE is there to be shot down (best effort).
+      (void)::mlock(p, page);
+      impl->mprotect_page = p;
+    }
+  }
+#endif
+
+  // Install the handler once per process, and keep it for the process's life: a handler
+  // installed after ours may chain to it, so it must stay valid code. When no Runtime
+  // exists, it passes every signal on to the previous handler.
+  if (g_signo == 0 || g_signo == options.signal) {
+    if (g_signo == 0) {
+      struct sigaction sa = {};
+      sa.sa_sigaction = on_signal;
+      // SA_RESTART: interrupted system calls restart instead of failing with EINTR in
+      // code that never expected our signal. Block nothing extra while it runs.
+      sa.sa_flags = SA_SIGINFO | SA_RESTART | SA_ONSTACK;
+      sigemptyset(&sa.sa_mask);
+      struct sigaction prev = {};
+      if (::sigaction(options.signal, nullptr, &prev) == 0) {
+        g_prev_action = prev;
+        g_signo = options.signal;
+        __atomic_store_n(&g_pid, ::getpid(), __ATOMIC_RELAXED);
+        if (::sigaction(options.signal, &sa, nullptr) != 0) g_signo = 0;
+      }
+    }
+    impl->handler_installed = g_signo == options.signal;
+  }
+
+  for (int i = 0; i < 3; ++i) {
+    const auto op = static_cast<Operation>(i);
+    if (wanted[i] == Strategy::automatic) {
+      impl->automatic[i] = true;
+      impl->current[i] = impl->best(op, Strategy::automatic);
+    } else {
+      if (!impl->usable(op, wanted[i])) {
+        if (wanted[i] == Strategy::membarrier)
+          return Status(Errc::unsupported, i == 0 ? impl->caps.register_private_expedited_errno
+                                           : i == 1 ? impl->caps.register_sync_core_errno
+                                                    : impl->caps.register_rseq_errno,
+                        "forced strategy 'membarrier' is not available here");
+        return Status(Errc::unsupported, 0, "forced strategy is not available here");
+      }
+      impl->current[i] = wanted[i];
+    }
+  }
+
+  auto rt = std::unique_ptr<Runtime>(new (std::nothrow) Runtime(std::move(impl)));
+  if (!rt) return Status(Errc::out_of_memory);
+  __atomic_store_n(&g_runtime, rt.get(), __ATOMIC_RELEASE);
+  return rt;
+}
+
+Runtime* Runtime::current() noexcept { return __atomic_load_n(&g_runtime, __ATOMIC_ACQUIRE); }
+
+Runtime::~Runtime() {
+  std::lock_guard<std::mutex> g(g_registry_mu);
+  // Threads still attached keep their records (their attachments free them); they just
+  // stop being part of any broadcast.
+  for (ThreadRecord* r = g_threads; r;) {
+    ThreadRecord* n = r->next;
+    r->linked = false;
+    r->prev = r->next = nullptr;
+    r = n;
+  }
+  g_threads = nullptr;
+  g_thread_count = 0;
+  __atomic_store_n(&g_runtime, nullptr, __ATOMIC_RELEASE);
+  if (impl_ && impl_->mprotect_page) ::munmap(impl_->mprotect_page, static_cast<std::size_t>(::getpagesize()));
+}
+
+const Capabilities& Runtime::capabilities() const noexcept { return impl_->caps; }
+
+Strategy Runtime::strategy(Operation op) const noexcept {
+  return __atomic_load_n(&impl_->current[static_cast<int>(op)], __ATOMIC_RELAXED);
+}
+
+bool Runtime::can_use(Operation op, Strategy s) const noexcept { return impl_->usable(op, s); }
+
+Status Runtime::process_barrier() noexcept { return impl_->run_current(Operation::process_barrier, all_cpus); }
+Status Runtime::serialize_cores() noexcept { return impl_->run_current(Operation::serialize_cores, all_cpus); }
+Status Runtime::rseq_fence(int cpu) noexcept { return impl_->run_current(Operation::rseq_fence, cpu); }
+Status Runtime::run(Operation op, Strategy s, int cpu) noexcept { return impl_->run(op, s, cpu); }
+
+int Runtime::signal_number() const noexcept { return impl_->signo; }
+std::uint64_t Runtime::signal_acks() const noexcept { return __atomic_load_n(&g_acks, __ATOMIC_RELAXED); }
+
+std::size_t Runtime::attached_thread_count() const noexcept {
+  std::lock_guard<std::mutex> g(g_registry_mu);
+  return g_thread_count;
+}
+
+Result<ThreadAttachment> Runtime::attach_current_thread() noexcept {
+  if (t_record != nullptr) return Status(Errc::already_attached, 0, "this thread is already attached");
+  auto* rec = new (std::nothrow) ThreadRecord;
+  if (!rec) return Status(Errc::out_of_memory);
+  rec->tid = sys::gettid();
+  {
+    std::lock_guard<std::mutex> g(g_registry_mu);
+    if (__atomic_load_n(&g_runtime, __ATOMIC_RELAXED) != this) {
+      delete rec;
+      return Status(Errc::invalid_argument, 0, "this Runtime is being destroyed");
+    }
+    // Seed ack with the current sequence so no earlier broadcast counts as pending.
+    rec->request = rec->ack = g_broadcast_seq;
+    rec->next = g_threads;
+    if (g_threads) g_threads->prev = rec;
+    g_threads = rec;
+    rec->linked = true;
+    ++g_thread_count;
+    // Published under the lock: a broadcast that finds this record in the list and
+    // signals us will find t_record set when the handler runs.
+    t_record = rec;
+  }
+  // A thread that blocks our signal would never acknowledge; attached threads take it.
+  if (impl_->handler_installed) {
+    sigset_t set;
+    sigemptyset(&set);
+    sigaddset(&set, impl_->signo);
+    pthread_sigmask(SIG_UNBLOCK, &set, nullptr);
+  }
+  return ThreadAttachment(rec);
+}
+
+ThreadAttachment::ThreadAttachment(ThreadAttachment&& o) noexcept : record_(o.record_) { o.record_ = nullptr; }
+
+ThreadAttachment& ThreadAttachment::operator=(ThreadAttachment&& o) noexcept {
+  if (this != &o) {
+    (void)detach();
+    record_ = o.record_;
+    o.record_ = nullptr;
+  }
+  return *this;
+}
+
+ThreadAttachment::~ThreadAttachment() { (void)detach(); }
+
+Status ThreadAttachment::detach() noexcept {
+  auto* rec = static_cast<ThreadRecord*>(record_);
+  if (!rec) return {};
+  if (rec != t_record) return Status(Errc::invalid_argument, 0, "detach must run on the attached thread");
+  {
+    // Waits for any broadcast in progress; our handler still acknowledges it meanwhile
+    // (a thread blocked on a mutex runs signal handlers).
+    std::lock_guard<std::mutex> g(g_registry_mu);
+    if (rec->linked) {
+      if (rec->prev) rec->prev->next = rec->next;
+      else g_threads = rec->next;
+      if (rec->next) rec->next->prev = rec->prev;
+      rec->linked = false;
+      --g_thread_count;
+    }
+    t_record = nullptr;
+  }
+  delete rec;
+  record_ = nullptr;
+  return {};
+}
+
+}  // namespace jitpatch
