@@ -184,7 +184,7 @@ TEST_CASE("runtime: status messages name the error and the errno", "[unit]") {
   CHECK_FALSE(parse_strategy("Signals", &st));
 }
 
-TEST_CASE("rseq: current_cpu is a valid CPU with or without rseq", "[unit]") {
+TEST_CASE("rseq: current_cpu is a valid CPU with or without rseq", "[unit][rseq]") {
   int cpu = rseq::current_cpu();
   CHECK(cpu >= 0);
   CHECK(cpu < 4096);
