@@ -11,7 +11,7 @@ namespace jitpatch::arch::native {
 // ISB is a context synchronization event (Arm ARM B2.2.5 / D7 "Context synchronization
 // event"): instructions after it are fetched anew. It synchronizes only this core;
 // others need a membarrier SYNC_CORE (or a signal, whose ERET is one).
-inline void sync_core() noexcept { __asm__ __volatile__("isb" ::: "memory"); }
+JITPATCH_ALWAYS_INLINE void sync_core() noexcept { __asm__ __volatile__("isb" ::: "memory"); }
 
 // CTR_EL0 as read at EL0 (Linux sets SCTLR_EL1.UCT or emulates the read).
 std::uint64_t read_ctr_el0() noexcept;

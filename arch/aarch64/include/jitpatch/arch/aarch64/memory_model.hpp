@@ -21,16 +21,16 @@ using generic::smp_rmb;
 using generic::smp_wmb;
 #else
 // DMB ISH: all loads and stores (kernel arch/arm64/include/asm/barrier.h: __smp_mb).
-inline void smp_mb() noexcept { __asm__ __volatile__("dmb ish" ::: "memory"); }
+JITPATCH_ALWAYS_INLINE void smp_mb() noexcept { __asm__ __volatile__("dmb ish" ::: "memory"); }
 // DMB ISHLD: earlier loads against later loads and stores (kernel: __smp_rmb).
-inline void smp_rmb() noexcept { __asm__ __volatile__("dmb ishld" ::: "memory"); }
+JITPATCH_ALWAYS_INLINE void smp_rmb() noexcept { __asm__ __volatile__("dmb ishld" ::: "memory"); }
 // DMB ISHST: earlier stores against later stores (kernel: __smp_wmb).
-inline void smp_wmb() noexcept { __asm__ __volatile__("dmb ishst" ::: "memory"); }
+JITPATCH_ALWAYS_INLINE void smp_wmb() noexcept { __asm__ __volatile__("dmb ishst" ::: "memory"); }
 #endif
 // Relaxed LDXR/STXR (or LSE) RMWs are unordered; the kernel's arm64 barrier.h uses a full
 // DMB ISH on both sides.
-inline void smp_mb__before_atomic() noexcept { smp_mb(); }
-inline void smp_mb__after_atomic() noexcept { smp_mb(); }
-inline void cpu_relax() noexcept { __asm__ __volatile__("yield" ::: "memory"); }
+JITPATCH_ALWAYS_INLINE void smp_mb__before_atomic() noexcept { smp_mb(); }
+JITPATCH_ALWAYS_INLINE void smp_mb__after_atomic() noexcept { smp_mb(); }
+JITPATCH_ALWAYS_INLINE void cpu_relax() noexcept { __asm__ __volatile__("yield" ::: "memory"); }
 
 }  // namespace jitpatch::arch::native

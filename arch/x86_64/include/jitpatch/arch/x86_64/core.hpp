@@ -17,7 +17,7 @@ bool cpu_has_serialize() noexcept;
 // Code"; serializing instructions: 9.3). SERIALIZE (0F 01 E8) where the CPU has it, else
 // CPUID, which is architecturally serializing everywhere (but a VM exit under
 // virtualization, hence the preference).
-inline void sync_core() noexcept {
+JITPATCH_ALWAYS_INLINE void sync_core() noexcept {
   if (cpu_has_serialize()) {
     __asm__ __volatile__(".byte 0x0f, 0x01, 0xe8" ::: "memory");
   } else {

@@ -15,7 +15,7 @@ using generic::read_once;
 using generic::store_release;   // a plain MOV plus a compiler barrier under TSO
 using generic::write_once;
 
-inline void smp_mb() noexcept {
+JITPATCH_ALWAYS_INLINE void smp_mb() noexcept {
 #if JITPATCH_TSAN
   // ThreadSanitizer does not understand inline assembly; give it the C11 fence.
   __atomic_thread_fence(__ATOMIC_SEQ_CST);
@@ -28,12 +28,12 @@ inline void smp_mb() noexcept {
   __asm__ __volatile__("lock; orl $0, (%%rsp)" ::: "memory", "cc");
 #endif
 }
-inline void smp_rmb() noexcept { compiler_barrier(); }
-inline void smp_wmb() noexcept { compiler_barrier(); }
+JITPATCH_ALWAYS_INLINE void smp_rmb() noexcept { compiler_barrier(); }
+JITPATCH_ALWAYS_INLINE void smp_wmb() noexcept { compiler_barrier(); }
 // Locked RMW instructions are already full barriers on x86 (SDM 9.2.2), so only the
 // compiler must be kept from moving accesses across the relaxed atomic.
-inline void smp_mb__before_atomic() noexcept { compiler_barrier(); }
-inline void smp_mb__after_atomic() noexcept { compiler_barrier(); }
-inline void cpu_relax() noexcept { __asm__ __volatile__("pause" ::: "memory"); }
+JITPATCH_ALWAYS_INLINE void smp_mb__before_atomic() noexcept { compiler_barrier(); }
+JITPATCH_ALWAYS_INLINE void smp_mb__after_atomic() noexcept { compiler_barrier(); }
+JITPATCH_ALWAYS_INLINE void cpu_relax() noexcept { __asm__ __volatile__("pause" ::: "memory"); }
 
 }  // namespace jitpatch::arch::native
