@@ -201,14 +201,14 @@ Status apply_environment(RuntimeOptions& o) {
 struct Runtime::Impl {
   RuntimeOptions options;
   Capabilities caps;
-  Strategy current[3] = {};     // atomic accesses: an automatic choice may step down
+  std::atomic<Strategy> current[3] = {};  // an automatic choice may step down at run time
   bool automatic[3] = {};
   void* mprotect_page = nullptr;
   std::mutex mprotect_mu;
   bool handler_installed = false;
   int signo = 0;
 
-  Strategy& cur(Operation op) { return current[static_cast<int>(op)]; }
+  std::atomic<Strategy>& cur(Operation op) { return current[static_cast<int>(op)]; }
 
   void probe();
   void register_membarrier();
@@ -404,9 +404,9 @@ Status Runtime::Impl::run(Operation op, Strategy s, int cpu) {
 }
 
 Status Runtime::Impl::run_current(Operation op, int cpu) {
-  Strategy* slot = &cur(op);
+  std::atomic<Strategy>& slot = cur(op);
   for (;;) {
-    const Strategy s = __atomic_load_n(slot, __ATOMIC_RELAXED);
+    const Strategy s = slot.load(std::memory_order_relaxed);
     Status st = run(op, s, cpu);
     if (st.ok() || !automatic[static_cast<int>(op)]) return st;
     if (st.code() != Errc::refused && st.code() != Errc::unsupported) return st;
@@ -414,7 +414,7 @@ Status Runtime::Impl::run_current(Operation op, int cpu) {
     // start-up): step down the ladder for good and try again.
     const Strategy next = best(op, s);
     Strategy expected = s;
-    __atomic_compare_exchange_n(slot, &expected, next, false, __ATOMIC_RELAXED, __ATOMIC_RELAXED);
+    slot.compare_exchange_strong(expected, next, std::memory_order_relaxed);
   }
 }
 
@@ -483,7 +483,7 @@ Result<std::unique_ptr<Runtime>> Runtime::create(const RuntimeOptions& options_i
     const auto op = static_cast<Operation>(i);
     if (wanted[i] == Strategy::automatic) {
       impl->automatic[i] = true;
-      impl->current[i] = impl->best(op, Strategy::automatic);
+      impl->current[i].store(impl->best(op, Strategy::automatic), std::memory_order_relaxed);
     } else {
       if (!impl->usable(op, wanted[i])) {
         if (wanted[i] == Strategy::membarrier)
@@ -493,7 +493,7 @@ Result<std::unique_ptr<Runtime>> Runtime::create(const RuntimeOptions& options_i
                         "forced strategy 'membarrier' is not available here");
         return Status(Errc::unsupported, 0, "forced strategy is not available here");
       }
-      impl->current[i] = wanted[i];
+      impl->current[i].store(wanted[i], std::memory_order_relaxed);
     }
   }
 
@@ -524,7 +524,7 @@ Runtime::~Runtime() {
 const Capabilities& Runtime::capabilities() const noexcept { return impl_->caps; }
 
 Strategy Runtime::strategy(Operation op) const noexcept {
-  return __atomic_load_n(&impl_->current[static_cast<int>(op)], __ATOMIC_RELAXED);
+  return impl_->current[static_cast<int>(op)].load(std::memory_order_relaxed);
 }
 
 bool Runtime::can_use(Operation op, Strategy s) const noexcept { return impl_->usable(op, s); }

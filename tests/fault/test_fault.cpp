@@ -33,9 +33,11 @@ std::string deny_membarrier(int err, long cmd_only = -1, long reg_only = -1) {
   if (cmd_only < 0) {
     rc = seccomp_rule_add(ctx, SCMP_ACT_ERRNO(err), SCMP_SYS(membarrier), 0);
   } else {
-    rc = seccomp_rule_add(ctx, SCMP_ACT_ERRNO(err), SCMP_SYS(membarrier), 1, SCMP_A0(SCMP_CMP_EQ, static_cast<scmp_datum_t>(cmd_only)));
-    if (rc == 0)
-      rc = seccomp_rule_add(ctx, SCMP_ACT_ERRNO(err), SCMP_SYS(membarrier), 1, SCMP_A0(SCMP_CMP_EQ, static_cast<scmp_datum_t>(reg_only)));
+    // Spelled out rather than SCMP_A0(): the macro leaves datum_b unset, which Clang warns about.
+    const scmp_arg_cmp is_cmd{0, SCMP_CMP_EQ, static_cast<scmp_datum_t>(cmd_only), 0};
+    const scmp_arg_cmp is_reg{0, SCMP_CMP_EQ, static_cast<scmp_datum_t>(reg_only), 0};
+    rc = seccomp_rule_add(ctx, SCMP_ACT_ERRNO(err), SCMP_SYS(membarrier), 1, is_cmd);
+    if (rc == 0) rc = seccomp_rule_add(ctx, SCMP_ACT_ERRNO(err), SCMP_SYS(membarrier), 1, is_reg);
   }
   if (rc == 0) rc = seccomp_load(ctx);
   seccomp_release(ctx);
