@@ -13,6 +13,10 @@ long membarrier(unsigned cmd, unsigned flags, int cpu_id) noexcept {
   return ::syscall(__NR_membarrier, cmd, flags, cpu_id);
 }
 
+int memfd_create(const char* name, unsigned flags) noexcept {
+  return static_cast<int>(::syscall(SYS_memfd_create, name, flags));
+}
+
 pid_t gettid() noexcept { return static_cast<pid_t>(::syscall(SYS_gettid)); }
 
 int tgsigqueue(pid_t tid, int sig, int value) noexcept {

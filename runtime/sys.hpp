@@ -13,6 +13,8 @@ namespace jitpatch::sys {
 // membarrier(2): cmd, flags, cpu_id (kernel 5.10+ takes the cpu_id argument).
 long membarrier(unsigned cmd, unsigned flags = 0, int cpu_id = 0) noexcept;
 pid_t gettid() noexcept;
+// memfd_create(2).
+int memfd_create(const char* name, unsigned flags) noexcept;
 // rt_tgsigqueueinfo(2): queue `sig` with `value` to thread `tid` of this process, as
 // SI_QUEUE so the receiver can tell our signals from anyone else's.
 int tgsigqueue(pid_t tid, int sig, int value) noexcept;

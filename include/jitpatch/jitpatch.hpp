@@ -2,6 +2,7 @@
 #pragma once
 
 #include <jitpatch/arch.hpp>
+#include <jitpatch/code_heap.hpp>
 #include <jitpatch/error.hpp>
 #include <jitpatch/rseq.hpp>
 #include <jitpatch/runtime.hpp>

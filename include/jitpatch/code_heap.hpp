@@ -1,0 +1,170 @@
+// jitpatch::CodeHeap: one reserved, contiguous region for JIT code, never writable and
+// executable at once.
+//
+// The region is reserved up front (512 MiB of address space on x86-64, 128 MiB on aarch64
+// by default) so that a direct call or jump between any two allocations is encodable:
+// rel32 reaches +-2 GiB, aarch64 B/BL +-128 MiB.
+//
+// Strategies (CodeHeapOptions::strategy, or JITPATCH_HEAP=dual_mapping|protection_flip):
+//   dual_mapping     a memfd mapped twice: RX where code runs, RW alias elsewhere where the
+//                    runtime writes. Code can be rewritten while other threads run it.
+//   protection_flip  a single mapping flipped RW while a writer is open, RX otherwise.
+//                    Only for code no other thread is running: while a writer is open its
+//                    pages are not executable, and a thread executing there faults. The
+//                    fallback when memfd or a second mapping is refused, and what the
+//                    aarch64 tests use (qemu-user does not notice writes made through a
+//                    second mapping, see REFERENCE 2).
+//
+// Freed memory is "dirty": a core may still hold instructions it prefetched from the old
+// code there. Before new code in reused memory is published, serialize_cores() must have
+// run after the free (Intel SDM Vol. 3A 9.1.3, cross-modifying code; on arm64 the
+// context-synchronization event of B2.2.5). PublishBatch does that, once per batch, only
+// when dirty memory is involved.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include <jitpatch/error.hpp>
+
+namespace jitpatch {
+
+class Runtime;
+
+enum class HeapStrategy : std::uint8_t { automatic, dual_mapping, protection_flip };
+const char* heap_strategy_name(HeapStrategy s) noexcept;
+
+struct CodeHeapOptions {
+  // Bytes of address space to reserve (rounded up to pages); 0 = the default for the
+  // architecture. Physical memory is used only as code is written.
+  std::size_t reserve = 0;
+  HeapStrategy strategy = HeapStrategy::automatic;
+  // JITPATCH_HEAP overrides `strategy` when set.
+  bool use_environment = true;
+};
+
+struct HeapStats {
+  std::size_t capacity = 0;        // bytes reserved
+  std::size_t used = 0;            // bytes in live allocations (after rounding)
+  std::size_t free = 0;            // capacity - used
+  std::size_t largest_free = 0;    // largest allocation that can succeed (at alignment 16)
+  std::size_t live_allocations = 0;
+  std::size_t free_blocks = 0;
+  std::size_t dirty_bytes = 0;     // freed, not yet followed by a core serialization
+  double fragmentation = 0;        // 1 - largest_free / free (0 = one free block)
+  std::uint64_t serializations = 0;  // serialize_cores() calls made for dirty memory
+};
+
+// A piece of code memory: [rx, rx + size) is where the code runs.
+struct CodeRange {
+  std::byte* rx = nullptr;
+  std::size_t size = 0;
+  // Reuses memory freed since the last serialization: publishing it must serialize cores.
+  std::uint64_t dirty_seq = 0;
+  std::byte* end() const noexcept { return rx + size; }
+};
+
+class CodeHeap;
+
+// Scoped write access to part of one allocation. While it is open, data() is where the
+// bytes go: the RW alias (dual mapping) or the RX address itself, flipped to RW
+// (protection flip; the heap then admits one writer at a time). finish() (or the
+// destructor) flips back and flushes the instruction cache over the range; it does not
+// publish. Move-only; not thread-safe itself.
+class CodeWriter {
+ public:
+  CodeWriter() noexcept = default;
+  CodeWriter(CodeWriter&& o) noexcept;
+  CodeWriter& operator=(CodeWriter&& o) noexcept;
+  CodeWriter(const CodeWriter&) = delete;
+  CodeWriter& operator=(const CodeWriter&) = delete;
+  ~CodeWriter();
+
+  std::byte* data() const noexcept { return data_; }
+  std::byte* rx() const noexcept { return rx_; }
+  std::size_t size() const noexcept { return size_; }
+  Status finish() noexcept;
+
+ private:
+  friend class CodeHeap;
+  CodeHeap* heap_ = nullptr;
+  std::byte* rx_ = nullptr;
+  std::byte* data_ = nullptr;
+  std::size_t size_ = 0;
+};
+
+class CodeHeap {
+ public:
+  // Reserves the region. Errc::invalid_argument for a bad option; Errc::unsupported if the
+  // forced strategy is refused here; Errc::out_of_memory if the reservation fails.
+  static Result<std::unique_ptr<CodeHeap>> create(Runtime& rt, const CodeHeapOptions& options = {}) noexcept;
+  ~CodeHeap();
+  CodeHeap(const CodeHeap&) = delete;
+  CodeHeap& operator=(const CodeHeap&) = delete;
+
+  // Allocate `size` bytes aligned to `alignment` (a power of two, 16..4096). O(log n).
+  // Errc::invalid_argument for size 0, a bad alignment, or more than the region holds;
+  // Errc::out_of_memory when no free block fits. Thread-safe.
+  Result<CodeRange> allocate(std::size_t size, std::size_t alignment = 16) noexcept;
+  // Free an allocation by its start address. Errc::invalid_argument for an address that
+  // is not the start of a live allocation (unknown, interior, or already freed); the heap
+  // is unchanged then. The memory becomes dirty. Thread-safe.
+  Status free(const void* rx) noexcept;
+
+  // Open a writer over [rx, rx + size), which must lie inside one live allocation.
+  Result<CodeWriter> write(void* rx, std::size_t size) noexcept;
+
+  // Make every allocation freed so far clean: serialize_cores() unless nothing is dirty.
+  // `upto` is a dirty_seq; 0 = everything. Thread-safe; concurrent callers may share one
+  // serialization.
+  Status make_clean(std::uint64_t upto = 0) noexcept;
+  // True if publishing code with this dirty_seq needs no further serialization.
+  bool is_clean(std::uint64_t dirty_seq) const noexcept;
+
+  bool contains(const void* p) const noexcept;
+  std::byte* rx_begin() const noexcept;
+  std::byte* rx_end() const noexcept;
+  HeapStrategy strategy() const noexcept;
+  HeapStats stats() const noexcept;
+  Runtime& runtime() const noexcept;
+
+ private:
+  friend class CodeWriter;
+  struct Impl;
+  explicit CodeHeap(std::unique_ptr<Impl> impl) noexcept;
+  Status end_write(CodeWriter& w) noexcept;
+  std::unique_ptr<Impl> impl_;
+};
+
+// Publishes freshly written code with at most one core serialization for the whole batch.
+// The protocol, for every range added: bytes written through a CodeWriter (whose finish()
+// flushed the instruction cache over the RX range) -> if any range reuses dirty memory,
+// serialize_cores() once -> commit() returns, and the caller store-releases each entry
+// pointer into whatever it publishes through (publish_entry below).
+class PublishBatch {
+ public:
+  explicit PublishBatch(CodeHeap& heap) noexcept : heap_(&heap) {}
+  void add(const CodeRange& r) { ranges_.push_back(r); }
+  std::size_t size() const noexcept { return ranges_.size(); }
+  // Whether commit() serialized cores.
+  bool serialized() const noexcept { return serialized_; }
+  Status commit() noexcept;
+
+ private:
+  CodeHeap* heap_;
+  std::vector<CodeRange> ranges_;
+  bool serialized_ = false;
+};
+
+// The last step of publication: make `entry` visible through `*slot`. The store-release
+// orders every earlier write of the code (and the serialization) before the pointer; a
+// thread that loads the pointer (with acquire, or with an address dependency, which every
+// architecture honours for an indirect call) then executes the new bytes.
+template <class T>
+inline void publish_entry(T** slot, T* entry) noexcept {
+  __atomic_store_n(slot, entry, __ATOMIC_RELEASE);
+}
+
+}  // namespace jitpatch

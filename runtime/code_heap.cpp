@@ -1,0 +1,401 @@
+// The W^X code heap: reservation (dual mapping or protection flip), a best-fit allocator
+// with coalescing, scoped writers, dirty-memory tracking and batched publication.
+#include <jitpatch/arch.hpp>
+#include <jitpatch/code_heap.hpp>
+#include <jitpatch/runtime.hpp>
+
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstdlib>
+#include <cstring>
+#include <map>
+#include <mutex>
+#include <new>
+#include <set>
+
+#include "runtime/sys.hpp"
+
+namespace jitpatch {
+
+namespace {
+
+constexpr std::size_t kGranule = 16;  // every block starts and ends on this
+
+#if defined(__x86_64__)
+constexpr std::size_t kDefaultReserve = std::size_t(512) << 20;
+#else
+// B/BL reach +-128 MiB: keep every byte of the region within reach of every other.
+constexpr std::size_t kDefaultReserve = std::size_t(128) << 20;
+#endif
+constexpr std::size_t kMaxReserve = std::size_t(1) << 31;  // rel32 reach
+
+std::size_t round_up(std::size_t v, std::size_t a) { return (v + a - 1) & ~(a - 1); }
+std::size_t page_size() { return static_cast<std::size_t>(::getpagesize()); }
+
+}  // namespace
+
+const char* heap_strategy_name(HeapStrategy s) noexcept {
+  switch (s) {
+    case HeapStrategy::automatic: return "auto";
+    case HeapStrategy::dual_mapping: return "dual_mapping";
+    case HeapStrategy::protection_flip: return "protection_flip";
+  }
+  return "unknown";
+}
+
+struct CodeHeap::Impl {
+  Runtime* rt = nullptr;
+  HeapStrategy strategy = HeapStrategy::dual_mapping;
+  std::size_t capacity = 0;
+  std::byte* rx = nullptr;
+  std::byte* rw = nullptr;  // dual mapping only
+  int fd = -1;
+
+  mutable std::mutex mu;                 // allocator state below
+  struct Free {
+    std::size_t size;
+    std::uint64_t seq;  // highest free sequence number of the memory in it (0 = never freed)
+  };
+  std::map<std::size_t, Free> free_by_offset;
+  std::set<std::pair<std::size_t, std::size_t>> free_by_size;  // (size, offset)
+  std::map<std::size_t, CodeRange> live;                       // by offset
+  std::size_t used = 0;
+  std::uint64_t free_seq = 0;  // count of frees; each freed block carries its number
+
+  // Frees with seq <= clean_upto are followed by a completed serialize_cores().
+  std::uint64_t clean_upto = 0;  // atomic accesses
+  std::uint64_t serializations = 0;
+  std::mutex serialize_mu;
+
+  std::mutex flip_mu;  // protection flip: one open writer at a time
+
+  void insert_free(std::size_t off, std::size_t size, std::uint64_t seq) {
+    free_by_offset.emplace(off, Free{size, seq});
+    free_by_size.emplace(size, off);
+  }
+  void erase_free(std::map<std::size_t, Free>::iterator it) {
+    free_by_size.erase({it->second.size, it->first});
+    free_by_offset.erase(it);
+  }
+  std::size_t offset_of(const void* p) const { return static_cast<std::size_t>(static_cast<const std::byte*>(p) - rx); }
+
+  Status reserve_dual(std::size_t size);
+  Status reserve_flip(std::size_t size);
+};
+
+Status CodeHeap::Impl::reserve_dual(std::size_t size) {
+  // MFD_EXEC (kernel 6.3+) says this memfd is meant to be executable; with
+  // vm.memfd_noexec=1 a memfd without it cannot be mapped executable. Older kernels reject
+  // the unknown flag with EINVAL: retry without it.
+  constexpr unsigned kMfdCloexec = 0x0001u, kMfdExec = 0x0010u;
+  int f = sys::memfd_create("jitpatch-code", kMfdCloexec | kMfdExec);
+  if (f < 0 && errno == EINVAL) f = sys::memfd_create("jitpatch-code", kMfdCloexec);
+  if (f < 0) return Status(Errc::unsupported, errno, "memfd_create for the code heap");
+  if (::ftruncate(f, static_cast<off_t>(size)) != 0) {
+    int e = errno;
+    ::close(f);
+    return Status(Errc::out_of_memory, e, "ftruncate of the code heap memfd");
+  }
+  void* x = ::mmap(nullptr, size, PROT_READ | PROT_EXEC, MAP_SHARED | MAP_NORESERVE, f, 0);
+  if (x == MAP_FAILED) {
+    int e = errno;
+    ::close(f);
+    return Status(Errc::unsupported, e, "mapping the code heap RX");
+  }
+  // Place the RW alias well away from the RX range (the kernel would otherwise put it
+  // right next to it): a stray write running off the end of a neighbouring mapping must
+  // not land in it, and knowing the RX address must not give away the RW one. The hint is
+  // below the RX range by the region size plus a random number of pages.
+  unsigned rnd = static_cast<unsigned>(reinterpret_cast<std::uintptr_t>(&size) >> 4) ^
+                 static_cast<unsigned>(::getpid()) * 2654435761u;
+  const std::uintptr_t gap = size + (std::uintptr_t(rnd % 65536) + 256) * page_size() * 16;
+  void* hint = reinterpret_cast<std::uintptr_t>(x) > gap + (std::uintptr_t(1) << 32)
+                   ? static_cast<std::byte*>(x) - gap
+                   : nullptr;
+  void* w = ::mmap(hint, size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_NORESERVE, f, 0);
+  if (w == MAP_FAILED) {
+    int e = errno;
+    ::munmap(x, size);
+    ::close(f);
+    return Status(Errc::unsupported, e, "mapping the code heap's RW alias");
+  }
+  rx = static_cast<std::byte*>(x);
+  rw = static_cast<std::byte*>(w);
+  fd = f;
+  strategy = HeapStrategy::dual_mapping;
+  return {};
+}
+
+Status CodeHeap::Impl::reserve_flip(std::size_t size) {
+  void* x = ::mmap(nullptr, size, PROT_READ | PROT_EXEC, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  if (x == MAP_FAILED) return Status(Errc::out_of_memory, errno, "reserving the code heap");
+  rx = static_cast<std::byte*>(x);
+  strategy = HeapStrategy::protection_flip;
+  return {};
+}
+
+CodeHeap::CodeHeap(std::unique_ptr<Impl> impl) noexcept : impl_(std::move(impl)) {}
+
+Result<std::unique_ptr<CodeHeap>> CodeHeap::create(Runtime& rt, const CodeHeapOptions& options_in) noexcept {
+  CodeHeapOptions options = options_in;
+  if (options.use_environment) {
+    if (const char* e = std::getenv("JITPATCH_HEAP"); e && *e) {
+      if (std::strcmp(e, "dual_mapping") == 0) options.strategy = HeapStrategy::dual_mapping;
+      else if (std::strcmp(e, "protection_flip") == 0) options.strategy = HeapStrategy::protection_flip;
+      else if (std::strcmp(e, "auto") == 0) options.strategy = HeapStrategy::automatic;
+      else return Status(Errc::invalid_argument, 0, "JITPATCH_HEAP: expected dual_mapping, protection_flip or auto");
+    }
+  }
+  std::size_t size = options.reserve ? options.reserve : kDefaultReserve;
+  if (size > kMaxReserve) return Status(Errc::invalid_argument, 0, "code heap larger than direct-branch reach (2 GiB)");
+  size = round_up(size, page_size());
+
+  auto impl = std::unique_ptr<Impl>(new (std::nothrow) Impl);
+  if (!impl) return Status(Errc::out_of_memory);
+  impl->rt = &rt;
+  impl->capacity = size;
+  Status st;
+  switch (options.strategy) {
+    case HeapStrategy::dual_mapping: st = impl->reserve_dual(size); break;
+    case HeapStrategy::protection_flip: st = impl->reserve_flip(size); break;
+    case HeapStrategy::automatic:
+      st = impl->reserve_dual(size);
+      if (!st && st.code() == Errc::unsupported) st = impl->reserve_flip(size);
+      break;
+  }
+  if (!st) return st;
+  impl->insert_free(0, size, 0);
+  auto heap = std::unique_ptr<CodeHeap>(new (std::nothrow) CodeHeap(std::move(impl)));
+  if (!heap) return Status(Errc::out_of_memory);
+  return heap;
+}
+
+CodeHeap::~CodeHeap() {
+  if (!impl_) return;
+  if (impl_->rx) ::munmap(impl_->rx, impl_->capacity);
+  if (impl_->rw) ::munmap(impl_->rw, impl_->capacity);
+  if (impl_->fd >= 0) ::close(impl_->fd);
+}
+
+Result<CodeRange> CodeHeap::allocate(std::size_t size, std::size_t alignment) noexcept {
+  Impl& h = *impl_;
+  if (size == 0) return Status(Errc::invalid_argument, 0, "allocation of 0 bytes");
+  if (alignment < kGranule || alignment > 4096 || (alignment & (alignment - 1)))
+    return Status(Errc::invalid_argument, 0, "alignment must be a power of two in [16, 4096]");
+  if (size > h.capacity) return Status(Errc::invalid_argument, 0, "allocation larger than the code heap");
+  const std::size_t need = round_up(size, kGranule);
+  // Asking for need + (alignment - granule) guarantees the first block found can hold an
+  // aligned start, so the search stays one O(log n) lookup.
+  const std::size_t search = need + (alignment - kGranule);
+
+  std::lock_guard<std::mutex> g(h.mu);
+  auto fit = h.free_by_size.lower_bound({search, 0});
+  if (fit == h.free_by_size.end()) return Status(Errc::out_of_memory, 0, "code heap exhausted");
+  auto it = h.free_by_offset.find(fit->second);
+  const std::size_t block_off = it->first, block_size = it->second.size;
+  const std::uint64_t seq = it->second.seq;
+  h.erase_free(it);
+
+  const auto base = reinterpret_cast<std::uintptr_t>(h.rx);
+  const std::size_t off = round_up(base + block_off, alignment) - base;
+  if (off > block_off) h.insert_free(block_off, off - block_off, seq);
+  const std::size_t tail = block_off + block_size - (off + need);
+  if (tail > 0) h.insert_free(off + need, tail, seq);
+
+  CodeRange r;
+  r.rx = h.rx + off;
+  r.size = need;
+  // Memory freed after the last completed serialization is dirty (see the header).
+  r.dirty_seq = seq > __atomic_load_n(&h.clean_upto, __ATOMIC_ACQUIRE) ? seq : 0;
+  h.live.emplace(off, r);
+  h.used += need;
+  return r;
+}
+
+Status CodeHeap::free(const void* p) noexcept {
+  Impl& h = *impl_;
+  if (!contains(p)) return Status(Errc::invalid_argument, 0, "free: address is not in this code heap");
+  std::lock_guard<std::mutex> g(h.mu);
+  auto lit = h.live.find(h.offset_of(p));
+  if (lit == h.live.end())
+    return Status(Errc::invalid_argument, 0, "free: not the start of a live allocation (unknown or already freed)");
+  std::size_t off = lit->first, size = lit->second.size;
+  h.live.erase(lit);
+  h.used -= size;
+  std::uint64_t seq = ++h.free_seq;
+
+  // Coalesce with the neighbours; the merged block is as dirty as its dirtiest part.
+  auto next = h.free_by_offset.lower_bound(off);
+  if (next != h.free_by_offset.end() && next->first == off + size) {
+    size += next->second.size;
+    seq = std::max(seq, next->second.seq);
+    h.erase_free(next);
+  }
+  auto after = h.free_by_offset.lower_bound(off);
+  if (after != h.free_by_offset.begin()) {
+    auto prev = std::prev(after);
+    if (prev->first + prev->second.size == off) {
+      off = prev->first;
+      size += prev->second.size;
+      seq = std::max(seq, prev->second.seq);
+      h.erase_free(prev);
+    }
+  }
+  h.insert_free(off, size, seq);
+  return {};
+}
+
+bool CodeHeap::is_clean(std::uint64_t dirty_seq) const noexcept {
+  return dirty_seq <= __atomic_load_n(&impl_->clean_upto, __ATOMIC_ACQUIRE);
+}
+
+Status CodeHeap::make_clean(std::uint64_t upto) noexcept {
+  Impl& h = *impl_;
+  std::uint64_t target;
+  {
+    std::lock_guard<std::mutex> g(h.mu);
+    target = upto ? upto : h.free_seq;
+  }
+  if (is_clean(target)) return {};
+  // One caller serializes at a time; a caller that waited here usually finds its frees
+  // already covered by the serialization that ran meanwhile.
+  std::lock_guard<std::mutex> g(h.serialize_mu);
+  if (is_clean(target)) return {};
+  std::uint64_t covered;
+  {
+    std::lock_guard<std::mutex> g2(h.mu);
+    covered = h.free_seq;  // every free so far precedes the serialization below
+  }
+  if (Status st = h.rt->serialize_cores(); !st) return st;
+  ++h.serializations;
+  // Release: an allocator that sees the new clean_upto (acquire) sees memory whose stale
+  // instructions every core has dropped.
+  __atomic_store_n(&h.clean_upto, covered, __ATOMIC_RELEASE);
+  return {};
+}
+
+Result<CodeWriter> CodeHeap::write(void* p, std::size_t size) noexcept {
+  Impl& h = *impl_;
+  auto* b = static_cast<std::byte*>(p);
+  if (size == 0 || !contains(p) || size > static_cast<std::size_t>(rx_end() - b))
+    return Status(Errc::invalid_argument, 0, "write: range is not inside the code heap");
+  {
+    std::lock_guard<std::mutex> g(h.mu);
+      const std::size_t off = h.offset_of(p);
+    auto it = h.live.upper_bound(off);
+    const bool inside = it != h.live.begin() && (--it, off + size <= it->first + it->second.size);
+    if (!inside) return Status(Errc::invalid_argument, 0, "write: range is not inside one live allocation");
+  }
+  CodeWriter w;
+  w.heap_ = this;
+  w.rx_ = b;
+  w.size_ = size;
+  if (h.strategy == HeapStrategy::dual_mapping) {
+    w.data_ = h.rw + (b - h.rx);
+  } else {
+    h.flip_mu.lock();
+    const auto ps = page_size();
+    auto* pb = reinterpret_cast<std::byte*>(reinterpret_cast<std::uintptr_t>(b) & ~(ps - 1));
+    const std::size_t len = round_up(static_cast<std::size_t>(b + size - pb), ps);
+    // RW without X: the pages stop being executable while they are writable (W^X).
+    if (::mprotect(pb, len, PROT_READ | PROT_WRITE) != 0) {
+      int e = errno;
+      h.flip_mu.unlock();
+      return Status(Errc::os_error, e, "mprotect(RW) for a protection-flip writer");
+    }
+    w.data_ = b;
+  }
+  return w;
+}
+
+Status CodeHeap::end_write(CodeWriter& w) noexcept {
+  Impl& h = *impl_;
+  Status st;
+  if (h.strategy == HeapStrategy::protection_flip) {
+    const auto ps = page_size();
+    auto* pb = reinterpret_cast<std::byte*>(reinterpret_cast<std::uintptr_t>(w.rx_) & ~(ps - 1));
+    const std::size_t len = round_up(static_cast<std::size_t>(w.rx_ + w.size_ - pb), ps);
+    if (::mprotect(pb, len, PROT_READ | PROT_EXEC) != 0) st = Status(Errc::os_error, errno, "mprotect(RX) after writing");
+    h.flip_mu.unlock();
+  }
+  // The bytes are in memory; make instruction fetch see them (arm64: clean D-side to PoU,
+  // invalidate I-side; x86: nothing). Other cores still need serialize_cores() before
+  // they run code that replaced other code: PublishBatch / the patcher do that.
+  flush_icache(w.rx_, w.rx_ + w.size_);
+  return st;
+}
+
+CodeWriter::CodeWriter(CodeWriter&& o) noexcept
+    : heap_(o.heap_), rx_(o.rx_), data_(o.data_), size_(o.size_) {
+  o.heap_ = nullptr;
+}
+
+CodeWriter& CodeWriter::operator=(CodeWriter&& o) noexcept {
+  if (this != &o) {
+    (void)finish();
+    heap_ = o.heap_;
+    rx_ = o.rx_;
+    data_ = o.data_;
+    size_ = o.size_;
+    o.heap_ = nullptr;
+  }
+  return *this;
+}
+
+CodeWriter::~CodeWriter() { (void)finish(); }
+
+Status CodeWriter::finish() noexcept {
+  if (!heap_) return {};
+  CodeHeap* h = heap_;
+  heap_ = nullptr;
+  return h->end_write(*this);
+}
+
+bool CodeHeap::contains(const void* p) const noexcept {
+  auto* b = static_cast<const std::byte*>(p);
+  return b >= impl_->rx && b < impl_->rx + impl_->capacity;
+}
+std::byte* CodeHeap::rx_begin() const noexcept { return impl_->rx; }
+std::byte* CodeHeap::rx_end() const noexcept { return impl_->rx + impl_->capacity; }
+HeapStrategy CodeHeap::strategy() const noexcept { return impl_->strategy; }
+Runtime& CodeHeap::runtime() const noexcept { return *impl_->rt; }
+
+HeapStats CodeHeap::stats() const noexcept {
+  const Impl& h = *impl_;
+  std::lock_guard<std::mutex> g(h.mu);
+  HeapStats s;
+  s.capacity = h.capacity;
+  s.used = h.used;
+  s.free = h.capacity - h.used;
+  s.largest_free = h.free_by_size.empty() ? 0 : h.free_by_size.rbegin()->first;
+  s.live_allocations = h.live.size();
+  s.free_blocks = h.free_by_offset.size();
+  const std::uint64_t clean = __atomic_load_n(&h.clean_upto, __ATOMIC_ACQUIRE);
+  for (const auto& [off, f] : h.free_by_offset)
+    if (f.seq > clean) s.dirty_bytes += f.size;
+  s.fragmentation = s.free ? 1.0 - static_cast<double>(s.largest_free) / static_cast<double>(s.free) : 0.0;
+  s.serializations = h.serializations;
+  return s;
+}
+
+Status PublishBatch::commit() noexcept {
+  // 1. Every range was written through a CodeWriter whose finish() flushed the icache.
+  // 2. If any range reuses dirty memory, one serialize_cores() covers the whole batch:
+  //    after it, no core holds instructions it fetched from the old code there.
+  std::uint64_t need = 0;
+  for (const CodeRange& r : ranges_) need = std::max(need, r.dirty_seq);
+  serialized_ = false;
+  if (need != 0 && !heap_->is_clean(need)) {
+    if (Status st = heap_->make_clean(need); !st) return st;
+    serialized_ = true;
+  }
+  // 3. The caller now publishes each entry with publish_entry() (a store-release), which
+  //    orders steps 1-2 before any thread can find the code.
+  ranges_.clear();
+  return {};
+}
+
+}  // namespace jitpatch
