@@ -16,6 +16,7 @@
 #include <cstring>
 #include <mutex>
 #include <new>
+#include <vector>
 
 #include "runtime/sys.hpp"
 
@@ -28,20 +29,29 @@ namespace mb = membarrier_cmd;
 // Tags our signals (sival_int) so the handler can tell them from the embedder's.
 constexpr int kSignalMagic = 0x4a505452;  // "JPTR"
 
-// One per attached thread. Owned by its ThreadAttachment; linked into the registry while
-// attached. `request`/`ack` are 32-bit because `ack` is also a futex word.
+// One per attached thread. Records are never freed: a detached record goes to a pool and
+// is reused by a later attach. A broadcaster that snapshotted a record may still read its
+// `ack` after the thread detached (it waits without holding the registry lock), and that
+// read must stay valid; memory is bounded by the peak number of attached threads.
+// `request`/`ack` are 32-bit because `ack` is also a futex word.
 struct ThreadRecord {
   pid_t tid = 0;
-  std::uint32_t request = 0;  // written by the broadcaster (under g_registry_mu)
-  std::uint32_t ack = 0;      // written by the thread's signal handler; futex word
+  std::uint32_t request = 0;  // written by the broadcaster
+  std::uint32_t ack = 0;      // written by the thread's signal handler (or detach); futex word
   ThreadRecord* prev = nullptr;
   ThreadRecord* next = nullptr;
   bool linked = false;
 };
 
 // Process-wide state. Constant-initialized: no global constructors run for these.
-constinit std::mutex g_registry_mu;      // registry membership, broadcasts, Runtime lifetime
+// Lock order: g_broadcast_mu, then g_registry_mu. Nothing waits for a signal while
+// holding g_registry_mu, so an attaching or detaching thread never blocks a broadcast it
+// must acknowledge (ThreadSanitizer, for one, defers signal handlers until a blocked
+// pthread_mutex_lock returns).
+constinit std::mutex g_broadcast_mu;     // one signal broadcast at a time
+constinit std::mutex g_registry_mu;      // registry membership, the pool, Runtime lifetime
 constinit ThreadRecord* g_threads = nullptr;
+constinit ThreadRecord* g_record_pool = nullptr;  // detached records, linked through `next`
 constinit std::size_t g_thread_count = 0;
 constinit std::uint32_t g_broadcast_seq = 0;
 constinit Runtime* g_runtime = nullptr;  // atomic accesses only (read by the handler)
@@ -205,6 +215,7 @@ struct Runtime::Impl {
   bool automatic[3] = {};
   void* mprotect_page = nullptr;
   std::mutex mprotect_mu;
+  std::vector<ThreadRecord*> broadcast_targets;
   bool handler_installed = false;
   int signo = 0;
 
@@ -344,25 +355,34 @@ Status Runtime::Impl::run_mprotect() {
 
 Status Runtime::Impl::run_signals() {
   if (!handler_installed) return Status(Errc::unavailable, 0, "signal handler not installed");
-  std::lock_guard<std::mutex> g(g_registry_mu);
-  const std::uint32_t seq = ++g_broadcast_seq;
-  const pid_t self = sys::gettid();
-  // Pairs with the handler's smp_mb(): our accesses before the call are ordered before
-  // whatever each target does after it acknowledges.
-  smp_mb();
-  for (ThreadRecord* r = g_threads; r; r = r->next) {
-    if (r->tid == self) continue;
-    __atomic_store_n(&r->request, seq, __ATOMIC_RELAXED);
-    if (sys::tgsigqueue(r->tid, signo, kSignalMagic) != 0) {
-      // ESRCH: the thread exited without detaching; it runs nothing any more, so it
-      // needs no barrier. Count it as acknowledged.
-      if (errno == ESRCH) __atomic_store_n(&r->ack, seq, __ATOMIC_RELAXED);
-      else return Status(Errc::os_error, errno, "rt_tgsigqueueinfo");
+  std::lock_guard<std::mutex> serial(g_broadcast_mu);
+  std::vector<ThreadRecord*>& targets = broadcast_targets;  // reused: guarded by g_broadcast_mu
+  targets.clear();
+  std::uint32_t seq;
+  {
+    std::lock_guard<std::mutex> g(g_registry_mu);
+    seq = ++g_broadcast_seq;
+    const pid_t self = sys::gettid();
+    // Pairs with the handler's smp_mb(): our accesses before the call are ordered before
+    // whatever each target does after it acknowledges.
+    smp_mb();
+    for (ThreadRecord* r = g_threads; r; r = r->next) {
+      if (r->tid == self) continue;
+      __atomic_store_n(&r->request, seq, __ATOMIC_RELAXED);
+      if (sys::tgsigqueue(r->tid, signo, kSignalMagic) != 0) {
+        // ESRCH: the thread exited without detaching; it runs nothing any more, so it
+        // needs no barrier.
+        if (errno == ESRCH) continue;
+        return Status(Errc::os_error, errno, "rt_tgsigqueueinfo");
+      }
+      targets.push_back(r);
     }
   }
+  // Wait without the registry lock: targets may attach/detach meanwhile. A target that
+  // detaches acknowledges on its own behalf (detach executes the barrier itself), and its
+  // record stays valid memory (records are pooled, never freed).
   const long deadline = monotonic_ns() + options.ack_timeout.count() * 1000000L;
-  for (ThreadRecord* r = g_threads; r; r = r->next) {
-    if (r->tid == self) continue;
+  for (ThreadRecord* r : targets) {
     for (int spins = 0;; ++spins) {
       const std::uint32_t a = __atomic_load_n(&r->ack, __ATOMIC_ACQUIRE);
       if (is_acked(a, seq)) break;
@@ -506,9 +526,10 @@ Result<std::unique_ptr<Runtime>> Runtime::create(const RuntimeOptions& options_i
 Runtime* Runtime::current() noexcept { return __atomic_load_n(&g_runtime, __ATOMIC_ACQUIRE); }
 
 Runtime::~Runtime() {
+  std::lock_guard<std::mutex> serial(g_broadcast_mu);  // no broadcast is using impl_
   std::lock_guard<std::mutex> g(g_registry_mu);
-  // Threads still attached keep their records (their attachments free them); they just
-  // stop being part of any broadcast.
+  // Threads still attached keep their records (their attachments return them to the
+  // pool); they just stop being part of any broadcast.
   for (ThreadRecord* r = g_threads; r;) {
     ThreadRecord* n = r->next;
     r->linked = false;
@@ -544,17 +565,24 @@ std::size_t Runtime::attached_thread_count() const noexcept {
 
 Result<ThreadAttachment> Runtime::attach_current_thread() noexcept {
   if (t_record != nullptr) return Status(Errc::already_attached, 0, "this thread is already attached");
-  auto* rec = new (std::nothrow) ThreadRecord;
-  if (!rec) return Status(Errc::out_of_memory);
-  rec->tid = sys::gettid();
+  ThreadRecord* rec;
   {
     std::lock_guard<std::mutex> g(g_registry_mu);
-    if (__atomic_load_n(&g_runtime, __ATOMIC_RELAXED) != this) {
-      delete rec;
+    if (__atomic_load_n(&g_runtime, __ATOMIC_RELAXED) != this)
       return Status(Errc::invalid_argument, 0, "this Runtime is being destroyed");
+    if (g_record_pool) {
+      rec = g_record_pool;
+      g_record_pool = rec->next;
+    } else {
+      rec = new (std::nothrow) ThreadRecord;
+      if (!rec) return Status(Errc::out_of_memory);
     }
-    // Seed ack with the current sequence so no earlier broadcast counts as pending.
-    rec->request = rec->ack = g_broadcast_seq;
+    rec->tid = sys::gettid();
+    rec->prev = rec->next = nullptr;
+    // Seed ack with the current sequence so no earlier broadcast counts as pending (a
+    // broadcaster still waiting on this pooled record's previous owner sees it acked).
+    __atomic_store_n(&rec->request, g_broadcast_seq, __ATOMIC_RELAXED);
+    __atomic_store_n(&rec->ack, g_broadcast_seq, __ATOMIC_RELEASE);
     rec->next = g_threads;
     if (g_threads) g_threads->prev = rec;
     g_threads = rec;
@@ -592,8 +620,6 @@ Status ThreadAttachment::detach() noexcept {
   if (!rec) return {};
   if (rec != t_record) return Status(Errc::invalid_argument, 0, "detach must run on the attached thread");
   {
-    // Waits for any broadcast in progress; our handler still acknowledges it meanwhile
-    // (a thread blocked on a mutex runs signal handlers).
     std::lock_guard<std::mutex> g(g_registry_mu);
     if (rec->linked) {
       if (rec->prev) rec->prev->next = rec->next;
@@ -603,8 +629,18 @@ Status ThreadAttachment::detach() noexcept {
       --g_thread_count;
     }
     t_record = nullptr;
+    // Acknowledge any broadcast that signalled us and has not been handled yet: this
+    // thread executes the barrier here, between the broadcaster's two fences, which is
+    // all the broadcast promises. (The signal itself may still arrive; the handler then
+    // finds no record and does nothing.)
+    smp_mb();
+    sync_core();
+    __atomic_store_n(&rec->ack, g_broadcast_seq, __ATOMIC_RELEASE);
+    rec->next = g_record_pool;
+    rec->prev = nullptr;
+    g_record_pool = rec;
   }
-  delete rec;
+  sys::futex_wake(&rec->ack, 1);
   record_ = nullptr;
   return {};
 }

@@ -46,7 +46,13 @@ const Capstone& cs() {
   return c;
 }
 
-std::string xreg(unsigned n) { return n == 31 ? "xzr" : "x" + std::to_string(n); }
+std::string xreg(unsigned n) {
+  if (n == 31) return "xzr";
+  // Appending (not "x" + to_string) sidesteps GCC 12's -Wrestrict false positive at -O3.
+  std::string r = "x";
+  r += std::to_string(n);
+  return r;
+}
 
 // Constexpr evaluation.
 static_assert([] {
