@@ -18,6 +18,7 @@ const char* errc_name(Errc e) noexcept {
     case Errc::busy: return "busy";
     case Errc::timeout: return "timeout";
     case Errc::out_of_memory: return "out_of_memory";
+    case Errc::emit_failed: return "emit_failed";
     case Errc::os_error: return "os_error";
   }
   return "unknown";

@@ -24,6 +24,7 @@ enum class Errc : std::uint16_t {
   busy,               // the resource is taken (e.g. a second Runtime in one process)
   timeout,            // a bounded wait ran out (e.g. a thread never acknowledged a signal)
   out_of_memory,
+  emit_failed,        // the assembler reported an error (context: asmjit's error text)
   os_error,           // an OS call failed in a way not listed above; see sys_errno
 };
 

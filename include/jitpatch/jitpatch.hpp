@@ -3,6 +3,7 @@
 
 #include <jitpatch/arch.hpp>
 #include <jitpatch/code_heap.hpp>
+#include <jitpatch/emitter.hpp>
 #include <jitpatch/error.hpp>
 #include <jitpatch/rseq.hpp>
 #include <jitpatch/runtime.hpp>

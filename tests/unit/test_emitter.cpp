@@ -1,0 +1,193 @@
+#include <catch2/catch.hpp>
+
+#include <jitpatch/jitpatch.hpp>
+
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "support/maps.hpp"
+
+using namespace jitpatch;
+
+namespace {
+
+struct Fixture {
+  std::unique_ptr<Runtime> rt;
+  std::unique_ptr<CodeHeap> heap;
+  Fixture() {
+    auto r = Runtime::create();
+    REQUIRE(r.ok());
+    rt = std::move(r).value();
+    CodeHeapOptions o;
+    o.reserve = 8 << 20;
+#if defined(__aarch64__)
+    o.strategy = HeapStrategy::protection_flip;  // qemu-user: see test_code_heap.cpp
+#endif
+    auto h = CodeHeap::create(*rt, o);
+    REQUIRE(h.ok());
+    heap = std::move(h).value();
+  }
+};
+
+// int f(int x) { return x + k; }
+void add_const(EmitContext& cx, int k) {
+#if defined(__x86_64__)
+  using namespace asmjit::x86;
+  cx.a.lea(eax, ptr(edi, k));
+  cx.a.ret();
+#else
+  using namespace asmjit::a64;
+  cx.a.add(w0, w0, k);
+  cx.a.ret(x30);
+#endif
+}
+
+}  // namespace
+
+TEST_CASE("emitter: emitted functions run and return the right values", "[unit][emit]") {
+  Fixture f;
+  Emitter em(*f.heap);
+  std::vector<CodeBlob*> blobs;
+  for (int k = 0; k < 20; ++k) {
+    auto b = em.emit("add_" + std::to_string(k), [k](EmitContext& cx) { add_const(cx, k); });
+    INFO(b.status().message());
+    REQUIRE(b.ok());
+    blobs.push_back(*b);
+  }
+  for (int k = 0; k < 20; ++k) {
+    CHECK(blobs[k]->as<int(int)>()(100) == 100 + k);
+    CHECK(blobs[k]->name() == "add_" + std::to_string(k));
+    CHECK(f.heap->contains(blobs[k]->entry()));
+    CHECK(blobs[k]->state() == BlobState::live);
+  }
+  CHECK(em.live_blobs() == 20);
+  CHECK(test::writable_and_executable() == "");
+}
+
+TEST_CASE("emitter: patch sites and the entry label get final addresses", "[unit][emit]") {
+  Fixture f;
+  Emitter em(*f.heap);
+  auto callee = em.emit("callee", [](EmitContext& cx) { add_const(cx, 5); });
+  REQUIRE(callee.ok());
+  auto* target = (*callee)->entry();
+  auto caller = em.emit("caller", [&](EmitContext& cx) {
+    auto pad = cx.new_label(), entry = cx.new_label(), call = cx.new_label();
+    cx.a.bind(pad);
+#if defined(__x86_64__)
+    cx.a.int3();  // never executed: the entry is below
+    cx.a.bind(entry);
+    cx.a.push(asmjit::x86::rbx);  // keeps the stack 16-byte aligned at the call
+    cx.site(SiteKind::call, call, "the_call");
+    cx.a.bind(call);
+    cx.a.call(reinterpret_cast<std::uint64_t>(target));
+    cx.a.pop(asmjit::x86::rbx);
+    cx.a.ret();
+#else
+    cx.a.brk(0);
+    cx.a.bind(entry);
+    cx.a.stp(asmjit::a64::x29, asmjit::a64::x30, asmjit::a64::ptr_pre(asmjit::a64::sp, -16));
+    cx.site(SiteKind::call, call, "the_call");
+    cx.a.bind(call);
+    cx.a.bl(reinterpret_cast<std::uint64_t>(target));
+    cx.a.ldp(asmjit::a64::x29, asmjit::a64::x30, asmjit::a64::ptr_post(asmjit::a64::sp, 16));
+    cx.a.ret(asmjit::a64::x30);
+#endif
+    cx.entry(entry);
+  });
+  INFO(caller.status().message());
+  REQUIRE(caller.ok());
+  CodeBlob& c = **caller;
+  CHECK(c.entry() != c.begin());
+  REQUIRE(c.sites().size() == 1);
+  const PatchSite* s = c.site("the_call");
+  REQUIRE(s != nullptr);
+  CHECK(s->kind == SiteKind::call);
+  CHECK(c.contains(s->address));
+#if defined(__x86_64__)
+  // call rel32; asmjit may prefix it with a REX byte (40 E8) when it relaxes an absolute
+  // call into a relative one after relocation. The patching layer emits its own sites.
+  const auto b0 = static_cast<std::uint8_t>(s->address[0]), b1 = static_cast<std::uint8_t>(s->address[1]);
+  CHECK((b0 == 0xE8 || (b0 == 0x40 && b1 == 0xE8)));
+#endif
+  CHECK(c.as<int(int)>()(1) == 6);
+}
+
+TEST_CASE("emitter: asmjit errors come back with asmjit's text", "[unit][emit]") {
+  Fixture f;
+  Emitter em(*f.heap);
+  auto bad = em.emit("bad", [](EmitContext& cx) {
+    asmjit::Label never_bound = cx.new_label();
+#if defined(__x86_64__)
+    cx.a.jmp(never_bound);
+#else
+    cx.a.b(never_bound);
+#endif
+  });
+  REQUIRE_FALSE(bad.ok());
+  CHECK(bad.status().code() == Errc::emit_failed);
+  INFO(bad.status().message());
+  CHECK(bad.status().context() != nullptr);
+
+  auto unbound_site = em.emit("unbound", [](EmitContext& cx) {
+    cx.site(SiteKind::jump, cx.new_label());
+    add_const(cx, 1);
+  });
+  CHECK(unbound_site.status().code() == Errc::invalid_argument);
+
+  auto empty = em.emit("empty", [](EmitContext&) {});
+  CHECK(empty.status().code() == Errc::invalid_argument);
+
+  auto refused = em.emit("refused", [](EmitContext& cx) -> Status {
+    add_const(cx, 1);
+    return Status(Errc::invalid_argument, 0, "the body said no");
+  });
+  CHECK(refused.status().code() == Errc::invalid_argument);
+  // Nothing leaked into the heap from the failures, and emission still works.
+  CHECK(f.heap->stats().live_allocations == 0);
+  auto good = em.emit("good", [](EmitContext& cx) { add_const(cx, 2); });
+  REQUIRE(good.ok());
+  CHECK((*good)->as<int(int)>()(1) == 3);
+}
+
+TEST_CASE("emitter: free, reuse, and double free", "[unit][emit]") {
+  Fixture f;
+  Emitter em(*f.heap);
+  auto a = em.emit("a", [](EmitContext& cx) { add_const(cx, 1); });
+  REQUIRE(a.ok());
+  CodeBlob* blob = *a;
+  std::byte* where = blob->begin();
+  REQUIRE(em.free(blob).ok());
+  CHECK(em.free(blob).code() == Errc::invalid_argument);
+  CHECK(em.live_blobs() == 0);
+  // The same memory, now dirty: emission serializes once and the new code runs.
+  const auto ser = f.heap->stats().serializations;
+  auto b = em.emit("b", [](EmitContext& cx) { add_const(cx, 2); });
+  REQUIRE(b.ok());
+  CHECK((*b)->begin() == where);
+  CHECK(f.heap->stats().serializations == ser + 1);
+  CHECK((*b)->as<int(int)>()(1) == 3);
+}
+
+TEST_CASE("emitter: batch publication with one serialization", "[unit][emit]") {
+  Fixture f;
+  Emitter em(*f.heap);
+  std::vector<CodeBlob*> old;
+  for (int k = 0; k < 10; ++k) old.push_back(*em.emit("old", [k](EmitContext& cx) { add_const(cx, k); }));
+  for (CodeBlob* b : old) REQUIRE(em.free(b).ok());
+  const auto ser = f.heap->stats().serializations;
+  PublishBatch batch(*f.heap);
+  EmitOptions o;
+  o.publish = false;
+  std::vector<CodeBlob*> fresh;
+  for (int k = 0; k < 10; ++k) {
+    auto b = em.emit("new", [k](EmitContext& cx) { add_const(cx, 10 * k); }, o);
+    REQUIRE(b.ok());
+    batch.add((*b)->range());
+    fresh.push_back(*b);
+  }
+  CHECK(f.heap->stats().serializations == ser);  // nothing published yet
+  REQUIRE(batch.commit().ok());
+  CHECK(f.heap->stats().serializations == ser + 1);
+  for (int k = 0; k < 10; ++k) CHECK(fresh[k]->as<int(int)>()(1) == 1 + 10 * k);
+}
