@@ -5,5 +5,6 @@
 #include <jitpatch/code_heap.hpp>
 #include <jitpatch/emitter.hpp>
 #include <jitpatch/error.hpp>
+#include <jitpatch/listing.hpp>
 #include <jitpatch/rseq.hpp>
 #include <jitpatch/runtime.hpp>

@@ -191,3 +191,49 @@ TEST_CASE("emitter: batch publication with one serialization", "[unit][emit]") {
   CHECK(f.heap->stats().serializations == ser + 1);
   for (int k = 0; k < 10; ++k) CHECK(fresh[k]->as<int(int)>()(1) == 1 + 10 * k);
 }
+
+TEST_CASE("listing: a blob's disassembly marks its entry and patch sites", "[unit][emit]") {
+  Fixture f;
+  Emitter em(*f.heap);
+  auto b = em.emit("listed", [](EmitContext& cx) {
+    auto l = cx.new_label();
+    cx.site(SiteKind::toggle, l, "key");
+    cx.a.bind(l);
+#if defined(__x86_64__)
+    cx.a.nop();
+#else
+    cx.a.nop();
+#endif
+    add_const(cx, 3);
+  });
+  REQUIRE(b.ok());
+  auto text = listing(**b);
+  REQUIRE(text.ok());
+  INFO(text.value());
+  CHECK(text.value().find("; listed") == 0);
+  CHECK(text.value().find("nop") != std::string::npos);
+  CHECK(text.value().find("<- patch site: toggle \"key\"") != std::string::npos);
+  CHECK(text.value().find("<- entry") != std::string::npos);
+  CHECK(text.value().find("ret") != std::string::npos);
+}
+
+TEST_CASE("listing: both ISAs decode on any host, undecodable bytes become .byte", "[unit][emit]") {
+  const std::uint8_t x86[] = {0xE8, 0x00, 0x00, 0x00, 0x00, 0x0F, 0x1F, 0x44, 0x00, 0x00, 0xCC, 0xFF};
+  auto a = disassemble(x86, sizeof x86, 0x1000, Isa::x86_64, {{0x1005, "toggle"}});
+  REQUIRE(a.ok());
+  INFO(a.value());
+  CHECK(a.value().find("call") != std::string::npos);
+  CHECK(a.value().find("0x1005") != std::string::npos);
+  CHECK(a.value().find("; toggle") != std::string::npos);
+  CHECK(a.value().find("int3") != std::string::npos);
+  CHECK(a.value().find(".byte") != std::string::npos);
+  const std::uint32_t a64[] = {0x94000004u, 0xd503201fu, 0xd4200000u, 0xffffffffu};
+  auto b = disassemble(a64, sizeof a64, 0x2000, Isa::aarch64);
+  REQUIRE(b.ok());
+  INFO(b.value());
+  CHECK(b.value().find("bl") != std::string::npos);
+  CHECK(b.value().find("0x2010") != std::string::npos);  // bl's target
+  CHECK(b.value().find("nop") != std::string::npos);
+  CHECK(b.value().find("brk") != std::string::npos);
+  CHECK(b.value().find(".byte") != std::string::npos);
+}
