@@ -1,6 +1,8 @@
 // Emission: asmjit CodeHolder -> CodeHeap allocation -> relocation -> copy through the RW
 // alias -> icache flush -> publication.
+#include <jitpatch/code_registry.hpp>
 #include <jitpatch/emitter.hpp>
+#include <jitpatch/visibility.hpp>
 
 #include <algorithm>
 #include <new>
@@ -107,6 +109,17 @@ Result<CodeBlob*> Emitter::emit_impl(std::string_view name, const std::function<
     batch.add(*range);
     if (Status st = batch.commit(); !st) return undo(st);
   }
+  if (registry_) {
+    if (Status st = registry_->add(blob->begin(), blob->end(), blob.get()); !st) return undo(st);
+  }
+  if (visibility_) {
+    // Tools name what is executable; a failure to tell them is not a failure to emit, but
+    // it is not silent either: the caller gets the error and the blob is not published.
+    if (Status st = visibility_->on_load(CodeInfo{blob->begin(), blob->size(), blob->name_.c_str()}); !st) {
+      if (registry_) (void)registry_->remove(blob->begin());
+      return undo(st);
+    }
+  }
   CodeBlob* out = blob.get();
   std::lock_guard<std::mutex> g(mu_);
   blobs_.push_back(std::move(blob));
@@ -122,6 +135,8 @@ Status Emitter::free(CodeBlob* blob) noexcept {
     owned = std::move(*it);
     blobs_.erase(it);
   }
+  if (visibility_) (void)visibility_->on_unload(owned->begin());
+  if (registry_) (void)registry_->remove(owned->begin());
   owned->state_.store(BlobState::freed, std::memory_order_release);
   return heap_->free(owned->range_.rx);
 }

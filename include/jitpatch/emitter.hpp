@@ -41,6 +41,11 @@
 #include <jitpatch/error.hpp>
 
 namespace jitpatch {
+class CodeRegistry;
+class CodeVisibility;
+}  // namespace jitpatch
+
+namespace jitpatch {
 
 #if defined(__x86_64__)
 using Assembler = asmjit::x86::Assembler;
@@ -127,7 +132,10 @@ struct EmitOptions {
 
 class Emitter {
  public:
-  explicit Emitter(CodeHeap& heap) noexcept : heap_(&heap) {}
+  // `registry` (PC -> blob lookup) and `visibility` (perf map, jitdump, GDB) are optional;
+  // when given, every published blob is registered with them and unregistered on free.
+  explicit Emitter(CodeHeap& heap, CodeRegistry* registry = nullptr, CodeVisibility* visibility = nullptr) noexcept
+      : heap_(&heap), registry_(registry), visibility_(visibility) {}
   ~Emitter();
   Emitter(const Emitter&) = delete;
   Emitter& operator=(const Emitter&) = delete;
@@ -158,6 +166,8 @@ class Emitter {
   Result<CodeBlob*> emit_impl(std::string_view name, const std::function<Status(EmitContext&)>& body,
                               const EmitOptions& options);
   CodeHeap* heap_;
+  CodeRegistry* registry_;
+  CodeVisibility* visibility_;
   mutable std::mutex mu_;
   std::vector<std::unique_ptr<CodeBlob>> blobs_;
 };

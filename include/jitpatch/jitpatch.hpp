@@ -3,8 +3,10 @@
 
 #include <jitpatch/arch.hpp>
 #include <jitpatch/code_heap.hpp>
+#include <jitpatch/code_registry.hpp>
 #include <jitpatch/emitter.hpp>
 #include <jitpatch/error.hpp>
 #include <jitpatch/listing.hpp>
 #include <jitpatch/rseq.hpp>
 #include <jitpatch/runtime.hpp>
+#include <jitpatch/visibility.hpp>

@@ -237,3 +237,24 @@ TEST_CASE("listing: both ISAs decode on any host, undecodable bytes become .byte
   CHECK(b.value().find("brk") != std::string::npos);
   CHECK(b.value().find(".byte") != std::string::npos);
 }
+
+TEST_CASE("emitter: blobs are registered for PC lookup and made visible to tools", "[unit][emit]") {
+  Fixture f;
+  CodeRegistry reg;
+  CodeVisibility::Options vo;
+  vo.use_environment = false;
+  vo.gdb = true;
+  auto vis = CodeVisibility::create(vo);
+  REQUIRE(vis.ok());
+  Emitter em(*f.heap, &reg, vis->get());
+  auto a = em.emit("looked_up", [](EmitContext& cx) { add_const(cx, 1); });
+  REQUIRE(a.ok());
+  CHECK(reg.find((*a)->begin()) == *a);
+  CHECK(reg.find((*a)->end() - 1) == *a);
+  CHECK((*vis)->loaded_count() == 1);
+  std::byte* where = (*a)->begin();
+  REQUIRE(em.free(*a).ok());
+  CHECK(reg.find(where) == nullptr);
+  CHECK(reg.size() == 0);
+  CHECK((*vis)->loaded_count() == 0);
+}

@@ -1,0 +1,62 @@
+// jitpatch::CodeRegistry: which blob does this PC belong to?
+//
+// find() is lock-free and async-signal-safe, for signal handlers (a SIGTRAP/SIGSEGV
+// handler deciding whether a fault is in JIT code) and sampling profilers. Updates take a
+// mutex. The table is a sorted array behind a sequence lock: readers retry when a writer
+// moved entries under them, a bounded number of times (a handler that interrupted a
+// writer on its own thread gets nullptr rather than spinning forever). Grown tables
+// replace smaller ones; the old ones are kept until the registry is destroyed, so a reader
+// never touches freed memory (total memory stays below twice the largest table).
+//
+// A blob pointer returned by find() is valid until the blob is freed; free blobs only
+// after a grace period (the reclamation layer) if readers may still hold them.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <vector>
+
+#include <jitpatch/error.hpp>
+
+namespace jitpatch {
+
+class CodeBlob;
+
+class CodeRegistry {
+ public:
+  CodeRegistry() noexcept = default;
+  ~CodeRegistry();
+  CodeRegistry(const CodeRegistry&) = delete;
+  CodeRegistry& operator=(const CodeRegistry&) = delete;
+
+  // Register [begin, end) as `blob`'s. Errc::invalid_argument for an empty range or one
+  // overlapping a registered range. Thread-safe.
+  Status add(const void* begin, const void* end, const CodeBlob* blob) noexcept;
+  // Errc::invalid_argument if `begin` is not the start of a registered range.
+  Status remove(const void* begin) noexcept;
+  // The blob whose range contains `pc`, or nullptr. Lock-free, async-signal-safe.
+  const CodeBlob* find(const void* pc) const noexcept;
+  std::size_t size() const noexcept;
+
+ private:
+  struct Entry {
+    std::uintptr_t begin, end;
+    const CodeBlob* blob;
+  };
+  struct Table {
+    std::size_t capacity;
+    std::unique_ptr<Entry[]> entries;
+  };
+  Status grow_locked() noexcept;
+
+  std::mutex mu_;
+  std::uint64_t seq_ = 0;             // odd while a writer changes the table (atomic accesses)
+  Entry* entries_ = nullptr;          // current table (atomic accesses)
+  std::size_t count_ = 0;             // entries in use (atomic accesses)
+  std::size_t capacity_ = 0;          // writer-only
+  std::vector<Table> tables_;         // every table ever made; the last is current
+};
+
+}  // namespace jitpatch
