@@ -20,7 +20,7 @@ long litmus_rounds() {
 #if JITPATCH_TSAN
   return 2000;  // TSan makes every access ~10x slower; the shape matters, not the count
 #else
-  return 20000;
+  return 10000;
 #endif
 }
 }  // namespace
