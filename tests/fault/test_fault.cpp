@@ -230,3 +230,42 @@ TEST_CASE("fault: the signal strategy alone (forced) keeps every guarantee", "[f
           return check_all_guarantees(**rt);
         }) == "");
 }
+
+TEST_CASE("fault: memfd refused: the code heap falls back to protection flipping", "[fault]") {
+  CHECK(test::run_in_child([]() -> std::string {
+          scmp_filter_ctx ctx = seccomp_init(SCMP_ACT_ALLOW);
+          if (!ctx) return "seccomp_init failed";
+          int rc = seccomp_rule_add(ctx, SCMP_ACT_ERRNO(EPERM), SCMP_SYS(memfd_create), 0);
+          if (rc == 0) rc = seccomp_load(ctx);
+          seccomp_release(ctx);
+          if (rc != 0) return std::string("seccomp: ") + std::strerror(-rc);
+          auto rt = Runtime::create();
+          if (!rt.ok()) return "create: " + rt.status().message();
+          CodeHeapOptions forced;
+          forced.use_environment = false;
+          forced.strategy = HeapStrategy::dual_mapping;
+          auto bad = CodeHeap::create(**rt, forced);
+          EXPECT(!bad.ok());
+          EXPECT(bad.status().code() == Errc::unsupported);
+          EXPECT(bad.status().sys_errno() == EPERM);
+          CodeHeapOptions o;
+          o.use_environment = false;
+          o.reserve = 1 << 20;
+          auto heap = CodeHeap::create(**rt, o);
+          if (!heap.ok()) return "heap: " + heap.status().message();
+          EXPECT((*heap)->strategy() == HeapStrategy::protection_flip);
+          Emitter em(**heap);
+          auto blob = em.emit("after_fallback", [](EmitContext& cx) {
+#if defined(__x86_64__)
+            cx.a.mov(asmjit::x86::eax, 77);
+            cx.a.ret();
+#else
+            cx.a.mov(asmjit::a64::w0, 77);
+            cx.a.ret(asmjit::a64::x30);
+#endif
+          });
+          if (!blob.ok()) return "emit: " + blob.status().message();
+          EXPECT((*blob)->as<int()>()() == 77);
+          return "";
+        }) == "");
+}
