@@ -19,21 +19,23 @@ CodeRegistry::~CodeRegistry() = default;
 
 Status CodeRegistry::grow_locked() noexcept {
   const std::size_t cap = capacity_ ? capacity_ * 2 : 64;
-  Entry* fresh = new (std::nothrow) Entry[cap];
+  std::unique_ptr<Entry[]> fresh(new (std::nothrow) Entry[cap]);
   if (!fresh) return Status(Errc::out_of_memory);
+  try {
+    tables_.reserve(tables_.size() + 1);  // the only step that can throw, before ownership moves
+  } catch (...) {
+    return Status(Errc::out_of_memory);
+  }
   for (std::size_t i = 0; i < count_; ++i) {
     fresh[i].begin = ld(entries_[i].begin);
     fresh[i].end = ld(entries_[i].end);
     fresh[i].blob = read_once(entries_[i].blob);
   }
-  try {
-    tables_.push_back(Table{cap, std::unique_ptr<Entry[]>(fresh)});
-  } catch (...) {
-    delete[] fresh;
-    return Status(Errc::out_of_memory);
-  }
-  // The copy is complete before a reader can load the new pointer (store-release).
-  store_release(&entries_, fresh);
+  Entry* table = fresh.get();
+  tables_.push_back(Table{cap, std::move(fresh)});
+  // The copy is complete before a reader can load the new pointer (store-release; the
+  // reader's load_acquire of entries_ pairs with it).
+  store_release(&entries_, table);
   capacity_ = cap;
   return {};
 }
