@@ -48,11 +48,11 @@ Status asmjit_status(asmjit::Error e) {
 }
 }  // namespace
 
-Emitter::~Emitter() {
-  // Blobs still live keep their heap memory until the heap goes; only the descriptors go.
-}
+// Blobs still live keep their heap memory until the heap goes; only the descriptors (in
+// slabs_) go with the emitter.
+Emitter::~Emitter() = default;
 
-Result<CodeBlob*> Emitter::emit_impl(std::string_view name, const std::function<Status(EmitContext&)>& body,
+Result<CodeBlob*> Emitter::emit_impl(std::string_view name, Status (*thunk)(void*, EmitContext&), void* body,
                                      const EmitOptions& options) {
   asmjit::CodeHolder code;
   FirstError errors;
@@ -60,7 +60,7 @@ Result<CodeBlob*> Emitter::emit_impl(std::string_view name, const std::function<
   code.setErrorHandler(&errors);
   Assembler a(&code);
   EmitContext cx(a);
-  if (Status st = body(cx); !st) return st;
+  if (Status st = thunk(body, cx); !st) return st;
   if (errors.error != asmjit::kErrorOk) return asmjit_status(errors.error);
   for (const auto& d : cx.decls_)
     if (!code.isLabelBound(d.label)) return Status(Errc::invalid_argument, 0, "a patch-site label was never bound");
@@ -75,9 +75,11 @@ Result<CodeBlob*> Emitter::emit_impl(std::string_view name, const std::function<
   const std::size_t estimate = code.codeSize();
   if (estimate == 0) return Status(Errc::invalid_argument, 0, "the emitted function is empty");
 
-  auto range = heap_->allocate(estimate, options.alignment);
+  CodeWriter w;
+  auto range = heap_->allocate_writer(estimate, options.alignment, &w);
   if (!range.ok()) return range.status();
   auto undo = [&](Status st) -> Result<CodeBlob*> {
+    (void)w.finish();
     (void)heap_->free(range->rx);
     return st;
   };
@@ -86,64 +88,99 @@ Result<CodeBlob*> Emitter::emit_impl(std::string_view name, const std::function<
   if (asmjit::Error e = code.relocateToBase(reinterpret_cast<std::uint64_t>(range->rx))) return undo(asmjit_status(e));
   const std::size_t size = code.codeSize();
   if (size > range->size) return undo(Status(Errc::emit_failed, 0, "code grew during relocation"));
-  {
-    auto w = heap_->write(range->rx, range->size);
-    if (!w.ok()) return undo(w.status());
-    // Pad: the tail of the allocation past the code is filled too (no stale bytes).
-    if (asmjit::Error e = code.copyFlattenedData(w->data(), range->size, asmjit::CopySectionFlags::kPadSectionBuffer))
-      return undo(asmjit_status(e));
-    if (Status st = w->finish(); !st) return undo(st);  // flushes the icache over the range
-  }
+  // Pad: the tail of the allocation past the code is filled too (no stale bytes).
+  if (asmjit::Error e = code.copyFlattenedData(w.data(), range->size, asmjit::CopySectionFlags::kPadSectionBuffer))
+    return undo(asmjit_status(e));
+  if (Status st = w.finish(); !st) return undo(st);  // flushes the icache over the range
 
-  auto blob = std::unique_ptr<CodeBlob>(new (std::nothrow) CodeBlob);
-  if (!blob) return undo(Status(Errc::out_of_memory));
-  blob->name_ = std::string(name);
+  CodeBlob* blob;
+  {
+    std::lock_guard<std::mutex> g(mu_);
+    if (!spare_) {
+      constexpr std::size_t kSlab = 256;
+      std::unique_ptr<CodeBlob[]> slab(new (std::nothrow) CodeBlob[kSlab]);
+      if (!slab) return undo(Status(Errc::out_of_memory));
+      try {
+        slabs_.push_back(std::move(slab));
+      } catch (...) {
+        return undo(Status(Errc::out_of_memory));
+      }
+      CodeBlob* s = slabs_.back().get();
+      for (std::size_t i = 0; i < kSlab; ++i) {
+        s[i].state_.store(BlobState::freed, std::memory_order_relaxed);  // not live until linked
+        s[i].next_ = spare_;
+        spare_ = &s[i];
+      }
+    }
+    blob = spare_;
+    spare_ = blob->next_;
+  }
+  // Until it is linked into live_ below, only this thread can see `blob`.
+  auto unclaim = [&](Status st) -> Result<CodeBlob*> {
+    std::lock_guard<std::mutex> g(mu_);
+    blob->next_ = spare_;
+    spare_ = blob;
+    return undo(st);
+  };
+  blob->sites_.clear();
+  blob->name_.assign(name.data(), name.size());
   blob->range_ = *range;
   blob->code_size_ = size;
   blob->entry_ = cx.entry_.isValid() ? range->rx + code.labelOffsetFromBase(cx.entry_) : range->rx;
   for (const auto& d : cx.decls_)
     blob->sites_.push_back(PatchSite{d.kind, range->rx + code.labelOffsetFromBase(d.label), d.name});
 
-  if (options.publish) {
-    PublishBatch batch(*heap_);
-    batch.add(*range);
-    if (Status st = batch.commit(); !st) return undo(st);
+  // A batch of one, without the batch's vector: serialize only if this memory is dirty.
+  if (options.publish && range->dirty_seq != 0 && !heap_->is_clean(range->dirty_seq)) {
+    if (Status st = heap_->make_clean(range->dirty_seq); !st) return unclaim(st);
   }
   if (registry_) {
-    if (Status st = registry_->add(blob->begin(), blob->end(), blob.get()); !st) return undo(st);
+    if (Status st = registry_->add(blob->begin(), blob->end(), blob); !st) return unclaim(st);
   }
   if (visibility_) {
     // Tools name what is executable; a failure to tell them is not a failure to emit, but
     // it is not silent either: the caller gets the error and the blob is not published.
     if (Status st = visibility_->on_load(CodeInfo{blob->begin(), blob->size(), blob->name_.c_str()}); !st) {
       if (registry_) (void)registry_->remove(blob->begin());
-      return undo(st);
+      return unclaim(st);
     }
   }
-  CodeBlob* out = blob.get();
+  CodeBlob* out = blob;
   std::lock_guard<std::mutex> g(mu_);
-  blobs_.push_back(std::move(blob));
+  out->state_.store(BlobState::live, std::memory_order_release);
+  out->owner_ = this;
+  out->prev_ = nullptr;
+  out->next_ = live_;
+  if (live_) live_->prev_ = out;
+  live_ = out;
+  ++live_count_;
   return out;
 }
 
 Status Emitter::free(CodeBlob* blob) noexcept {
-  std::unique_ptr<CodeBlob> owned;
+  std::byte* rx;
   {
     std::lock_guard<std::mutex> g(mu_);
-    auto it = std::find_if(blobs_.begin(), blobs_.end(), [&](const auto& p) { return p.get() == blob; });
-    if (it == blobs_.end()) return Status(Errc::invalid_argument, 0, "free: not a live blob of this emitter");
-    owned = std::move(*it);
-    blobs_.erase(it);
+    if (!blob || blob->owner_ != this || blob->state() != BlobState::live)
+      return Status(Errc::invalid_argument, 0, "free: not a live blob of this emitter");
+    if (blob->prev_) blob->prev_->next_ = blob->next_;
+    else live_ = blob->next_;
+    if (blob->next_) blob->next_->prev_ = blob->prev_;
+    --live_count_;
+    blob->state_.store(BlobState::freed, std::memory_order_release);
+    rx = blob->range_.rx;
+    if (visibility_) (void)visibility_->on_unload(rx);
+    if (registry_) (void)registry_->remove(rx);
+    blob->prev_ = nullptr;
+    blob->next_ = spare_;
+    spare_ = blob;
   }
-  if (visibility_) (void)visibility_->on_unload(owned->begin());
-  if (registry_) (void)registry_->remove(owned->begin());
-  owned->state_.store(BlobState::freed, std::memory_order_release);
-  return heap_->free(owned->range_.rx);
+  return heap_->free(rx);
 }
 
 std::size_t Emitter::live_blobs() const noexcept {
   std::lock_guard<std::mutex> g(mu_);
-  return blobs_.size();
+  return live_count_;
 }
 
 }  // namespace jitpatch

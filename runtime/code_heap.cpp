@@ -10,12 +10,14 @@
 #include <algorithm>
 #include <cerrno>
 #include <cstdlib>
+#include <cstdint>
 #include <cstring>
 #include <map>
 #include <mutex>
 #include <new>
 #include <set>
 
+#include "runtime/node_pool.hpp"
 #include "runtime/sys.hpp"
 
 namespace jitpatch {
@@ -59,9 +61,58 @@ struct CodeHeap::Impl {
     std::size_t size;
     std::uint64_t seq;  // highest free sequence number of the memory in it (0 = never freed)
   };
-  std::map<std::size_t, Free> free_by_offset;
-  std::set<std::pair<std::size_t, std::size_t>> free_by_size;  // (size, offset)
-  std::map<std::size_t, CodeRange> live;                       // by offset
+  // One node pool per container (declared first: they outlive the containers), so that
+  // allocate/free in steady state make no malloc calls.
+  detail::NodePool pool_off, pool_size;
+  template <class K, class V>
+  using Map = std::map<K, V, std::less<K>, detail::PoolAllocator<std::pair<const K, V>>>;
+  Map<std::size_t, Free> free_by_offset{detail::PoolAllocator<std::pair<const std::size_t, Free>>(&pool_off)};
+  std::set<std::pair<std::size_t, std::size_t>, std::less<>, detail::PoolAllocator<std::pair<std::size_t, std::size_t>>>
+      free_by_size{detail::PoolAllocator<std::pair<std::size_t, std::size_t>>(&pool_size)};  // (size, offset)
+  // Live allocations as two bitmaps over 16-byte granules: a bit for each allocation's
+  // first granule and one for its last. free() and write() find an allocation from an
+  // address by scanning words (O(allocation size / 1 KiB)), with no per-allocation node:
+  // a tree of live allocations cost more than the whole rest of publication.
+  // Reserved with MAP_NORESERVE; pages are touched only where code is.
+  std::uint64_t* start_bits = nullptr;
+  std::uint64_t* end_bits = nullptr;
+  std::size_t bitmap_bytes = 0;
+  std::size_t live_count = 0;
+
+  static bool test(const std::uint64_t* b, std::size_t g) { return (b[g >> 6] >> (g & 63)) & 1u; }
+  static void set(std::uint64_t* b, std::size_t g) { b[g >> 6] |= std::uint64_t(1) << (g & 63); }
+  static void clear(std::uint64_t* b, std::size_t g) { b[g >> 6] &= ~(std::uint64_t(1) << (g & 63)); }
+  // First set bit at index >= g (limit if none).
+  static std::size_t next_set(const std::uint64_t* b, std::size_t g, std::size_t limit) {
+    std::size_t w = g >> 6;
+    std::uint64_t word = b[w] & (~std::uint64_t(0) << (g & 63));
+    for (;;) {
+      if (word) {
+        const std::size_t r = (w << 6) + static_cast<std::size_t>(__builtin_ctzll(word));
+        return r < limit ? r : limit;
+      }
+      if (((w + 1) << 6) >= limit) return limit;
+      word = b[++w];
+    }
+  }
+  // Last set bit at index <= g (SIZE_MAX if none).
+  static std::size_t prev_set(const std::uint64_t* b, std::size_t g) {
+    std::size_t w = g >> 6;
+    std::uint64_t word = b[w] & (~std::uint64_t(0) >> (63 - (g & 63)));
+    for (;;) {
+      if (word) return (w << 6) + 63 - static_cast<std::size_t>(__builtin_clzll(word));
+      if (w == 0) return SIZE_MAX;
+      word = b[--w];
+    }
+  }
+  // The live allocation containing granule g: {first, last} granules, or first == SIZE_MAX.
+  std::pair<std::size_t, std::size_t> live_at(std::size_t g) const {
+    const std::size_t first = prev_set(start_bits, g);
+    if (first == SIZE_MAX) return {SIZE_MAX, 0};
+    const std::size_t last = next_set(end_bits, first, capacity / kGranule);
+    if (last < g) return {SIZE_MAX, 0};
+    return {first, last};
+  }
   std::size_t used = 0;
   std::uint64_t free_seq = 0;  // count of frees; each freed block carries its number
 
@@ -76,7 +127,7 @@ struct CodeHeap::Impl {
     free_by_offset.emplace(off, Free{size, seq});
     free_by_size.emplace(size, off);
   }
-  void erase_free(std::map<std::size_t, Free>::iterator it) {
+  void erase_free(Map<std::size_t, Free>::iterator it) {
     free_by_size.erase({it->second.size, it->first});
     free_by_offset.erase(it);
   }
@@ -167,6 +218,15 @@ Result<std::unique_ptr<CodeHeap>> CodeHeap::create(Runtime& rt, const CodeHeapOp
       break;
   }
   if (!st) return st;
+  {
+    const std::size_t granules = size / kGranule;
+    impl->bitmap_bytes = round_up((granules + 63) / 64 * 8, page_size());
+    void* b = ::mmap(nullptr, 2 * impl->bitmap_bytes, PROT_READ | PROT_WRITE,
+                     MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (b == MAP_FAILED) return Status(Errc::out_of_memory, errno, "code heap bitmaps");
+    impl->start_bits = static_cast<std::uint64_t*>(b);
+    impl->end_bits = impl->start_bits + impl->bitmap_bytes / 8;
+  }
   impl->insert_free(0, size, 0);
   auto heap = std::unique_ptr<CodeHeap>(new (std::nothrow) CodeHeap(std::move(impl)));
   if (!heap) return Status(Errc::out_of_memory);
@@ -178,9 +238,15 @@ CodeHeap::~CodeHeap() {
   if (impl_->rx) ::munmap(impl_->rx, impl_->capacity);
   if (impl_->rw) ::munmap(impl_->rw, impl_->capacity);
   if (impl_->fd >= 0) ::close(impl_->fd);
+  if (impl_->start_bits) ::munmap(impl_->start_bits, 2 * impl_->bitmap_bytes);
 }
 
 Result<CodeRange> CodeHeap::allocate(std::size_t size, std::size_t alignment) noexcept {
+  std::lock_guard<std::mutex> g(impl_->mu);
+  return allocate_locked(size, alignment);
+}
+
+Result<CodeRange> CodeHeap::allocate_locked(std::size_t size, std::size_t alignment) noexcept {
   Impl& h = *impl_;
   if (size == 0) return Status(Errc::invalid_argument, 0, "allocation of 0 bytes");
   if (alignment < kGranule || alignment > 4096 || (alignment & (alignment - 1)))
@@ -191,26 +257,39 @@ Result<CodeRange> CodeHeap::allocate(std::size_t size, std::size_t alignment) no
   // aligned start, so the search stays one O(log n) lookup.
   const std::size_t search = need + (alignment - kGranule);
 
-  std::lock_guard<std::mutex> g(h.mu);
   auto fit = h.free_by_size.lower_bound({search, 0});
   if (fit == h.free_by_size.end()) return Status(Errc::out_of_memory, 0, "code heap exhausted");
   auto it = h.free_by_offset.find(fit->second);
   const std::size_t block_off = it->first, block_size = it->second.size;
   const std::uint64_t seq = it->second.seq;
-  h.erase_free(it);
 
   const auto base = reinterpret_cast<std::uintptr_t>(h.rx);
   const std::size_t off = round_up(base + block_off, alignment) - base;
-  if (off > block_off) h.insert_free(block_off, off - block_off, seq);
   const std::size_t tail = block_off + block_size - (off + need);
-  if (tail > 0) h.insert_free(off + need, tail, seq);
+  if (off == block_off && tail > 0) {
+    // The common case (carving from the front of a block, e.g. the big free tail):
+    // re-key the two tree nodes in place instead of freeing and allocating new ones.
+    auto by_size = h.free_by_size.extract(fit);
+    auto by_off = h.free_by_offset.extract(it);
+    by_size.value() = {tail, off + need};
+    by_off.key() = off + need;
+    by_off.mapped().size = tail;
+    h.free_by_size.insert(std::move(by_size));
+    h.free_by_offset.insert(std::move(by_off));
+  } else {
+    h.erase_free(it);
+    if (off > block_off) h.insert_free(block_off, off - block_off, seq);
+    if (tail > 0) h.insert_free(off + need, tail, seq);
+  }
 
   CodeRange r;
   r.rx = h.rx + off;
   r.size = need;
   // Memory freed after the last completed serialization is dirty (see the header).
   r.dirty_seq = seq > __atomic_load_n(&h.clean_upto, __ATOMIC_ACQUIRE) ? seq : 0;
-  h.live.emplace(off, r);
+  Impl::set(h.start_bits, off / kGranule);
+  Impl::set(h.end_bits, (off + need) / kGranule - 1);
+  ++h.live_count;
   h.used += need;
   return r;
 }
@@ -219,11 +298,14 @@ Status CodeHeap::free(const void* p) noexcept {
   Impl& h = *impl_;
   if (!contains(p)) return Status(Errc::invalid_argument, 0, "free: address is not in this code heap");
   std::lock_guard<std::mutex> g(h.mu);
-  auto lit = h.live.find(h.offset_of(p));
-  if (lit == h.live.end())
+  std::size_t off = h.offset_of(p);
+  if (off % kGranule != 0 || !Impl::test(h.start_bits, off / kGranule))
     return Status(Errc::invalid_argument, 0, "free: not the start of a live allocation (unknown or already freed)");
-  std::size_t off = lit->first, size = lit->second.size;
-  h.live.erase(lit);
+  const std::size_t last = Impl::next_set(h.end_bits, off / kGranule, h.capacity / kGranule);
+  std::size_t size = (last + 1) * kGranule - off;
+  Impl::clear(h.start_bits, off / kGranule);
+  Impl::clear(h.end_bits, last);
+  --h.live_count;
   h.used -= size;
   std::uint64_t seq = ++h.free_seq;
 
@@ -285,10 +367,31 @@ Result<CodeWriter> CodeHeap::write(void* p, std::size_t size) noexcept {
   {
     std::lock_guard<std::mutex> g(h.mu);
       const std::size_t off = h.offset_of(p);
-    auto it = h.live.upper_bound(off);
-    const bool inside = it != h.live.begin() && (--it, off + size <= it->first + it->second.size);
+    const auto [first, last] = h.live_at(off / kGranule);
+    const bool inside = first != SIZE_MAX && off + size <= (last + 1) * kGranule;
     if (!inside) return Status(Errc::invalid_argument, 0, "write: range is not inside one live allocation");
   }
+  return open_writer(b, size);
+}
+
+Result<CodeRange> CodeHeap::allocate_writer(std::size_t size, std::size_t alignment, CodeWriter* writer) noexcept {
+  Result<CodeRange> r = [&] {
+    std::lock_guard<std::mutex> g(impl_->mu);
+    return allocate_locked(size, alignment);
+  }();
+  if (!r.ok()) return r;
+  // The range is ours and fresh: no containment check needed.
+  auto w = open_writer(r->rx, r->size);
+  if (!w.ok()) {
+    (void)free(r->rx);
+    return w.status();
+  }
+  *writer = std::move(w.value());
+  return r;
+}
+
+Result<CodeWriter> CodeHeap::open_writer(std::byte* b, std::size_t size) noexcept {
+  Impl& h = *impl_;
   CodeWriter w;
   w.heap_ = this;
   w.rx_ = b;
@@ -371,7 +474,7 @@ HeapStats CodeHeap::stats() const noexcept {
   s.used = h.used;
   s.free = h.capacity - h.used;
   s.largest_free = h.free_by_size.empty() ? 0 : h.free_by_size.rbegin()->first;
-  s.live_allocations = h.live.size();
+  s.live_allocations = h.live_count;
   s.free_blocks = h.free_by_offset.size();
   const std::uint64_t clean = __atomic_load_n(&h.clean_upto, __ATOMIC_ACQUIRE);
   for (const auto& [off, f] : h.free_by_offset)
@@ -385,16 +488,15 @@ Status PublishBatch::commit() noexcept {
   // 1. Every range was written through a CodeWriter whose finish() flushed the icache.
   // 2. If any range reuses dirty memory, one serialize_cores() covers the whole batch:
   //    after it, no core holds instructions it fetched from the old code there.
-  std::uint64_t need = 0;
-  for (const CodeRange& r : ranges_) need = std::max(need, r.dirty_seq);
   serialized_ = false;
-  if (need != 0 && !heap_->is_clean(need)) {
-    if (Status st = heap_->make_clean(need); !st) return st;
+  if (need_ != 0 && !heap_->is_clean(need_)) {
+    if (Status st = heap_->make_clean(need_); !st) return st;
     serialized_ = true;
   }
   // 3. The caller now publishes each entry with publish_entry() (a store-release), which
   //    orders steps 1-2 before any thread can find the code.
-  ranges_.clear();
+  need_ = 0;
+  count_ = 0;
   return {};
 }
 

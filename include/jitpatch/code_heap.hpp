@@ -25,7 +25,6 @@
 #include <cstddef>
 #include <cstdint>
 #include <memory>
-#include <vector>
 
 #include <jitpatch/error.hpp>
 
@@ -115,6 +114,9 @@ class CodeHeap {
 
   // Open a writer over [rx, rx + size), which must lie inside one live allocation.
   Result<CodeWriter> write(void* rx, std::size_t size) noexcept;
+  // allocate() and write() over the whole new range in one step (one lock, no lookup):
+  // the emitter's path. On success *writer is open over the returned range.
+  Result<CodeRange> allocate_writer(std::size_t size, std::size_t alignment, CodeWriter* writer) noexcept;
 
   // Make every allocation freed so far clean: serialize_cores() unless nothing is dirty.
   // `upto` is a dirty_seq; 0 = everything. Thread-safe; concurrent callers may share one
@@ -135,6 +137,8 @@ class CodeHeap {
   struct Impl;
   explicit CodeHeap(std::unique_ptr<Impl> impl) noexcept;
   Status end_write(CodeWriter& w) noexcept;
+  Result<CodeRange> allocate_locked(std::size_t size, std::size_t alignment) noexcept;
+  Result<CodeWriter> open_writer(std::byte* rx, std::size_t size) noexcept;
   std::unique_ptr<Impl> impl_;
 };
 
@@ -146,15 +150,21 @@ class CodeHeap {
 class PublishBatch {
  public:
   explicit PublishBatch(CodeHeap& heap) noexcept : heap_(&heap) {}
-  void add(const CodeRange& r) { ranges_.push_back(r); }
-  std::size_t size() const noexcept { return ranges_.size(); }
+  // Only the dirtiest sequence number matters to commit(): the ranges' bytes were already
+  // flushed by their writers. So a batch is two words, whatever its size.
+  void add(const CodeRange& r) noexcept {
+    if (r.dirty_seq > need_) need_ = r.dirty_seq;
+    ++count_;
+  }
+  std::size_t size() const noexcept { return count_; }
   // Whether commit() serialized cores.
   bool serialized() const noexcept { return serialized_; }
   Status commit() noexcept;
 
  private:
   CodeHeap* heap_;
-  std::vector<CodeRange> ranges_;
+  std::uint64_t need_ = 0;
+  std::size_t count_ = 0;
   bool serialized_ = false;
 };
 
