@@ -4,7 +4,14 @@
 #include <jitpatch/emitter.hpp>
 #include <jitpatch/visibility.hpp>
 
+#if defined(__x86_64__)
+#include <jitpatch/arch/x86_64/insn.hpp>
+#else
+#include <jitpatch/arch/aarch64/insn.hpp>
+#endif
+
 #include <algorithm>
+#include <cstring>
 #include <new>
 
 namespace jitpatch {
@@ -28,7 +35,11 @@ const PatchSite* CodeBlob::site(std::string_view name) const noexcept {
 }
 
 void EmitContext::site(SiteKind kind, const asmjit::Label& label, std::string name) {
-  decls_.push_back(Decl{kind, label, std::move(name)});
+  Decl d;
+  d.kind = kind;
+  d.label = label;
+  d.name = std::move(name);
+  decls_.push_back(std::move(d));
 }
 
 namespace {
@@ -60,7 +71,9 @@ Result<CodeBlob*> Emitter::emit_impl(std::string_view name, Status (*thunk)(void
   code.setErrorHandler(&errors);
   Assembler a(&code);
   EmitContext cx(a);
+  if (options.redirectable_entry) cx.branch_site(SiteKind::entry, false, 0, asmjit::Label(), "entry", false);
   if (Status st = thunk(body, cx); !st) return st;
+  cx.emit_slots();
   if (errors.error != asmjit::kErrorOk) return asmjit_status(errors.error);
   for (const auto& d : cx.decls_)
     if (!code.isLabelBound(d.label)) return Status(Errc::invalid_argument, 0, "a patch-site label was never bound");
@@ -91,6 +104,34 @@ Result<CodeBlob*> Emitter::emit_impl(std::string_view name, Status (*thunk)(void
   // Pad: the tail of the allocation past the code is filled too (no stale bytes).
   if (asmjit::Error e = code.copyFlattenedData(w.data(), range->size, asmjit::CopySectionFlags::kPadSectionBuffer))
     return undo(asmjit_status(e));
+  // Patch-site branches, now that every address is final (still unpublished: plain writes).
+  for (const auto& d : cx.decls_) {
+    if (!d.fixup) continue;
+    const std::uint64_t site = reinterpret_cast<std::uint64_t>(range->rx) + code.labelOffsetFromBase(d.label);
+    std::uint64_t target = d.target_abs;
+    if (d.target_label.isValid()) {
+      if (!code.isLabelBound(d.target_label)) return undo(Status(Errc::invalid_argument, 0, "a site's target label was never bound"));
+      target = reinterpret_cast<std::uint64_t>(range->rx) + code.labelOffsetFromBase(d.target_label);
+    }
+    if (!d.branch_on || target == 0) continue;  // an off toggle / entry keeps its NOP
+    std::byte* at = w.data() + (site - reinterpret_cast<std::uint64_t>(range->rx));
+#if defined(__x86_64__)
+    std::uint8_t insn[5];
+    const auto enc = d.opcode == arch::x86_64::kCallRel32Opcode ? arch::x86_64::encode_call_rel32(insn, site, target)
+                                                                : arch::x86_64::encode_jmp_rel32(insn, site, target);
+    if (enc != arch::x86_64::InsnStatus::ok)
+      return undo(Status(Errc::invalid_argument, 0,
+                         "site target out of rel32 reach: use far_jump_site, or retarget through the Patcher"));
+    std::memcpy(at, insn, 5);
+#else
+    std::uint32_t insn;
+    const auto st = d.opcode ? arch::aarch64::encode_bl(&insn, site, target) : arch::aarch64::encode_b(&insn, site, target);
+    if (st != arch::aarch64::InsnStatus::ok)
+      return undo(Status(Errc::invalid_argument, 0,
+                         "site target out of B/BL reach: use far_jump_site, or retarget through the Patcher"));
+    std::memcpy(at, &insn, 4);
+#endif
+  }
   if (Status st = w.finish(); !st) return undo(st);  // flushes the icache over the range
 
   CodeBlob* blob;
@@ -127,8 +168,11 @@ Result<CodeBlob*> Emitter::emit_impl(std::string_view name, Status (*thunk)(void
   blob->range_ = *range;
   blob->code_size_ = size;
   blob->entry_ = cx.entry_.isValid() ? range->rx + code.labelOffsetFromBase(cx.entry_) : range->rx;
-  for (const auto& d : cx.decls_)
-    blob->sites_.push_back(PatchSite{d.kind, range->rx + code.labelOffsetFromBase(d.label), d.name});
+  for (const auto& d : cx.decls_) {
+    std::byte* target = reinterpret_cast<std::byte*>(d.target_abs);
+    if (d.target_label.isValid()) target = range->rx + code.labelOffsetFromBase(d.target_label);
+    blob->sites_.push_back(PatchSite{d.kind, range->rx + code.labelOffsetFromBase(d.label), d.name, target});
+  }
 
   // A batch of one, without the batch's vector: serialize only if this memory is dirty.
   if (options.publish && range->dirty_seq != 0 && !heap_->is_clean(range->dirty_seq)) {

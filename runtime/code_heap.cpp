@@ -457,6 +457,44 @@ Status CodeWriter::finish() noexcept {
   return h->end_write(*this);
 }
 
+Status CodeHeap::store_code_word(void* p, std::uint64_t value, unsigned width) noexcept {
+  Impl& h = *impl_;
+  auto* b = static_cast<std::byte*>(p);
+  if ((width != 4 && width != 8) || reinterpret_cast<std::uintptr_t>(b) % width != 0 || !contains(b) ||
+      !contains(b + width - 1))
+    return Status(Errc::invalid_argument, 0, "store_code_word: not an aligned 4/8-byte word in the heap");
+  {
+    std::lock_guard<std::mutex> g(h.mu);
+    const auto [first, last] = h.live_at(h.offset_of(b) / kGranule);
+    if (first == SIZE_MAX || h.offset_of(b) + width > (last + 1) * kGranule)
+      return Status(Errc::invalid_argument, 0, "store_code_word: not inside a live allocation");
+  }
+  std::byte* dst = b;
+  std::byte* page = nullptr;
+  if (h.strategy == HeapStrategy::dual_mapping) {
+    dst = h.rw + (b - h.rx);
+  } else {
+    h.flip_mu.lock();
+    page = reinterpret_cast<std::byte*>(reinterpret_cast<std::uintptr_t>(b) & ~(page_size() - 1));
+    if (::mprotect(page, page_size(), PROT_READ | PROT_WRITE) != 0) {
+      int e = errno;
+      h.flip_mu.unlock();
+      return Status(Errc::os_error, e, "mprotect(RW) for a code-word store");
+    }
+  }
+  // The one store concurrent executors may observe. Relaxed: ordering against the other
+  // patches of the batch and against the executors comes from serialize_cores() after it.
+  if (width == 4) __atomic_store_n(reinterpret_cast<std::uint32_t*>(dst), static_cast<std::uint32_t>(value), __ATOMIC_RELAXED);
+  else __atomic_store_n(reinterpret_cast<std::uint64_t*>(dst), value, __ATOMIC_RELAXED);
+  Status st;
+  if (page) {
+    if (::mprotect(page, page_size(), PROT_READ | PROT_EXEC) != 0) st = Status(Errc::os_error, errno, "mprotect(RX) after a code-word store");
+    h.flip_mu.unlock();
+  }
+  flush_icache(b, b + width);
+  return st;
+}
+
 bool CodeHeap::contains(const void* p) const noexcept {
   auto* b = static_cast<const std::byte*>(p);
   return b >= impl_->rx && b < impl_->rx + impl_->capacity;

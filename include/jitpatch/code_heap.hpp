@@ -118,6 +118,15 @@ class CodeHeap {
   // the emitter's path. On success *writer is open over the returned range.
   Result<CodeRange> allocate_writer(std::size_t size, std::size_t alignment, CodeWriter* writer) noexcept;
 
+  // Replace one naturally aligned code word (width 4 or 8) inside a live allocation with a
+  // single store: 32/64-bit aligned stores are single-copy atomic (Intel SDM Vol. 3A
+  // 9.1.1; Arm ARM B2.2.1), so a concurrent executor fetches the old or the new word,
+  // never a mix. Dual mapping: through the RW alias. Protection flip: at the address
+  // itself with its page flipped RW around the store (only when no other thread runs
+  // code on that page). Then flush_icache over the word. Does not serialize cores: the
+  // patcher does that once per batch. Errc::invalid_argument for a bad address or width.
+  Status store_code_word(void* rx, std::uint64_t value, unsigned width) noexcept;
+
   // Make every allocation freed so far clean: serialize_cores() unless nothing is dirty.
   // `upto` is a dirty_seq; 0 = everything. Thread-safe; concurrent callers may share one
   // serialization.

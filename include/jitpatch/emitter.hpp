@@ -66,8 +66,10 @@ const char* site_kind_name(SiteKind k) noexcept;
 
 struct PatchSite {
   SiteKind kind;
-  std::byte* address;  // final RX address of the site's first byte
+  std::byte* address;  // final RX address of the site's first byte (a data slot's first byte)
   std::string name;
+  // call/jump: the target emitted; toggle: where it jumps when on; otherwise nullptr.
+  std::byte* target = nullptr;
 };
 
 enum class BlobState : std::uint8_t { live, retired, freed };
@@ -117,6 +119,25 @@ class EmitContext {
   void entry(const asmjit::Label& label) { entry_ = label; }
   asmjit::Label new_label() { return a.newLabel(); }
 
+  // Patchable sites, emitted in the layout the patcher's atomic protocol needs (see
+  // jitpatch/patch.hpp) and recorded with their final addresses:
+  //   x86-64: call/jmp rel32 placed so the 4-byte displacement is 4-byte aligned; a toggle
+  //           (5-byte NOP <-> jmp rel32) inside one aligned 8-byte word; data slots 8-byte
+  //           aligned after the function body.
+  //   aarch64: BL / B / NOP <-> B, data slots 8-byte aligned after the body.
+  // A call/jump target must be within direct reach of the site (+-2 GiB / +-128 MiB); for
+  // anything else use far_jump_site, or retarget later through the patcher (veneers).
+  void call_site(const void* target, std::string name = {});
+  void jump_site(const void* target, std::string name = {});
+  void jump_site(const asmjit::Label& target, std::string name = {});
+  // A static key: off = falls through (NOP), on = jumps to `on_target`.
+  void toggle_site(const asmjit::Label& on_target, std::string name = {}, bool on = false);
+  // An 8-byte literal the code can load (x86: ptr(label); a64: ldr xN, label).
+  asmjit::Label data_slot(std::uint64_t initial, std::string name = {});
+  // An indirect jump through a data slot: x86 jmp [rip+slot], a64 ldr x16, slot; br x16.
+  // The slot is the site (kind data_slot); any 64-bit target is reachable.
+  void far_jump_site(const void* target, std::string name = {});
+
  private:
   friend class Emitter;
   explicit EmitContext(Assembler& as) : a(as) {}
@@ -124,14 +145,33 @@ class EmitContext {
     SiteKind kind;
     asmjit::Label label;
     std::string name;
+    // Bytes to fill in after relocation: a branch to target_abs or to target_label.
+    bool fixup = false;
+    bool branch_on = true;  // toggles: emit the jump (true) or leave the NOP
+    std::uint8_t opcode = 0;  // x86: 0xE8 call / 0xE9 jmp; a64: 0 = B, 1 = BL
+    std::uint64_t target_abs = 0;
+    asmjit::Label target_label;
   };
+  struct Slot {
+    asmjit::Label label;
+    std::uint64_t value;
+  };
+  void branch_site(SiteKind kind, bool call, std::uint64_t target_abs, const asmjit::Label& target_label,
+                   std::string name, bool on);
+  void emit_slots();
   std::vector<Decl> decls_;
+  std::vector<Slot> slots_;
   asmjit::Label entry_;
+  bool redirectable_entry_ = false;
 };
 
 struct EmitOptions {
   std::size_t alignment = 16;  // of the blob's start (16..4096)
   bool publish = true;         // false: the caller publishes it with a PublishBatch
+  // Start the blob with an entry site (a toggle at the entry, off) so that
+  // Patcher::redirect_entry can send every caller, including those holding the old
+  // pointer, to a new version. Costs one NOP on every call.
+  bool redirectable_entry = false;
 };
 
 class Emitter {
@@ -169,6 +209,7 @@ class Emitter {
   Status free(CodeBlob* blob) noexcept;
 
   CodeHeap& heap() const noexcept { return *heap_; }
+  CodeRegistry* registry() const noexcept { return registry_; }
   std::size_t live_blobs() const noexcept;
 
  private:

@@ -7,6 +7,7 @@
 #include <jitpatch/emitter.hpp>
 #include <jitpatch/error.hpp>
 #include <jitpatch/listing.hpp>
+#include <jitpatch/patch.hpp>
 #include <jitpatch/rseq.hpp>
 #include <jitpatch/runtime.hpp>
 #include <jitpatch/visibility.hpp>

@@ -1,0 +1,139 @@
+// jitpatch::Patcher / PatchBatch: rewrite machine code while other threads execute it.
+//
+// The atomic protocol: every patch changes only bytes that one naturally aligned store
+// covers, written through the heap's RW alias, and the batch ends with one
+// serialize_cores(): when commit() returns, every core has dropped any stale instruction,
+// so every thread runs the new code from then on, and before that each executor saw the
+// old or the new instruction, never a mix.
+//   x86-64: call/jmp rel32 retargeted by one 4-byte store of the 4-byte-aligned
+//           displacement; a toggle (5-byte NOP <-> jmp rel32) by one 8-byte store of the
+//           aligned word around it (the 3 other bytes rewritten unchanged); a data slot
+//           by one 8-byte store. Intel SDM Vol. 3A 9.1.1 (guaranteed atomic operations)
+//           and 9.1.3 (cross-modifying code: serialize before executing).
+//   aarch64: BL/B retargets and NOP <-> B toggles by one 4-byte store; both the old and
+//           the new instruction are in the Arm ARM's list of instructions that may be
+//           modified while other cores execute them (B2.2.5: B, BL, BRK, NOP, ISB, SVC,
+//           HVC, SMC); data slots by one 8-byte store (B2.2.1 single-copy atomicity).
+//
+// Sites come from the Emitter (EmitContext::call_site, jump_site, toggle_site, data_slot,
+// far_jump_site, EmitOptions::redirectable_entry). A target out of direct reach goes
+// through a veneer (a far jump through a data slot, emitted once per target and reused);
+// nothing is ever encoded as a silently wrong branch.
+//
+// Validation (default on; always on in debug builds): before writing, the patcher checks
+// that the site lies in a live blob, decodes the bytes there, and checks they are the
+// instruction the site kind expects, in the alignment the protocol needs. A failure
+// writes nothing, returns Errc::invalid_argument naming the reason, and leaves the site's
+// disassembly in last_error_detail().
+//
+// Patching requires the dual-mapped heap when other threads run the code (the
+// protection-flip heap makes the page non-executable while it writes).
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include <jitpatch/emitter.hpp>
+#include <jitpatch/error.hpp>
+
+namespace jitpatch {
+
+class CodeRegistry;
+
+struct PatcherOptions {
+  // Decode and check every site before writing it. Forced on when NDEBUG is not defined.
+  bool validate = true;
+};
+
+struct PatcherStats {
+  std::uint64_t patches = 0;          // words written
+  std::uint64_t batches = 0;          // batches committed
+  std::uint64_t serializations = 0;   // serialize_cores() rounds
+  std::uint64_t veneers = 0;          // veneers emitted
+};
+
+class PatchBatch;
+
+class Patcher {
+ public:
+  // `emitter` must have a CodeRegistry: it is how the patcher knows a site is in live
+  // code. Errc::invalid_argument otherwise.
+  static Result<std::unique_ptr<Patcher>> create(Emitter& emitter, const PatcherOptions& options = {}) noexcept;
+  ~Patcher();
+
+  // Single patches: a batch of one (one serialization each). Thread-safe.
+  Status retarget(const PatchSite& site, const void* target) noexcept;    // call / jump
+  Status set_toggle(const PatchSite& site, bool on) noexcept;             // toggle: to its target / NOP
+  Status write_slot(const PatchSite& site, std::uint64_t value) noexcept; // data slot
+  // Make `blob`'s entry jump to `target` (tier-up, deoptimization): every caller, also
+  // one holding the old entry pointer, reaches the new code. Needs a blob emitted with
+  // EmitOptions::redirectable_entry. restore_entry() turns the redirect off again.
+  Status redirect_entry(const CodeBlob& blob, const void* target) noexcept;
+  Status restore_entry(const CodeBlob& blob) noexcept;
+
+  // Why the last failed call on this thread failed, with the site's disassembly.
+  static const std::string& last_error_detail() noexcept;
+  PatcherStats stats() const noexcept;
+  bool validating() const noexcept { return validate_; }
+
+ private:
+  friend class PatchBatch;
+  struct Planned {
+    std::byte* word;
+    std::uint64_t value;
+    unsigned width;
+  };
+  struct Request {
+    enum class Op : std::uint8_t { retarget, toggle_on, toggle_off, write_slot } op;
+    SiteKind kind;
+    std::byte* site;
+    std::uint64_t value;  // target address or slot value
+  };
+  Patcher(Emitter& emitter, bool validate) noexcept;
+  Status plan(const Request& r, Planned* out) noexcept;
+  Status commit(const std::vector<Request>& requests, bool wait) noexcept;
+  Result<std::byte*> veneer_for(std::uint64_t target) noexcept;
+
+  Emitter* emitter_;
+  CodeHeap* heap_;
+  CodeRegistry* registry_;
+  bool validate_;
+  std::mutex commit_mu_;   // one batch at a time
+  std::mutex veneer_mu_;
+  std::map<std::uint64_t, CodeBlob*> veneers_;
+  PatcherStats stats_;
+};
+
+// Many patches, one serialization round, whatever their number. Build it on one thread;
+// commit() validates everything first and writes nothing if any patch is invalid.
+class PatchBatch {
+ public:
+  explicit PatchBatch(Patcher& patcher) noexcept : patcher_(&patcher) {}
+  void retarget(const PatchSite& site, const void* target);
+  void set_toggle(const PatchSite& site, bool on);
+  void write_slot(const PatchSite& site, std::uint64_t value);
+  void redirect_entry(const CodeBlob& blob, const void* target);
+  void restore_entry(const CodeBlob& blob);
+  std::size_t size() const noexcept { return requests_.size(); }
+  void clear() noexcept { requests_.clear(); }
+
+  // Waits while another batch commits. Serialization rounds used: rounds() (1, or 0 for
+  // an empty batch).
+  Status commit() noexcept;
+  // Errc::busy instead of waiting.
+  Status try_commit() noexcept;
+  unsigned rounds() const noexcept { return rounds_; }
+
+ private:
+  friend class Patcher;
+  Patcher* patcher_;
+  std::vector<Patcher::Request> requests_;
+  unsigned rounds_ = 0;
+};
+
+}  // namespace jitpatch

@@ -1,0 +1,236 @@
+#include <catch2/catch.hpp>
+
+#include <jitpatch/jitpatch.hpp>
+
+#include <atomic>
+#include <thread>
+
+#include "support/patch_fixture.hpp"
+
+using namespace jitpatch;
+using test::IntFn;
+
+extern "C" __attribute__((noinline)) int jitpatch_test_native_target() { return 777; }
+
+TEST_CASE("patch: call sites are laid out for a single aligned store", "[unit][patch]") {
+  test::PatchFixture f;
+  CodeBlob* t = f.constant(1);
+  CodeBlob* c = f.caller(t->entry());
+  const PatchSite* s = c->site("call");
+  REQUIRE(s != nullptr);
+  CHECK(s->kind == SiteKind::call);
+  CHECK(s->target == t->entry());
+#if defined(__x86_64__)
+  CHECK(static_cast<std::uint8_t>(s->address[0]) == 0xE8);
+  CHECK(reinterpret_cast<std::uintptr_t>(s->address + 1) % 4 == 0);
+#else
+  CHECK(reinterpret_cast<std::uintptr_t>(s->address) % 4 == 0);
+#endif
+  CHECK(c->as<IntFn>()() == 1);
+}
+
+TEST_CASE("patch: retarget a call site among several targets", "[unit][patch]") {
+  test::PatchFixture f;
+  std::vector<CodeBlob*> targets;
+  for (int v = 1; v <= 4; ++v) targets.push_back(f.constant(v));
+  CodeBlob* c = f.caller(targets[0]->entry());
+  const PatchSite& s = *c->site("call");
+  for (int round = 0; round < 3; ++round)
+    for (int v = 1; v <= 4; ++v) {
+      REQUIRE(f.patcher->retarget(s, targets[v - 1]->entry()).ok());
+      CHECK(c->as<IntFn>()() == v);
+    }
+  CHECK(f.patcher->stats().serializations == 12);
+}
+
+TEST_CASE("patch: retarget a jump site", "[unit][patch]") {
+  test::PatchFixture f;
+  CodeBlob* a = f.constant(10);
+  CodeBlob* b = f.constant(20);
+  CodeBlob* j = f.jumper(a->entry());
+  CHECK(j->as<IntFn>()() == 10);
+  REQUIRE(f.patcher->retarget(*j->site("jump"), b->entry()).ok());
+  CHECK(j->as<IntFn>()() == 20);
+}
+
+TEST_CASE("patch: toggles flip between fall-through and jump", "[unit][patch]") {
+  test::PatchFixture f;
+  CodeBlob* t = f.toggled();
+  const PatchSite& key = *t->site("key");
+  CHECK(key.kind == SiteKind::toggle);
+#if defined(__x86_64__)
+  const auto off = reinterpret_cast<std::uintptr_t>(key.address) % 8;
+  CHECK(off <= 3);  // inside one aligned 8-byte word
+#endif
+  CHECK(t->as<IntFn>()() == 1);
+  for (int i = 0; i < 5; ++i) {
+    REQUIRE(f.patcher->set_toggle(key, true).ok());
+    CHECK(t->as<IntFn>()() == 2);
+    REQUIRE(f.patcher->set_toggle(key, false).ok());
+    CHECK(t->as<IntFn>()() == 1);
+  }
+}
+
+TEST_CASE("patch: data slots and far jumps through them", "[unit][patch]") {
+  test::PatchFixture f;
+  CodeBlob* r = f.slot_reader(5);
+  const PatchSite& slot = *r->site("slot");
+  CHECK(reinterpret_cast<std::uintptr_t>(slot.address) % 8 == 0);
+  using LongFn = long();
+  CHECK(r->as<LongFn>()() == 5);
+  REQUIRE(f.patcher->write_slot(slot, 0x123456789abcdefull).ok());
+  CHECK(r->as<LongFn>()() == 0x123456789abcdefl);
+
+  CodeBlob* a = f.constant(1);
+  auto far = f.em->emit("far", [&](EmitContext& cx) { cx.far_jump_site(a->entry(), "far"); });
+  REQUIRE(far.ok());
+  CHECK((*far)->as<IntFn>()() == 1);
+  // Any 64-bit target, including native code anywhere in the address space.
+  REQUIRE(f.patcher->write_slot(*(*far)->site("far"),
+                                reinterpret_cast<std::uint64_t>(&jitpatch_test_native_target)).ok());
+  CHECK((*far)->as<IntFn>()() == 777);
+}
+
+TEST_CASE("patch: entry redirection reaches callers holding the old pointer", "[unit][patch]") {
+  test::PatchFixture f;
+  EmitOptions o;
+  o.redirectable_entry = true;
+  CodeBlob* v1 = f.constant(1, o);
+  CodeBlob* v2 = f.constant(2);
+  IntFn* old_pointer = v1->as<IntFn>();
+  CodeBlob* c = f.caller(v1->entry());  // a direct caller too
+  CHECK(old_pointer() == 1);
+  CHECK(c->as<IntFn>()() == 1);
+  REQUIRE(f.patcher->redirect_entry(*v1, v2->entry()).ok());
+  CHECK(old_pointer() == 2);
+  CHECK(c->as<IntFn>()() == 2);
+  REQUIRE(f.patcher->restore_entry(*v1).ok());
+  CHECK(old_pointer() == 1);
+  // A blob without the entry site cannot be redirected.
+  CHECK(f.patcher->redirect_entry(*v2, v1->entry()).code() == Errc::invalid_argument);
+}
+
+TEST_CASE("patch: a target out of direct reach goes through a veneer", "[unit][patch]") {
+  test::PatchFixture f;
+  CodeBlob* a = f.constant(1);
+  CodeBlob* c = f.caller(a->entry());
+  const void* native = reinterpret_cast<const void*>(&jitpatch_test_native_target);
+  REQUIRE(f.patcher->retarget(*c->site("call"), native).ok());
+  CHECK(c->as<IntFn>()() == 777);
+  // The executable's text is far from the mmap'ed heap here; if it ever happens to be in
+  // reach, no veneer is needed and none must be made.
+  const auto dist = reinterpret_cast<std::intptr_t>(native) - reinterpret_cast<std::intptr_t>(c->entry());
+#if defined(__x86_64__)
+  const bool far = dist > INT32_MAX || dist < INT32_MIN;
+#else
+  const bool far = dist >= (std::intptr_t(128) << 20) || dist < -(std::intptr_t(128) << 20);
+#endif
+  CHECK(f.patcher->stats().veneers == (far ? 1u : 0u));
+  // The same target again reuses the veneer.
+  CodeBlob* c2 = f.caller(a->entry());
+  REQUIRE(f.patcher->retarget(*c2->site("call"), native).ok());
+  CHECK(c2->as<IntFn>()() == 777);
+  CHECK(f.patcher->stats().veneers == (far ? 1u : 0u));
+}
+
+TEST_CASE("patch: batches use one serialization round whatever their size", "[unit][patch]") {
+  test::PatchFixture f;
+  CodeBlob* a = f.constant(1);
+  CodeBlob* b = f.constant(2);
+  std::vector<CodeBlob*> callers;
+  for (int i = 0; i < 100; ++i) callers.push_back(f.caller(a->entry()));
+  const auto before = f.patcher->stats().serializations;
+  PatchBatch batch(*f.patcher);
+  for (CodeBlob* c : callers) batch.retarget(*c->site("call"), b->entry());
+  REQUIRE(batch.commit().ok());
+  CHECK(batch.rounds() == 1);
+  CHECK(f.patcher->stats().serializations == before + 1);
+  for (CodeBlob* c : callers) CHECK(c->as<IntFn>()() == 2);
+  PatchBatch empty(*f.patcher);
+  CHECK(empty.commit().ok());
+  CHECK(empty.rounds() == 0);
+}
+
+TEST_CASE("patch: bad input gives documented errors and writes nothing", "[unit][patch]") {
+  test::PatchFixture f;
+  CodeBlob* a = f.constant(1);
+  CodeBlob* b = f.constant(2);
+  CodeBlob* c = f.caller(a->entry());
+  CodeBlob* t = f.toggled();
+  const PatchSite& call = *c->site("call");
+
+  SECTION("wrong site kind") {
+    CHECK(f.patcher->set_toggle(call, true).code() == Errc::invalid_argument);
+    CHECK(f.patcher->retarget(*t->site("key"), b->entry()).code() == Errc::invalid_argument);
+    CHECK(f.patcher->write_slot(call, 1).code() == Errc::invalid_argument);
+  }
+  SECTION("a site that does not hold the expected instruction, with its disassembly") {
+    PatchSite shifted = call;
+    shifted.address += 1;  // inside the call: not an instruction boundary
+    Status st = f.patcher->retarget(shifted, b->entry());
+    CHECK(st.code() == Errc::invalid_argument);
+    INFO(Patcher::last_error_detail());
+    CHECK(Patcher::last_error_detail().find("<- site") != std::string::npos);
+  }
+  SECTION("a site claimed to be a call that is not one") {
+    PatchSite fake{SiteKind::call, a->entry(), "fake", nullptr};
+    CHECK(f.patcher->retarget(fake, b->entry()).code() == Errc::invalid_argument);
+    CHECK(std::string(Patcher::last_error_detail()).find("call") != std::string::npos);
+  }
+  SECTION("patching freed code") {
+    const PatchSite copy = call;
+    REQUIRE(f.em->free(c).ok());
+    Status st = f.patcher->retarget(copy, b->entry());
+    CHECK(st.code() == Errc::invalid_argument);
+    CHECK(std::string(st.context()).find("live code") != std::string::npos);
+    c = nullptr;
+  }
+  SECTION("an invalid patch in a batch writes none of the valid ones") {
+    PatchBatch batch(*f.patcher);
+    batch.retarget(call, b->entry());
+    batch.set_toggle(call, true);  // wrong kind
+    CHECK(batch.commit().code() == Errc::invalid_argument);
+    CHECK(c->as<IntFn>()() == 1);  // the valid retarget was not applied
+  }
+  SECTION("patching while another batch runs: try_commit reports busy, commit waits") {
+    std::vector<CodeBlob*> callers;
+    for (int i = 0; i < 200; ++i) callers.push_back(f.caller(a->entry()));
+    std::atomic<bool> go{false}, done{false};
+    std::thread big([&] {
+      PatchBatch batch(*f.patcher);
+      for (int round = 0; round < 500; ++round)
+        for (CodeBlob* cc : callers) batch.retarget(*cc->site("call"), (round % 2) ? a->entry() : b->entry());
+      go = true;
+      CHECK(batch.commit().ok());
+      done = true;
+    });
+    while (!go) std::this_thread::yield();
+    int busy = 0, ok = 0, other = 0;
+    while (!done) {
+      PatchBatch small(*f.patcher);
+      small.retarget(call, b->entry());
+      Status st = small.try_commit();
+      if (st.ok()) ++ok;
+      else if (st.code() == Errc::busy) ++busy;
+      else ++other;
+    }
+    big.join();
+    CHECK(other == 0);
+    PatchBatch waiting(*f.patcher);
+    waiting.retarget(call, a->entry());
+    CHECK(waiting.commit().ok());
+    CHECK(c->as<IntFn>()() == 1);
+    WARN("try_commit during a large batch: " << busy << " busy, " << ok << " ok");
+  }
+  // The process keeps running and the patcher stays usable.
+  if (c) {
+    REQUIRE(f.patcher->retarget(*c->site("call"), b->entry()).ok());
+    CHECK(c->as<IntFn>()() == 2);
+  }
+}
+
+TEST_CASE("patch: a patcher needs a registry", "[unit][patch]") {
+  test::PatchFixture f;
+  Emitter bare(*f.heap);
+  CHECK(Patcher::create(bare).status().code() == Errc::invalid_argument);
+}
