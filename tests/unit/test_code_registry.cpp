@@ -62,7 +62,9 @@ TEST_CASE("registry: lock-free readers during concurrent updates never see a wro
       lookups.fetch_add(1, std::memory_order_relaxed);
     }
   });
-  for (int round = 0; round < 2000; ++round) {
+  // Keep updating until the reader has really overlapped with the writer (on a loaded
+  // machine it may start late).
+  for (int round = 0; round < 2000 || lookups.load(std::memory_order_relaxed) < 20000; ++round) {
     const std::uintptr_t k = static_cast<std::uintptr_t>(round) % 64;
     const std::uintptr_t a = 0x100000 + 0x1000 * k + 0x800;
     REQUIRE(reg.add(at(a), at(a + 0x100), fake(1000 + k)).ok());
