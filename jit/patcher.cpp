@@ -5,6 +5,13 @@
 #include <jitpatch/patch.hpp>
 #include <jitpatch/runtime.hpp>
 
+#include <capstone/capstone.h>
+#include <sched.h>
+#include <ucontext.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <csignal>
 #include <cstring>
 #include <new>
 
@@ -18,6 +25,156 @@ namespace jitpatch {
 
 namespace {
 thread_local std::string t_detail;
+
+// --- the SIGTRAP side of the breakpoint protocol --------------------------------------
+// Process-wide: the handler is installed once (by the first Patcher) and stays, chaining
+// to the handler that was there before. The state it reads is plain words accessed
+// atomically; the tables it reads are never freed while a Patcher exists.
+constinit std::byte* const* g_trap_sites = nullptr;  // sorted sites of the batch in flight
+constinit std::size_t g_trap_count = 0;
+constinit int g_trap_waiters = 0;
+constinit bool g_trap_installed = false;
+constinit struct sigaction g_prev_trap = {};
+constinit std::mutex g_trap_mu;
+// Code heaps with a live Patcher: a trap in them whose byte is no longer a trap was left
+// by a batch that completed while the thread was on its way into the handler.
+constexpr int kMaxHeaps = 16;
+constinit std::byte* g_heap_begin[kMaxHeaps] = {};
+constinit std::byte* g_heap_end[kMaxHeaps] = {};
+
+bool in_trap_table(const std::byte* pc) {
+  // Pairs with the store-release that publishes the table before the traps are written.
+  std::byte* const* sites = __atomic_load_n(&g_trap_sites, __ATOMIC_ACQUIRE);
+  const std::size_t n = __atomic_load_n(&g_trap_count, __ATOMIC_ACQUIRE);
+  if (!sites) return false;
+  std::size_t lo = 0, hi = n;
+  while (lo < hi) {
+    const std::size_t mid = (lo + hi) / 2;
+    if (sites[mid] < pc) lo = mid + 1;
+    else hi = mid;
+  }
+  return lo < n && sites[lo] == pc;
+}
+
+bool in_patched_heap(const std::byte* pc) {
+  for (int i = 0; i < kMaxHeaps; ++i) {
+    const std::byte* b = __atomic_load_n(&g_heap_begin[i], __ATOMIC_ACQUIRE);
+    if (b && pc >= b && pc < __atomic_load_n(&g_heap_end[i], __ATOMIC_ACQUIRE)) return true;
+  }
+  return false;
+}
+
+bool is_trap_at(const std::byte* pc) {
+#if defined(__x86_64__)
+  return __atomic_load_n(reinterpret_cast<const std::uint8_t*>(pc), __ATOMIC_RELAXED) == arch::x86_64::kInt3;
+#else
+  return arch::aarch64::is_brk(__atomic_load_n(reinterpret_cast<const std::uint32_t*>(pc), __ATOMIC_RELAXED));
+#endif
+}
+
+void chain_trap(int sig, siginfo_t* si, void* uc) {
+  const struct sigaction& prev = g_prev_trap;
+  if (prev.sa_flags & SA_SIGINFO) {
+    if (prev.sa_sigaction) prev.sa_sigaction(sig, si, uc);
+    return;
+  }
+  if (prev.sa_handler == SIG_IGN) return;
+  if (prev.sa_handler == SIG_DFL) {
+    // Nobody else wants it: die of it as the default action would.
+    struct sigaction dfl = {};
+    dfl.sa_handler = SIG_DFL;
+    ::sigaction(sig, &dfl, nullptr);
+    ::raise(sig);
+    return;
+  }
+  prev.sa_handler(sig);
+}
+
+// Async-signal-safe: atomics, reads of code bytes, sched_yield.
+void on_sigtrap(int sig, siginfo_t* si, void* ucv) {
+  const int saved_errno = errno;
+  auto* uc = static_cast<ucontext_t*>(ucv);
+#if defined(__x86_64__)
+  // INT3 leaves RIP one past itself (REFERENCE 2, "Traps as seen by a SIGTRAP handler").
+  auto* pc = reinterpret_cast<std::byte*>(uc->uc_mcontext.gregs[REG_RIP] - 1);
+#else
+  auto* pc = reinterpret_cast<std::byte*>(uc->uc_mcontext.pc);  // BRK: the PC is the BRK itself
+#endif
+  bool ours = false;
+  if (in_trap_table(pc)) {
+    // A site of the batch in flight: wait until the batch is done (the site leaves the
+    // table after the last serialization), then run the site again from its start.
+    __atomic_fetch_add(&g_trap_waiters, 1, __ATOMIC_RELAXED);
+    while (in_trap_table(pc)) ::sched_yield();
+    __atomic_fetch_sub(&g_trap_waiters, 1, __ATOMIC_RELAXED);
+    ours = true;
+  } else if (in_patched_heap(pc) && !is_trap_at(pc)) {
+    // The batch completed between this thread fetching the trap and the handler running.
+    ours = true;
+  }
+  if (ours) {
+#if defined(__x86_64__)
+    uc->uc_mcontext.gregs[REG_RIP] = reinterpret_cast<greg_t>(pc);
+#else
+    uc->uc_mcontext.pc = reinterpret_cast<std::uint64_t>(pc);
+#endif
+  } else {
+    chain_trap(sig, si, ucv);
+  }
+  errno = saved_errno;
+}
+
+Status install_trap_handler(std::byte* heap_begin, std::byte* heap_end) {
+  std::lock_guard<std::mutex> g(g_trap_mu);
+  int slot = -1;
+  for (int i = 0; i < kMaxHeaps; ++i)
+    if (!g_heap_begin[i]) {
+      slot = i;
+      break;
+    }
+  if (slot < 0) return Status(Errc::busy, 0, "too many code heaps with a Patcher (16)");
+  if (!g_trap_installed) {
+    struct sigaction sa = {};
+    sa.sa_sigaction = on_sigtrap;
+    sa.sa_flags = SA_SIGINFO | SA_RESTART;
+    sigemptyset(&sa.sa_mask);
+    if (::sigaction(SIGTRAP, nullptr, &g_prev_trap) != 0 || ::sigaction(SIGTRAP, &sa, nullptr) != 0)
+      return Status(Errc::os_error, errno, "installing the SIGTRAP handler");
+    g_trap_installed = true;
+  }
+  __atomic_store_n(&g_heap_end[slot], heap_end, __ATOMIC_RELEASE);
+  __atomic_store_n(&g_heap_begin[slot], heap_begin, __ATOMIC_RELEASE);
+  return {};
+}
+
+void forget_heap(std::byte* heap_begin) {
+  std::lock_guard<std::mutex> g(g_trap_mu);
+  for (int i = 0; i < kMaxHeaps; ++i)
+    if (g_heap_begin[i] == heap_begin) {
+      __atomic_store_n(&g_heap_begin[i], nullptr, __ATOMIC_RELEASE);
+      break;
+    }
+}
+
+// Instruction lengths of [code, code + n) decoded from its start; false if the bytes do
+// not decode, or the last instruction runs past n.
+bool whole_instructions(const std::uint8_t* code, std::size_t n, std::uint64_t address) {
+  csh h;
+#if defined(__x86_64__)
+  if (cs_open(CS_ARCH_X86, CS_MODE_64, &h) != CS_ERR_OK) return false;
+#else
+  if (cs_open(CS_ARCH_ARM64, CS_MODE_ARM, &h) != CS_ERR_OK) return false;
+#endif
+  cs_insn* insn = cs_malloc(h);
+  const std::uint8_t* p = code;
+  std::size_t left = n;
+  std::uint64_t at = address;
+  while (left > 0 && cs_disasm_iter(h, &p, &left, &at, insn)) {
+  }
+  cs_free(insn, 1);
+  cs_close(&h);
+  return left == 0;
+}
 
 std::uint64_t addr(const void* p) { return reinterpret_cast<std::uint64_t>(p); }
 
@@ -35,7 +192,7 @@ Status reject(const char* reason, const std::byte* site) {
 Patcher::Patcher(Emitter& emitter, bool validate) noexcept
     : emitter_(&emitter), heap_(&emitter.heap()), registry_(emitter.registry()), validate_(validate) {}
 
-Patcher::~Patcher() = default;
+Patcher::~Patcher() { forget_heap(heap_->rx_begin()); }
 
 Result<std::unique_ptr<Patcher>> Patcher::create(Emitter& emitter, const PatcherOptions& options) noexcept {
   if (!emitter.registry())
@@ -46,8 +203,11 @@ Result<std::unique_ptr<Patcher>> Patcher::create(Emitter& emitter, const Patcher
 #endif
   auto p = std::unique_ptr<Patcher>(new (std::nothrow) Patcher(emitter, validate));
   if (!p) return Status(Errc::out_of_memory);
+  if (Status st = install_trap_handler(emitter.heap().rx_begin(), emitter.heap().rx_end()); !st) return st;
   return p;
 }
+
+int Patcher::trap_waiters() noexcept { return __atomic_load_n(&g_trap_waiters, __ATOMIC_RELAXED); }
 
 const std::string& Patcher::last_error_detail() noexcept { return t_detail; }
 
@@ -190,8 +350,18 @@ Status Patcher::commit(const std::vector<Request>& requests, bool wait) noexcept
   } catch (...) {
     return Status(Errc::out_of_memory);
   }
-  for (std::size_t i = 0; i < requests.size(); ++i)
-    if (Status st = plan(requests[i], &plan_list[i]); !st) return st;
+  bool breakpoint = false;
+  std::size_t planned = 0;
+  for (const Request& r : requests) {
+    if (r.op == Request::Op::replace) {
+      if (Status st = validate_replace(r); !st) return st;
+      breakpoint = true;
+      continue;
+    }
+    if (Status st = plan(r, &plan_list[planned++]); !st) return st;
+  }
+  plan_list.resize(planned);
+  if (breakpoint) return commit_breakpoint(requests, plan_list);
 
   // 2. One aligned store per patch. Executors see each word old or new.
   for (const Planned& p : plan_list)
@@ -244,6 +414,123 @@ Status Patcher::restore_entry(const CodeBlob& blob) noexcept {
   return b.commit();
 }
 
+Status Patcher::validate_replace(const Request& r) noexcept {
+  std::byte* at = r.site;
+  if (r.length == 0 || r.length > 16) return reject("replace: 1 to 16 bytes", at);
+  const CodeBlob* blob = registry_->find(at);
+  if (!blob || blob->state() != BlobState::live) return reject("site is not in live code (freed, retired or unknown)", at);
+  if (!blob->contains(at + r.length - 1)) return reject("replace: the bytes run past the end of the blob", at);
+#if defined(__aarch64__)
+  if (addr(at) % 4 != 0 || r.length % 4 != 0) return reject("replace: whole 4-byte instructions, 4-byte aligned", at);
+#endif
+  // Validation of the bytes themselves is always on for this protocol: a region that is
+  // not whole instructions would leave a torn one behind.
+  std::uint8_t old_bytes[16];
+  std::memcpy(old_bytes, at, r.length);
+  if (!whole_instructions(old_bytes, r.length, addr(at)))
+    return reject("replace: the region does not end on an instruction boundary of the old code", at);
+  if (!whole_instructions(r.bytes, r.length, addr(at)))
+    return reject("replace: the new bytes are not whole instructions", at);
+  return {};
+}
+
+Status Patcher::write_bytes(std::byte* at, const std::uint8_t* bytes, std::size_t n) noexcept {
+  auto w = heap_->write(at, n);
+  if (!w.ok()) return w.status();
+  // Relaxed single-byte atomics: an executor may fetch these bytes concurrently; each
+  // byte is old or new, and the trap in front guards the ones in between.
+  for (std::size_t i = 0; i < n; ++i)
+    __atomic_store_n(reinterpret_cast<std::uint8_t*>(w->data()) + i, bytes[i], __ATOMIC_RELAXED);
+  return w->finish();
+}
+
+Status Patcher::commit_breakpoint(const std::vector<Request>& requests, std::vector<Planned>& atomic) noexcept {
+  struct Site {
+    std::byte* at;
+    const Request* r;
+    std::uint8_t original[16];
+  };
+  std::vector<Site> sites;
+  try {
+    for (const Request& r : requests)
+      if (r.op == Request::Op::replace) {
+        Site s{r.site, &r, {}};
+        std::memcpy(s.original, r.site, r.length);
+        sites.push_back(s);
+      }
+    std::sort(sites.begin(), sites.end(), [](const Site& a, const Site& b) { return a.at < b.at; });
+    for (std::size_t i = 1; i < sites.size(); ++i)
+      if (sites[i - 1].at + sites[i - 1].r->length > sites[i].at)
+        return reject("replace: two replacements in one batch overlap", sites[i].at);
+    std::vector<std::byte*> table;
+    for (const Site& s : sites) table.push_back(s.at);
+    if (table.capacity() > 0) retired_trap_tables_.push_back(std::move(trap_sites_));
+    trap_sites_ = std::move(table);
+  } catch (...) {
+    return Status(Errc::out_of_memory);
+  }
+#if defined(__x86_64__)
+  const std::uint8_t trap[1] = {arch::x86_64::kInt3};
+  constexpr std::size_t head = 1;
+#else
+  std::uint8_t trap[4];
+  const std::uint32_t brk = arch::aarch64::brk(0x4a50);  // "JP": our patch trap
+  std::memcpy(trap, &brk, 4);
+  constexpr std::size_t head = 4;
+#endif
+  Runtime& rt = heap_->runtime();
+  // Publish the table before any trap is written: a thread that hits a trap must find its
+  // site (store-release; the handler's load-acquire pairs with it).
+  __atomic_store_n(&g_trap_count, trap_sites_.size(), __ATOMIC_RELEASE);
+  __atomic_store_n(&g_trap_sites, trap_sites_.data(), __ATOMIC_RELEASE);
+  auto round_done = [&](int round) {
+    if (round_hook_) round_hook_(round, round_hook_arg_);
+  };
+  auto unpublish = [&] {
+    __atomic_store_n(&g_trap_count, std::size_t(0), __ATOMIC_RELEASE);
+    __atomic_store_n(&g_trap_sites, static_cast<std::byte* const*>(nullptr), __ATOMIC_RELEASE);
+  };
+  // Put every site back as it was (a failure midway): waiters then resume into old code.
+  auto roll_back = [&](Status why) {
+    for (const Site& s : sites) (void)write_bytes(s.at, s.original, s.r->length);
+    (void)rt.serialize_cores();
+    unpublish();
+    return why;
+  };
+
+  // Round 1: the traps (and every atomic patch of the batch).
+  for (const Site& s : sites)
+    if (Status st = write_bytes(s.at, trap, head); !st) return roll_back(st);
+  for (const Planned& p : atomic)
+    if (Status st = heap_->store_code_word(p.word, p.value, p.width); !st) return roll_back(st);
+  if (Status st = rt.serialize_cores(); !st) return roll_back(st);
+  round_done(1);
+  // Round 2: the bodies, behind the traps; no core can still be inside a stale copy.
+  for (const Site& s : sites)
+    if (s.r->length > head)
+      if (Status st = write_bytes(s.at + head, s.r->bytes + head, s.r->length - head); !st) return roll_back(st);
+  if (Status st = rt.serialize_cores(); !st) return roll_back(st);
+  round_done(2);
+  // Round 3: the new first bytes replace the traps.
+  for (const Site& s : sites)
+    if (Status st = write_bytes(s.at, s.r->bytes, head); !st) return roll_back(st);
+  if (Status st = rt.serialize_cores(); !st) return roll_back(st);
+  // Only now may trapped threads go: they re-run each site from its start.
+  unpublish();
+  round_done(3);
+  __atomic_fetch_add(&stats_.patches, atomic.size() + sites.size(), __ATOMIC_RELAXED);
+  __atomic_fetch_add(&stats_.batches, 1, __ATOMIC_RELAXED);
+  __atomic_fetch_add(&stats_.serializations, 3, __ATOMIC_RELAXED);
+  return {};
+}
+
+void PatchBatch::replace(std::byte* at, const void* bytes, std::size_t n) {
+  Patcher::Request r{Patcher::Request::Op::replace, SiteKind::other, at, 0};
+  r.length = static_cast<std::uint8_t>(n > 16 ? 0 : n);  // 0: rejected at commit
+  if (n <= 16) std::memcpy(r.bytes, bytes, n);
+  requests_.push_back(r);
+}
+
 void PatchBatch::retarget(const PatchSite& site, const void* target) {
   requests_.push_back({Patcher::Request::Op::retarget, site.kind, site.address, addr(target)});
 }
@@ -267,14 +554,21 @@ void PatchBatch::restore_entry(const CodeBlob& blob) {
     requests_.push_back({Patcher::Request::Op::toggle_off, SiteKind::other, blob.entry(), 0});
 }
 
+unsigned PatchBatch::rounds_needed() const noexcept {
+  if (requests_.empty()) return 0;
+  for (const auto& r : requests_)
+    if (r.op == Patcher::Request::Op::replace) return 3;
+  return 1;
+}
+
 Status PatchBatch::commit() noexcept {
   Status st = patcher_->commit(requests_, true);
-  rounds_ = st.ok() && !requests_.empty() ? 1 : 0;
+  rounds_ = st.ok() ? rounds_needed() : 0;
   return st;
 }
 Status PatchBatch::try_commit() noexcept {
   Status st = patcher_->commit(requests_, false);
-  rounds_ = st.ok() && !requests_.empty() ? 1 : 0;
+  rounds_ = st.ok() ? rounds_needed() : 0;
   return st;
 }
 

@@ -26,6 +26,19 @@
 // writes nothing, returns Errc::invalid_argument naming the reason, and leaves the site's
 // disassembly in last_error_detail().
 //
+// The breakpoint protocol (PatchBatch::replace), for rewriting up to 16 bytes of arbitrary
+// instructions in place, the kernel's text_poke_bp sequence: write a trap (x86 INT3,
+// aarch64 BRK) over the first byte/word, serialize; write the rest, serialize; write the
+// new first byte/word, serialize. A thread that reaches the trap meanwhile takes SIGTRAP;
+// the patcher's handler recognizes the address, waits until the batch is done and
+// resumes the thread at the start of the site, where it runs the new instructions. Any
+// other SIGTRAP goes to the handler installed before (debuggers, the embedder). The
+// region must be entered only at its first byte (one instruction, or a sequence no
+// branch targets and no thread can be stopped inside); validation checks that both the
+// old and the new bytes are whole instructions. On aarch64 the Arm ARM permits
+// concurrent modification only among B, BL, BRK, NOP, ISB, SVC, HVC, SMC, so replacing
+// other instructions there is only safe when no other thread runs the code.
+//
 // Patching requires the dual-mapped heap when other threads run the code (the
 // protection-flip heap makes the page non-executable while it writes).
 #pragma once
@@ -78,6 +91,14 @@ class Patcher {
 
   // Why the last failed call on this thread failed, with the site's disassembly.
   static const std::string& last_error_detail() noexcept;
+  // Threads currently parked in the SIGTRAP handler, waiting for a breakpoint batch.
+  static int trap_waiters() noexcept;
+  // Test hook: called (on the committing thread) after each serialization round of a
+  // breakpoint batch, with the round number (1, 2, 3).
+  void set_round_hook(void (*hook)(int round, void* arg), void* arg) noexcept {
+    round_hook_ = hook;
+    round_hook_arg_ = arg;
+  }
   PatcherStats stats() const noexcept;
   bool validating() const noexcept { return validate_; }
 
@@ -89,11 +110,20 @@ class Patcher {
     unsigned width;
   };
   struct Request {
-    enum class Op : std::uint8_t { retarget, toggle_on, toggle_off, write_slot } op;
+    enum class Op : std::uint8_t { retarget, toggle_on, toggle_off, write_slot, replace } op;
     SiteKind kind;
     std::byte* site;
     std::uint64_t value;  // target address or slot value
+    std::uint8_t bytes[16] = {};  // replace: the new bytes
+    std::uint8_t length = 0;
   };
+  Status validate_replace(const Request& r) noexcept;
+  Status commit_breakpoint(const std::vector<Request>& requests, std::vector<Planned>& atomic) noexcept;
+  Status write_bytes(std::byte* at, const std::uint8_t* bytes, std::size_t n) noexcept;
+  void (*round_hook_)(int, void*) = nullptr;
+  void* round_hook_arg_ = nullptr;
+  std::vector<std::byte*> trap_sites_;            // the current breakpoint batch's sites, sorted
+  std::vector<std::vector<std::byte*>> retired_trap_tables_;  // kept: a handler may still read one
   Patcher(Emitter& emitter, bool validate) noexcept;
   Status plan(const Request& r, Planned* out) noexcept;
   Status commit(const std::vector<Request>& requests, bool wait) noexcept;
@@ -119,6 +149,9 @@ class PatchBatch {
   void write_slot(const PatchSite& site, std::uint64_t value);
   void redirect_entry(const CodeBlob& blob, const void* target);
   void restore_entry(const CodeBlob& blob);
+  // Replace the instruction(s) at `at` (inside a live blob) with `n` <= 16 new bytes by
+  // the breakpoint protocol. A batch with any replace uses 3 serialization rounds.
+  void replace(std::byte* at, const void* bytes, std::size_t n);
   std::size_t size() const noexcept { return requests_.size(); }
   void clear() noexcept { requests_.clear(); }
 
@@ -131,6 +164,7 @@ class PatchBatch {
 
  private:
   friend class Patcher;
+  unsigned rounds_needed() const noexcept;
   Patcher* patcher_;
   std::vector<Patcher::Request> requests_;
   unsigned rounds_ = 0;

@@ -3,8 +3,11 @@
 #include <jitpatch/jitpatch.hpp>
 
 #include <atomic>
+#include <csignal>
+#include <cstring>
 #include <thread>
 
+#include "support/child.hpp"
 #include "support/patch_fixture.hpp"
 
 using namespace jitpatch;
@@ -233,4 +236,93 @@ TEST_CASE("patch: a patcher needs a registry", "[unit][patch]") {
   test::PatchFixture f;
   Emitter bare(*f.heap);
   CHECK(Patcher::create(bare).status().code() == Errc::invalid_argument);
+}
+
+namespace {
+// The bytes of `int f() { return v; }`'s first instruction, and its length.
+std::vector<std::uint8_t> mov_ret_value(int v) {
+#if defined(__x86_64__)
+  return {0xB8, std::uint8_t(v), std::uint8_t(v >> 8), std::uint8_t(v >> 16), std::uint8_t(v >> 24)};  // mov eax, imm32
+#else
+  const std::uint32_t w = 0x52800000u | ((static_cast<std::uint32_t>(v) & 0xffffu) << 5);  // movz w0, #v
+  std::vector<std::uint8_t> b(4);
+  std::memcpy(b.data(), &w, 4);
+  return b;
+#endif
+}
+}  // namespace
+
+TEST_CASE("patch: the breakpoint protocol replaces arbitrary instructions in 3 rounds", "[unit][patch]") {
+  test::PatchFixture f;
+  CodeBlob* c = f.constant(1);
+  CHECK(c->as<IntFn>()() == 1);
+  const auto before = f.patcher->stats().serializations;
+  for (int v : {2, 300000, 7}) {
+    PatchBatch batch(*f.patcher);
+    auto bytes = mov_ret_value(v);
+    batch.replace(c->entry(), bytes.data(), bytes.size());
+    INFO(Patcher::last_error_detail());
+    REQUIRE(batch.commit().ok());
+    CHECK(batch.rounds() == 3);
+    CHECK(c->as<IntFn>()() == v);
+  }
+  CHECK(f.patcher->stats().serializations == before + 9);
+
+  // A mixed batch: atomic patches ride in the first round; still 3 rounds in all.
+  CodeBlob* t = f.toggled();
+  PatchBatch mixed(*f.patcher);
+  auto bytes = mov_ret_value(42);
+  mixed.replace(c->entry(), bytes.data(), bytes.size());
+  mixed.set_toggle(*t->site("key"), true);
+  REQUIRE(mixed.commit().ok());
+  CHECK(mixed.rounds() == 3);
+  CHECK(c->as<IntFn>()() == 42);
+  CHECK(t->as<IntFn>()() == 2);
+}
+
+TEST_CASE("patch: breakpoint replacements are validated", "[unit][patch]") {
+  test::PatchFixture f;
+  CodeBlob* c = f.constant(1);
+  auto good = mov_ret_value(5);
+  SECTION("not ending on an instruction boundary of the old code") {
+    PatchBatch b(*f.patcher);
+    b.replace(c->entry(), good.data(), good.size() - 1);
+    CHECK(b.commit().code() == Errc::invalid_argument);
+  }
+  SECTION("new bytes that are not whole instructions") {
+    std::vector<std::uint8_t> torn = good;
+#if defined(__x86_64__)
+    torn = {0x0F, 0x0F, 0xFF, 0xFF, 0xFF};  // not a valid instruction sequence
+#else
+    torn = {0xff, 0xff, 0xff, 0xff};
+#endif
+    PatchBatch b(*f.patcher);
+    b.replace(c->entry(), torn.data(), torn.size());
+    CHECK(b.commit().code() == Errc::invalid_argument);
+  }
+  SECTION("more than 16 bytes, or outside live code") {
+    std::uint8_t many[17] = {};
+    PatchBatch b(*f.patcher);
+    b.replace(c->entry(), many, sizeof many);
+    CHECK(b.commit().code() == Errc::invalid_argument);
+    int local = 0;
+    PatchBatch b2(*f.patcher);
+    b2.replace(reinterpret_cast<std::byte*>(&local), good.data(), good.size());
+    CHECK(b2.commit().code() == Errc::invalid_argument);
+  }
+  CHECK(c->as<IntFn>()() == 1);  // nothing was written
+}
+
+TEST_CASE("patch: a SIGTRAP that is not ours reaches the handler installed before", "[unit][patch]") {
+  CHECK(test::run_in_child([]() -> std::string {
+          static std::atomic<int> seen{0};
+          struct sigaction sa = {};
+          sa.sa_sigaction = [](int, siginfo_t*, void*) { seen.fetch_add(1); };
+          sa.sa_flags = SA_SIGINFO;
+          ::sigaction(SIGTRAP, &sa, nullptr);
+          test::PatchFixture f;  // installs the patcher's SIGTRAP handler on top
+          ::raise(SIGTRAP);
+          if (seen.load() != 1) return "the earlier SIGTRAP handler was not called";
+          return "";
+        }) == "");
 }
