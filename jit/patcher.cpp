@@ -363,9 +363,10 @@ Status Patcher::commit(const std::vector<Request>& requests, bool wait) noexcept
   plan_list.resize(planned);
   if (breakpoint) return commit_breakpoint(requests, plan_list);
 
-  // 2. One aligned store per patch. Executors see each word old or new.
+  // 2. One aligned store per patch. Executors see each word old or new. (plan() checked
+  //    each site against the registry and its alignment: no second lookup here.)
   for (const Planned& p : plan_list)
-    if (Status st = heap_->store_code_word(p.word, p.value, p.width); !st) return st;
+    if (Status st = heap_->store_code_word_checked_by_caller(p.word, p.value, p.width); !st) return st;
 
   // 3. One serialization for the batch: when it returns, every core that runs threads of
   //    this process executed a core-serializing instruction after the stores above, so

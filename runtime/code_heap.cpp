@@ -469,6 +469,15 @@ Status CodeHeap::store_code_word(void* p, std::uint64_t value, unsigned width) n
     if (first == SIZE_MAX || h.offset_of(b) + width > (last + 1) * kGranule)
       return Status(Errc::invalid_argument, 0, "store_code_word: not inside a live allocation");
   }
+  return store_code_word_checked_by_caller(b, value, width);
+}
+
+Status CodeHeap::store_code_word_checked_by_caller(std::byte* b, std::uint64_t value, unsigned width) noexcept {
+  Impl& h = *impl_;
+  // Cheap checks stay: an unaligned or out-of-heap store must never happen.
+  if ((width != 4 && width != 8) || reinterpret_cast<std::uintptr_t>(b) % width != 0 || !contains(b) ||
+      !contains(b + width - 1))
+    return Status(Errc::invalid_argument, 0, "store_code_word: not an aligned 4/8-byte word in the heap");
   std::byte* dst = b;
   std::byte* page = nullptr;
   if (h.strategy == HeapStrategy::dual_mapping) {

@@ -143,6 +143,10 @@ class CodeHeap {
 
  private:
   friend class CodeWriter;
+  friend class Patcher;
+  // store_code_word without the live-allocation check, for the patcher, which has just
+  // checked the site against the registry under its own lock.
+  Status store_code_word_checked_by_caller(std::byte* rx, std::uint64_t value, unsigned width) noexcept;
   struct Impl;
   explicit CodeHeap(std::unique_ptr<Impl> impl) noexcept;
   Status end_write(CodeWriter& w) noexcept;
