@@ -5,6 +5,8 @@
 #include <jitpatch/patch.hpp>
 #include <jitpatch/runtime.hpp>
 
+#include "runtime/signal_chain.hpp"
+
 #include <capstone/capstone.h>
 #include <sched.h>
 #include <ucontext.h>
@@ -72,24 +74,6 @@ bool is_trap_at(const std::byte* pc) {
 #endif
 }
 
-void chain_trap(int sig, siginfo_t* si, void* uc) {
-  const struct sigaction& prev = g_prev_trap;
-  if (prev.sa_flags & SA_SIGINFO) {
-    if (prev.sa_sigaction) prev.sa_sigaction(sig, si, uc);
-    return;
-  }
-  if (prev.sa_handler == SIG_IGN) return;
-  if (prev.sa_handler == SIG_DFL) {
-    // Nobody else wants it: die of it as the default action would.
-    struct sigaction dfl = {};
-    dfl.sa_handler = SIG_DFL;
-    ::sigaction(sig, &dfl, nullptr);
-    ::raise(sig);
-    return;
-  }
-  prev.sa_handler(sig);
-}
-
 // Async-signal-safe: atomics, reads of code bytes, sched_yield.
 void on_sigtrap(int sig, siginfo_t* si, void* ucv) {
   const int saved_errno = errno;
@@ -119,7 +103,7 @@ void on_sigtrap(int sig, siginfo_t* si, void* ucv) {
     uc->uc_mcontext.pc = reinterpret_cast<std::uint64_t>(pc);
 #endif
   } else {
-    chain_trap(sig, si, ucv);
+    detail::chain_signal(g_prev_trap, sig, si, ucv);
   }
   errno = saved_errno;
 }

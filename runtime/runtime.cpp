@@ -18,6 +18,7 @@
 #include <new>
 #include <vector>
 
+#include "runtime/signal_chain.hpp"
 #include "runtime/sys.hpp"
 
 namespace jitpatch {
@@ -65,25 +66,6 @@ constinit struct sigaction g_prev_action = {};
 
 thread_local ThreadRecord* t_record __attribute__((tls_model("initial-exec"))) = nullptr;
 
-void chain_to_previous(int sig, siginfo_t* si, void* uc) {
-  const struct sigaction& prev = g_prev_action;
-  if (prev.sa_flags & SA_SIGINFO) {
-    if (prev.sa_sigaction) prev.sa_sigaction(sig, si, uc);
-    return;
-  }
-  if (prev.sa_handler == SIG_IGN) return;
-  if (prev.sa_handler == SIG_DFL) {
-    // Not ours, and nobody else wanted it: what the default action would have done
-    // (terminate, for a real-time signal). Re-raise with the default disposition.
-    struct sigaction dfl = {};
-    dfl.sa_handler = SIG_DFL;
-    ::sigaction(sig, &dfl, nullptr);
-    ::raise(sig);
-    return;
-  }
-  prev.sa_handler(sig);
-}
-
 // Runs on the target thread. Async-signal-safe: atomics, a fence, SERIALIZE/ISB, futex.
 void on_signal(int sig, siginfo_t* si, void* uc) {
   const int saved_errno = errno;
@@ -92,7 +74,7 @@ void on_signal(int sig, siginfo_t* si, void* uc) {
                     si->si_pid == __atomic_load_n(&g_pid, __ATOMIC_RELAXED);
   ThreadRecord* rec = t_record;
   if (!ours) {
-    chain_to_previous(sig, si, uc);
+    detail::chain_signal(g_prev_action, sig, si, uc);
   } else if (rec != nullptr) {
     const std::uint32_t req = __atomic_load_n(&rec->request, __ATOMIC_ACQUIRE);
     // Pairs with the broadcaster's smp_mb() before it sent the signal and after it saw
