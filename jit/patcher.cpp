@@ -38,6 +38,9 @@ constinit int g_trap_waiters = 0;
 constinit bool g_trap_installed = false;
 constinit struct sigaction g_prev_trap = {};
 constinit std::mutex g_trap_mu;
+// One breakpoint batch in flight per process: the SIGTRAP handler reads one table, and two
+// Patchers (two heaps) must not publish theirs over each other.
+constinit std::mutex g_breakpoint_mu;
 // Code heaps with a live Patcher: a trap in them whose byte is no longer a trap was left
 // by a batch that completed while the thread was on its way into the handler.
 constexpr int kMaxHeaps = 16;
@@ -430,6 +433,7 @@ Status Patcher::write_bytes(std::byte* at, const std::uint8_t* bytes, std::size_
 }
 
 Status Patcher::commit_breakpoint(const std::vector<Request>& requests, std::vector<Planned>& atomic) noexcept {
+  std::lock_guard<std::mutex> process_wide(g_breakpoint_mu);
   struct Site {
     std::byte* at;
     const Request* r;
