@@ -381,36 +381,20 @@ void usage(std::FILE* out) {
 
 int main(int argc, char** argv) {
   Options o;
-  for (int i = 1; i < argc; ++i) {
-    const char* a = argv[i];
-    auto next = [&]() -> const char* {
-      if (i + 1 >= argc) {
-        std::fprintf(stderr, "jitpatch-bench-barriers: %s needs a value\n", a);
-        std::exit(2);
-      }
-      return argv[++i];
-    };
-    if (!std::strcmp(a, "--quick")) o.quick = true;
-    else if (!std::strcmp(a, "--json")) o.json_path = next();
-    else if (!std::strcmp(a, "--only")) o.only = next();
-    else if (!std::strcmp(a, "--no-pin")) o.pin = false;
-    else if (!std::strcmp(a, "--runs")) {
-      const char* v = next();
-      char* end = nullptr;
-      const long n = std::strtol(v, &end, 10);
-      if (!end || *end || n < 1 || n > 1000) {
-        std::fprintf(stderr, "jitpatch-bench-barriers: --runs wants 1..1000, not '%s'\n", v);
-        return 2;
-      }
-      o.runs = static_cast<int>(n);
-    } else if (!std::strcmp(a, "-h") || !std::strcmp(a, "--help")) {
-      usage(stdout);
-      return 0;
-    } else {
-      std::fprintf(stderr, "jitpatch-bench-barriers: unknown argument '%s'\n", a);
-      usage(stderr);
-      return 2;
-    }
-  }
+  const int rc = jb::parse_args("jitpatch-bench-barriers", argc, argv, o.quick, o.json_path, usage,
+                                [&](const char* a, auto& next) {
+                                  if (!std::strcmp(a, "--only")) o.only = next();
+                                  else if (!std::strcmp(a, "--no-pin")) o.pin = false;
+                                  else if (!std::strcmp(a, "--runs")) {
+                                    char* end = nullptr;
+                                    const long n = std::strtol(next(), &end, 10);
+                                    if (!end || *end || n < 1 || n > 1000) return false;  // wants 1..1000
+                                    o.runs = static_cast<int>(n);
+                                  } else {
+                                    return false;
+                                  }
+                                  return true;
+                                });
+  if (rc >= 0) return rc;
   return Bench(o).run();
 }

@@ -670,4 +670,46 @@ inline void write_machine(Json& j, const Machine& m) {
   j.end_object();
 }
 
+// --- command line --------------------------------------------------------------------
+// The options every benchmark takes (--quick, --json FILE, -h/--help), plus a benchmark's
+// own through `extra(arg, next)`: return true if it took `arg` (calling next() for a
+// value), false if it does not know it. Returns -1 to go on, else the exit code.
+template <class Extra>
+int parse_args(const char* prog, int argc, char** argv, bool& quick, std::string& json_path,
+               void (*usage)(std::FILE*), Extra extra) {
+  for (int i = 1; i < argc; ++i) {
+    const char* a = argv[i];
+    bool missing = false;
+    auto next = [&]() -> const char* {
+      if (i + 1 >= argc) {
+        missing = true;
+        return "";
+      }
+      return argv[++i];
+    };
+    bool known = true;
+    if (!std::strcmp(a, "--quick")) quick = true;
+    else if (!std::strcmp(a, "--json")) json_path = next();
+    else if (!std::strcmp(a, "-h") || !std::strcmp(a, "--help")) {
+      usage(stdout);
+      return 0;
+    } else known = extra(a, next);
+    if (missing) {
+      std::fprintf(stderr, "%s: %s needs a value\n", prog, a);
+      return 2;
+    }
+    if (!known) {
+      std::fprintf(stderr, "%s: unknown or bad argument '%s'\n", prog, a);
+      usage(stderr);
+      return 2;
+    }
+  }
+  return -1;
+}
+
+inline int parse_args(const char* prog, int argc, char** argv, bool& quick, std::string& json_path,
+                      void (*usage)(std::FILE*)) {
+  return parse_args(prog, argc, argv, quick, json_path, usage, [](const char*, auto&) { return false; });
+}
+
 }  // namespace jitpatch::bench

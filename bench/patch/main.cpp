@@ -534,24 +534,6 @@ int run(const Options& opt) {
 
 int main(int argc, char** argv) {
   Options o;
-  for (int i = 1; i < argc; ++i) {
-    const char* a = argv[i];
-    if (!std::strcmp(a, "--quick")) {
-      o.quick = true;
-    } else if (!std::strcmp(a, "--json")) {
-      if (i + 1 >= argc) {
-        std::fprintf(stderr, "jitpatch-bench-patch: --json needs a value\n");
-        return 2;
-      }
-      o.json_path = argv[++i];
-    } else if (!std::strcmp(a, "-h") || !std::strcmp(a, "--help")) {
-      usage(stdout);
-      return 0;
-    } else {
-      std::fprintf(stderr, "jitpatch-bench-patch: unknown argument '%s'\n", a);
-      usage(stderr);
-      return 2;
-    }
-  }
+  if (int rc = jb::parse_args("jitpatch-bench-patch", argc, argv, o.quick, o.json_path, usage); rc >= 0) return rc;
   return run(o);
 }
