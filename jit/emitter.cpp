@@ -191,6 +191,8 @@ Result<CodeBlob*> Emitter::emit_impl(std::string_view name, Status (*thunk)(void
   }
   CodeBlob* out = blob;
   std::lock_guard<std::mutex> g(mu_);
+  // Release pairs with CodeBlob::state()'s acquire: whoever sees `live` sees the filled
+  // descriptor (name, range, sites).
   out->state_.store(BlobState::live, std::memory_order_release);
   out->owner_ = this;
   out->prev_ = nullptr;

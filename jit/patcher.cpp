@@ -129,6 +129,8 @@ Status install_trap_handler(std::byte* heap_begin, std::byte* heap_end) {
       return Status(Errc::os_error, errno, "installing the SIGTRAP handler");
     g_trap_installed = true;
   }
+  // End before begin, both release: in_patched_heap() acquires begin first, so a handler
+  // that sees a non-null begin sees its end.
   __atomic_store_n(&g_heap_end[slot], heap_end, __ATOMIC_RELEASE);
   __atomic_store_n(&g_heap_begin[slot], heap_begin, __ATOMIC_RELEASE);
   return {};

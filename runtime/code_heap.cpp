@@ -286,6 +286,7 @@ Result<CodeRange> CodeHeap::allocate_locked(std::size_t size, std::size_t alignm
   r.rx = h.rx + off;
   r.size = need;
   // Memory freed after the last completed serialization is dirty (see the header).
+  // Acquire pairs with make_clean()'s store-release of clean_upto.
   r.dirty_seq = seq > __atomic_load_n(&h.clean_upto, __ATOMIC_ACQUIRE) ? seq : 0;
   Impl::set(h.start_bits, off / kGranule);
   Impl::set(h.end_bits, (off + need) / kGranule - 1);
@@ -331,6 +332,8 @@ Status CodeHeap::free(const void* p) noexcept {
 }
 
 bool CodeHeap::is_clean(std::uint64_t dirty_seq) const noexcept {
+  // Acquire pairs with make_clean()'s store-release: a caller that sees its sequence
+  // covered also sees the serialization that covered it as done.
   return dirty_seq <= __atomic_load_n(&impl_->clean_upto, __ATOMIC_ACQUIRE);
 }
 
