@@ -207,8 +207,8 @@ Status Emitter::free(CodeBlob* blob) noexcept {
   std::byte* rx;
   {
     std::lock_guard<std::mutex> g(mu_);
-    if (!blob || blob->owner_ != this || blob->state() != BlobState::live)
-      return Status(Errc::invalid_argument, 0, "free: not a live blob of this emitter");
+    if (!blob || blob->owner_ != this || blob->state() == BlobState::freed)
+      return Status(Errc::invalid_argument, 0, "free: not a live or retired blob of this emitter");
     if (blob->prev_) blob->prev_->next_ = blob->next_;
     else live_ = blob->next_;
     if (blob->next_) blob->next_->prev_ = blob->prev_;
@@ -222,6 +222,14 @@ Status Emitter::free(CodeBlob* blob) noexcept {
     spare_ = blob;
   }
   return heap_->free(rx);
+}
+
+Status Emitter::retire(CodeBlob* blob) noexcept {
+  std::lock_guard<std::mutex> g(mu_);
+  if (!blob || blob->owner_ != this || blob->state() != BlobState::live)
+    return Status(Errc::invalid_argument, 0, "retire: not a live blob of this emitter");
+  blob->state_.store(BlobState::retired, std::memory_order_release);
+  return {};
 }
 
 std::size_t Emitter::live_blobs() const noexcept {

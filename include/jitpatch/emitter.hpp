@@ -207,6 +207,10 @@ class Emitter {
   // descriptors are recycled: a stale pointer to a recycled one is caught by the heap's
   // own check only if the memory is free).
   Status free(CodeBlob* blob) noexcept;
+  // Mark a live blob retired (GraceDomain::retire_code frees it after a grace period).
+  // It stays mapped, registered and visible to profilers until freed. Errc::invalid_argument
+  // for a blob of another emitter or one not live.
+  Status retire(CodeBlob* blob) noexcept;
 
   CodeHeap& heap() const noexcept { return *heap_; }
   CodeRegistry* registry() const noexcept { return registry_; }

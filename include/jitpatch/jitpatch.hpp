@@ -6,6 +6,7 @@
 #include <jitpatch/code_registry.hpp>
 #include <jitpatch/emitter.hpp>
 #include <jitpatch/error.hpp>
+#include <jitpatch/grace.hpp>
 #include <jitpatch/listing.hpp>
 #include <jitpatch/patch.hpp>
 #include <jitpatch/rseq.hpp>

@@ -1,0 +1,270 @@
+// Grace periods (RCU) whose read side is nearly free because the update side pays with
+// membarrier, deferred reclamation, and code retirement.
+//
+//   GraceDomain    one RCU domain: its readers, synchronize(), retire(), barrier().
+//   GraceReader    a registered reader thread (RAII). Two kinds:
+//     critical_section  lock()/unlock() around each read-side section (nestable);
+//     qsbr              no read-side marking at all; the thread reports quiescent()
+//                       states (e.g. at every safepoint poll) and goes offline() around
+//                       blocking calls.
+//   ReadGuard      RAII lock()/unlock().
+//
+// Read-side cost. With an asymmetric process barrier (Runtime::process_barrier() is
+// membarrier, mprotect or signals), lock() and unlock() are a load of the domain's phase
+// word, a store to the reader's own counter and compiler barriers: synchronize() runs
+// process_barrier() where the classic algorithm has the reader fence (the pairing is the
+// seed's "smp_mb() on one side, membarrier on the other", REFERENCE 1). If no process
+// barrier exists, or GraceOptions::symmetric asks for it, the reader fences itself with
+// smp_mb() instead. unlock() also loads a wake-up word (a sleeping synchronize()).
+// Never a lock and never an atomic read-modify-write on the read side.
+//
+// The algorithm is the two-phase (parity flip) user-space RCU of Desnoyers et al.,
+// "User-Level Implementations of Read-Copy Update" (IEEE TPDS 2012), section 3.2 and 3.5
+// (membarrier variant); QSBR is section 3.4. Written here from the paper.
+//
+// A reader handle belongs to the thread that registered it: using it from another thread
+// is a caller bug (not detected). synchronize() from inside the caller's own read-side
+// section would wait forever: it returns Errc::invalid_argument instead.
+#pragma once
+
+#include <jitpatch/arch.hpp>
+#include <jitpatch/error.hpp>
+#include <jitpatch/runtime.hpp>
+
+#include <atomic>
+#include <cstddef>
+#include <cstdint>
+#include <functional>
+#include <memory>
+
+namespace jitpatch {
+
+class GraceDomain;
+class Emitter;
+class CodeBlob;
+
+namespace detail {
+// One cache line per reader: readers write only their own line.
+struct alignas(64) GraceReaderRecord {
+  // critical_section: nesting count (low 32 bits) and the phase it started in (bit 32),
+  // as loaded from the domain's phase word; 0 = not in a read-side section.
+  // qsbr: the domain's quiescent-state counter when last quiescent; 0 = offline.
+  std::uint64_t ctr = 0;
+  bool symmetric = false;  // fence on the read side (copied from the domain: no extra line)
+  bool qsbr = false;
+  int tid = 0;
+  const std::uint64_t* phase = nullptr;     // &domain->phase_
+  const std::int32_t* wake_word = nullptr;  // &domain->wake_
+  GraceDomain* domain = nullptr;
+  GraceReaderRecord* next = nullptr;  // the domain's registry list
+  GraceReaderRecord* prev = nullptr;
+};
+void grace_wake(GraceDomain* d) noexcept;
+
+inline constexpr std::uint64_t kGraceCount = 1;
+inline constexpr std::uint64_t kGraceNestMask = 0xffffffffull;
+inline constexpr std::uint64_t kGracePhase = 1ull << 32;
+}  // namespace detail
+
+enum class ReaderKind : std::uint8_t { critical_section, qsbr };
+
+class GraceReader {
+ public:
+  GraceReader() noexcept = default;
+  GraceReader(GraceReader&& o) noexcept;
+  GraceReader& operator=(GraceReader&& o) noexcept;
+  GraceReader(const GraceReader&) = delete;
+  GraceReader& operator=(const GraceReader&) = delete;
+  ~GraceReader();
+
+  bool registered() const noexcept { return rec_ != nullptr; }
+  ReaderKind kind() const noexcept { return rec_ && rec_->qsbr ? ReaderKind::qsbr : ReaderKind::critical_section; }
+
+  // --- critical_section readers ---------------------------------------------------
+  JITPATCH_ALWAYS_INLINE void lock() noexcept {
+    auto* r = rec_;
+    const std::uint64_t tmp = read_once(r->ctr);
+    if ((tmp & detail::kGraceNestMask) == 0) {
+      // Outermost: announce the current phase. The barrier after the store pairs with
+      // the process barrier synchronize() runs before it scans the readers: either the
+      // scan sees this store, or this section's loads see every update made before
+      // that synchronize() began.
+      write_once(r->ctr, read_once(*r->phase));
+      slave_mb(r);
+    } else {
+      write_once(r->ctr, tmp + detail::kGraceCount);
+    }
+  }
+  JITPATCH_ALWAYS_INLINE void unlock() noexcept {
+    auto* r = rec_;
+    const std::uint64_t tmp = read_once(r->ctr);
+    if ((tmp & detail::kGraceNestMask) == detail::kGraceCount) {
+      // Outermost: the barrier before the store keeps the section's loads inside it (it
+      // pairs with the process barrier synchronize() runs after its scan, before the
+      // caller frees). The store is a release: free on x86-64, and it gives
+      // ThreadSanitizer the happens-before edge from this section to the free.
+      slave_mb(r);
+      store_release(&r->ctr, tmp - detail::kGraceCount);
+      // Store of ctr, barrier, load of the wake word: pairs with synchronize()'s store
+      // of the wake word, process barrier, scan of ctr (a sleeping synchronize() is
+      // either woken here or sees this reader gone).
+      slave_mb(r);
+      if (read_once(*r->wake_word) == -1) [[unlikely]]
+        detail::grace_wake(r->domain);
+    } else {
+      write_once(r->ctr, tmp - detail::kGraceCount);
+    }
+  }
+  bool in_section() const noexcept { return rec_ && !rec_->qsbr && (read_once(rec_->ctr) & detail::kGraceNestMask) != 0; }
+
+  // --- qsbr readers ---------------------------------------------------------------
+  // "This thread holds no reference obtained before this call." The acquire load pairs
+  // with synchronize()'s advance of the counter (which follows the update); the release
+  // store keeps this thread's earlier loads before the report.
+  JITPATCH_ALWAYS_INLINE void quiescent() noexcept {
+    auto* r = rec_;
+    store_release(&r->ctr, load_acquire(r->phase + 1));
+    slave_mb(r);
+    if (read_once(*r->wake_word) == -1) [[unlikely]]
+      detail::grace_wake(r->domain);
+  }
+  // Extended quiescent state (around blocking calls): synchronize() does not wait for
+  // an offline thread. online() announces the thread again; the barrier after the store
+  // pairs with synchronize()'s process barrier before its scan (store ctr / load data
+  // against store data / load ctr: the store-buffering shape).
+  JITPATCH_ALWAYS_INLINE void offline() noexcept {
+    auto* r = rec_;
+    slave_mb(r);
+    store_release(&r->ctr, std::uint64_t{0});
+    slave_mb(r);
+    if (read_once(*r->wake_word) == -1) [[unlikely]]
+      detail::grace_wake(r->domain);
+  }
+  JITPATCH_ALWAYS_INLINE void online() noexcept {
+    auto* r = rec_;
+    write_once(r->ctr, load_acquire(r->phase + 1));
+    slave_mb(r);
+  }
+  bool is_online() const noexcept { return rec_ && rec_->qsbr && read_once(rec_->ctr) != 0; }
+
+  GraceDomain* domain() const noexcept { return rec_ ? rec_->domain : nullptr; }
+
+ private:
+  friend class GraceDomain;
+  JITPATCH_ALWAYS_INLINE static void slave_mb(const detail::GraceReaderRecord* r) noexcept {
+    if (r->symmetric) smp_mb();
+    else compiler_barrier();
+  }
+  explicit GraceReader(detail::GraceReaderRecord* rec, ThreadAttachment att) noexcept
+      : rec_(rec), attachment_(std::move(att)) {}
+  void reset() noexcept;
+  detail::GraceReaderRecord* rec_ = nullptr;
+  ThreadAttachment attachment_;  // only when registration attached the thread itself
+};
+
+class ReadGuard {
+ public:
+  explicit ReadGuard(GraceReader& r) noexcept : r_(&r) { r_->lock(); }
+  ~ReadGuard() { r_->unlock(); }
+  ReadGuard(const ReadGuard&) = delete;
+  ReadGuard& operator=(const ReadGuard&) = delete;
+
+ private:
+  GraceReader* r_;
+};
+
+struct GraceOptions {
+  // Readers fence themselves (smp_mb) and synchronize() does not use process_barrier().
+  // Chosen automatically when the runtime has no process barrier.
+  bool symmetric = false;
+  // Run retired callbacks on a background thread (else barrier()/synchronize() callers
+  // and a full queue run them).
+  bool background_reclaimer = true;
+  // Retired-but-not-reclaimed entries before retire() reclaims by itself (back-pressure).
+  std::size_t retire_capacity = 4096;
+  // Spins (with cpu_relax) before a waiting synchronize() sleeps on its futex.
+  unsigned spin_before_sleep = 1000;
+};
+
+struct GraceStats {
+  std::uint64_t grace_periods = 0;     // synchronize() rounds actually run
+  std::uint64_t shared = 0;            // synchronize() calls satisfied by another's round
+  std::uint64_t sleeps = 0;            // futex sleeps while waiting for readers
+  std::uint64_t retired = 0;
+  std::uint64_t reclaimed = 0;
+  std::uint64_t inline_reclaims = 0;   // retire() calls that hit the capacity and synchronized
+  std::uint64_t code_deferred = 0;     // code blobs kept for another grace period by the scan hook
+};
+
+class GraceDomain {
+ public:
+  // `rt` provides process_barrier(); it must outlive the domain.
+  static Result<std::unique_ptr<GraceDomain>> create(Runtime& rt, const GraceOptions& options = {}) noexcept;
+  ~GraceDomain();  // drains: every retired callback runs (after a grace period) first
+  GraceDomain(const GraceDomain&) = delete;
+  GraceDomain& operator=(const GraceDomain&) = delete;
+
+  // Register the calling thread. Also attaches it to the Runtime if it is not already
+  // (the signal strategy only reaches attached threads); the attachment ends with the
+  // reader. A thread can hold readers of several domains, but one per domain
+  // (Errc::already_attached for a second).
+  Result<GraceReader> register_reader(ReaderKind kind = ReaderKind::critical_section) noexcept;
+  std::size_t reader_count() const noexcept;
+  bool symmetric() const noexcept { return symmetric_; }
+
+  // Wait until every read-side section that began before this call has ended and every
+  // online qsbr reader has reported a quiescent state after it. Concurrent callers share
+  // rounds. Errors: Errc::invalid_argument when called inside the caller's own read-side
+  // section; the process barrier's error if it fails (then nothing is guaranteed and
+  // retired memory stays queued).
+  Status synchronize() noexcept;
+
+  // Deferred reclamation: deleter(p) runs after a grace period that began after this
+  // call. When `retire_capacity` entries are pending, the caller synchronizes and
+  // reclaims the queue itself. Errc::invalid_argument for a null deleter.
+  Status retire(void* p, void (*deleter)(void*)) noexcept;
+  Status retire(void* p, void (*fn)(void*, void*), void* ctx) noexcept;
+  template <class T>
+  Status retire_delete(T* p) noexcept {
+    return retire(p, [](void* q) { delete static_cast<T*>(q); });
+  }
+  // Returns when every callback retired before the call has run.
+  Status barrier() noexcept;
+
+  // Code retirement. The caller has unlinked `blob` from every publication point (or
+  // redirected its entry); jitpatch marks it retired now and frees it through its
+  // emitter after a grace period, after which its memory is dirty (the next publication
+  // serializes cores). The embedder guarantees no thread will *return* into the blob: a
+  // grace period only covers threads that are between read-side sections, and a frame
+  // of the blob on some stack is not a read-side section. Either retire code only at
+  // safepoints after a stack scan, or install a scan hook: it runs on the reclaiming
+  // thread after the grace period; returning true ("still referenced") keeps the blob
+  // for another grace period.
+  Status retire_code(Emitter& emitter, CodeBlob* blob) noexcept;
+  void set_code_scan_hook(std::function<bool(const CodeBlob&)> still_referenced);
+
+  GraceStats stats() const noexcept;
+
+  struct Impl;  // opaque
+
+ private:
+  friend class GraceReader;
+  friend void detail::grace_wake(GraceDomain*) noexcept;
+  Status enqueue(void* item) noexcept;
+  explicit GraceDomain(Runtime& rt, const GraceOptions& options);
+  Status master_mb() noexcept;
+  Status run_grace_period() noexcept;
+  void wait_for_readers(bool qsbr_too) noexcept;
+  void unregister(detail::GraceReaderRecord* rec) noexcept;
+  void wake() noexcept;
+
+  // Read by every reader: its own cache line. phase_[0]: the phase word readers copy on
+  // lock(); phase_[1]: the qsbr counter (starts at 1; 0 means offline).
+  alignas(64) std::uint64_t phase_[2] = {detail::kGraceCount, 1};
+  std::int32_t wake_ = 0;  // -1: a synchronize() is (about to be) asleep on it
+  alignas(64) Runtime* rt_;
+  bool symmetric_;
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace jitpatch

@@ -1,0 +1,479 @@
+// GraceDomain: the update side of the membarrier RCU described in grace.hpp.
+//
+// Ordering summary (each pair is named where it is used):
+//   reader lock():   store ctr            ; barrier ; loads of the data
+//   synchronize():   caller's unlink      ; MB(A)   ; scan ctr      (store-buffering: MB(A)
+//                    is membarrier in the asymmetric mode, so the reader's barrier can be a
+//                    compiler barrier)
+//   reader unlock(): loads of the data    ; barrier ; store ctr
+//   synchronize():   scan sees ctr changed; MB(B)   ; caller frees  (MB(B) makes every
+//                    CPU complete the reader's earlier loads)
+// A process barrier is a full barrier on every running thread of the process (membarrier
+// PRIVATE_EXPEDITED, REFERENCE 1), which is exactly what the reader side left out.
+#include <jitpatch/grace.hpp>
+
+#include <jitpatch/emitter.hpp>
+
+#include "runtime/sys.hpp"
+
+#include <algorithm>
+#include <cerrno>
+#include <chrono>
+#include <condition_variable>
+#include <mutex>
+#include <new>
+#include <thread>
+#include <vector>
+
+namespace jitpatch {
+
+namespace {
+thread_local int t_tid = 0;
+int my_tid() noexcept {
+  if (t_tid == 0) t_tid = static_cast<int>(sys::gettid());
+  return t_tid;
+}
+
+struct Item {
+  void* p;
+  void (*fn1)(void*);
+  void (*fn2)(void*, void*);
+  void* ctx;
+  std::uint64_t seq;
+  bool code;
+};
+}  // namespace
+
+struct GraceDomain::Impl {
+  // Reader registry. Scans hold reg_mu, so an unregistered record can be deleted at once.
+  mutable std::mutex reg_mu;
+  detail::GraceReaderRecord* head = nullptr;
+  std::size_t readers = 0;
+
+  // Grace-period rounds. A round with generation g starts when next_gen goes g -> g+1
+  // (under wq_mu); a caller that read next_gen == g at entry is satisfied by any round
+  // >= g, which necessarily started after its entry (the mutex orders the two).
+  std::mutex wq_mu;
+  std::condition_variable wq_cv;
+  std::uint64_t next_gen = 1;
+  std::uint64_t completed_gen = 0;
+  bool round_running = false;
+  Status last_status{};
+
+  // Retired callbacks.
+  std::mutex q_mu;
+  std::condition_variable q_cv;     // wakes the reclaimer
+  std::condition_variable done_cv;  // wakes barrier()
+  std::vector<Item> queue;          // sorted by seq (re-queued code first: it is older)
+  std::vector<std::uint64_t> inflight_min;  // smallest seq of each batch being reclaimed
+  std::uint64_t next_seq = 1;
+  bool stop = false;
+  std::thread reclaimer;
+  std::function<bool(const CodeBlob&)> code_hook;  // guarded by q_mu
+
+  std::atomic<std::uint64_t> grace_periods{0}, shared{0}, sleeps{0}, retired{0}, reclaimed{0},
+      inline_reclaims{0}, code_deferred{0};
+
+  GraceOptions options;
+
+  std::uint64_t oldest_pending_locked() const {
+    std::uint64_t m = UINT64_MAX;
+    if (!queue.empty()) m = queue.front().seq;
+    for (auto s : inflight_min) m = std::min(m, s);
+    return m;
+  }
+};
+
+namespace detail {
+void grace_wake(GraceDomain* d) noexcept { d->wake(); }
+}  // namespace detail
+
+// Takes the whole queue (the caller holds q_mu through `lk`), runs one grace period
+// without the lock, runs the callbacks, and puts back what must wait longer: code blobs
+// the scan hook still sees referenced, or everything if the grace period failed.
+Status reclaim_queue(GraceDomain& d, GraceDomain::Impl& im, std::unique_lock<std::mutex>& lk) {
+  std::vector<Item> batch;
+  batch.swap(im.queue);
+  if (batch.empty()) return {};
+  const std::uint64_t first = batch.front().seq;
+  im.inflight_min.push_back(first);
+  auto hook = im.code_hook;
+  lk.unlock();
+  const Status st = d.synchronize();
+  std::vector<Item> keep;
+  if (st.ok()) {
+    for (auto& it : batch) {
+      if (it.code && hook && hook(*static_cast<const CodeBlob*>(it.p))) {
+        keep.push_back(it);
+        continue;
+      }
+      if (it.fn1) it.fn1(it.p);
+      else it.fn2(it.ctx, it.p);
+    }
+    im.reclaimed.fetch_add(batch.size() - keep.size(), std::memory_order_relaxed);
+    im.code_deferred.fetch_add(keep.size(), std::memory_order_relaxed);
+  } else {
+    keep = std::move(batch);
+  }
+  lk.lock();
+  im.inflight_min.erase(std::find(im.inflight_min.begin(), im.inflight_min.end(), first));
+  im.queue.insert(im.queue.begin(), keep.begin(), keep.end());
+  im.done_cv.notify_all();
+  return st;
+}
+
+// --- GraceReader -------------------------------------------------------------------------
+
+GraceReader::GraceReader(GraceReader&& o) noexcept : rec_(o.rec_), attachment_(std::move(o.attachment_)) {
+  o.rec_ = nullptr;
+}
+GraceReader& GraceReader::operator=(GraceReader&& o) noexcept {
+  if (this != &o) {
+    reset();
+    rec_ = o.rec_;
+    o.rec_ = nullptr;
+    attachment_ = std::move(o.attachment_);
+  }
+  return *this;
+}
+GraceReader::~GraceReader() { reset(); }
+
+void GraceReader::reset() noexcept {
+  if (!rec_) return;
+  rec_->domain->unregister(rec_);
+  rec_ = nullptr;
+  (void)attachment_.detach();
+}
+
+// --- GraceDomain -------------------------------------------------------------------------
+
+GraceDomain::GraceDomain(Runtime& rt, const GraceOptions& options)
+    : rt_(&rt),
+      symmetric_(options.symmetric || rt.strategy(Operation::process_barrier) == Strategy::none),
+      impl_(std::make_unique<Impl>()) {
+  impl_->options = options;
+}
+
+Result<std::unique_ptr<GraceDomain>> GraceDomain::create(Runtime& rt, const GraceOptions& options) noexcept {
+  if (options.retire_capacity == 0) return Status(Errc::invalid_argument, 0, "retire_capacity must be > 0");
+  std::unique_ptr<GraceDomain> d;
+  try {
+    d.reset(new GraceDomain(rt, options));
+    if (options.background_reclaimer) {
+      GraceDomain* self = d.get();
+      d->impl_->reclaimer = std::thread([self] {
+        auto& im = *self->impl_;
+        std::unique_lock<std::mutex> lk(im.q_mu);
+        for (;;) {
+          im.q_cv.wait(lk, [&] { return im.stop || !im.queue.empty(); });
+          if (im.queue.empty()) break;  // stop requested and nothing left
+          const Status st = reclaim_queue(*self, im, lk);
+          // What was kept (blobs still referenced, or a failing process barrier) waits a
+          // little before the next round instead of spinning rounds.
+          if (!st.ok() || !im.queue.empty()) {
+            if (im.stop && !st.ok()) break;  // cannot make progress; the destructor retries once
+            im.q_cv.wait_for(lk, std::chrono::milliseconds(st.ok() ? 1 : 10));
+          }
+        }
+      });
+    }
+  } catch (const std::bad_alloc&) {
+    return Status(Errc::out_of_memory, 0, "GraceDomain::create");
+  } catch (const std::system_error& e) {
+    return Status(Errc::os_error, e.code().value(), "GraceDomain: starting the reclaimer thread");
+  }
+  return d;
+}
+
+GraceDomain::~GraceDomain() {
+  auto& im = *impl_;
+  if (im.reclaimer.joinable()) {
+    {
+      std::lock_guard<std::mutex> g(im.q_mu);
+      im.stop = true;
+    }
+    im.q_cv.notify_all();
+    im.reclaimer.join();
+  }
+  // Whatever is left (no reclaimer, or code the hook kept): one more round, then run it.
+  // Kept code is freed now: its emitter frees it regardless at destruction anyway.
+  std::vector<Item> rest;
+  {
+    std::lock_guard<std::mutex> g(im.q_mu);
+    rest.swap(im.queue);
+  }
+  if (!rest.empty()) {
+    // Readers are gone by now (they must not outlive their domain), so nothing can still
+    // reference these even if this last round fails.
+    (void)synchronize();
+    for (auto& it : rest) {
+      if (it.fn1) it.fn1(it.p);
+      else it.fn2(it.ctx, it.p);
+    }
+  }
+  // Readers must be gone before their domain (documented); unlink any left so their
+  // records are at least not reachable from a dead registry.
+  std::lock_guard<std::mutex> g(im.reg_mu);
+  for (auto* r = im.head; r;) {
+    auto* n = r->next;
+    r->next = r->prev = nullptr;
+    r = n;
+  }
+}
+
+Result<GraceReader> GraceDomain::register_reader(ReaderKind kind) noexcept {
+  const int tid = my_tid();
+  ThreadAttachment att;
+  {
+    auto a = rt_->attach_current_thread();
+    if (a.ok()) att = std::move(a.value());
+    else if (a.status().code() != Errc::already_attached) return a.status();
+  }
+  auto* rec = new (std::nothrow) detail::GraceReaderRecord;
+  if (!rec) return Status(Errc::out_of_memory, 0, "register_reader");
+  rec->symmetric = symmetric_;
+  rec->qsbr = kind == ReaderKind::qsbr;
+  rec->tid = tid;
+  rec->phase = phase_;
+  rec->wake_word = &wake_;
+  rec->domain = this;
+  {
+    std::lock_guard<std::mutex> g(impl_->reg_mu);
+    for (auto* r = impl_->head; r; r = r->next)
+      if (r->tid == tid) {
+        delete rec;
+        return Status(Errc::already_attached, 0, "this thread already has a reader in this domain");
+      }
+    rec->next = impl_->head;
+    if (impl_->head) impl_->head->prev = rec;
+    impl_->head = rec;
+    ++impl_->readers;
+    // A qsbr reader starts online. Under reg_mu, so no scan runs between the link and
+    // this store; the barrier after it is the online() pairing.
+    if (rec->qsbr) write_once(rec->ctr, load_acquire(&phase_[1]));
+  }
+  if (rec->qsbr) {
+    if (symmetric_) smp_mb();
+    else compiler_barrier();
+  }
+  return GraceReader(rec, std::move(att));
+}
+
+void GraceDomain::unregister(detail::GraceReaderRecord* rec) noexcept {
+  {
+    std::lock_guard<std::mutex> g(impl_->reg_mu);
+    if (rec->prev) rec->prev->next = rec->next;
+    else if (impl_->head == rec) impl_->head = rec->next;
+    if (rec->next) rec->next->prev = rec->prev;
+    --impl_->readers;
+  }
+  // A synchronize() sleeping on this reader must rescan.
+  wake();
+  delete rec;
+}
+
+std::size_t GraceDomain::reader_count() const noexcept {
+  std::lock_guard<std::mutex> g(impl_->reg_mu);
+  return impl_->readers;
+}
+
+void GraceDomain::wake() noexcept {
+  // Plain store, then wake: a reader never does a read-modify-write. A lost race only
+  // costs the waiter its timeout (it re-arms and rescans).
+  if (__atomic_load_n(&wake_, __ATOMIC_RELAXED) == -1) {
+    __atomic_store_n(&wake_, 0, __ATOMIC_RELAXED);
+    (void)sys::futex_wake(reinterpret_cast<std::uint32_t*>(&wake_), 1);
+  }
+}
+
+Status GraceDomain::master_mb() noexcept {
+  if (symmetric_) {
+    smp_mb();
+    return {};
+  }
+  return rt_->process_barrier();
+}
+
+// Readers still inside a section (or, for qsbr, not yet quiescent) that the current
+// round must wait for.
+void GraceDomain::wait_for_readers(bool second_phase) noexcept {
+  auto& im = *impl_;
+  const int me = my_tid();
+  auto any_active = [&]() {
+    std::lock_guard<std::mutex> g(im.reg_mu);
+    const std::uint64_t phase = read_once(phase_[0]);
+    const std::uint64_t qs = read_once(phase_[1]);
+    for (auto* r = im.head; r; r = r->next) {
+      if (r->tid == me) continue;  // the caller: checked not to be in a section
+      // Acquire: pairs with the reader's release store of ctr (gives TSan and weak
+      // architectures the edge from the reader's section to what follows the round).
+      const std::uint64_t c = load_acquire(&r->ctr);
+      if (r->qsbr) {
+        if (second_phase && c != 0 && c != qs) return true;
+      } else if ((c & detail::kGraceNestMask) != 0 && ((c ^ phase) & detail::kGracePhase) != 0) {
+        return true;
+      }
+    }
+    return false;
+  };
+  unsigned spins = 0;
+  for (;;) {
+    if (!any_active()) return;
+    if (spins < im.options.spin_before_sleep) {
+      ++spins;
+      if ((spins & 63) == 0) std::this_thread::yield();
+      else cpu_relax();
+      continue;
+    }
+    // Sleep. Store wake word, barrier, scan ctr: pairs with the reader's store ctr,
+    // barrier, load wake word (grace.hpp unlock()).
+    __atomic_store_n(&wake_, -1, __ATOMIC_RELAXED);
+    if (!master_mb().ok()) smp_mb();  // the timeout below still bounds the wait
+    if (!any_active()) {
+      __atomic_store_n(&wake_, 0, __ATOMIC_RELAXED);
+      return;
+    }
+    im.sleeps.fetch_add(1, std::memory_order_relaxed);
+    const timespec ten_ms{0, 10'000'000};
+    (void)sys::futex_wait(reinterpret_cast<std::uint32_t*>(&wake_), static_cast<std::uint32_t>(-1), &ten_ms);
+    __atomic_store_n(&wake_, 0, __ATOMIC_RELAXED);
+  }
+}
+
+Status GraceDomain::run_grace_period() noexcept {
+  // MB(A): the callers' unlinks before the scans (see the summary at the top).
+  if (Status st = master_mb(); !st.ok()) return st;
+  // Readers that announced the phase before the previous flip but whose store landed
+  // after that round's scan look "current" to it; waiting for the old phase first, then
+  // flipping and waiting again, catches them (the two-phase argument of the paper, 3.2).
+  wait_for_readers(false);
+  smp_mb();
+  write_once(phase_[0], read_once(phase_[0]) ^ detail::kGracePhase);
+  // The qsbr counter advances after MB(A): a reader that sees the new value (acquire in
+  // quiescent()) sees every unlink made before this round.
+  store_release(&phase_[1], read_once(phase_[1]) + 1);
+  smp_mb();
+  wait_for_readers(true);
+  // MB(B): every reader's section loads complete before the callers free.
+  Status st = master_mb();
+  impl_->grace_periods.fetch_add(1, std::memory_order_relaxed);
+  return st;
+}
+
+Status GraceDomain::synchronize() noexcept {
+  auto& im = *impl_;
+  const int me = my_tid();
+  {
+    std::lock_guard<std::mutex> g(im.reg_mu);
+    for (auto* r = im.head; r; r = r->next)
+      if (r->tid == me && !r->qsbr && (read_once(r->ctr) & detail::kGraceNestMask) != 0)
+        return Status(Errc::invalid_argument, 0, "synchronize() inside the caller's own read-side section");
+  }
+  std::unique_lock<std::mutex> lk(im.wq_mu);
+  const std::uint64_t my_gen = im.next_gen;
+  bool ran = false;
+  for (;;) {
+    if (im.completed_gen >= my_gen) {
+      if (!ran) im.shared.fetch_add(1, std::memory_order_relaxed);
+      return im.last_status;
+    }
+    if (!im.round_running) {
+      im.round_running = true;
+      const std::uint64_t gen = im.next_gen++;
+      lk.unlock();
+      Status st = run_grace_period();
+      lk.lock();
+      im.completed_gen = gen;
+      im.last_status = st;
+      im.round_running = false;
+      ran = true;
+      im.wq_cv.notify_all();
+      continue;
+    }
+    im.wq_cv.wait(lk);
+  }
+}
+
+Status GraceDomain::enqueue(void* item_ptr) noexcept {
+  auto& im = *impl_;
+  Item& item = *static_cast<Item*>(item_ptr);
+  std::unique_lock<std::mutex> lk(im.q_mu);
+  item.seq = im.next_seq++;
+  try {
+    im.queue.push_back(item);
+  } catch (const std::bad_alloc&) {
+    return Status(Errc::out_of_memory, 0, "retire");
+  }
+  im.retired.fetch_add(1, std::memory_order_relaxed);
+  if (im.queue.size() < im.options.retire_capacity) {
+    if (im.options.background_reclaimer && im.queue.size() == 1) im.q_cv.notify_one();
+    return {};
+  }
+  // Back-pressure: the retiring thread reclaims the whole queue itself.
+  im.inline_reclaims.fetch_add(1, std::memory_order_relaxed);
+  return reclaim_queue(*this, im, lk);
+}
+
+Status GraceDomain::retire(void* p, void (*deleter)(void*)) noexcept {
+  if (!deleter) return Status(Errc::invalid_argument, 0, "retire: null deleter");
+  Item it{p, deleter, nullptr, nullptr, 0, false};
+  return enqueue(&it);
+}
+
+Status GraceDomain::retire(void* p, void (*fn)(void*, void*), void* ctx) noexcept {
+  if (!fn) return Status(Errc::invalid_argument, 0, "retire: null callback");
+  Item it{p, nullptr, fn, ctx, 0, false};
+  return enqueue(&it);
+}
+
+Status GraceDomain::retire_code(Emitter& emitter, CodeBlob* blob) noexcept {
+  if (!blob) return Status(Errc::invalid_argument, 0, "retire_code: null blob");
+  if (Status st = emitter.retire(blob); !st.ok()) return st;
+  Item it{blob, nullptr,
+          [](void* em, void* b) { (void)static_cast<Emitter*>(em)->free(static_cast<CodeBlob*>(b)); },
+          &emitter, 0, true};
+  return enqueue(&it);
+}
+
+void GraceDomain::set_code_scan_hook(std::function<bool(const CodeBlob&)> still_referenced) {
+  std::lock_guard<std::mutex> g(impl_->q_mu);
+  impl_->code_hook = std::move(still_referenced);
+}
+
+Status GraceDomain::barrier() noexcept {
+  auto& im = *impl_;
+  std::unique_lock<std::mutex> lk(im.q_mu);
+  const std::uint64_t upto = im.next_seq;  // everything retired before: seq < upto
+  // A failing process barrier, or a scan hook that never lets a blob go, would keep this
+  // waiting: bound it and say which.
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(30);
+  while (im.oldest_pending_locked() < upto) {
+    if (!im.options.background_reclaimer && !im.queue.empty()) {
+      // No reclaimer: this caller reclaims.
+      if (Status st = reclaim_queue(*this, im, lk); !st.ok()) return st;
+      if (im.oldest_pending_locked() < upto && im.inflight_min.empty())
+        return Status(Errc::busy, 0, "barrier: the code scan hook still references a retired blob");
+      continue;
+    }
+    if (im.options.background_reclaimer) im.q_cv.notify_one();
+    if (im.done_cv.wait_until(lk, deadline) == std::cv_status::timeout && im.oldest_pending_locked() < upto)
+      return Status(Errc::timeout, 0,
+                    "barrier: retired entries not reclaimed (process barrier failing, or the code scan hook keeps a blob)");
+  }
+  return {};
+}
+
+GraceStats GraceDomain::stats() const noexcept {
+  auto& im = *impl_;
+  GraceStats s;
+  s.grace_periods = im.grace_periods.load(std::memory_order_relaxed);
+  s.shared = im.shared.load(std::memory_order_relaxed);
+  s.sleeps = im.sleeps.load(std::memory_order_relaxed);
+  s.retired = im.retired.load(std::memory_order_relaxed);
+  s.reclaimed = im.reclaimed.load(std::memory_order_relaxed);
+  s.inline_reclaims = im.inline_reclaims.load(std::memory_order_relaxed);
+  s.code_deferred = im.code_deferred.load(std::memory_order_relaxed);
+  return s;
+}
+
+}  // namespace jitpatch
