@@ -9,6 +9,7 @@
 #include <jitpatch/grace.hpp>
 #include <jitpatch/listing.hpp>
 #include <jitpatch/patch.hpp>
+#include <jitpatch/percpu.hpp>
 #include <jitpatch/rseq.hpp>
 #include <jitpatch/runtime.hpp>
 #include <jitpatch/visibility.hpp>
