@@ -320,9 +320,11 @@ void GraceDomain::wait_for_readers(bool second_phase) noexcept {
   for (;;) {
     if (!any_active()) return;
     if (spins < im.options.spin_before_sleep) {
+      // No sched_yield() here: on a busy machine it hands the CPU to a spinning reader
+      // for a whole time slice (milliseconds), while the futex sleep below is ended by
+      // the reader's unlock()/quiescent() within its next section.
       ++spins;
-      if ((spins & 63) == 0) std::this_thread::yield();
-      else cpu_relax();
+      cpu_relax();
       continue;
     }
     // Sleep. Store wake word, barrier, scan ctr: pairs with the reader's store ctr,

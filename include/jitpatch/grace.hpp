@@ -182,8 +182,10 @@ struct GraceOptions {
   bool background_reclaimer = true;
   // Retired-but-not-reclaimed entries before retire() reclaims by itself (back-pressure).
   std::size_t retire_capacity = 4096;
-  // Spins (with cpu_relax) before a waiting synchronize() sleeps on its futex.
-  unsigned spin_before_sleep = 1000;
+  // Scans of the readers (with cpu_relax between) before a waiting synchronize() sleeps
+  // on its futex. A reader running on another CPU leaves its section within a few
+  // scans; one that is preempted mid-section needs this CPU, which sleeping gives it.
+  unsigned spin_before_sleep = 100;
 };
 
 struct GraceStats {

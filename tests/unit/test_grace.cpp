@@ -1,0 +1,287 @@
+// GraceDomain: registration, read-side nesting, what synchronize() waits for (and what it
+// must not wait for), QSBR, retire/barrier/back-pressure, code retirement, bad input.
+#include <catch2/catch.hpp>
+
+#include <jitpatch/jitpatch.hpp>
+
+#include <atomic>
+#include <chrono>
+#include <thread>
+#include <vector>
+
+#include "support/patch_fixture.hpp"
+
+using namespace jitpatch;
+using namespace std::chrono_literals;
+
+namespace {
+
+std::unique_ptr<Runtime> make_runtime() {
+  auto r = Runtime::create();
+  REQUIRE(r.ok());
+  return std::move(r).value();
+}
+
+std::unique_ptr<GraceDomain> make_domain(Runtime& rt, GraceOptions o = {}) {
+  auto d = GraceDomain::create(rt, o);
+  INFO(d.status().message());
+  REQUIRE(d.ok());
+  return std::move(d).value();
+}
+
+// Runs synchronize() on a thread; done() says whether it has returned.
+struct AsyncSync {
+  std::atomic<bool> finished{false};
+  Status result{};
+  std::thread t;
+  explicit AsyncSync(GraceDomain& d) {
+    t = std::thread([this, &d] {
+      result = d.synchronize();
+      finished.store(true);
+    });
+  }
+  bool done_within(std::chrono::milliseconds ms) {
+    const auto until = std::chrono::steady_clock::now() + ms;
+    while (std::chrono::steady_clock::now() < until)
+      if (finished.load()) return true;
+      else std::this_thread::sleep_for(1ms);
+    return finished.load();
+  }
+  ~AsyncSync() { t.join(); }
+};
+
+}  // namespace
+
+TEST_CASE("grace: registration, nesting and bad input", "[grace]") {
+  auto rt = make_runtime();
+  for (bool symmetric : {false, true}) {
+    GraceOptions o;
+    o.symmetric = symmetric;
+    auto d = make_domain(*rt, o);
+    CHECK(d->symmetric() == (symmetric || rt->strategy(Operation::process_barrier) == Strategy::none));
+    auto r = d->register_reader();
+    REQUIRE(r.ok());
+    GraceReader& reader = *r;
+    CHECK(reader.kind() == ReaderKind::critical_section);
+    CHECK(d->reader_count() == 1);
+    // One reader per thread per domain.
+    auto again = d->register_reader(ReaderKind::qsbr);
+    REQUIRE_FALSE(again.ok());
+    CHECK(again.status().code() == Errc::already_attached);
+
+    CHECK_FALSE(reader.in_section());
+    reader.lock();
+    reader.lock();
+    CHECK(reader.in_section());
+    // Waiting for itself would never end.
+    Status st = d->synchronize();
+    CHECK(st.code() == Errc::invalid_argument);
+    reader.unlock();
+    CHECK(reader.in_section());
+    reader.unlock();
+    CHECK_FALSE(reader.in_section());
+    CHECK(d->synchronize().ok());
+
+    CHECK(d->retire(nullptr, static_cast<void (*)(void*)>(nullptr)).code() == Errc::invalid_argument);
+    CHECK(d->retire(nullptr, static_cast<void (*)(void*, void*)>(nullptr), nullptr).code() == Errc::invalid_argument);
+  }
+  GraceOptions bad;
+  bad.retire_capacity = 0;
+  CHECK(GraceDomain::create(*rt, bad).status().code() == Errc::invalid_argument);
+}
+
+TEST_CASE("grace: synchronize waits for a pre-existing reader, not for later ones", "[grace]") {
+  auto rt = make_runtime();
+  for (bool symmetric : {false, true}) {
+    GraceOptions o;
+    o.symmetric = symmetric;
+    o.spin_before_sleep = 50;  // reach the futex sleep and its wake-up path too
+    auto d = make_domain(*rt, o);
+    std::atomic<int> stage{0};
+    std::thread reader([&] {
+      auto r = d->register_reader();
+      REQUIRE(r.ok());
+      r->lock();
+      stage.store(1);
+      while (stage.load() != 2) std::this_thread::sleep_for(1ms);
+      r->unlock();
+      // A new section after the grace period began must not hold it up.
+      r->lock();
+      stage.store(3);
+      while (stage.load() != 4) std::this_thread::sleep_for(1ms);
+      r->unlock();
+    });
+    while (stage.load() != 1) std::this_thread::sleep_for(1ms);
+    {
+      AsyncSync s(*d);
+      CHECK_FALSE(s.done_within(100ms));  // the reader is still in its section
+      stage.store(2);
+      CHECK(s.done_within(10s));
+      CHECK(s.result.ok());
+    }
+    while (stage.load() != 3) std::this_thread::sleep_for(1ms);
+    // The reader is in a section that began before this synchronize(): it must wait.
+    {
+      AsyncSync s(*d);
+      CHECK_FALSE(s.done_within(50ms));
+      stage.store(4);
+      CHECK(s.done_within(10s));
+    }
+    reader.join();
+    CHECK(d->stats().sleeps > 0);
+  }
+}
+
+TEST_CASE("grace: qsbr readers hold a grace period until quiescent or offline", "[grace]") {
+  auto rt = make_runtime();
+  auto d = make_domain(*rt);
+  std::atomic<int> stage{0};
+  std::thread t([&] {
+    auto r = d->register_reader(ReaderKind::qsbr);
+    REQUIRE(r.ok());
+    CHECK(r->kind() == ReaderKind::qsbr);
+    CHECK(r->is_online());
+    stage.store(1);
+    while (stage.load() != 2) std::this_thread::sleep_for(1ms);
+    r->quiescent();
+    while (stage.load() != 3) std::this_thread::sleep_for(1ms);
+    r->offline();
+    CHECK_FALSE(r->is_online());
+    stage.store(4);
+    while (stage.load() != 5) std::this_thread::sleep_for(1ms);
+    r->online();
+  });
+  while (stage.load() != 1) std::this_thread::sleep_for(1ms);
+  {
+    AsyncSync s(*d);
+    CHECK_FALSE(s.done_within(100ms));  // online and not yet quiescent
+    stage.store(2);
+    CHECK(s.done_within(10s));
+  }
+  {
+    // Online, and its last quiescent state predates this call.
+    AsyncSync s(*d);
+    CHECK_FALSE(s.done_within(50ms));
+    stage.store(3);
+    CHECK(s.done_within(10s));  // offline() releases it
+  }
+  while (stage.load() != 4) std::this_thread::sleep_for(1ms);
+  CHECK(d->synchronize().ok());  // an offline reader is never waited for
+  stage.store(5);
+  t.join();
+  // A qsbr reader may call synchronize() itself (it holds no references across it).
+  auto me = d->register_reader(ReaderKind::qsbr);
+  REQUIRE(me.ok());
+  CHECK(d->synchronize().ok());
+}
+
+TEST_CASE("grace: concurrent synchronize calls share rounds", "[grace]") {
+  auto rt = make_runtime();
+  auto d = make_domain(*rt);
+  std::atomic<bool> go{false};
+  std::vector<std::thread> ts;
+  constexpr int kThreads = 4, kCalls = 200;
+  for (int i = 0; i < kThreads; ++i)
+    ts.emplace_back([&] {
+      while (!go.load()) std::this_thread::yield();
+      for (int k = 0; k < kCalls; ++k) REQUIRE(d->synchronize().ok());
+    });
+  go.store(true);
+  for (auto& t : ts) t.join();
+  const auto s = d->stats();
+  CHECK(s.grace_periods + s.shared == static_cast<std::uint64_t>(kThreads * kCalls));
+  CHECK(s.grace_periods <= static_cast<std::uint64_t>(kThreads * kCalls));
+}
+
+TEST_CASE("grace: retire runs deleters after a grace period; barrier waits for them", "[grace]") {
+  auto rt = make_runtime();
+  for (bool background : {true, false}) {
+    GraceOptions o;
+    o.background_reclaimer = background;
+    o.retire_capacity = 8;
+    auto d = make_domain(*rt, o);
+    static std::atomic<int> freed;
+    freed.store(0);
+    auto r = d->register_reader();
+    REQUIRE(r.ok());
+    // Retired while this thread's own reader is outside a section; all must run.
+    for (int i = 0; i < 20; ++i) REQUIRE(d->retire(new int(i), [](void* p) {
+      delete static_cast<int*>(p);
+      freed.fetch_add(1);
+    }).ok());
+    REQUIRE(d->barrier().ok());
+    CHECK(freed.load() == 20);
+    const auto s = d->stats();
+    CHECK(s.retired == 20);
+    CHECK(s.reclaimed == 20);
+    if (!background) CHECK(s.inline_reclaims >= 2);  // 20 entries through a queue of 8
+
+    // The two-argument form and retire_delete.
+    int ctx_hits = 0;
+    REQUIRE(d->retire(new int(7), [](void* ctx, void* p) {
+      ++*static_cast<int*>(ctx);
+      delete static_cast<int*>(p);
+    }, &ctx_hits).ok());
+    REQUIRE(d->retire_delete(new std::vector<int>(100)).ok());
+    REQUIRE(d->barrier().ok());
+    CHECK(ctx_hits == 1);
+  }
+}
+
+TEST_CASE("grace: a deleter never runs while a pre-existing reader is in its section", "[grace]") {
+  auto rt = make_runtime();
+  auto d = make_domain(*rt);
+  static std::atomic<int> freed;
+  freed.store(0);
+  std::atomic<int> stage{0};
+  std::thread t([&] {
+    auto r = d->register_reader();
+    REQUIRE(r.ok());
+    r->lock();
+    stage.store(1);
+    while (stage.load() != 2) std::this_thread::sleep_for(1ms);
+    r->unlock();
+  });
+  while (stage.load() != 1) std::this_thread::sleep_for(1ms);
+  REQUIRE(d->retire(nullptr, [](void*) { freed.fetch_add(1); }).ok());
+  std::this_thread::sleep_for(100ms);
+  CHECK(freed.load() == 0);
+  stage.store(2);
+  t.join();
+  REQUIRE(d->barrier().ok());
+  CHECK(freed.load() == 1);
+}
+
+TEST_CASE("grace: retire_code frees a blob after a grace period; the scan hook defers it", "[grace]") {
+  test::PatchFixture fx;
+  auto d = make_domain(*fx.rt);
+  CodeBlob* a = fx.constant(11);
+  CodeBlob* b = fx.constant(22);
+  CHECK(a->as<int()>()() == 11);
+  const auto live = fx.em->live_blobs();
+
+  // The hook sees `b` referenced for three rounds (an embedder's stack scan finding a
+  // return address into it), then lets it go.
+  std::atomic<int> hook_calls{0};
+  d->set_code_scan_hook([&](const CodeBlob& blob) {
+    if (&blob != b) return false;
+    return hook_calls.fetch_add(1) < 3;
+  });
+  REQUIRE(d->retire_code(*fx.em, a).ok());
+  CHECK(a->state() == BlobState::retired);
+  // Retiring twice, or a null blob, is refused.
+  CHECK(d->retire_code(*fx.em, a).code() == Errc::invalid_argument);
+  CHECK(d->retire_code(*fx.em, nullptr).code() == Errc::invalid_argument);
+  // The patcher refuses to patch retired code.
+  REQUIRE(d->retire_code(*fx.em, b).ok());
+  REQUIRE(d->barrier().ok());
+  CHECK(hook_calls.load() == 4);
+  CHECK(fx.em->live_blobs() == live - 2);
+  CHECK(d->stats().code_deferred == 3);
+  // The freed memory is dirty: the next publication serializes cores.
+  CHECK(fx.heap->stats().dirty_bytes > 0);
+  const auto before = fx.heap->stats().serializations;
+  CodeBlob* c = fx.constant(33);
+  CHECK(c->as<int()>()() == 33);
+  CHECK(fx.heap->stats().serializations == before + 1);
+}
