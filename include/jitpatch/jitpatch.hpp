@@ -12,4 +12,5 @@
 #include <jitpatch/percpu.hpp>
 #include <jitpatch/rseq.hpp>
 #include <jitpatch/runtime.hpp>
+#include <jitpatch/safepoint_polls.hpp>  // includes safepoint.hpp
 #include <jitpatch/visibility.hpp>

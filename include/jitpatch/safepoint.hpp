@@ -1,0 +1,381 @@
+// jitpatch::Safepoints: what a VM's garbage collector needs from the runtime to stop its
+// mutator threads quickly and cheaply, and to run work on them.
+//
+//   auto sp = jitpatch::Safepoints::create(*runtime).value();
+//   // on each mutator thread (also threads the VM did not create):
+//   auto att = sp->attach_current_thread().value();   // starts in `native`
+//   jitpatch::SafepointThread* self = att.thread();
+//   self->enter_managed();          // checks for a pending request
+//   ... run JIT code, which polls (self->poll() from C++, or the emitted polls) ...
+//   self->enter_native();           // a release store
+//   // on the GC thread:
+//   sp->stop_the_world([&] { /* every mutator is parked or outside managed code */ });
+//
+// Thread states. `managed`: runs JIT or interpreter code and must poll. `native`: outside
+// managed code (safe). `blocked`: in a blocking call (safe). `parked`: stopped in the
+// safepoint slow path (safe). Transitional, not safe: `in_transition` (the slow path
+// deciding what to do) and `in_handshake` (running its own handshake operations).
+//
+// The ordering of transitions. managed -> native is a release store (pairs with the
+// coordinator's acquire load of the state: everything the thread did in managed code is
+// visible to the coordinator that sees it native). native -> managed stores `managed`,
+// then a barrier, then loads the thread's poll word: the store-buffering shape against
+// the coordinator's "arm the poll word, barrier, load the state". In the asymmetric mode
+// the mutator's barrier is a compiler barrier and the coordinator's is
+// Runtime::process_barrier() (membarrier: the seed's pairing, REFERENCE 1 and 4); in the
+// symmetric mode both are smp_mb(). Either the coordinator sees the thread managed (and
+// waits for it to park), or the thread sees its poll word armed (and parks itself).
+//
+// Polls (the code sequences for JITs are in jitpatch/safepoint_polls.hpp):
+//   poll word     a load of the thread's own word + test + branch to the slow path.
+//                 Armed by anyone (an atomic OR), disarmed only by its owner, by an
+//                 exchange with 0 followed by a re-check of every kind of request.
+//   page poll     a load from the thread's own page; the coordinator protects the page
+//                 (PROT_NONE) to arm it; the SIGSEGV handler recognizes a fault on the
+//                 faulting thread's own poll page and runs the slow path inside the
+//                 handler; every other SIGSEGV goes to the handler installed before.
+//   patched poll  a toggle site (x86-64: 5-byte NOP, aarch64: NOP) that the coordinator
+//                 patches into a jump to an out-of-line stub (which calls the shared
+//                 safepoint stub and jumps back) for as long as any request is pending:
+//                 one PatchBatch (one serialization) to arm, one to disarm.
+//   The poll word is always armed as well: C++ code and the native -> managed transition
+//   check it, whatever the JIT emits.
+//
+// stop_the_world(fn): arm, wait until every managed thread is parked and every other
+// attached thread is in a safe state, run fn, release. The registry is locked for the
+// whole stop: a thread attaching during one waits and then starts `native`, so its first
+// entry into managed code happens after the stop; a thread detaching waits (in `native`,
+// which counts as stopped). Waiting spins briefly, then sleeps on a futex with a bounded
+// timeout; after SafepointOptions::timeout the stop is released without running fn and
+// returns Errc::timeout, and late_threads() names the threads that were late, their
+// states and their last poll site (last slow-path entry).
+//
+// Handshakes: handshake(thread, fn) / handshake_all(fn) run fn(thread) at the target's
+// next poll, or on the requesting thread on the target's behalf while the target is in a
+// safe state; a target that tries to re-enter managed code meanwhile waits in its slow
+// path until the operation is done. At most one executor runs a target's operations at a
+// time (a per-thread lock).
+//
+// Nesting and concurrency (never a deadlock):
+//   - concurrent stop_the_world / handshake_all calls are queued (one coordinator lock);
+//   - stop_the_world or handshake* called from inside a stop_the_world fn (same thread):
+//     run at once (every thread is already stopped; handshakes run on the targets' behalf);
+//   - stop_the_world or handshake* called from inside a handshake operation: Errc::busy;
+//   - called by an attached mutator: allowed; the caller counts as stopped (it is in the
+//     `blocked` state while it waits and while fn runs, so its managed frames must be
+//     walkable as at a poll) and re-enters managed code through the checked transition.
+//   - handshake(self): fn runs at once on the caller.
+//
+// A blocked thread holding a lock the coordinator (or a handshake operation) needs is a
+// deadlock the library cannot see. The rule: release such locks before enter_blocked()
+// (or enter_native()), take them again after enter_managed(). A safepoint operation that
+// needs a lock a mutator may hold while managed is fine: the mutator polls, parks, and
+// the lock is whatever it was at the poll; it must not be held *across* a poll.
+//
+// QSBR: with SafepointOptions::grace, every attached thread registers a qsbr reader of
+// that GraceDomain: the slow path reports quiescent(), native/blocked/parked are offline,
+// managed is online. Code retirement then rides on safepoints.
+//
+// Thread-safety: everything on Safepoints is thread-safe. The SafepointThread methods are
+// for the owning thread only (the free functions in jitpatch::safepoint check that).
+#pragma once
+
+#include <jitpatch/arch.hpp>
+#include <jitpatch/error.hpp>
+#include <jitpatch/runtime.hpp>
+
+#include <array>
+#include <chrono>
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <sys/types.h>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+namespace jitpatch {
+
+class Safepoints;
+class SafepointThread;
+class GraceDomain;
+class GraceReader;
+class Emitter;
+class Patcher;
+class CodeBlob;
+
+enum class ThreadState : std::uint32_t {
+  native = 0,
+  blocked = 1,
+  parked = 2,
+  managed = 3,
+  in_transition = 4,
+  in_handshake = 5,
+};
+const char* thread_state_name(ThreadState s) noexcept;
+constexpr bool is_safe(ThreadState s) noexcept { return static_cast<std::uint32_t>(s) <= 2; }
+
+// Which polls the coordinator arms (the poll word always is).
+enum PollKinds : unsigned {
+  poll_word = 1u << 0,
+  page_poll = 1u << 1,
+  patched_poll = 1u << 2,
+};
+
+enum class SafepointMode : std::uint8_t {
+  automatic,   // asymmetric when Runtime::process_barrier() is membarrier, else symmetric
+  asymmetric,  // mutators: compiler barrier; coordinator: process_barrier()
+  symmetric,   // both sides smp_mb()
+};
+
+struct SafepointOptions {
+  SafepointMode mode = SafepointMode::automatic;
+  unsigned poll_kinds = poll_word;  // | page_poll | patched_poll
+  GraceDomain* grace = nullptr;     // optional QSBR integration (see above)
+  std::chrono::milliseconds timeout{10000};  // stop_the_world / handshake wait bound
+  unsigned spin_before_sleep = 2000;         // state checks (with cpu_relax) before sleeping
+};
+
+// log2-bucketed histogram of durations in ns: bucket i counts values in [2^i, 2^(i+1)).
+struct SafepointHistogram {
+  std::array<std::uint64_t, 40> buckets{};
+  std::uint64_t count = 0;
+  // Upper bound of the bucket holding quantile q (0.5 median, 0.99 p99); 0 when empty.
+  double quantile_ns(double q) const noexcept;
+};
+
+struct LastStop {
+  std::uint64_t ttsp_ns = 0;          // arming to the last thread safe
+  std::uint64_t at_safepoint_ns = 0;  // fn and release
+  pid_t slowest_tid = 0;              // the thread the coordinator waited for longest
+  std::uint64_t slowest_ns = 0;
+  std::size_t threads = 0;            // attached threads at the stop (the caller included)
+};
+
+struct SafepointStats {
+  std::uint64_t stops = 0;
+  std::uint64_t nested = 0;            // stops/handshakes run at once inside a stop
+  std::uint64_t handshakes = 0;        // operations completed
+  std::uint64_t handshakes_by_requester = 0;  // of which run on the target's behalf
+  std::uint64_t timeouts = 0;
+  std::uint64_t slow_paths = 0;        // slow-path entries
+  std::uint64_t page_faults = 0;       // page polls that trapped
+  std::uint64_t patch_arms = 0;        // patched polls armed (batches)
+  LastStop last;
+  SafepointHistogram ttsp;
+  SafepointHistogram at_safepoint;
+};
+
+struct LateThread {
+  pid_t tid = 0;
+  ThreadState state = ThreadState::managed;
+  const void* last_poll_site = nullptr;  // last slow-path entry (nullptr: never polled slow)
+};
+
+namespace detail {
+// A non-owning callable reference (no allocation on the stop/handshake paths).
+template <class Sig>
+class FnRef;
+template <class R, class... A>
+class FnRef<R(A...)> {
+ public:
+  template <class F, class = std::enable_if_t<!std::is_same_v<std::decay_t<F>, FnRef>>>
+  FnRef(F&& f) noexcept  // NOLINT: implicit on purpose
+      : obj_(const_cast<void*>(static_cast<const void*>(&f))),
+        call_([](void* o, A... a) -> R { return (*static_cast<std::remove_reference_t<F>*>(o))(std::forward<A>(a)...); }) {}
+  R operator()(A... a) const { return call_(obj_, std::forward<A>(a)...); }
+
+ private:
+  void* obj_;
+  R (*call_)(void*, A...);
+};
+
+void safepoint_slow(SafepointThread* t, const void* site) noexcept;
+void safepoint_notify(SafepointThread* t) noexcept;
+extern thread_local constinit SafepointThread* t_safepoint_thread;
+}  // namespace detail
+
+// One attached thread. The first cache line is what polls and transitions touch; JIT code
+// reaches it through a register holding this object's address (current()).
+class alignas(64) SafepointThread {
+ public:
+  // Offsets for JITs that emit their own polls (checked by static_assert in the library).
+  static constexpr std::int32_t kPollWordOffset = 0;  // u64: nonzero = armed
+  static constexpr std::int32_t kPollPageOffset = 8;  // pointer to the thread's poll page
+  static constexpr std::int32_t kStateOffset = 16;    // u32: ThreadState
+
+  // The calling thread's record, or nullptr. One initial-exec TLS load.
+  static SafepointThread* current() noexcept { return detail::t_safepoint_thread; }
+
+  // Owner only. The poll: a load and a branch while nothing is pending.
+  JITPATCH_ALWAYS_INLINE void poll() noexcept {
+    if (read_once(poll_word_) != 0) [[unlikely]]
+      detail::safepoint_slow(this, __builtin_return_address(0));
+  }
+  // managed -> native (or blocked): a release store, then a look at the own poll word to
+  // wake a coordinator that may be sleeping on this thread (the look may miss; the
+  // coordinator's sleeps are bounded, so a miss costs latency, never correctness).
+  JITPATCH_ALWAYS_INLINE void enter_native() noexcept { leave_managed(ThreadState::native); }
+  JITPATCH_ALWAYS_INLINE void enter_blocked() noexcept { leave_managed(ThreadState::blocked); }
+  // native/blocked -> managed: store, barrier, check (see the header comment).
+  JITPATCH_ALWAYS_INLINE void enter_managed() noexcept {
+    write_once(state_, static_cast<std::uint32_t>(ThreadState::managed));
+    if (symmetric_) smp_mb();
+    else compiler_barrier();
+    if (read_once(poll_word_) != 0) [[unlikely]]
+      detail::safepoint_slow(this, __builtin_return_address(0));
+    else if (qsbr_) [[unlikely]]
+      online_slow();
+  }
+
+  ThreadState state() const noexcept { return static_cast<ThreadState>(load_acquire(&state_)); }
+  bool armed() const noexcept { return read_once(poll_word_) != 0; }
+  pid_t tid() const noexcept { return tid_; }
+  Safepoints& safepoints() const noexcept { return *owner_; }
+  std::byte* poll_page() const noexcept { return poll_page_; }
+
+ private:
+  friend class Safepoints;
+  friend void detail::safepoint_slow(SafepointThread*, const void*) noexcept;
+  friend void detail::safepoint_notify(SafepointThread*) noexcept;
+  JITPATCH_ALWAYS_INLINE void leave_managed(ThreadState s) noexcept {
+    if (qsbr_) [[unlikely]]
+      offline_slow();
+    // Pairs with the coordinator's load_acquire of the state: what this thread did in
+    // managed code happens before what the coordinator does once it sees it safe.
+    store_release(&state_, static_cast<std::uint32_t>(s));
+    if (read_once(poll_word_) != 0) [[unlikely]]
+      detail::safepoint_notify(this);
+  }
+  void online_slow() noexcept;
+  void offline_slow() noexcept;
+
+ protected:
+  SafepointThread() noexcept = default;
+  ~SafepointThread() = default;
+  // --- first cache line: the hot fields, at the documented offsets ---
+  std::uint64_t poll_word_ = 0;          // +0
+  std::byte* poll_page_ = nullptr;       // +8
+  std::uint32_t state_ = 0;              // +16
+  bool symmetric_ = false;               // +20
+  pid_t tid_ = 0;                        // +24
+  Safepoints* owner_ = nullptr;          // +32
+  GraceReader* qsbr_ = nullptr;          // +40
+};
+
+// RAII attachment to a Safepoints registry. Move-only; destroy (or detach()) on the
+// attached thread.
+class SafepointAttachment {
+ public:
+  SafepointAttachment() noexcept = default;
+  SafepointAttachment(SafepointAttachment&& o) noexcept : t_(std::exchange(o.t_, nullptr)) {}
+  SafepointAttachment& operator=(SafepointAttachment&& o) noexcept;
+  SafepointAttachment(const SafepointAttachment&) = delete;
+  SafepointAttachment& operator=(const SafepointAttachment&) = delete;
+  ~SafepointAttachment() { (void)detach(); }
+
+  bool attached() const noexcept { return t_ != nullptr; }
+  SafepointThread* thread() const noexcept { return t_; }
+  // Idempotent. Runs the thread's pending handshake operations, waits while a stop is in
+  // progress (the thread is `native` meanwhile), then unlinks. Errc::invalid_argument on
+  // another thread.
+  Status detach() noexcept;
+
+ private:
+  friend class Safepoints;
+  explicit SafepointAttachment(SafepointThread* t) noexcept : t_(t) {}
+  SafepointThread* t_ = nullptr;
+};
+
+class Safepoints {
+ public:
+  // `rt` must outlive this object (and so must options.grace). Installs the SIGSEGV
+  // handler when page polls are enabled (chaining to the previous one). Errc::busy if
+  // page polls are asked for while another Safepoints with page polls exists.
+  static Result<std::unique_ptr<Safepoints>> create(Runtime& rt, const SafepointOptions& options = {}) noexcept;
+  // Every thread must have detached first (attached records are leaked and a warning
+  // is not possible here: a caller bug, like destroying a mutex that is locked).
+  ~Safepoints();
+  Safepoints(const Safepoints&) = delete;
+  Safepoints& operator=(const Safepoints&) = delete;
+
+  // Attach the calling thread (also to the Runtime if it is not attached). The thread
+  // starts `native`. Errc::already_attached if it is attached here already.
+  Result<SafepointAttachment> attach_current_thread() noexcept;
+  // For threads the VM did not create (callbacks from foreign threads): attach until the
+  // thread exits (a thread-exit destructor detaches). Returns the existing record if the
+  // thread is already attached.
+  Result<SafepointThread*> adopt_current_thread() noexcept;
+  std::size_t thread_count() const noexcept;
+
+  template <class F>
+  Status stop_the_world(F&& fn) noexcept {
+    return stop_impl(detail::FnRef<void()>(fn));
+  }
+  template <class F>
+  Status handshake(SafepointThread* target, F&& fn) noexcept {
+    return handshake_impl(target, detail::FnRef<void(SafepointThread&)>(fn));
+  }
+  template <class F>
+  Status handshake_all(F&& fn) noexcept {
+    return handshake_impl(nullptr, detail::FnRef<void(SafepointThread&)>(fn));
+  }
+  // Visit every attached thread. Inside a stop_the_world fn on the coordinator: no lock
+  // (the registry is held by the stop); elsewhere it takes the registry lock.
+  template <class F>
+  void for_each_thread(F&& fn) {
+    for_each_impl(detail::FnRef<void(SafepointThread&)>(fn));
+  }
+
+  // --- patched polls (needs PollKinds::patched_poll) -------------------------------
+  // Emit the shared safepoint stub with `emitter` and patch through `patcher` (its
+  // emitter must be the same heap). Call once, before emitting patched polls.
+  Status enable_patched_polls(Emitter& emitter, Patcher& patcher) noexcept;
+  // Register / unregister the patched polls of a blob (its toggle sites named
+  // "safepoint.poll"). Call unregister before freeing the blob. Thread-safe; waits for
+  // an arming in progress.
+  Status add_poll_sites(const CodeBlob& blob) noexcept;
+  Status remove_poll_sites(const CodeBlob& blob) noexcept;
+  std::size_t poll_site_count() const noexcept;
+
+  // The shared out-of-line stub every emitted poll calls (x86-64: preserves every
+  // general-purpose register, the flags and xmm0-15; aarch64: x0-x18, x29, x30, NZCV,
+  // q0-q31). nullptr before enable_patched_polls / emit_stub.
+  const void* poll_stub() const noexcept;
+  // Emit the shared stub without patched polls (poll word only JITs).
+  Status emit_stub(Emitter& emitter) noexcept;
+
+  SafepointMode mode() const noexcept;  // asymmetric or symmetric, as resolved
+  unsigned poll_kinds() const noexcept;
+  SafepointStats stats() const noexcept;
+  void reset_stats() noexcept;
+  // The threads late at the last timeout.
+  std::vector<LateThread> late_threads() const;
+  // Whether the calling thread is the coordinator of a stop in progress (inside fn).
+  bool in_stop() const noexcept;
+  Runtime& runtime() const noexcept;
+
+  struct Impl;
+  Impl* impl() const noexcept { return impl_.get(); }  // internal
+
+ private:
+  friend class SafepointAttachment;
+  explicit Safepoints(std::unique_ptr<Impl> impl) noexcept;
+  Status stop_impl(detail::FnRef<void()> fn) noexcept;
+  Status handshake_impl(SafepointThread* target, detail::FnRef<void(SafepointThread&)> fn) noexcept;
+  void for_each_impl(detail::FnRef<void(SafepointThread&)> fn);
+  std::unique_ptr<Impl> impl_;
+};
+
+// The calling thread's transitions, checked: Errc::not_attached from a thread that is
+// not attached to any Safepoints, Errc::invalid_argument for a transition from the wrong
+// state (enter_managed from managed, enter_native from native).
+namespace safepoint {
+Status poll() noexcept;
+Status enter_native() noexcept;
+Status enter_blocked() noexcept;
+Status enter_managed() noexcept;
+}  // namespace safepoint
+
+}  // namespace jitpatch

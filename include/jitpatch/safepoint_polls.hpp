@@ -1,0 +1,74 @@
+// Safepoint polls for JIT code emitted with jitpatch::Emitter (asmjit), and the code
+// sequences for JITs that emit their own.
+//
+//   jitpatch::PollEmitter polls(cx, *safepoints);   // safepoints->poll_stub() must exist
+//   ... loop body ...
+//   polls.poll_word(thread_reg, scratch_reg);       // or page_poll(...) / patched_poll()
+//   ... ret ...
+//   polls.finish();                                 // the out-of-line slow-path stubs
+//
+// `thread_reg` holds SafepointThread::current() of the running thread (JIT code gets it as
+// an argument or keeps it in a register, like HotSpot's r15/x28).
+//
+// x86-64 sequences (T = thread register, S = scratch):
+//   poll word:    cmp qword [T+0], 0 ; jne slow          (48 83 3F 00 / 0F 85 rel32 for
+//                 T = rdi; flags clobbered, S unused)
+//   page poll:    mov S, [T+8] ; mov S32, dword [S]        (flags preserved; S clobbered;
+//                 the load faults while the page is armed)
+//   patched poll: 0F 1F 44 00 00 (NOP5) <-> E9 rel32 (jmp slow), inside one aligned
+//                 8-byte word (EmitContext::toggle_site named "safepoint.poll")
+//   slow:         lea rsp, [rsp-128] ; call stub ; lea rsp, [rsp+128] ; jmp back
+//                 (the 128 bytes step over the System V red zone the code may use)
+// aarch64 sequences:
+//   poll word:    ldr S, [T, #0] ; cbnz S, slow            (S clobbered)
+//   page poll:    ldr S, [T, #8] ; ldr wS, [S]             (S clobbered)
+//   patched poll: NOP (D503201F) <-> B slow
+//   slow:         stp x29, x30, [sp, #-16]! ; bl stub ; ldp x29, x30, [sp], #16 ; b back
+// The stub (Safepoints::poll_stub()) preserves every general-purpose register, the flags
+// (x86 RFLAGS / NZCV) and the SIMD registers xmm0-15 (x86-64; not the upper halves of
+// ymm/zmm) / q0-q31 (aarch64), and calls the slow path with the return address as the
+// poll site. A page poll needs no stub: the SIGSEGV handler runs the slow path and the
+// load is retried.
+#pragma once
+
+#include <jitpatch/emitter.hpp>
+#include <jitpatch/safepoint.hpp>
+
+#include <vector>
+
+namespace jitpatch {
+
+#if defined(__x86_64__)
+using PollReg = asmjit::x86::Gp;
+#else
+using PollReg = asmjit::a64::Gp;
+#endif
+
+class PollEmitter {
+ public:
+  // Errors (no stub yet) are reported by status() and by finish(); a poll emitted without
+  // a stub is not emitted.
+  PollEmitter(EmitContext& cx, const Safepoints& sp) noexcept;
+  // x86-64 does not use `scratch` for a poll word.
+  void poll_word(const PollReg& thread, const PollReg& scratch);
+  void page_poll(const PollReg& thread, const PollReg& scratch);
+  // Register the blob with Safepoints::add_poll_sites() after emission.
+  void patched_poll();
+  // The out-of-line parts. Call once, after the body (the code must not fall into them).
+  Status finish();
+  Status status() const noexcept { return status_; }
+  std::size_t polls() const noexcept { return pending_.size(); }
+
+ private:
+  void slow_stub(const asmjit::Label& slow, const asmjit::Label& back);
+  EmitContext* cx_;
+  const void* stub_;
+  Status status_;
+  struct Pending {
+    asmjit::Label slow, back;
+  };
+  std::vector<Pending> pending_;
+  bool finished_ = false;
+};
+
+}  // namespace jitpatch

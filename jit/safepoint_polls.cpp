@@ -1,0 +1,162 @@
+// Safepoint poll emission (asmjit) and the shared out-of-line stub.
+#include <jitpatch/safepoint_polls.hpp>
+
+#include "jit/safepoint_stub.hpp"
+
+#include <cstdint>
+
+namespace jitpatch {
+
+namespace {
+constexpr const char* kPollSiteName = "safepoint.poll";
+constexpr const char* kStubCallName = "safepoint.stub_call";
+}  // namespace
+
+PollEmitter::PollEmitter(EmitContext& cx, const Safepoints& sp) noexcept : cx_(&cx), stub_(sp.poll_stub()) {
+  if (!stub_)
+    status_ = Status(Errc::invalid_argument, 0, "Safepoints has no poll stub: call emit_stub or enable_patched_polls");
+}
+
+#if defined(__x86_64__)
+namespace x = asmjit::x86;
+
+void PollEmitter::poll_word(const PollReg& thread, const PollReg&) {
+  if (!stub_) return;
+  Pending p{cx_->a.newLabel(), cx_->a.newLabel()};
+  cx_->a.cmp(x::qword_ptr(thread, SafepointThread::kPollWordOffset), 0);
+  cx_->a.jne(p.slow);
+  cx_->a.bind(p.back);
+  pending_.push_back(p);
+}
+
+void PollEmitter::page_poll(const PollReg& thread, const PollReg& scratch) {
+  if (!stub_) return;
+  // No stub: the load faults while the page is armed and the SIGSEGV handler runs the
+  // slow path; MOV leaves the flags alone.
+  cx_->a.mov(scratch.r64(), x::qword_ptr(thread, SafepointThread::kPollPageOffset));
+  cx_->a.mov(scratch.r32(), x::dword_ptr(scratch.r64()));
+}
+
+void PollEmitter::patched_poll() {
+  if (!stub_) return;
+  Pending p{cx_->a.newLabel(), cx_->a.newLabel()};
+  cx_->toggle_site(p.slow, kPollSiteName, false);
+  cx_->a.bind(p.back);
+  pending_.push_back(p);
+}
+
+void PollEmitter::slow_stub(const asmjit::Label& slow, const asmjit::Label& back) {
+  auto& a = cx_->a;
+  a.bind(slow);
+  // LEA, not SUB/ADD: the flags of the interrupted code stay as they were.
+  a.lea(x::rsp, x::ptr(x::rsp, -128));
+  cx_->call_site(stub_, kStubCallName);
+  a.lea(x::rsp, x::ptr(x::rsp, 128));
+  a.jmp(back);
+}
+#else
+namespace a64 = asmjit::a64;
+
+void PollEmitter::poll_word(const PollReg& thread, const PollReg& scratch) {
+  if (!stub_) return;
+  Pending p{cx_->a.newLabel(), cx_->a.newLabel()};
+  cx_->a.ldr(scratch.x(), a64::ptr(thread.x(), SafepointThread::kPollWordOffset));
+  cx_->a.cbnz(scratch.x(), p.slow);
+  cx_->a.bind(p.back);
+  pending_.push_back(p);
+}
+
+void PollEmitter::page_poll(const PollReg& thread, const PollReg& scratch) {
+  if (!stub_) return;
+  cx_->a.ldr(scratch.x(), a64::ptr(thread.x(), SafepointThread::kPollPageOffset));
+  cx_->a.ldr(scratch.w(), a64::ptr(scratch.x()));
+}
+
+void PollEmitter::patched_poll() {
+  if (!stub_) return;
+  Pending p{cx_->a.newLabel(), cx_->a.newLabel()};
+  cx_->toggle_site(p.slow, kPollSiteName, false);
+  cx_->a.bind(p.back);
+  pending_.push_back(p);
+}
+
+void PollEmitter::slow_stub(const asmjit::Label& slow, const asmjit::Label& back) {
+  auto& a = cx_->a;
+  a.bind(slow);
+  // BL overwrites x30: keep the code's link register (and frame pointer) on the stack.
+  a.stp(a64::x29, a64::x30, a64::ptr_pre(a64::sp, -16));
+  cx_->call_site(stub_, kStubCallName);
+  a.ldp(a64::x29, a64::x30, a64::ptr_post(a64::sp, 16));
+  a.b(back);
+}
+#endif
+
+Status PollEmitter::finish() {
+  if (!status_.ok()) return status_;
+  if (finished_) return Status(Errc::invalid_argument, 0, "PollEmitter::finish called twice");
+  finished_ = true;
+  for (const Pending& p : pending_) slow_stub(p.slow, p.back);
+  return {};
+}
+
+namespace detail {
+
+Result<CodeBlob*> emit_safepoint_stub(Emitter& emitter, void (*entry)(const void* site) noexcept) noexcept {
+  const auto target = reinterpret_cast<std::uint64_t>(entry);
+  return emitter.emit("jitpatch.safepoint_stub", [target](EmitContext& cx) {
+    auto& a = cx.a;
+#if defined(__x86_64__)
+    static const x::Gp kSaved[] = {x::rax, x::rcx, x::rdx, x::rsi, x::rdi, x::r8, x::r9, x::r10, x::r11};
+    a.push(x::rbp);
+    a.mov(x::rbp, x::rsp);
+    a.pushfq();
+    for (const auto& r : kSaved) a.push(r);
+    // The code that polled may have any stack alignment; the System V ABI wants 16 at
+    // the call (flags are saved already, AND may clobber them).
+    a.and_(x::rsp, -16);
+    a.sub(x::rsp, 256);
+    for (int i = 0; i < 16; ++i) a.movdqu(x::ptr(x::rsp, i * 16), x::xmm(static_cast<std::uint32_t>(i)));
+    a.mov(x::rdi, x::ptr(x::rbp, 8));  // return address: inside the poll's out-of-line stub
+    a.mov(x::rax, target);
+    a.call(x::rax);
+    for (int i = 0; i < 16; ++i) a.movdqu(x::xmm(static_cast<std::uint32_t>(i)), x::ptr(x::rsp, i * 16));
+    // rbp - 8: flags, then 9 registers of 8 bytes.
+    a.lea(x::rsp, x::ptr(x::rbp, -8 - 8 * static_cast<int>(std::size(kSaved))));
+    for (int i = static_cast<int>(std::size(kSaved)) - 1; i >= 0; --i) a.pop(kSaved[i]);
+    a.popfq();
+    a.pop(x::rbp);
+    a.ret();
+#else
+    // Frame: x29/x30 pair, then x0-x18 + NZCV (20 slots, 160 bytes), then q0-q31 (512).
+    constexpr int kGpArea = 160, kFrame = kGpArea + 512;
+    a.stp(a64::x29, a64::x30, a64::ptr_pre(a64::sp, -16));
+    a.mov(a64::x29, a64::sp);
+    a.sub(a64::sp, a64::sp, kFrame);
+    for (int i = 0; i < 18; i += 2)
+      a.stp(a64::x(static_cast<std::uint32_t>(i)), a64::x(static_cast<std::uint32_t>(i + 1)), a64::ptr(a64::sp, i * 8));
+    // MRS x9, NZCV (Arm ARM C5.2.9 / C6.2.194: op0=3 op1=3 CRn=4 CRm=2 op2=0); x9 is saved.
+    a.embedUInt32(0xD53B4209u);
+    a.stp(a64::x18, a64::x9, a64::ptr(a64::sp, 144));
+    for (int i = 0; i < 32; i += 2)
+      a.stp(a64::q(static_cast<std::uint32_t>(i)), a64::q(static_cast<std::uint32_t>(i + 1)),
+            a64::ptr(a64::sp, kGpArea + i * 16));
+    a.mov(a64::x0, a64::x30);  // return address: inside the poll's out-of-line stub
+    a.mov(a64::x16, target);
+    a.blr(a64::x16);
+    for (int i = 0; i < 32; i += 2)
+      a.ldp(a64::q(static_cast<std::uint32_t>(i)), a64::q(static_cast<std::uint32_t>(i + 1)),
+            a64::ptr(a64::sp, kGpArea + i * 16));
+    a.ldp(a64::x18, a64::x9, a64::ptr(a64::sp, 144));
+    // MSR NZCV, x9.
+    a.embedUInt32(0xD51B4209u);
+    for (int i = 0; i < 18; i += 2)
+      a.ldp(a64::x(static_cast<std::uint32_t>(i)), a64::x(static_cast<std::uint32_t>(i + 1)), a64::ptr(a64::sp, i * 8));
+    a.add(a64::sp, a64::sp, kFrame);
+    a.ldp(a64::x29, a64::x30, a64::ptr_post(a64::sp, 16));
+    a.ret(a64::x30);
+#endif
+  });
+}
+
+}  // namespace detail
+}  // namespace jitpatch
