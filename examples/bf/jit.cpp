@@ -1,0 +1,965 @@
+// The JIT tier: loops compiled with jitpatch's Emitter, switched in with its Patcher.
+//
+// Compilation unit: one loop, [LoopBegin, LoopEnd], as a function with a private calling
+// convention (p, tape begin, tape end and the Ctx live in callee-saved registers:
+// x86-64 rbx, r12, r13, r14; aarch64 x19, x20, x21, x22). Nested loops that have run
+// are emitted inline; a nested loop that never ran is reached through a patchable call
+// site (EmitContext::call_site) aimed at that loop's stub, which calls back into the
+// interpreter. Tier-up while the program runs:
+//   1. the interpreter counts loop entries and back edges; a hot loop is queued for the
+//      compiler thread (or compiled on the spot with --sync-compile);
+//   2. the compiler emits the unit and publishes it in the loop's code pointer
+//      (store-release, paired with the interpreter's load-acquire before it calls it);
+//      the interpreter enters it at the loop's next entry or back edge (on-stack
+//      replacement at the loop head);
+//   3. every call site that still aims at the loop's stub is retargeted to the new code
+//      in one PatchBatch (one serialize_cores() round), while compiled callers run;
+//   4. a unit whose stubbed loops all got compiled is recompiled with them inline; the
+//      old unit's entry is redirected to the new one (EmitOptions::redirectable_entry)
+//      and its callers retargeted in the same batch, and the old unit is retired: freed
+//      once the interpreting thread passes a quiescent point (no compiled frame on its
+//      stack), which is this example's stand-in for the reclamation layer.
+// Compiled code leaves through the exit trampoline (unwinding to the innermost enter
+// trampoline) with status kDeopt at a failed tape check, resuming the interpreter at
+// that IR index, or kError when the interpreter below a stub failed.
+#include "machine.hpp"
+
+#include <jitpatch/jitpatch.hpp>
+
+#include <time.h>
+
+#include <condition_variable>
+#include <cstddef>
+#include <deque>
+#include <mutex>
+#include <thread>
+
+namespace bf {
+
+struct Engine {
+  std::unique_ptr<jitpatch::Runtime> rt;
+  jitpatch::ThreadAttachment main_thread;
+};
+
+Engine* engine_create(std::string* error) {
+  auto rt = jitpatch::Runtime::create();
+  if (!rt.ok()) {
+    *error = rt.status().message();
+    return nullptr;
+  }
+  auto e = std::make_unique<Engine>();
+  e->rt = std::move(rt).value();
+  auto att = e->rt->attach_current_thread();
+  if (att.ok()) e->main_thread = std::move(att).value();
+  return e.release();
+}
+
+void engine_destroy(Engine* e) {
+  if (!e) return;
+  (void)e->main_thread.detach();
+  delete e;
+}
+
+namespace {
+
+using namespace jitpatch;
+
+double now_ns() {
+  timespec ts;
+  ::clock_gettime(CLOCK_MONOTONIC, &ts);
+  return static_cast<double>(ts.tv_sec) * 1e9 + static_cast<double>(ts.tv_nsec);
+}
+
+// Runtime entry points called from compiled code (C calling convention).
+void rt_out(Ctx* c, unsigned v) { c->m->io.put(static_cast<std::uint8_t>(v)); }
+unsigned rt_in(Ctx* c, unsigned old) { return c->m->io.get(static_cast<std::uint8_t>(old)); }
+int rt_bridge(Ctx* c, unsigned loop) { return c->m->bridge(loop); }
+
+constexpr std::int32_t kP = offsetof(Ctx, p);
+constexpr std::int32_t kBegin = offsetof(Ctx, begin);
+constexpr std::int32_t kEnd = offsetof(Ctx, end);
+constexpr std::int32_t kSavedSp = offsetof(Ctx, saved_sp);
+constexpr std::int32_t kExitFn = offsetof(Ctx, exit_fn);
+constexpr std::int32_t kOutFn = offsetof(Ctx, out_fn);
+constexpr std::int32_t kInFn = offsetof(Ctx, in_fn);
+constexpr std::int32_t kBridgeFn = offsetof(Ctx, bridge_fn);
+constexpr std::int32_t kExitPc = offsetof(Ctx, exit_pc);
+
+struct CallerSite {
+  CodeBlob* blob;
+  std::uint32_t unit;  // the loop the blob was compiled for
+  std::string name;
+};
+
+struct Req {
+  bool recompile;
+  std::uint32_t loop;
+};
+
+class JitImpl;
+
+// ------------------------------------------------------------------------------------
+// Code generation for one unit.
+
+class Gen {
+ public:
+  Gen(JitImpl& j, EmitContext& cx, const Program& prog, const std::vector<std::uint8_t>& inl, bool frame)
+      : J(j), cx_(cx), a(cx.a), prog_(prog), inl_(inl), frame_(frame) {}
+  void unit(std::uint32_t root);
+  std::vector<std::pair<std::uint32_t, std::string>> calls;  // (loop, site name)
+  std::uint64_t inlined = 0;
+
+ private:
+  void loop(std::uint32_t id);
+  void ops(std::uint32_t i, std::uint32_t j);
+  void call_loop(std::uint32_t id);
+  void exit_to(std::uint32_t pc);
+  struct Deopt {
+    asmjit::Label label;
+    std::uint32_t pc;
+    std::int32_t undo;  // Scan: step to take back so p is on the tape again
+  };
+  JitImpl& J;
+  EmitContext& cx_;
+  Assembler& a;
+  const Program& prog_;
+  const std::vector<std::uint8_t>& inl_;
+  bool frame_;
+  std::vector<Deopt> deopts_;
+  std::int32_t cached_src_ = 0;
+  bool cached_ = false;
+#if defined(__aarch64__)
+  asmjit::a64::Mem cell(std::int32_t off, const asmjit::a64::Gp& tmp);
+  void add_imm(const asmjit::a64::Gp& dst, const asmjit::a64::Gp& src, std::int64_t v);
+#endif
+};
+
+class JitImpl final : public Jit {
+ public:
+  JitImpl(Engine& e, Machine& m) : e_(e), m_(m) {}
+  ~JitImpl() override { finish(); }
+  bool init(std::string* error);
+
+  int enter(void* code) override { return enter_fn_(&m_.ctx, code); }
+  void request(std::uint32_t loop) override;
+  bool compile_outermost() override;
+  void quiescent() override {
+    if (!retire_pending_.load(std::memory_order_acquire)) return;
+    std::vector<CodeBlob*> list;
+    {
+      std::lock_guard<std::mutex> g(retire_mu_);
+      list.swap(retired_);
+      retire_pending_.store(false, std::memory_order_relaxed);
+    }
+    for (CodeBlob* b : list) (void)em_->free(b);
+    m_.stats.retired += list.size();
+  }
+  void finish() override;
+
+  void* stub_for(std::uint32_t loop);
+  const Program& prog() const { return m_.prog; }
+
+ private:
+  void worker();
+  void drain_sync();
+  void process(const Req& r);
+  CodeBlob* emit_unit(std::uint32_t id, bool inline_all);
+  void install(std::uint32_t id, CodeBlob* blob, CodeBlob* old);
+  void plan(std::uint32_t id, bool all, std::vector<std::uint8_t>& inl, bool& frame);
+
+  Engine& e_;
+  Machine& m_;
+  std::unique_ptr<CodeHeap> heap_;
+  CodeRegistry registry_;
+  std::unique_ptr<jitpatch::Emitter> em_;
+  std::unique_ptr<Patcher> patcher_;
+  int (*enter_fn_)(Ctx*, void*) = nullptr;
+  bool sync_ = false;
+  bool all_ = false;  // tier=jit: inline every nested loop
+  bool finished_ = false;
+
+  // Compiler-side state: touched by the compiling thread only (the worker, or the
+  // interpreting thread with --sync-compile).
+  std::vector<CodeBlob*> unit_;        // per loop: its current unit blob
+  std::vector<void*> stub_;            // per loop
+  std::vector<std::vector<CallerSite>> callers_;  // per loop: sites calling its stub/code
+  std::vector<std::uint8_t> recompile_queued_;
+  std::vector<CodeBlob*> listing_order_;
+  Stats cstats_;  // compile-side counters, merged in finish()
+
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::deque<Req> queue_;
+  bool stop_ = false;
+  bool draining_ = false;
+  std::thread thread_;
+
+  std::mutex retire_mu_;
+  std::vector<CodeBlob*> retired_;
+  std::atomic<bool> retire_pending_{false};
+};
+
+// ------------------------------------------------------------------------------------
+// x86-64
+
+#if defined(__x86_64__)
+using namespace asmjit::x86;
+
+void Gen::exit_to(std::uint32_t pc) {
+  a.mov(dword_ptr(r14, kExitPc), pc);
+  a.mov(eax, kDeopt);
+  a.jmp(qword_ptr(r14, kExitFn));
+}
+
+void Gen::unit(std::uint32_t root) {
+  if (frame_) a.push(rax);  // calls inside: keep rsp 16-byte aligned at them (SysV ABI 3.2.2)
+  loop(root);
+  if (frame_) a.pop(rcx);
+  a.ret();
+  for (const Deopt& d : deopts_) {
+    a.bind(d.label);
+    if (d.undo) a.sub(rbx, d.undo);
+    exit_to(d.pc);
+  }
+}
+
+void Gen::loop(std::uint32_t id) {
+  const Loop& L = prog_.loops[id];
+  auto body = a.newLabel(), out = a.newLabel();
+  a.cmp(byte_ptr(rbx), 0);
+  a.je(out);
+  a.bind(body);
+  ops(L.begin + 1, L.end);
+  a.cmp(byte_ptr(rbx), 0);
+  a.jne(body);
+  a.bind(out);
+  cached_ = false;
+}
+
+void Gen::call_loop(std::uint32_t id) {
+  const std::string name = "loop" + std::to_string(id) + "#" + std::to_string(calls.size());
+  cx_.call_site(J.stub_for(id), name);
+  calls.push_back({id, name});
+  cached_ = false;
+}
+
+void Gen::ops(std::uint32_t i, std::uint32_t j) {
+  const auto& code = prog_.code;
+  for (std::uint32_t k = i; k < j; ++k) {
+    const Ins& x = code[k];
+    if (x.op != Op::MulAdd) cached_ = false;
+    switch (x.op) {
+      case Op::Add: a.add(byte_ptr(rbx, x.off), x.a); break;
+      case Op::Set: a.mov(byte_ptr(rbx, x.off), x.a); break;
+      case Op::MulAdd:
+        if (!cached_ || cached_src_ != x.b) {
+          a.movzx(eax, byte_ptr(rbx, x.b));
+          cached_ = true;
+          cached_src_ = x.b;
+        }
+        if (x.a == 1) {
+          a.add(byte_ptr(rbx, x.off), al);
+        } else if (x.a == 255) {
+          a.sub(byte_ptr(rbx, x.off), al);
+        } else {
+          a.imul(ecx, eax, x.a);
+          a.add(byte_ptr(rbx, x.off), cl);
+        }
+        break;
+      case Op::If: {
+        auto skip = a.newLabel(), fail = a.newLabel();
+        a.movzx(eax, byte_ptr(rbx, x.off));
+        a.test(eax, eax);
+        a.jz(skip);
+        if (x.a < 0) {
+          a.lea(rcx, ptr(rbx, x.a));
+          a.cmp(rcx, r12);
+          a.jb(fail);
+        }
+        if (x.b > 0) {
+          a.lea(rcx, ptr(rbx, x.b));
+          a.cmp(rcx, r13);
+          a.jae(fail);
+        }
+        deopts_.push_back({fail, k, 0});
+        cached_ = true;
+        cached_src_ = x.off;
+        ops(k + 1, k + 1 + static_cast<std::uint32_t>(x.c));
+        a.bind(skip);
+        cached_ = false;
+        k += static_cast<std::uint32_t>(x.c);
+        break;
+      }
+      case Op::Move: a.add(rbx, x.a); break;
+      case Op::Check: {
+        // p itself is on the tape (segment invariant): only the side that grows is checked.
+        auto fail = a.newLabel();
+        if (x.off < 0) {
+          a.lea(rax, ptr(rbx, x.off));
+          a.cmp(rax, r12);
+          a.jb(fail);
+        }
+        if (x.a > 0) {
+          a.lea(rax, ptr(rbx, x.a));
+          a.cmp(rax, r13);
+          a.jae(fail);
+        }
+        deopts_.push_back({fail, k, 0});
+        break;
+      }
+      case Op::Scan: {
+        auto top = a.newLabel(), done = a.newLabel(), fail = a.newLabel();
+        a.bind(top);
+        a.cmp(byte_ptr(rbx), 0);
+        a.je(done);
+        a.add(rbx, x.a);
+        a.cmp(rbx, x.a > 0 ? r13 : r12);
+        if (x.a > 0) a.jae(fail);
+        else a.jb(fail);
+        a.jmp(top);
+        a.bind(done);
+        deopts_.push_back({fail, k, x.a});
+        break;
+      }
+      case Op::Out:
+        a.mov(rdi, r14);
+        a.movzx(esi, byte_ptr(rbx, x.off));
+        a.call(qword_ptr(r14, kOutFn));
+        break;
+      case Op::In:
+        a.mov(rdi, r14);
+        a.movzx(esi, byte_ptr(rbx, x.off));
+        a.call(qword_ptr(r14, kInFn));
+        a.mov(byte_ptr(rbx, x.off), al);
+        break;
+      case Op::LoopBegin: {
+        const auto id = static_cast<std::uint32_t>(x.b);
+        if (inl_[id]) {
+          ++inlined;
+          loop(id);
+        } else {
+          call_loop(id);
+        }
+        k = prog_.loops[id].end;
+        break;
+      }
+      case Op::LoopEnd:
+      case Op::End: break;
+    }
+  }
+}
+
+Status emit_enter(EmitContext& cx) {
+  auto& a = cx.a;
+  // Entered with rsp = 8 mod 16; 7 pushes make it 0 mod 16 at the call.
+  a.push(rbp);
+  a.push(rbx);
+  a.push(r12);
+  a.push(r13);
+  a.push(r14);
+  a.push(r15);
+  a.mov(r14, rdi);
+  a.push(qword_ptr(r14, kSavedSp));  // nesting: an enter below a stub below an enter
+  a.mov(qword_ptr(r14, kSavedSp), rsp);
+  a.mov(rbx, qword_ptr(r14, kP));
+  a.mov(r12, qword_ptr(r14, kBegin));
+  a.mov(r13, qword_ptr(r14, kEnd));
+  a.call(rsi);
+  a.mov(qword_ptr(r14, kP), rbx);
+  a.xor_(eax, eax);
+  a.pop(qword_ptr(r14, kSavedSp));
+  a.pop(r15);
+  a.pop(r14);
+  a.pop(r13);
+  a.pop(r12);
+  a.pop(rbx);
+  a.pop(rbp);
+  a.ret();
+  return {};
+}
+
+// Unwind to the innermost enter frame with the status already in eax.
+Status emit_exit(EmitContext& cx) {
+  auto& a = cx.a;
+  a.mov(rsp, qword_ptr(r14, kSavedSp));
+  a.mov(qword_ptr(r14, kP), rbx);
+  a.pop(qword_ptr(r14, kSavedSp));
+  a.pop(r15);
+  a.pop(r14);
+  a.pop(r13);
+  a.pop(r12);
+  a.pop(rbx);
+  a.pop(rbp);
+  a.ret();
+  return {};
+}
+
+Status emit_stub(EmitContext& cx, std::uint32_t loop) {
+  auto& a = cx.a;
+  auto err = a.newLabel();
+  a.sub(rsp, 8);
+  a.mov(qword_ptr(r14, kP), rbx);
+  a.mov(rdi, r14);
+  a.mov(esi, loop);
+  a.call(qword_ptr(r14, kBridgeFn));
+  a.add(rsp, 8);
+  a.test(eax, eax);
+  a.jnz(err);
+  // The interpreter may have grown (moved) the tape.
+  a.mov(rbx, qword_ptr(r14, kP));
+  a.mov(r12, qword_ptr(r14, kBegin));
+  a.mov(r13, qword_ptr(r14, kEnd));
+  a.ret();
+  a.bind(err);
+  a.jmp(qword_ptr(r14, kExitFn));
+  return {};
+}
+
+#elif defined(__aarch64__)
+// ------------------------------------------------------------------------------------
+// aarch64
+using namespace asmjit::a64;
+
+asmjit::a64::Mem Gen::cell(std::int32_t off, const asmjit::a64::Gp& tmp) {
+  // LDRB/STRB take an unsigned 12-bit offset, LDURB/STURB a signed 9-bit one; anything
+  // else goes through an address register.
+  if (off >= -256 && off <= 4095) return ptr(x19, off);
+  a.mov(tmp, static_cast<std::int64_t>(off));
+  a.add(tmp, x19, tmp);
+  return ptr(tmp);
+}
+
+void Gen::add_imm(const asmjit::a64::Gp& dst, const asmjit::a64::Gp& src, std::int64_t v) {
+  if (v >= 0 && v < 4096) {
+    a.add(dst, src, v);
+  } else if (v < 0 && v > -4096) {
+    a.sub(dst, src, -v);
+  } else {
+    a.mov(x17, v);
+    a.add(dst, src, x17);
+  }
+}
+
+namespace {
+// ldrb/strb with a negative offset must be the unscaled forms.
+void load8(Assembler& a, const Gp& w, const Mem& m) {
+  if (m.hasOffset() && m.offsetLo32() < 0) a.ldurb(w, m);
+  else a.ldrb(w, m);
+}
+void store8(Assembler& a, const Gp& w, const Mem& m) {
+  if (m.hasOffset() && m.offsetLo32() < 0) a.sturb(w, m);
+  else a.strb(w, m);
+}
+}  // namespace
+
+void Gen::exit_to(std::uint32_t pc) {
+  a.mov(w9, pc);
+  a.str(w9, ptr(x22, kExitPc));
+  a.mov(w0, kDeopt);
+  a.ldr(x16, ptr(x22, kExitFn));
+  a.br(x16);
+}
+
+void Gen::unit(std::uint32_t root) {
+  if (frame_) {
+    a.stp(x29, x30, ptr_pre(sp, -16));  // BL inside overwrites x30
+    a.mov(x29, sp);
+  }
+  loop(root);
+  if (frame_) a.ldp(x29, x30, ptr_post(sp, 16));
+  a.ret(x30);
+  for (const Deopt& d : deopts_) {
+    a.bind(d.label);
+    if (d.undo) add_imm(x19, x19, -d.undo);
+    exit_to(d.pc);
+  }
+}
+
+void Gen::loop(std::uint32_t id) {
+  const Loop& L = prog_.loops[id];
+  auto body = a.newLabel(), out = a.newLabel();
+  a.ldrb(w9, ptr(x19));
+  a.cbz(w9, out);
+  a.bind(body);
+  ops(L.begin + 1, L.end);
+  a.ldrb(w9, ptr(x19));
+  a.cbnz(w9, body);
+  a.bind(out);
+  cached_ = false;
+}
+
+void Gen::call_loop(std::uint32_t id) {
+  const std::string name = "loop" + std::to_string(id) + "#" + std::to_string(calls.size());
+  cx_.call_site(J.stub_for(id), name);
+  calls.push_back({id, name});
+  cached_ = false;
+}
+
+void Gen::ops(std::uint32_t i, std::uint32_t j) {
+  const auto& code = prog_.code;
+  for (std::uint32_t k = i; k < j; ++k) {
+    const Ins& x = code[k];
+    if (x.op != Op::MulAdd) cached_ = false;
+    switch (x.op) {
+      case Op::Add: {
+        const Mem m = cell(x.off, x10);
+        load8(a, w9, m);
+        a.add(w9, w9, x.a);
+        store8(a, w9, m);
+        break;
+      }
+      case Op::Set: {
+        const Mem m = cell(x.off, x10);
+        if (x.a == 0) {
+          store8(a, wzr, m);
+        } else {
+          a.mov(w9, x.a);
+          store8(a, w9, m);
+        }
+        break;
+      }
+      case Op::MulAdd: {
+        if (!cached_ || cached_src_ != x.b) {
+          load8(a, w12, cell(x.b, x11));
+          cached_ = true;
+          cached_src_ = x.b;
+        }
+        const Mem m = cell(x.off, x10);
+        load8(a, w9, m);
+        if (x.a == 1) {
+          a.add(w9, w9, w12);
+        } else if (x.a == 255) {
+          a.sub(w9, w9, w12);
+        } else {
+          a.mov(w13, x.a);
+          a.madd(w9, w12, w13, w9);
+        }
+        store8(a, w9, m);
+        break;
+      }
+      case Op::If: {
+        auto skip = a.newLabel(), fail = a.newLabel();
+        load8(a, w12, cell(x.off, x11));
+        a.cbz(w12, skip);
+        if (x.a < 0) {
+          add_imm(x9, x19, x.a);
+          a.cmp(x9, x20);
+          a.b_lo(fail);
+        }
+        if (x.b > 0) {
+          add_imm(x9, x19, x.b);
+          a.cmp(x9, x21);
+          a.b_hs(fail);
+        }
+        deopts_.push_back({fail, k, 0});
+        cached_ = true;
+        cached_src_ = x.off;
+        ops(k + 1, k + 1 + static_cast<std::uint32_t>(x.c));
+        a.bind(skip);
+        cached_ = false;
+        k += static_cast<std::uint32_t>(x.c);
+        break;
+      }
+      case Op::Move: add_imm(x19, x19, x.a); break;
+      case Op::Check: {
+        auto fail = a.newLabel();
+        if (x.off < 0) {
+          add_imm(x9, x19, x.off);
+          a.cmp(x9, x20);
+          a.b_lo(fail);
+        }
+        if (x.a > 0) {
+          add_imm(x9, x19, x.a);
+          a.cmp(x9, x21);
+          a.b_hs(fail);
+        }
+        deopts_.push_back({fail, k, 0});
+        break;
+      }
+      case Op::Scan: {
+        auto top = a.newLabel(), done = a.newLabel(), fail = a.newLabel();
+        a.bind(top);
+        a.ldrb(w9, ptr(x19));
+        a.cbz(w9, done);
+        add_imm(x19, x19, x.a);
+        a.cmp(x19, x.a > 0 ? x21 : x20);
+        if (x.a > 0) a.b_hs(fail);
+        else a.b_lo(fail);
+        a.b(top);
+        a.bind(done);
+        deopts_.push_back({fail, k, x.a});
+        break;
+      }
+      case Op::Out:
+        a.mov(x0, x22);
+        load8(a, w1, cell(x.off, x10));
+        a.ldr(x16, ptr(x22, kOutFn));
+        a.blr(x16);
+        break;
+      case Op::In: {
+        a.mov(x0, x22);
+        load8(a, w1, cell(x.off, x10));
+        a.ldr(x16, ptr(x22, kInFn));
+        a.blr(x16);
+        store8(a, w0, cell(x.off, x10));
+        break;
+      }
+      case Op::LoopBegin: {
+        const auto id = static_cast<std::uint32_t>(x.b);
+        if (inl_[id]) {
+          ++inlined;
+          loop(id);
+        } else {
+          call_loop(id);
+        }
+        k = prog_.loops[id].end;
+        break;
+      }
+      case Op::LoopEnd:
+      case Op::End: break;
+    }
+  }
+}
+
+// Frame: x29, x30, x19-x22, the previous saved_sp (64 bytes, AAPCS64 16-byte aligned).
+void epilogue64(Assembler& a) {
+  a.ldr(x9, ptr(sp, 48));
+  a.str(x9, ptr(x22, kSavedSp));
+  a.ldp(x19, x20, ptr(sp, 16));
+  a.ldp(x21, x22, ptr(sp, 32));
+  a.ldp(x29, x30, ptr_post(sp, 64));
+  a.ret(x30);
+}
+
+Status emit_enter(EmitContext& cx) {
+  auto& a = cx.a;
+  a.stp(x29, x30, ptr_pre(sp, -64));
+  a.mov(x29, sp);
+  a.stp(x19, x20, ptr(sp, 16));
+  a.stp(x21, x22, ptr(sp, 32));
+  a.mov(x22, x0);
+  a.ldr(x9, ptr(x22, kSavedSp));
+  a.str(x9, ptr(sp, 48));
+  a.mov(x9, sp);
+  a.str(x9, ptr(x22, kSavedSp));
+  a.ldr(x19, ptr(x22, kP));
+  a.ldr(x20, ptr(x22, kBegin));
+  a.ldr(x21, ptr(x22, kEnd));
+  a.blr(x1);
+  a.str(x19, ptr(x22, kP));
+  a.mov(w0, 0);
+  epilogue64(a);
+  return {};
+}
+
+Status emit_exit(EmitContext& cx) {
+  auto& a = cx.a;
+  a.ldr(x9, ptr(x22, kSavedSp));
+  a.mov(sp, x9);
+  a.str(x19, ptr(x22, kP));
+  epilogue64(a);
+  return {};
+}
+
+Status emit_stub(EmitContext& cx, std::uint32_t loop) {
+  auto& a = cx.a;
+  auto err = a.newLabel();
+  a.stp(x29, x30, ptr_pre(sp, -16));
+  a.str(x19, ptr(x22, kP));
+  a.mov(x0, x22);
+  a.mov(w1, loop);
+  a.ldr(x16, ptr(x22, kBridgeFn));
+  a.blr(x16);
+  a.cbnz(w0, err);
+  a.ldr(x19, ptr(x22, kP));
+  a.ldr(x20, ptr(x22, kBegin));
+  a.ldr(x21, ptr(x22, kEnd));
+  a.ldp(x29, x30, ptr_post(sp, 16));
+  a.ret(x30);
+  a.bind(err);
+  a.ldp(x29, x30, ptr_post(sp, 16));
+  a.ldr(x16, ptr(x22, kExitFn));
+  a.br(x16);
+  return {};
+}
+#endif
+
+// ------------------------------------------------------------------------------------
+// JitImpl
+
+bool JitImpl::init(std::string* error) {
+  CodeHeapOptions ho;
+  ho.reserve = 64u << 20;
+#if defined(__aarch64__)
+  // qemu-user only notices code written at the executing address (REFERENCE 2), so the
+  // aarch64 build uses the protection-flip heap, as the aarch64 tests do; override with
+  // JITPATCH_HEAP=dual_mapping on real hardware.
+  ho.strategy = HeapStrategy::protection_flip;
+#endif
+  auto h = CodeHeap::create(*e_.rt, ho);
+  if (!h.ok()) {
+    *error = "code heap: " + h.status().message();
+    return false;
+  }
+  heap_ = std::move(h).value();
+  // A protection-flip heap makes a page non-executable while it is written: only safe
+  // when no other thread runs code meanwhile, so compilation moves to the interpreting
+  // thread.
+  all_ = m_.opt.tier == Tier::jit;
+  sync_ = all_ || m_.opt.sync_compile || heap_->strategy() == HeapStrategy::protection_flip;
+  m_.opt.sync_compile = sync_;
+  em_ = std::make_unique<jitpatch::Emitter>(*heap_, &registry_);
+  auto p = Patcher::create(*em_);
+  if (!p.ok()) {
+    *error = "patcher: " + p.status().message();
+    return false;
+  }
+  patcher_ = std::move(p).value();
+  auto en = em_->emit("bf_enter", [](EmitContext& cx) { return emit_enter(cx); });
+  auto ex = em_->emit("bf_exit", [](EmitContext& cx) { return emit_exit(cx); });
+  if (!en.ok() || !ex.ok()) {
+    *error = "trampolines: " + (en.ok() ? ex.status() : en.status()).message();
+    return false;
+  }
+  enter_fn_ = (*en)->as<int(Ctx*, void*)>();
+  Ctx& c = m_.ctx;
+  c.exit_fn = (*ex)->entry();
+  c.out_fn = reinterpret_cast<void*>(&rt_out);
+  c.in_fn = reinterpret_cast<void*>(&rt_in);
+  c.bridge_fn = reinterpret_cast<void*>(&rt_bridge);
+  const std::size_t n = prog().loops.size();
+  unit_.assign(n, nullptr);
+  stub_.assign(n, nullptr);
+  callers_.assign(n, {});
+  recompile_queued_.assign(n, 0);
+  cstats_.heap_strategy = heap_strategy_name(heap_->strategy());
+  if (!sync_ && m_.opt.tier == Tier::automatic) thread_ = std::thread([this] { worker(); });
+  return true;
+}
+
+void* JitImpl::stub_for(std::uint32_t loop) {
+  if (stub_[loop]) return stub_[loop];
+  auto b = em_->emit("bf_stub_loop" + std::to_string(loop), [loop](EmitContext& cx) { return emit_stub(cx, loop); });
+  if (!b.ok()) return nullptr;
+  ++cstats_.stubs;
+  cstats_.code_bytes += (*b)->size();
+  stub_[loop] = (*b)->entry();
+  return stub_[loop];
+}
+
+// Which nested loops go inline: those that have run (or have code, or everything for
+// tier=jit). A loop that never ran is called through a patchable site instead.
+void JitImpl::plan(std::uint32_t id, bool all, std::vector<std::uint8_t>& inl, bool& frame) {
+  const auto& code = prog().code;
+  const Loop& L = prog().loops[id];
+  for (std::uint32_t k = L.begin + 1; k < L.end; ++k) {
+    const Ins& x = code[k];
+    if (x.op == Op::In || x.op == Op::Out) frame = true;
+    if (x.op != Op::LoopBegin) continue;
+    const auto child = static_cast<std::uint32_t>(x.b);
+    const bool ran = m_.loops[child].count.load(std::memory_order_relaxed) > 0 ||
+                     m_.loops[child].code.load(std::memory_order_relaxed) != nullptr;
+    if (all || ran) {
+      inl[child] = 1;
+      plan(child, all, inl, frame);
+    } else {
+      frame = true;
+    }
+    k = prog().loops[child].end;
+  }
+}
+
+CodeBlob* JitImpl::emit_unit(std::uint32_t id, bool all) {
+  std::vector<std::uint8_t> inl(prog().loops.size(), 0);
+  bool frame = false;
+  plan(id, all, inl, frame);
+  std::vector<std::pair<std::uint32_t, std::string>> calls;
+  std::uint64_t inlined = 0;
+  EmitOptions eo;
+  eo.redirectable_entry = true;  // a recompiled version can take over every caller
+  auto b = em_->emit("bf_loop" + std::to_string(id), [&](EmitContext& cx) -> Status {
+    Gen g(*this, cx, prog(), inl, frame);
+    g.unit(id);
+    calls = std::move(g.calls);
+    inlined = g.inlined;
+    return {};
+  }, eo);
+  if (!b.ok()) {
+    std::fprintf(stderr, "jitpatch-bf: compiling loop %u failed: %s\n", id, b.status().message().c_str());
+    return nullptr;
+  }
+  for (auto& [loop, name] : calls) callers_[loop].push_back({*b, id, name});
+  ++cstats_.loops_compiled;
+  cstats_.loops_inlined += inlined;
+  cstats_.code_bytes += (*b)->size();
+  listing_order_.push_back(*b);
+  return *b;
+}
+
+void JitImpl::install(std::uint32_t id, CodeBlob* blob, CodeBlob* old) {
+  void* entry = blob->entry();
+  // The Emitter flushed the icache and published (serializing if the memory was reused);
+  // the store-release pairs with the interpreter's load-acquire of the code pointer.
+  m_.loops[id].code.store(entry, std::memory_order_release);
+  unit_[id] = blob;
+  PatchBatch batch(*patcher_);
+  std::vector<std::uint32_t> to_recompile;
+  for (const CallerSite& s : callers_[id]) {
+    const PatchSite* site = s.blob->site(s.name);
+    if (!site) continue;
+    batch.retarget(*site, entry);
+    if (!old && unit_[s.unit] == s.blob) to_recompile.push_back(s.unit);
+  }
+  if (old) {
+    batch.redirect_entry(*old, entry);
+    ++cstats_.entry_redirects;
+  }
+  if (batch.size()) {
+    const std::size_t n = batch.size();
+    if (Status st = batch.commit(); !st) {
+      std::fprintf(stderr, "jitpatch-bf: patching failed: %s\n%s\n", st.message().c_str(),
+                   Patcher::last_error_detail().c_str());
+    } else {
+      cstats_.patches += n;
+      ++cstats_.patch_batches;
+    }
+  }
+  if (old) {
+    // Nothing aims at the old unit any more (callers retargeted, entry redirected, code
+    // pointer replaced); forget its sites and free it after a quiescent point.
+    for (auto& list : callers_)
+      std::erase_if(list, [old](const CallerSite& s) { return s.blob == old; });
+    std::erase(listing_order_, old);
+    std::lock_guard<std::mutex> g(retire_mu_);
+    retired_.push_back(old);
+    retire_pending_.store(true, std::memory_order_release);
+  }
+  if (m_.opt.recompile) {
+    for (std::uint32_t u : to_recompile) {
+      if (recompile_queued_[u]) continue;
+      recompile_queued_[u] = 1;
+      std::lock_guard<std::mutex> g(mu_);
+      queue_.push_back({true, u});
+    }
+  }
+}
+
+void JitImpl::process(const Req& r) {
+  const double t0 = now_ns();
+  if (r.recompile) {
+    recompile_queued_[r.loop] = 0;
+    CodeBlob* old = unit_[r.loop];
+    if (old) {
+      if (CodeBlob* b = emit_unit(r.loop, false)) {
+        ++cstats_.recompiles;
+        install(r.loop, b, old);
+      }
+    }
+  } else if (!unit_[r.loop]) {
+    if (CodeBlob* b = emit_unit(r.loop, all_)) install(r.loop, b, nullptr);
+  }
+  cstats_.ns_compile += now_ns() - t0;
+}
+
+void JitImpl::worker() {
+  auto att = e_.rt->attach_current_thread();  // the signal fallback must reach this thread
+  std::unique_lock<std::mutex> lk(mu_);
+  for (;;) {
+    cv_.wait(lk, [&] { return stop_ || !queue_.empty(); });
+    if (stop_) break;
+    const Req r = queue_.front();
+    queue_.pop_front();
+    lk.unlock();
+    process(r);
+    lk.lock();
+  }
+}
+
+void JitImpl::drain_sync() {
+  if (draining_) return;
+  draining_ = true;
+  for (;;) {
+    Req r;
+    {
+      std::lock_guard<std::mutex> g(mu_);
+      if (queue_.empty()) break;
+      r = queue_.front();
+      queue_.pop_front();
+    }
+    process(r);
+  }
+  draining_ = false;
+}
+
+void JitImpl::request(std::uint32_t loop) {
+  {
+    std::lock_guard<std::mutex> g(mu_);
+    queue_.push_back({false, loop});
+  }
+  if (sync_) drain_sync();
+  else cv_.notify_one();
+}
+
+bool JitImpl::compile_outermost() {
+  const double t0 = now_ns();
+  for (std::uint32_t id = 0; id < prog().loops.size(); ++id) {
+    if (prog().loops[id].depth != 0) continue;
+    CodeBlob* b = emit_unit(id, true);
+    if (!b) {
+      m_.error = "compiling loop " + std::to_string(id) + " failed";
+      return false;
+    }
+    unit_[id] = b;
+    m_.loops[id].requested.store(1, std::memory_order_relaxed);
+    m_.loops[id].code.store(b->entry(), std::memory_order_release);
+  }
+  cstats_.ns_compile += now_ns() - t0;
+  return true;
+}
+
+void JitImpl::finish() {
+  if (finished_) return;
+  finished_ = true;
+  {
+    std::lock_guard<std::mutex> g(mu_);
+    stop_ = true;
+  }
+  cv_.notify_all();
+  if (thread_.joinable()) thread_.join();
+  // The joined worker's writes are visible now (thread join synchronizes-with).
+  if (m_.opt.disasm) {
+    for (CodeBlob* b : listing_order_) {
+      auto l = listing(*b);
+      std::fprintf(m_.opt.disasm_out, "%s\n", l.ok() ? l->c_str() : l.status().message().c_str());
+    }
+  }
+  {
+    std::lock_guard<std::mutex> g(retire_mu_);
+    for (CodeBlob* b : retired_) (void)em_->free(b);
+    m_.stats.retired += retired_.size();
+    retired_.clear();
+  }
+  Stats& s = m_.stats;
+  s.loops_compiled = cstats_.loops_compiled;
+  s.loops_inlined = cstats_.loops_inlined;
+  s.stubs = cstats_.stubs;
+  s.patches = cstats_.patches;
+  s.patch_batches = cstats_.patch_batches;
+  s.entry_redirects = cstats_.entry_redirects;
+  s.recompiles = cstats_.recompiles;
+  s.code_bytes = cstats_.code_bytes;
+  s.ns_compile = cstats_.ns_compile;
+  s.heap_strategy = cstats_.heap_strategy;
+  s.compile_thread = sync_ ? "on the interpreting thread" : "background thread";
+  if (patcher_) s.serializations = patcher_->stats().serializations;
+}
+
+}  // namespace
+
+std::unique_ptr<Jit> Jit::create(Engine& e, Machine& m, std::string* error) {
+  auto j = std::make_unique<JitImpl>(e, m);
+  if (!j->init(error)) return nullptr;
+  return j;
+}
+
+}  // namespace bf

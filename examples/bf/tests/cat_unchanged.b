@@ -1,0 +1,2 @@
+cat for the default end of input where the cell stays unchanged: clear before reading
+,[.[-],]

@@ -1,0 +1,1 @@
+this file contains words but no commands

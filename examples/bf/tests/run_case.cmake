@@ -1,0 +1,40 @@
+# One jitpatch-bf test case, run by CTest as `cmake -P run_case.cmake` with:
+#   BF        the jitpatch-bf binary          EMU   emulator command, '|'-separated (may be empty)
+#   PROGRAM   the .b file                      ARGS  extra arguments, '|'-separated
+#   INPUT     file fed to stdin (optional)     EXPECTED  file the stdout must equal byte for byte
+#   ERROR     regex stderr must match; the exit code must then be 1 (no EXPECTED)
+string(REPLACE "|" ";" _emu "${EMU}")
+string(REPLACE "|" ";" _args "${ARGS}")
+if(NOT INPUT)
+  set(INPUT /dev/null)
+endif()
+execute_process(COMMAND ${_emu} ${BF} ${_args} ${PROGRAM}
+                INPUT_FILE ${INPUT} OUTPUT_VARIABLE out ERROR_VARIABLE err RESULT_VARIABLE rc
+                ENCODING NONE)
+if(ERROR)
+  if(NOT rc EQUAL 1)
+    message(FATAL_ERROR "expected exit code 1, got '${rc}'; stderr:\n${err}")
+  endif()
+  if(NOT err MATCHES "${ERROR}")
+    message(FATAL_ERROR "stderr does not match '${ERROR}':\n${err}")
+  endif()
+  message(STATUS "failed as expected: ${err}")
+  return()
+endif()
+if(NOT rc EQUAL 0)
+  message(FATAL_ERROR "exit code '${rc}'; stderr:\n${err}")
+endif()
+# Byte-exact comparison through a file (CMake strings stop at NUL bytes).
+get_filename_component(_name ${PROGRAM} NAME)
+string(RANDOM LENGTH 8 _r)
+set(_got ${CMAKE_CURRENT_BINARY_DIR}/bf-out-${_name}-${_r})
+execute_process(COMMAND ${_emu} ${BF} ${_args} ${PROGRAM} INPUT_FILE ${INPUT} OUTPUT_FILE ${_got}
+                ERROR_VARIABLE err2 RESULT_VARIABLE rc2)
+execute_process(COMMAND ${CMAKE_COMMAND} -E compare_files ${_got} ${EXPECTED} RESULT_VARIABLE same)
+if(NOT same EQUAL 0 OR NOT rc2 EQUAL 0)
+  message(FATAL_ERROR "output differs from ${EXPECTED} (kept in ${_got}); stderr:\n${err}${err2}")
+endif()
+file(REMOVE ${_got})
+if(err)
+  message(STATUS "stderr:\n${err}")
+endif()

@@ -1,0 +1,88 @@
+# CTest cases for jitpatch-bf (included from examples/bf/CMakeLists.txt).
+# Every program runs in every tier and must produce output byte-identical to the expected
+# file, which make_expected.py computed without jitpatch-bf (a plain C translation).
+# Labels: `example` natively; `arch` when cross-compiled (run under qemu-user).
+set(_bf_dir ${CMAKE_CURRENT_SOURCE_DIR}/tests)
+set(_bf_label example)
+set(_bf_emu "")
+if(CMAKE_CROSSCOMPILING)
+  set(_bf_label arch)
+  string(REPLACE ";" "|" _bf_emu "${CMAKE_CROSSCOMPILING_EMULATOR}")
+endif()
+
+# Tiers: name -> arguments ('|'-separated). auto-hot1 compiles every loop on its first
+# entry (the most tier-ups, stubs, patches and recompiles); auto-sync compiles on the
+# interpreting thread. Under qemu-user compilation is always synchronous (the aarch64
+# build uses the protection-flip heap: see jit.cpp).
+set(_bf_tiers naive interp jit auto auto-hot1 auto-hot1-sync auto-norecompile)
+set(_bf_args_naive "--tier=naive")
+set(_bf_args_interp "--tier=interp")
+set(_bf_args_jit "--tier=jit")
+set(_bf_args_auto "--tier=auto")
+set(_bf_args_auto-hot1 "--tier=auto|--hot=1")
+set(_bf_args_auto-hot1-sync "--tier=auto|--hot=1|--sync-compile")
+set(_bf_args_auto-norecompile "--tier=auto|--hot=2|--no-recompile")
+
+function(bf_case name program expected)
+  cmake_parse_arguments(C "" "INPUT;EXTRA;TIMEOUT" "TIERS" ${ARGN})
+  if(NOT C_TIERS)
+    set(C_TIERS ${_bf_tiers})
+  endif()
+  foreach(t IN LISTS C_TIERS)
+    set(_args "${_bf_args_${t}}")
+    if(C_EXTRA)
+      set(_args "${_args}|${C_EXTRA}")
+    endif()
+    add_test(NAME "bf:${name} [${t}]"
+             COMMAND ${CMAKE_COMMAND} -DBF=$<TARGET_FILE:jitpatch-bf> -DEMU=${_bf_emu}
+                     -DPROGRAM=${program} -DARGS=${_args} -DINPUT=${C_INPUT} -DEXPECTED=${expected}
+                     -P ${_bf_dir}/run_case.cmake)
+    set(_to 120)
+    if(C_TIMEOUT)
+      set(_to ${C_TIMEOUT})
+    endif()
+    set_tests_properties("bf:${name} [${t}]" PROPERTIES LABELS ${_bf_label} TIMEOUT ${_to})
+  endforeach()
+endfunction()
+
+function(bf_error name program regex)
+  cmake_parse_arguments(C "" "EXTRA" "" ${ARGN})
+  foreach(t IN ITEMS naive interp jit auto auto-hot1)
+    set(_args "${_bf_args_${t}}")
+    if(C_EXTRA)
+      set(_args "${_args}|${C_EXTRA}")
+    endif()
+    add_test(NAME "bf:error ${name} [${t}]"
+             COMMAND ${CMAKE_COMMAND} -DBF=$<TARGET_FILE:jitpatch-bf> -DEMU=${_bf_emu}
+                     -DPROGRAM=${_bf_dir}/${program} -DARGS=${_args} -DERROR=${regex}
+                     -P ${_bf_dir}/run_case.cmake)
+    set_tests_properties("bf:error ${name} [${t}]" PROPERTIES LABELS ${_bf_label} TIMEOUT 120)
+  endforeach()
+endfunction()
+
+foreach(p hello wrap mul zero_mul deep grow)
+  bf_case(${p} ${_bf_dir}/${p}.b ${_bf_dir}/${p}.out)
+endforeach()
+bf_case(cat-eof-zero ${_bf_dir}/cat.b ${_bf_dir}/cat.out INPUT ${_bf_dir}/rot13_input.txt EXTRA --eof=zero)
+bf_case(cat-eof-unchanged ${_bf_dir}/cat_unchanged.b ${_bf_dir}/cat_unchanged.out INPUT ${_bf_dir}/rot13_input.txt)
+bf_case(cat-eof-minus1 ${_bf_dir}/cat_minus1.b ${_bf_dir}/cat_minus1.out INPUT ${_bf_dir}/rot13_input.txt
+        EXTRA --eof=minus1)
+
+# The shared programs (copies in programs/: ../shared is outside the repository). Native
+# only: under qemu-user they take minutes; the naive tier takes ~40 s on mandel, so it
+# runs bench.b only.
+if(NOT CMAKE_CROSSCOMPILING)
+  set(_bf_progs ${CMAKE_CURRENT_SOURCE_DIR}/programs)
+  bf_case(bench ${_bf_progs}/bench.b ${_bf_dir}/bench.out TIMEOUT 300)
+  bf_case(mandel ${_bf_progs}/mandel.b ${_bf_dir}/mandel.out TIMEOUT 300
+          TIERS interp jit auto auto-hot1 auto-hot1-sync auto-norecompile)
+endif()
+
+bf_error(unmatched-open err_unmatched_open.b "unmatched '\\[' at line 2, column 3")
+bf_error(unmatched-close err_unmatched_close.b "unmatched '\\]' at line 1, column 2")
+bf_error(empty err_empty.b "empty program")
+bf_error(tape-underflow err_underflow.b "tape overflow at line 2, column 2: moved left of cell 0")
+bf_error(scan-underflow err_scan_underflow.b "tape overflow at line 1, column [0-9]+: moved left of cell 0")
+bf_error(multiply-underflow err_muladd_left.b "tape overflow at line 1, column [0-9]+: moved left of cell 0")
+bf_error(tape-limit err_overflow.b "tape overflow at line 1, column 4: cell 100000 is beyond the tape limit of 100000 cells"
+         EXTRA --tape-max=100000)
