@@ -1,130 +1,17 @@
-// RCU torture: readers traverse a linked list that writers replace and retire; a retired
-// node is poisoned, then really freed. A reader that ever sees poison, or a node whose
-// payload does not match its key, saw memory reclaimed under it (under ASan the freed
-// node is a heap-use-after-free report instead). Each mode: asymmetric (membarrier),
+// RCU torture (tests/support/rcu_torture.hpp) in each mode: asymmetric (membarrier),
 // symmetric (fences), QSBR; writers both synchronize() themselves and retire().
 #include <catch2/catch.hpp>
 
 #include <jitpatch/jitpatch.hpp>
 
-#include <atomic>
 #include <chrono>
-#include <cstring>
-#include <thread>
-#include <vector>
+
+#include "support/rcu_torture.hpp"
 
 using namespace jitpatch;
+using namespace jitpatch::test;
 
 namespace {
-
-constexpr std::uint64_t kLive = 0x4c4956454c495645ull;    // "LIVELIVE"
-constexpr std::uint64_t kPoison = 0xdeaddeaddeaddeadull;
-
-struct Node {
-  std::uint64_t magic;
-  std::uint64_t key;
-  std::uint64_t payload[6];  // each = key * (i + 1)
-  Node* next;
-};
-
-Node* make_list(std::uint64_t base, int n) {
-  Node* head = nullptr;
-  for (int i = n - 1; i >= 0; --i) {
-    auto* x = new Node;
-    x->magic = kLive;
-    x->key = base + static_cast<std::uint64_t>(i);
-    for (int k = 0; k < 6; ++k) x->payload[k] = x->key * static_cast<std::uint64_t>(k + 1);
-    x->next = head;
-    head = x;
-  }
-  return head;
-}
-
-void poison_and_free_list(void* p) {
-  for (auto* x = static_cast<Node*>(p); x;) {
-    Node* n = x->next;
-    // Relaxed atomic stores: a reader racing with this is exactly the bug under test, and
-    // TSan should report it as such rather than as a plain-store race of this test.
-    __atomic_store_n(&x->magic, kPoison, __ATOMIC_RELAXED);
-    for (auto& w : x->payload) __atomic_store_n(&w, kPoison, __ATOMIC_RELAXED);
-    delete x;
-    x = n;
-  }
-}
-
-enum class Mode { asymmetric, symmetric, qsbr };
-
-struct Result {
-  long reads = 0, writes = 0, bad = 0, errors = 0;
-};
-
-Result torture(Runtime& rt, Mode mode, bool use_retire, std::chrono::milliseconds duration) {
-  GraceOptions o;
-  o.symmetric = mode == Mode::symmetric;
-  o.retire_capacity = 64;
-  auto dr = GraceDomain::create(rt, o);
-  REQUIRE(dr.ok());
-  auto& d = *dr.value();
-  Node* head = make_list(1000, 8);
-  std::atomic<bool> stop{false};
-  std::atomic<long> reads{0}, writes{0}, bad{0};
-  // Catch2 assertions are not thread-safe: threads count their failures here instead.
-  std::atomic<long> errors{0};
-
-  auto reader_body = [&] {
-    auto r = d.register_reader(mode == Mode::qsbr ? ReaderKind::qsbr : ReaderKind::critical_section);
-    if (!r.ok()) {
-      errors.fetch_add(1);
-      return;
-    }
-    long n = 0, b = 0;
-    while (!stop.load(std::memory_order_relaxed)) {
-      if (mode != Mode::qsbr) r->lock();
-      // Acquire: pairs with the writer's release publication of a fully built list.
-      for (Node* x = __atomic_load_n(&head, __ATOMIC_ACQUIRE); x; x = x->next) {
-        const std::uint64_t m = __atomic_load_n(&x->magic, __ATOMIC_RELAXED);
-        if (m != kLive) ++b;
-        for (int k = 0; k < 6; ++k)
-          if (__atomic_load_n(&x->payload[k], __ATOMIC_RELAXED) != x->key * static_cast<std::uint64_t>(k + 1)) ++b;
-      }
-      if (mode != Mode::qsbr) r->unlock();
-      else r->quiescent();
-      ++n;
-    }
-    if (mode == Mode::qsbr) r->offline();
-    reads.fetch_add(n);
-    bad.fetch_add(b);
-  };
-  auto writer_body = [&](std::uint64_t seed) {
-    long w = 0;
-    while (!stop.load(std::memory_order_relaxed)) {
-      Node* fresh = make_list(seed * 100000 + static_cast<std::uint64_t>(w) * 16, 8);
-      Node* old = __atomic_exchange_n(&head, fresh, __ATOMIC_ACQ_REL);
-      if (use_retire) {
-        if (!d.retire(old, poison_and_free_list).ok()) errors.fetch_add(1);
-      } else {
-        if (!d.synchronize().ok()) {
-          errors.fetch_add(1);  // no grace period: leak rather than free under readers
-          break;
-        }
-        poison_and_free_list(old);
-      }
-      ++w;
-    }
-    writes.fetch_add(w);
-  };
-
-  std::vector<std::thread> ts;
-  const int readers = 3;
-  for (int i = 0; i < readers; ++i) ts.emplace_back(reader_body);
-  for (std::uint64_t i = 1; i <= 2; ++i) ts.emplace_back(writer_body, i);
-  std::this_thread::sleep_for(duration);
-  stop.store(true);
-  for (auto& t : ts) t.join();
-  REQUIRE(d.barrier().ok());
-  poison_and_free_list(head);
-  return {reads.load(), writes.load(), bad.load(), errors.load()};
-}
 
 std::chrono::milliseconds run_time() { return std::chrono::milliseconds(JITPATCH_TSAN ? 300 : 700); }
 
