@@ -134,8 +134,16 @@ Result<CodeBlob*> Emitter::emit_impl(std::string_view name, Status (*thunk)(void
   }
   if (Status st = w.finish(); !st) return undo(st);  // flushes the icache over the range
 
+  // Serialize before the blob becomes reachable (a batch of one, without the batch's
+  // vector): only if this memory is dirty.
+  if (options.publish && range->dirty_seq != 0 && !heap_->is_clean(range->dirty_seq)) {
+    if (Status st = heap_->make_clean(range->dirty_seq); !st) return undo(st);
+  }
   CodeBlob* blob;
   {
+    // One critical section: take a descriptor, fill it, link it. Nobody holds a pointer
+    // to it until emit() returns, so registering it with the registry and the tools
+    // afterwards (outside the lock) is not observable in between.
     std::lock_guard<std::mutex> g(mu_);
     if (!spare_) {
       constexpr std::size_t kSlab = 256;
@@ -154,53 +162,47 @@ Result<CodeBlob*> Emitter::emit_impl(std::string_view name, Status (*thunk)(void
       }
     }
     blob = spare_;
+    try {
+      blob->sites_.clear();
+      blob->name_.assign(name.data(), name.size());
+      blob->sites_.reserve(cx.decls_.size());
+    } catch (...) {
+      return undo(Status(Errc::out_of_memory));
+    }
     spare_ = blob->next_;
-  }
-  // Until it is linked into live_ below, only this thread can see `blob`.
-  auto unclaim = [&](Status st) -> Result<CodeBlob*> {
-    std::lock_guard<std::mutex> g(mu_);
-    blob->next_ = spare_;
-    spare_ = blob;
-    return undo(st);
-  };
-  blob->sites_.clear();
-  blob->name_.assign(name.data(), name.size());
-  blob->range_ = *range;
-  blob->code_size_ = size;
-  blob->entry_ = cx.entry_.isValid() ? range->rx + code.labelOffsetFromBase(cx.entry_) : range->rx;
-  for (const auto& d : cx.decls_) {
-    std::byte* target = reinterpret_cast<std::byte*>(d.target_abs);
-    if (d.target_label.isValid()) target = range->rx + code.labelOffsetFromBase(d.target_label);
-    blob->sites_.push_back(PatchSite{d.kind, range->rx + code.labelOffsetFromBase(d.label), d.name, target});
-  }
-
-  // A batch of one, without the batch's vector: serialize only if this memory is dirty.
-  if (options.publish && range->dirty_seq != 0 && !heap_->is_clean(range->dirty_seq)) {
-    if (Status st = heap_->make_clean(range->dirty_seq); !st) return unclaim(st);
+    blob->range_ = *range;
+    blob->code_size_ = size;
+    blob->entry_ = cx.entry_.isValid() ? range->rx + code.labelOffsetFromBase(cx.entry_) : range->rx;
+    for (const auto& d : cx.decls_) {
+      std::byte* target = reinterpret_cast<std::byte*>(d.target_abs);
+      if (d.target_label.isValid()) target = range->rx + code.labelOffsetFromBase(d.target_label);
+      blob->sites_.push_back(PatchSite{d.kind, range->rx + code.labelOffsetFromBase(d.label), d.name, target});
+    }
+    // Release pairs with CodeBlob::state()'s acquire: whoever sees `live` sees the filled
+    // descriptor (name, range, sites).
+    blob->state_.store(BlobState::live, std::memory_order_release);
+    blob->owner_ = this;
+    blob->prev_ = nullptr;
+    blob->next_ = live_;
+    if (live_) live_->prev_ = blob;
+    live_ = blob;
+    ++live_count_;
   }
   if (registry_) {
-    if (Status st = registry_->add(blob->begin(), blob->end(), blob); !st) return unclaim(st);
+    if (Status st = registry_->add(blob->begin(), blob->end(), blob); !st) {
+      (void)free(blob);
+      return st;
+    }
   }
   if (visibility_) {
     // Tools name what is executable; a failure to tell them is not a failure to emit, but
     // it is not silent either: the caller gets the error and the blob is not published.
     if (Status st = visibility_->on_load(CodeInfo{blob->begin(), blob->size(), blob->name_.c_str()}); !st) {
-      if (registry_) (void)registry_->remove(blob->begin());
-      return unclaim(st);
+      (void)free(blob);
+      return st;
     }
   }
-  CodeBlob* out = blob;
-  std::lock_guard<std::mutex> g(mu_);
-  // Release pairs with CodeBlob::state()'s acquire: whoever sees `live` sees the filled
-  // descriptor (name, range, sites).
-  out->state_.store(BlobState::live, std::memory_order_release);
-  out->owner_ = this;
-  out->prev_ = nullptr;
-  out->next_ = live_;
-  if (live_) live_->prev_ = out;
-  live_ = out;
-  ++live_count_;
-  return out;
+  return blob;
 }
 
 Status Emitter::free(CodeBlob* blob) noexcept {
