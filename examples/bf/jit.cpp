@@ -85,6 +85,8 @@ constexpr std::int32_t kInFn = offsetof(Ctx, in_fn);
 constexpr std::int32_t kBridgeFn = offsetof(Ctx, bridge_fn);
 constexpr std::int32_t kExitPc = offsetof(Ctx, exit_pc);
 
+constexpr std::uint32_t kInlineBudget = 16384;  // IR ops of nested loops per unit
+
 struct CallerSite {
   CodeBlob* blob;
   std::uint32_t unit;  // the loop the blob was compiled for
@@ -157,6 +159,11 @@ class JitImpl final : public Jit {
   void finish() override;
 
   void* stub_for(std::uint32_t loop);
+  void* target_for(std::uint32_t loop) {
+    // A nested loop outside the unit: its code if it has some, else its stub.
+    if (void* c = m_.loops[loop].code.load(std::memory_order_relaxed)) return c;
+    return stub_for(loop);
+  }
   const Program& prog() const { return m_.prog; }
 
  private:
@@ -165,7 +172,7 @@ class JitImpl final : public Jit {
   void process(const Req& r);
   CodeBlob* emit_unit(std::uint32_t id, bool inline_all);
   void install(std::uint32_t id, CodeBlob* blob, CodeBlob* old);
-  void plan(std::uint32_t id, bool all, std::vector<std::uint8_t>& inl, bool& frame);
+  void plan(std::uint32_t id, bool all, std::vector<std::uint8_t>& inl, bool& frame, std::uint32_t& budget);
 
   Engine& e_;
   Machine& m_;
@@ -176,6 +183,7 @@ class JitImpl final : public Jit {
   int (*enter_fn_)(Ctx*, void*) = nullptr;
   bool sync_ = false;
   bool all_ = false;  // tier=jit: inline every nested loop
+  bool broken_ = false;  // an emit failed: stop compiling
   bool finished_ = false;
 
   // Compiler-side state: touched by the compiling thread only (the worker, or the
@@ -238,7 +246,7 @@ void Gen::loop(std::uint32_t id) {
 
 void Gen::call_loop(std::uint32_t id) {
   const std::string name = "loop" + std::to_string(id) + "#" + std::to_string(calls.size());
-  cx_.call_site(J.stub_for(id), name);
+  cx_.call_site(J.target_for(id), name);
   calls.push_back({id, name});
   cached_ = false;
 }
@@ -490,7 +498,7 @@ void Gen::loop(std::uint32_t id) {
 
 void Gen::call_loop(std::uint32_t id) {
   const std::string name = "loop" + std::to_string(id) + "#" + std::to_string(calls.size());
-  cx_.call_site(J.stub_for(id), name);
+  cx_.call_site(J.target_for(id), name);
   calls.push_back({id, name});
   cached_ = false;
 }
@@ -749,7 +757,8 @@ void* JitImpl::stub_for(std::uint32_t loop) {
 
 // Which nested loops go inline: those that have run (or have code, or everything for
 // tier=jit). A loop that never ran is called through a patchable site instead.
-void JitImpl::plan(std::uint32_t id, bool all, std::vector<std::uint8_t>& inl, bool& frame) {
+void JitImpl::plan(std::uint32_t id, bool all, std::vector<std::uint8_t>& inl, bool& frame,
+                   std::uint32_t& budget) {
   const auto& code = prog().code;
   const Loop& L = prog().loops[id];
   for (std::uint32_t k = L.begin + 1; k < L.end; ++k) {
@@ -759,9 +768,13 @@ void JitImpl::plan(std::uint32_t id, bool all, std::vector<std::uint8_t>& inl, b
     const auto child = static_cast<std::uint32_t>(x.b);
     const bool ran = m_.loops[child].count.load(std::memory_order_relaxed) > 0 ||
                      m_.loops[child].code.load(std::memory_order_relaxed) != nullptr;
-    if (all || ran) {
+    // Inlining budget: without it, N nested loops compiled as N units would copy the
+    // innermost ones N times (quadratic code). Past it a nested loop is called.
+    const std::uint32_t size = prog().loops[child].end - prog().loops[child].begin;
+    if ((all || ran) && budget >= size) {
+      budget -= size;
       inl[child] = 1;
-      plan(child, all, inl, frame);
+      plan(child, all, inl, frame, budget);
     } else {
       frame = true;
     }
@@ -772,7 +785,8 @@ void JitImpl::plan(std::uint32_t id, bool all, std::vector<std::uint8_t>& inl, b
 CodeBlob* JitImpl::emit_unit(std::uint32_t id, bool all) {
   std::vector<std::uint8_t> inl(prog().loops.size(), 0);
   bool frame = false;
-  plan(id, all, inl, frame);
+  std::uint32_t budget = kInlineBudget;
+  plan(id, all, inl, frame, budget);
   std::vector<std::pair<std::uint32_t, std::string>> calls;
   std::uint64_t inlined = 0;
   EmitOptions eo;
@@ -785,7 +799,10 @@ CodeBlob* JitImpl::emit_unit(std::uint32_t id, bool all) {
     return {};
   }, eo);
   if (!b.ok()) {
-    std::fprintf(stderr, "jitpatch-bf: compiling loop %u failed: %s\n", id, b.status().message().c_str());
+    // The program goes on in the interpreter; compiling stops (a full heap stays full).
+    std::fprintf(stderr, "jitpatch-bf: compiling loop %u failed: %s; no further compilation\n", id,
+                 b.status().message().c_str());
+    broken_ = true;
     return nullptr;
   }
   for (auto& [loop, name] : calls) callers_[loop].push_back({*b, id, name});
@@ -836,8 +853,10 @@ void JitImpl::install(std::uint32_t id, CodeBlob* blob, CodeBlob* old) {
   }
   if (m_.opt.recompile) {
     for (std::uint32_t u : to_recompile) {
+      // Once per unit: each recompile can only inline loops that ran, but a chain of
+      // nested loops getting hot one by one would otherwise recompile every ancestor.
       if (recompile_queued_[u]) continue;
-      recompile_queued_[u] = 1;
+      recompile_queued_[u] = 2;
       std::lock_guard<std::mutex> g(mu_);
       queue_.push_back({true, u});
     }
@@ -846,8 +865,8 @@ void JitImpl::install(std::uint32_t id, CodeBlob* blob, CodeBlob* old) {
 
 void JitImpl::process(const Req& r) {
   const double t0 = now_ns();
+  if (broken_) return;
   if (r.recompile) {
-    recompile_queued_[r.loop] = 0;
     CodeBlob* old = unit_[r.loop];
     if (old) {
       if (CodeBlob* b = emit_unit(r.loop, false)) {

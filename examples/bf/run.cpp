@@ -443,6 +443,15 @@ done:
 // the loop's stub): run that loop in the interpreter.
 int Machine::bridge(std::uint32_t loop) {
   ++stats.stub_calls;
+  // A call through a stub is compiled code asking for this loop: it counts toward
+  // tier-up even when the loop's counter cell is zero and its body does not run.
+  LoopState& S = loops[loop];
+  const std::uint32_t n = S.count.load(std::memory_order_relaxed) + 1;
+  S.count.store(n, std::memory_order_relaxed);
+  if (n >= opt.hot && !S.requested.load(std::memory_order_relaxed)) {
+    S.requested.store(1, std::memory_order_relaxed);
+    jit->request(loop);
+  }
   ++depth;
   const Loop& L = prog.loops[loop];
   const int st = interp<Mode::automatic>(L.begin, L.end + 1);
