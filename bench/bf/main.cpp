@@ -180,10 +180,10 @@ int main(int argc, char** argv) {
       reference = io.captured();
       rows.push_back({name, "naive interpreter", ns, 1, ""});
     }
-    auto tier_row = [&](const char* label, bf::Tier t) {
+    auto tier_row = [&](const char* label, bf::Tier tier) {
       Row row{name, label, NAN, 0, ""};
       bf::RunOptions o;
-      o.tier = t;
+      o.tier = tier;
       {  // verification run
         bf::Io io(-1, -1, bf::EofMode::unchanged);
         io.set_input("");
