@@ -597,3 +597,88 @@ TEST_CASE("safepoint: faults that are not poll faults go to the previous SIGSEGV
   CHECK(cur.sa_sigaction == prev_segv_handler);
   ::sigaction(SIGSEGV, &old, nullptr);
 }
+
+namespace {
+struct Obj {
+  std::atomic<std::uint64_t> value{0x600d};
+};
+std::atomic<int> g_obj_freed{0};
+void free_obj(void* p) {
+  static_cast<Obj*>(p)->value.store(0xdead, std::memory_order_relaxed);
+  delete static_cast<Obj*>(p);
+  g_obj_freed.fetch_add(1);
+}
+}  // namespace
+
+TEST_CASE("safepoint: QSBR grace periods ride on safepoints", "[unit][safepoint][grace]") {
+  auto rt = make_runtime();
+  GraceOptions go;
+  go.background_reclaimer = false;
+  auto gd = GraceDomain::create(*rt, go);
+  REQUIRE(gd.ok());
+  SafepointOptions o;
+  o.grace = gd->get();
+  auto sp = make_sp(*rt, o);
+  g_obj_freed = 0;
+  std::atomic<Obj*> current{new Obj};
+  std::atomic<bool> quit{false};
+  std::atomic<int> ready{0}, bad{0};
+  std::vector<std::thread> mutators;
+  for (int i = 0; i < 2; ++i)
+    mutators.emplace_back([&] {
+      auto att = sp->attach_current_thread();
+      if (!att.ok()) {
+        ++bad;
+        ++ready;
+        return;
+      }
+      SafepointThread* self = att->thread();
+      self->enter_managed();
+      ++ready;
+      for (std::uint64_t k = 1; !quit.load(std::memory_order_relaxed); ++k) {
+        // A reference held from one poll to the next: valid until the next quiescent
+        // state, which only a safepoint slow path (or leaving managed code) reports.
+        Obj* p = current.load(std::memory_order_acquire);
+        for (int j = 0; j < 8; ++j)
+          if (p->value.load(std::memory_order_relaxed) != 0x600d) ++bad;
+        self->poll();
+        if (k % 64 == 0) {
+          self->enter_native();  // offline: a grace period does not wait for it
+          self->enter_managed();
+        }
+      }
+      self->enter_native();
+    });
+  while (ready.load() < 2) std::this_thread::yield();
+  // The updater: publish a new object, retire the old, wait for a grace period. The
+  // grace periods end because the main thread keeps stopping the world.
+  std::atomic<bool> updater_done{false};
+  std::atomic<int> sync_errors{0};
+  constexpr int kUpdates = 50;
+  std::thread updater([&] {
+    for (int i = 0; i < kUpdates; ++i) {
+      Obj* old = current.exchange(new Obj, std::memory_order_acq_rel);
+      if (!(*gd)->retire(old, free_obj).ok()) ++sync_errors;
+      if (!(*gd)->barrier().ok()) ++sync_errors;
+    }
+    updater_done = true;
+  });
+  int stops = 0;
+  while (!updater_done.load()) {
+    REQUIRE(sp->stop_the_world([] {}).ok());
+    ++stops;
+    std::this_thread::sleep_for(std::chrono::microseconds(200));
+  }
+  updater.join();
+  // Inside a stop, parked threads are offline: a GC may wait for a grace period there.
+  Status in_stop_sync = Status(Errc::invalid_argument);
+  REQUIRE(sp->stop_the_world([&] { in_stop_sync = (*gd)->synchronize(); }).ok());
+  quit = true;
+  for (auto& t : mutators) t.join();
+  CHECK(in_stop_sync.ok());
+  CHECK(bad == 0);
+  CHECK(sync_errors == 0);
+  CHECK(g_obj_freed == kUpdates);
+  CHECK(stops > 0);
+  delete current.load();
+}
