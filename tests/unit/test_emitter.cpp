@@ -65,6 +65,38 @@ TEST_CASE("emitter: emitted functions run and return the right values", "[unit][
   CHECK(test::writable_and_executable() == "");
 }
 
+TEST_CASE("emitter: a body may emit another blob; errors leave the next emit clean", "[unit][emit]") {
+  Fixture f;
+  Emitter em(*f.heap);
+  // The nested emit runs while the outer one holds this thread's cached CodeHolder.
+  CodeBlob* inner = nullptr;
+  auto outer = em.emit("outer", [&](EmitContext& cx) {
+    auto b = em.emit("inner", [](EmitContext& icx) { add_const(icx, 5); });
+    REQUIRE(b.ok());
+    inner = *b;
+    add_const(cx, 7);
+  });
+  REQUIRE(outer.ok());
+  REQUIRE(inner);
+  CHECK((*outer)->as<int(int)>()(1) == 8);
+  CHECK(inner->as<int(int)>()(1) == 6);
+  // A failed emit (label never bound) must not leave state behind in the cached holder.
+  auto bad = em.emit("bad", [](EmitContext& cx) {
+    auto l = cx.a.newLabel();
+#if defined(__x86_64__)
+    cx.a.jmp(l);
+#else
+    cx.a.b(l);
+#endif
+  });
+  CHECK_FALSE(bad.ok());
+  for (int k = 0; k < 3; ++k) {
+    auto b = em.emit("after", [k](EmitContext& cx) { add_const(cx, k); });
+    REQUIRE(b.ok());
+    CHECK((*b)->as<int(int)>()(10) == 10 + k);
+  }
+}
+
 TEST_CASE("emitter: patch sites and the entry label get final addresses", "[unit][emit]") {
   Fixture f;
   Emitter em(*f.heap);
