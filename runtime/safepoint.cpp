@@ -19,6 +19,7 @@
 #include <jitpatch/grace.hpp>
 #include <jitpatch/patch.hpp>
 
+#include <sched.h>
 #include <sys/mman.h>
 #include <ucontext.h>
 #include <unistd.h>
@@ -99,6 +100,7 @@ struct SafepointRecord : SafepointThread {
   std::uint32_t hs_pending = 0;  // atomic: queued operations
   std::mutex page_mu;            // (page_armed, page protection) change together
   bool page_armed = false;
+  std::uint32_t parked_seq = 0;     // the stop_seq it parked in (written before `parked`)
   const void* last_site = nullptr;  // atomic
   SafepointRecord* next = nullptr;  // registry (guarded by reg_mu)
   SafepointRecord* prev = nullptr;
@@ -154,7 +156,11 @@ struct Safepoints::Impl {
   bool wait_until(P&& pred, std::uint64_t deadline) noexcept {
     for (unsigned i = 0; i < opt.spin_before_sleep; ++i) {
       if (pred()) return true;
-      cpu_relax();
+      // After a short pure spin, yield now and then: the thread we wait for may be the
+      // one this thread preempted on its CPU (the scheduler often wakes a coordinator on
+      // a mutator's CPU), and it cannot reach its poll until this thread gets off it.
+      if (i >= 64 && i % 16 == 0) sched_yield();
+      else cpu_relax();
     }
     for (;;) {
       if (pred()) return true;
@@ -334,7 +340,8 @@ void detail::safepoint_slow(SafepointThread* t, const void* site) noexcept {
     const std::uint32_t seq = __atomic_load_n(&s.stop_seq, __ATOMIC_ACQUIRE);
     if (seq & 1u) {
       if (q) q->offline();
-      // Pairs with the coordinator's load-acquire of the state.
+      __atomic_store_n(&r->parked_seq, seq, __ATOMIC_RELAXED);
+      // Pairs with the coordinator's load-acquire of the state (and publishes parked_seq).
       __atomic_store_n(r->st(), static_cast<std::uint32_t>(ThreadState::parked), __ATOMIC_RELEASE);
       s.notify();
       // Woken by the release (store-release of stop_seq, then futex_wake).
@@ -668,20 +675,43 @@ Status Safepoints::stop_impl(detail::FnRef<void()> fn) noexcept {
   // header comment (a thread that becomes managed later sees its poll word armed).
   // A committed patch batch ended with serialize_cores(), which is also a process barrier.
   const bool patched = s.arm_patched(&err);
-  if (!patched && err.ok()) err = s.barrier();
+  // Barrier B is what makes a *safe* state trustworthy: a thread seen native after it
+  // cannot run managed code without seeing its poll word armed. A thread seen parked *in
+  // this stop* needs no barrier: its exchange read this arming, and it re-checks on its
+  // way out, after the release. So: first wait for the threads that are running (they
+  // see the armed word at their next poll; the arming RMW is visible to them within
+  // the coherence latency), and pay for the barrier only if some thread was found in
+  // another safe state (native, blocked, or still parked from the previous stop). With
+  // every mutator running managed code, that saves a membarrier round per stop.
+  // A committed patch batch ended with serialize_cores(), which is a barrier B already.
+  bool fenced = patched;
   std::vector<std::uint64_t> safe_at(targets.size(), 0);
+  std::vector<std::uint8_t> trusted(targets.size(), 0);
   bool timed_out = false;
-  if (err.ok()) {
+  auto wait_all = [&](bool only_untrusted) {
     if (s.opt.poll_kinds & page_poll)
-      for (SafepointRecord* r : targets)
-        if (!is_safe(r->state())) s.arm_page(r);
+      for (std::size_t i = 0; i < targets.size(); ++i)
+        if (!(only_untrusted && trusted[i]) && !is_safe(targets[i]->state())) s.arm_page(targets[i]);
     for (std::size_t i = 0; i < targets.size(); ++i) {
+      if (only_untrusted && trusted[i]) continue;
       SafepointRecord* r = targets[i];
       if (!s.wait_until([r] { return is_safe(r->state()); }, deadline)) {
         timed_out = true;
-        break;
+        return;
       }
       safe_at[i] = now_ns();
+      trusted[i] = fenced || (r->state() == ThreadState::parked &&
+                              __atomic_load_n(&r->parked_seq, __ATOMIC_RELAXED) == seq + 1);
+    }
+  };
+  if (err.ok()) {
+    wait_all(false);
+    bool all_trusted = true;
+    for (std::uint8_t t : trusted) all_trusted &= t != 0;
+    if (!timed_out && !all_trusted) {
+      err = s.barrier();
+      fenced = true;
+      if (err.ok()) wait_all(true);
     }
   }
   const std::uint64_t t1 = now_ns();
