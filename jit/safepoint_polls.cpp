@@ -138,13 +138,13 @@ Result<CodeBlob*> emit_safepoint_stub(Emitter& emitter, void (*entry)(const void
     a.embedUInt32(0xD53B4209u);
     a.stp(a64::x18, a64::x9, a64::ptr(a64::sp, 144));
     for (int i = 0; i < 32; i += 2)
-      a.stp(a64::q(static_cast<std::uint32_t>(i)), a64::q(static_cast<std::uint32_t>(i + 1)),
+      a.stp(a64::v(static_cast<std::uint32_t>(i)), a64::v(static_cast<std::uint32_t>(i + 1)),
             a64::ptr(a64::sp, kGpArea + i * 16));
     a.mov(a64::x0, a64::x30);  // return address: inside the poll's out-of-line stub
     a.mov(a64::x16, target);
     a.blr(a64::x16);
     for (int i = 0; i < 32; i += 2)
-      a.ldp(a64::q(static_cast<std::uint32_t>(i)), a64::q(static_cast<std::uint32_t>(i + 1)),
+      a.ldp(a64::v(static_cast<std::uint32_t>(i)), a64::v(static_cast<std::uint32_t>(i + 1)),
             a64::ptr(a64::sp, kGpArea + i * 16));
     a.ldp(a64::x18, a64::x9, a64::ptr(a64::sp, 144));
     // MSR NZCV, x9.

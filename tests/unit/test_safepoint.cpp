@@ -413,7 +413,7 @@ TEST_CASE("safepoint: nested requests run at once or are refused, never deadlock
   m.join();
 }
 
-TEST_CASE("safepoint: mutators may stop the world; concurrent stops queue", "[unit][safepoint]") {
+TEST_CASE("safepoint: mutators may stop the world, and concurrent stops queue", "[unit][safepoint]") {
   auto rt = make_runtime();
   auto sp = make_sp(*rt);
   Mutators m(*sp);
