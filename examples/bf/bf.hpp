@@ -2,7 +2,8 @@
 // emitted with jitpatch, switching the running program through patch sites.
 //
 // Pipeline: source -> parse (bracket errors with line/column) -> optimized IR (run-length
-// folding, offset addressing, clear/multiply/scan loops, per-segment tape checks) ->
+// folding, offset addressing, clear/multiply/scan loops, nested counted loops folded
+// bottom-up to closed forms, per-segment tape checks) ->
 //   naive     a straightforward switch over the source characters (the bench baseline)
 //   interp    a switch over the IR
 //   jit       every outermost loop compiled before the run
@@ -22,6 +23,7 @@
 #include <memory>
 #include <string>
 #include <string_view>
+#include <utility>
 #include <vector>
 
 namespace bf {
@@ -32,7 +34,7 @@ namespace bf {
 enum class Op : std::uint8_t {
   Add,        // cell[off] += a
   Set,        // cell[off] = a
-  MulAdd,     // cell[off] += cell[b] * a        (only after an If on cell[b])
+  MulAdd,     // cell[off] += cell[b] * a        (after an If on cell[b], or in a Fold)
   If,         // if (!cell[off]) skip the c MulAdds that follow; else p+a .. p+b must be
               // on the tape (a multiply loop touches its targets only when it runs)
   Move,       // p += a
@@ -42,6 +44,9 @@ enum class Op : std::uint8_t {
   Out,        // output cell[off]
   LoopBegin,  // if (!cell[0]) goto a+1           b = loop id
   LoopEnd,    // if (cell[0]) goto a+1 (body)     b = loop id
+  Fold,       // a loop folded to the a ops that follow (straight-line, closed form) at
+              // p+off; b = index in Program::folds. Nothing to do on the fast paths; the
+              // exact slow path (a failed Check) runs the loop's source instead.
   End,
 };
 const char* op_name(Op op) noexcept;
@@ -67,6 +72,8 @@ struct Program {
   std::vector<Ins> code;   // ends with End
   std::vector<Loop> loops; // by id (order of LoopBegin)
   std::size_t commands = 0;  // Brainfuck commands in the source
+  // Folded loops: byte offsets of their '[' and matching ']' in the source.
+  std::vector<std::pair<std::uint32_t, std::uint32_t>> folds;
   // 1-based line and column of a source byte offset.
   void position(std::uint32_t src, unsigned* line, unsigned* col) const;
   std::string where(std::uint32_t src) const;  // "line L, column C"

@@ -352,6 +352,7 @@ void Gen::ops(std::uint32_t i, std::uint32_t j) {
         break;
       }
       case Op::LoopEnd:
+      case Op::Fold:
       case Op::End: break;
     }
   }
@@ -624,6 +625,7 @@ void Gen::ops(std::uint32_t i, std::uint32_t j) {
         break;
       }
       case Op::LoopEnd:
+      case Op::Fold:
       case Op::End: break;
     }
   }

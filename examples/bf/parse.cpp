@@ -5,6 +5,10 @@
 #include <climits>
 #include <cstdint>
 #include <cstring>
+#include <map>
+#include <optional>
+#include <set>
+#include <unordered_map>
 
 namespace bf {
 
@@ -21,6 +25,7 @@ const char* op_name(Op op) noexcept {
     case Op::Out: return "out";
     case Op::LoopBegin: return "loop";
     case Op::LoopEnd: return "end_loop";
+    case Op::Fold: return "fold";
     case Op::End: return "end";
   }
   return "?";
@@ -53,10 +58,279 @@ struct Cmd {
   std::uint32_t src;
 };
 
+
+// ------------------------------------------------------------------------------------
+// Folding counted loops whose bodies are straight-line after their own inner loops were
+// folded (bottom-up). A body is a list of LOps at offsets from the loop's cell; a loop
+// `while (c0) P` folds when P changes c0 only by a net +-1 at top level and never reads
+// it: then P runs n times, n = c0 (step -1) or 256 - c0 (step +1), i.e. n == c0 * m
+// (mod 256) with m = 1 or 255, and 8-bit wrapping makes every closed form below exact:
+//   direct   P reads (If guards, MulAdd sources) no cell it writes, so every iteration
+//            does the same thing: a cell only ever added to gets n * delta (a MulAdd from
+//            the counter, under the same invariant guards); a cell Set at top level ends
+//            with the value the last iteration gives it (its ops from that Set on, once).
+//            Anything else (a MulAdd into a cell never Set, which would be a product of
+//            two cells; a guarded write after the last Set) does not fold.
+//   peeled   otherwise, run P once; if that leaves some cells at known constants K, and
+//            P simplified under K (constant propagation, dead stores removed) keeps K
+//            and folds directly, the remaining n-1 iterations are that direct fold.
+// Tape safety: the folded ops can touch cells in another order than the loop, or cells
+// a zero counter would not have touched, so every cell they name is in their segment's
+// Check. When that Check fails beyond growing, the exact slow path runs the loop's
+// source command by command (Op::Fold), which reports exactly what the naive one would.
+
+struct LOp {
+  enum Kind : std::uint8_t { Add, Set, Mul, If } k;
+  std::int32_t off;   // target; If: the guard cell
+  int v = 0;          // Add/Set: value, Mul: factor (mod 256)
+  std::int32_t src = 0;  // Mul: cell[off] += cell[src] * v
+  std::vector<LOp> body;  // If: runs when cell[off] != 0
+};
+using LOps = std::vector<LOp>;
+using Known = std::map<std::int32_t, int>;  // cell -> constant (mod 256)
+
+constexpr std::size_t kMaxFoldOps = 256;  // peeling copies bodies: keep folds small
+
+std::size_t op_count(const LOps& v) {
+  std::size_t n = 0;
+  for (const LOp& o : v) n += 1 + op_count(o.body);
+  return n;
+}
+
+void shift(LOps& v, std::int32_t d) {
+  for (LOp& o : v) {
+    o.off += d;
+    o.src += d;
+    shift(o.body, d);
+  }
+}
+
+// Constant propagation; `k` holds the known cells before and is updated to after.
+LOps simplify(const LOps& in, Known& k) {
+  LOps out;
+  for (const LOp& o : in) {
+    switch (o.k) {
+      case LOp::Add: {
+        if ((o.v & 255) == 0) break;
+        auto it = k.find(o.off);
+        if (it != k.end()) {
+          it->second = (it->second + o.v) & 255;
+          out.push_back({LOp::Set, o.off, it->second, 0, {}});
+        } else {
+          out.push_back(o);
+        }
+        break;
+      }
+      case LOp::Set:
+        k[o.off] = o.v & 255;
+        out.push_back(o);
+        break;
+      case LOp::Mul: {
+        auto s = k.find(o.src);
+        if (s != k.end()) {
+          const LOps add{{LOp::Add, o.off, (s->second * o.v) & 255, 0, {}}};
+          for (LOp& r : simplify(add, k)) out.push_back(std::move(r));
+        } else {
+          k.erase(o.off);
+          out.push_back(o);
+        }
+        break;
+      }
+      case LOp::If: {
+        auto g = k.find(o.off);
+        if (g != k.end()) {
+          if (g->second != 0)
+            for (LOp& r : simplify(o.body, k)) out.push_back(std::move(r));
+          break;
+        }
+        Known taken = k;
+        LOps b = simplify(o.body, taken);
+        // Not taken: the guard was 0 and nothing changed.
+        Known skipped = k;
+        skipped[o.off] = 0;
+        Known merged;
+        for (const auto& [c, v] : taken) {
+          auto it = skipped.find(c);
+          if (it != skipped.end() && it->second == v) merged[c] = v;
+        }
+        k = std::move(merged);
+        if (!b.empty()) out.push_back({LOp::If, o.off, 0, 0, std::move(b)});
+        break;
+      }
+    }
+  }
+  return out;
+}
+
+void reads(const LOps& v, std::set<std::int32_t>& r) {
+  for (const LOp& o : v) {
+    if (o.k == LOp::Mul) r.insert(o.src);
+    if (o.k == LOp::If) {
+      r.insert(o.off);
+      reads(o.body, r);
+    }
+  }
+}
+
+// Dead stores: a write whose value a later unconditional Set overwrites before any read.
+// `dead`: cells whose value is dead after `v`; updated to before it.
+void dse(LOps& v, std::set<std::int32_t>& dead) {
+  for (std::size_t i = v.size(); i-- > 0;) {
+    LOp& o = v[i];
+    bool drop = false;
+    switch (o.k) {
+      case LOp::Set:
+        if (dead.count(o.off)) drop = true;
+        else dead.insert(o.off);
+        break;
+      case LOp::Add: drop = dead.count(o.off) != 0; break;
+      case LOp::Mul:
+        if (dead.count(o.off)) drop = true;
+        else dead.erase(o.src);
+        break;
+      case LOp::If: {
+        std::set<std::int32_t> inner = dead;
+        dse(o.body, inner);
+        if (o.body.empty()) {
+          drop = true;
+        } else {
+          std::set<std::int32_t> r{o.off};
+          reads(o.body, r);
+          for (std::int32_t c : r) dead.erase(c);
+        }
+        break;
+      }
+    }
+    if (drop) v.erase(v.begin() + static_cast<std::ptrdiff_t>(i));
+  }
+}
+
+LOps clean(const LOps& v, Known& k) {
+  LOps r = simplify(v, k);
+  std::set<std::int32_t> dead;
+  dse(r, dead);
+  return r;
+}
+
+void writes(const LOps& v, std::set<std::int32_t>& w) {
+  for (const LOp& o : v) {
+    if (o.k == LOp::If) writes(o.body, w);
+    else w.insert(o.off);
+  }
+}
+
+// The counter: written only by top-level Adds summing to +-1, never read, never Set.
+// Returns m (n == c0 * m mod 256) or 0.
+int counter_factor(const LOps& body) {
+  int d0 = 0;
+  for (const LOp& o : body) {
+    if (o.k == LOp::Add && o.off == 0) d0 += o.v;
+  }
+  std::set<std::int32_t> r, w;
+  reads(body, r);
+  for (const LOp& o : body) {
+    if (o.k == LOp::If) writes(o.body, w);
+    else if (o.k != LOp::Add && o.off == 0) return 0;
+  }
+  if (r.count(0) || w.count(0)) return 0;
+  d0 &= 255;
+  return d0 == 255 ? 1 : d0 == 1 ? 255 : 0;
+}
+
+// The direct fold's ops (to run under If(counter), before the counter is cleared).
+std::optional<LOps> fold_direct(const LOps& body, int m) {
+  std::set<std::int32_t> r, w;
+  reads(body, r);
+  writes(body, w);
+  for (std::int32_t c : r)
+    if (w.count(c)) return std::nullopt;
+  // Per written cell: index of its last top-level Set (-1: never Set).
+  std::map<std::int32_t, std::ptrdiff_t> last_set;
+  std::set<std::int32_t> set_anywhere, mul_into;
+  auto scan = [&](auto&& self, const LOps& v) -> void {
+    for (const LOp& o : v) {
+      if (o.k == LOp::If) self(self, o.body);
+      else if (o.k == LOp::Set) set_anywhere.insert(o.off);
+      else if (o.k == LOp::Mul) mul_into.insert(o.off);
+    }
+  };
+  scan(scan, body);
+  for (std::size_t i = 0; i < body.size(); ++i)
+    if (body[i].k == LOp::Set) last_set[body[i].off] = static_cast<std::ptrdiff_t>(i);
+  for (std::int32_t c : w) {
+    if (c == 0) continue;
+    if (!set_anywhere.count(c)) {
+      if (mul_into.count(c)) return std::nullopt;  // n * cell[src]: a product of two cells
+      continue;
+    }
+    auto it = last_set.find(c);
+    if (it == last_set.end()) return std::nullopt;  // only Set under a guard
+    for (std::size_t i = static_cast<std::size_t>(it->second) + 1; i < body.size(); ++i) {
+      if (body[i].k != LOp::If) continue;
+      std::set<std::int32_t> gw;
+      writes(body[i].body, gw);
+      if (gw.count(c)) return std::nullopt;  // guarded write after the last Set
+    }
+  }
+  auto emit = [&](auto&& self, const LOps& v, bool top) -> LOps {
+    LOps out;
+    for (std::size_t i = 0; i < v.size(); ++i) {
+      const LOp& o = v[i];
+      if (o.k == LOp::If) {
+        LOps b = self(self, o.body, false);
+        if (!b.empty()) out.push_back({LOp::If, o.off, 0, 0, std::move(b)});
+        continue;
+      }
+      if (o.off == 0) continue;  // the counter: cleared after the fold
+      if (!set_anywhere.count(o.off)) {
+        const int f = (o.v * m) & 255;  // only Adds here
+        if (f) out.push_back({LOp::Mul, o.off, f, 0, {}});
+        continue;
+      }
+      if (top && static_cast<std::ptrdiff_t>(i) >= last_set[o.off]) out.push_back(o);
+    }
+    return out;
+  };
+  return emit(emit, body, true);
+}
+
+// The ops of a folded loop relative to its counter cell, or nothing.
+std::optional<LOps> fold_body(const LOps& raw) {
+  Known none;
+  const LOps body = clean(raw, none);
+  const int m = counter_factor(body);
+  if (!m) return std::nullopt;
+  LOps inner;
+  if (auto direct = fold_direct(body, m)) {
+    inner = std::move(*direct);
+  } else {
+    Known after;
+    (void)simplify(body, after);
+    after.erase(0);
+    if (after.empty()) return std::nullopt;
+    Known k = after;
+    const LOps rest = clean(body, k);
+    for (const auto& [c, v] : after) {
+      auto it = k.find(c);
+      if (it == k.end() || it->second != v) return std::nullopt;  // not an invariant
+    }
+    auto d = counter_factor(rest) == m ? fold_direct(rest, m) : std::nullopt;
+    if (!d) return std::nullopt;
+    inner = body;
+    if (!d->empty()) inner.push_back({LOp::If, 0, 0, 0, std::move(*d)});
+  }
+  LOps out;
+  if (!inner.empty()) out.push_back({LOp::If, 0, 0, 0, std::move(inner)});
+  out.push_back({LOp::Set, 0, 0, 0, {}});
+  if (op_count(out) > kMaxFoldOps) return std::nullopt;
+  return out;
+}
+
 class Builder {
  public:
-  Builder(const std::vector<Cmd>& cmds, const std::vector<std::int64_t>& match, bool fold)
-      : cmds_(cmds), match_(match), fold_(fold) {}
+  Builder(const std::vector<Cmd>& cmds, const std::vector<std::int64_t>& match, bool fold,
+          std::vector<std::pair<std::uint32_t, std::uint32_t>>& folds)
+      : cmds_(cmds), match_(match), fold_(fold), folds_(folds) {}
 
   std::vector<Ins> out;
 
@@ -93,6 +367,13 @@ class Builder {
             k = e;
             break;
           }
+          if (fold_) {
+            if (const auto& f = fold_loop(k, e)) {
+              emit_fold(*f, d, k, e);
+              k = e;
+              break;
+            }
+          }
           flush_move(d, move_src);
           push({Op::LoopBegin, 0, 0, 0, 0, cm.src});
           block(k + 1, e);
@@ -108,6 +389,66 @@ class Builder {
 
  private:
   void push(const Ins& in) { out.push_back(in); }
+
+  // The folded form of the loop [k, e], memoized (an outer loop that does not fold asks
+  // again for its inner ones).
+  const std::optional<LOps>& fold_loop(std::size_t k, std::size_t e) {
+    if (auto it = memo_.find(k); it != memo_.end()) return it->second;
+    std::optional<LOps> r;
+    LOps body;
+    std::int32_t pos = 0;
+    bool ok = true;
+    for (std::size_t x = k + 1; ok && x < e; ++x) {
+      switch (cmds_[x].c) {
+        case '>': ++pos; break;
+        case '<': --pos; break;
+        case '+':
+        case '-': {
+          const int v = cmds_[x].c == '+' ? 1 : 255;
+          if (!body.empty() && body.back().k == LOp::Add && body.back().off == pos) body.back().v = (body.back().v + v) & 255;
+          else body.push_back({LOp::Add, pos, v, 0, {}});
+          break;
+        }
+        case '[': {
+          const auto xe = static_cast<std::size_t>(match_[x]);
+          const std::optional<LOps>& in = fold_loop(x, xe);
+          if (!in) {
+            ok = false;
+            break;
+          }
+          LOps s = *in;
+          shift(s, pos);
+          for (LOp& o : s) body.push_back(std::move(o));
+          x = xe;
+          break;
+        }
+        default: ok = false; break;  // I/O
+      }
+    }
+    if (ok && pos == 0) r = fold_body(body);
+    return memo_[k] = std::move(r);
+  }
+
+  void emit_lops(const LOps& v, std::int32_t d, std::uint32_t src) {
+    for (const LOp& o : v) {
+      switch (o.k) {
+        case LOp::Add: push({Op::Add, d + o.off, o.v & 255, 0, 0, src}); break;
+        case LOp::Set: push({Op::Set, d + o.off, o.v & 255, 0, 0, src}); break;
+        case LOp::Mul: push({Op::MulAdd, d + o.off, o.v & 255, d + o.src, 0, src}); break;
+        case LOp::If:
+          push({Op::If, d + o.off, 0, 0, static_cast<std::int32_t>(op_count(o.body)), src});
+          emit_lops(o.body, d, src);
+          break;
+      }
+    }
+  }
+  void emit_fold(const LOps& f, std::int32_t d, std::size_t k, std::size_t e) {
+    const std::uint32_t src = cmds_[k].src;
+    push({Op::Fold, d, static_cast<std::int32_t>(op_count(f)), static_cast<std::int32_t>(folds_.size()), 0, src});
+    folds_.push_back({src, cmds_[e].src});
+    emit_lops(f, d, src);
+    fence_ = out.size();  // the peepholes below must not reach into the folded ops
+  }
   void flush_move(std::int32_t& d, std::uint32_t src) {
     if (d != 0) push({Op::Move, 0, d, 0, 0, src});
     d = 0;
@@ -116,7 +457,7 @@ class Builder {
   void add(std::int32_t off, int n, std::uint32_t src) {
     n &= 255;
     if (n == 0) return;
-    if (!out.empty() && out.back().off == off) {
+    if (out.size() > fence_ && out.back().off == off) {
       Ins& last = out.back();
       if (last.op == Op::Set) {
         last.a = (last.a + n) & 255;
@@ -132,7 +473,7 @@ class Builder {
   }
   void set(std::int32_t off, int v, std::uint32_t src) {
     // An Add to the same cell right before is overwritten.
-    while (!out.empty() && out.back().off == off && (out.back().op == Op::Add || out.back().op == Op::Set))
+    while (out.size() > fence_ && out.back().off == off && (out.back().op == Op::Add || out.back().op == Op::Set))
       out.pop_back();
     push({Op::Set, off, v & 255, 0, 0, src});
   }
@@ -189,6 +530,9 @@ class Builder {
   const std::vector<Cmd>& cmds_;
   const std::vector<std::int64_t>& match_;
   bool fold_;
+  std::vector<std::pair<std::uint32_t, std::uint32_t>>& folds_;
+  std::unordered_map<std::size_t, std::optional<LOps>> memo_;
+  std::size_t fence_ = 0;
 };
 
 bool is_boundary(Op op) { return op == Op::LoopBegin || op == Op::LoopEnd || op == Op::Scan || op == Op::End; }
@@ -212,12 +556,15 @@ std::vector<Ins> insert_checks(const std::vector<Ins>& in) {
       lo = std::min(lo, o);
       hi = std::max(hi, o);
     };
+    std::size_t fold_end = 0;
     while (j < in.size() && !is_boundary(in[j].op)) {
       const Ins& x = in[j];
       // A MulAdd's target is checked by its If (only when the loop runs); its source
-      // is the If's cell.
+      // is the If's cell. In a folded loop every cell named is covered (see LOp).
+      if (x.op == Op::Fold) fold_end = j + 1 + static_cast<std::size_t>(x.a);
       if (x.op == Op::Move) cover(x.a);
       else if (x.op != Op::MulAdd) cover(x.off);
+      else if (j < fold_end) cover(x.off), cover(x.b);
       ++j;
       if (x.op == Op::In || x.op == Op::Out) break;
     }
@@ -267,7 +614,7 @@ ParseResult parse(std::string_view source, const OptimizeOptions& o) {
     r.error = "empty program: no Brainfuck commands (+-<>.,[]) in the input";
     return r;
   }
-  Builder b(cmds, match, o.fold);
+  Builder b(cmds, match, o.fold, r.program.folds);
   b.block(0, cmds.size());
   b.out.push_back({Op::End, 0, 0, 0, 0, static_cast<std::uint32_t>(source.size())});
   r.program.code = insert_checks(b.out);

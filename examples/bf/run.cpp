@@ -253,6 +253,36 @@ bool Machine::exact_segment(std::uint32_t& pc, std::uint8_t*& p) {
         if (!(c = access(idx + x.off, x.src))) return false;
         *c = io.get(*c);
         break;
+      case Op::Fold: {
+        // The folded loop's own commands, as the naive interpreter runs them: the same
+        // accesses in the same order, so the same error (or none) at the same place.
+        const auto [s, e] = prog.folds[static_cast<std::size_t>(x.b)];
+        const std::string& text = prog.source;
+        std::vector<std::uint32_t> jump(e - s + 1, 0), open;
+        for (std::uint32_t i = s; i <= e; ++i) {
+          if (text[i] == '[') {
+            open.push_back(i);
+          } else if (text[i] == ']') {
+            jump[i - s] = open.back();
+            jump[open.back() - s] = i;
+            open.pop_back();
+          }
+        }
+        std::ptrdiff_t q = idx + x.off;
+        for (std::uint32_t i = s; i <= e; ++i) {
+          const char ch = text[i];
+          if (ch == '>') ++q;
+          else if (ch == '<') --q;
+          else if (ch == '+' || ch == '-' || ch == '[' || ch == ']') {
+            if (!(c = access(q, i))) return false;
+            if (ch == '+') ++*c;
+            else if (ch == '-') --*c;
+            else if ((ch == '[') == (*c == 0)) i = jump[i - s];
+          }
+        }
+        k += static_cast<std::uint32_t>(x.a);
+        break;
+      }
       case Op::Move:
         idx += x.a;
         // The boundary after the block reads the new cell (unless the program ends).
@@ -318,6 +348,7 @@ int Machine::interp(std::uint32_t pc, std::uint32_t stop) {
         ++pc;
         break;
       case Op::Move: p += x.a; ++pc; break;
+      case Op::Fold: ++pc; break;  // its closed form follows
       case Op::Check: {
         // p is on the tape here (invariant at every segment start), so the index is exact.
         const std::ptrdiff_t idx = p - ctx.begin;

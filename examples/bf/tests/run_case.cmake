@@ -3,6 +3,7 @@
 #   PROGRAM   the .b file                      ARGS  extra arguments, '|'-separated
 #   INPUT     file fed to stdin (optional)     EXPECTED  file the stdout must equal byte for byte
 #   ERROR     regex stderr must match; the exit code must then be 1 (no EXPECTED)
+#   IR_MATCH / IR_NOMATCH  regexes the --dump-ir listing must / must not match (no EXPECTED)
 string(REPLACE "|" ";" _emu "${EMU}")
 string(REPLACE "|" ";" _args "${ARGS}")
 if(NOT INPUT)
@@ -11,6 +12,19 @@ endif()
 execute_process(COMMAND ${_emu} ${BF} ${_args} ${PROGRAM}
                 INPUT_FILE ${INPUT} OUTPUT_VARIABLE out ERROR_VARIABLE err RESULT_VARIABLE rc
                 ENCODING NONE)
+if(IR_MATCH OR IR_NOMATCH)
+  execute_process(COMMAND ${_emu} ${BF} --dump-ir ${PROGRAM} OUTPUT_VARIABLE ir ERROR_VARIABLE err RESULT_VARIABLE rc)
+  if(NOT rc EQUAL 0)
+    message(FATAL_ERROR "--dump-ir failed ('${rc}'): ${err}")
+  endif()
+  if(IR_MATCH AND NOT ir MATCHES "${IR_MATCH}")
+    message(FATAL_ERROR "the IR does not match '${IR_MATCH}':\n${ir}")
+  endif()
+  if(IR_NOMATCH AND ir MATCHES "${IR_NOMATCH}")
+    message(FATAL_ERROR "the IR matches '${IR_NOMATCH}':\n${ir}")
+  endif()
+  return()
+endif()
 if(ERROR)
   if(NOT rc EQUAL 1)
     message(FATAL_ERROR "expected exit code 1, got '${rc}'; stderr:\n${err}")

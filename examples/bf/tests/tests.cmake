@@ -60,7 +60,9 @@ function(bf_error name program regex)
   endforeach()
 endfunction()
 
-foreach(p hello wrap mul zero_mul deep grow)
+# Loop folding (parse.cpp): hand-written nests (fold.b), a fold at the left end of the
+# tape over a zero counter (fold_edge.b) and 60 random nests from gen_folds.py (seed 7).
+foreach(p hello wrap mul zero_mul deep grow fold fold_edge fold_random)
   bf_case(${p} ${_bf_dir}/${p}.b ${_bf_dir}/${p}.out)
 endforeach()
 bf_case(cat-eof-zero ${_bf_dir}/cat.b ${_bf_dir}/cat.out INPUT ${_bf_dir}/rot13_input.txt EXTRA --eof=zero)
@@ -86,3 +88,21 @@ bf_error(scan-underflow err_scan_underflow.b "tape overflow at line 1, column [0
 bf_error(multiply-underflow err_muladd_left.b "tape overflow at line 1, column [0-9]+: moved left of cell 0")
 bf_error(tape-limit err_overflow.b "tape overflow at line 1, column 4: cell 100000 is beyond the tape limit of 100000 cells"
          EXTRA --tape-max=100000)
+bf_error(fold-underflow err_fold_left.b "tape overflow at line 1, column 11: moved left of cell 0")
+bf_error(fold-limit err_fold_limit.b "tape overflow at line 2, column 18: cell 11 is beyond the tape limit of 10 cells"
+         EXTRA --tape-max=10)
+
+# What folds and what must not: the bench.b nest becomes straight-line code (no loop left
+# inside its outer loop); a counter stepping by 2, and a MulAdd whose source the body
+# changes, stay loops.
+function(bf_ir name program)
+  cmake_parse_arguments(C "" "MATCH;NOMATCH" "" ${ARGN})
+  add_test(NAME "bf:ir ${name}"
+           COMMAND ${CMAKE_COMMAND} -DBF=$<TARGET_FILE:jitpatch-bf> -DEMU=${_bf_emu} -DPROGRAM=${program}
+                   -DIR_MATCH=${C_MATCH} -DIR_NOMATCH=${C_NOMATCH} -P ${_bf_dir}/run_case.cmake)
+  set_tests_properties("bf:ir ${name}" PROPERTIES LABELS ${_bf_label} TIMEOUT 60)
+endfunction()
+bf_ir(fold-bench-nest ${CMAKE_CURRENT_SOURCE_DIR}/programs/bench.b MATCH "fold +off=1 a=[0-9]+"
+      NOMATCH "loop +off=0 a=[0-9]+ b=1 ")
+bf_ir(no-fold-step2 ${_bf_dir}/nofold_step2.b MATCH "loop" NOMATCH "fold")
+bf_ir(no-fold-restoring-mul ${_bf_dir}/nofold_mul.b MATCH "loop" NOMATCH "fold")
