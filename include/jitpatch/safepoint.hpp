@@ -134,7 +134,9 @@ struct SafepointOptions {
   unsigned poll_kinds = poll_word;  // | page_poll | patched_poll
   GraceDomain* grace = nullptr;     // optional QSBR integration (see above)
   std::chrono::milliseconds timeout{10000};  // stop_the_world / handshake wait bound
-  unsigned spin_before_sleep = 2000;         // state checks (with cpu_relax) before sleeping
+  // State checks (with cpu_relax, ~40 ns each) before sleeping on a futex. Short: the
+  // thread waited for may be the one the coordinator preempted on its CPU.
+  unsigned spin_before_sleep = 500;
 };
 
 // log2-bucketed histogram of durations in ns: bucket i counts values in [2^i, 2^(i+1)).
