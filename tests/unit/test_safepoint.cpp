@@ -682,3 +682,44 @@ TEST_CASE("safepoint: QSBR grace periods ride on safepoints", "[unit][safepoint]
   CHECK(stops > 0);
   delete current.load();
 }
+
+TEST_CASE("safepoint: detaching a parked thread from elsewhere is refused; it detaches itself after the stop",
+          "[unit][safepoint]") {
+  auto rt = make_runtime();
+  auto sp = make_sp(*rt);
+  std::atomic<SafepointAttachment*> handle{nullptr};
+  std::atomic<bool> quit{false};
+  std::atomic<int> detach_rc{-1};
+  std::thread th([&] {
+    auto att = sp->attach_current_thread();
+    SafepointAttachment a = std::move(att.value());
+    a.thread()->enter_managed();
+    handle = &a;
+    while (!quit.load()) a.thread()->poll();
+    a.thread()->enter_native();
+    handle = nullptr;
+    detach_rc = a.detach().ok() ? 0 : 1;
+  });
+  while (!handle.load()) std::this_thread::yield();
+  Status from_coordinator, own_in_stop;
+  auto mine = sp->attach_current_thread();
+  REQUIRE(mine.ok());
+  REQUIRE(sp->stop_the_world([&] {
+    SafepointThread* t = nullptr;
+    sp->for_each_thread([&](SafepointThread& x) {
+      if (&x != mine->thread()) t = &x;
+    });
+    CHECK(t != nullptr);
+    CHECK(t->state() == ThreadState::parked);
+    from_coordinator = handle.load()->detach();  // not its thread
+    own_in_stop = mine->detach();                // the registry is held by this stop
+  }).ok());
+  CHECK(from_coordinator == Errc::invalid_argument);
+  CHECK(own_in_stop == Errc::busy);
+  CHECK(sp->thread_count() == 2);
+  quit = true;
+  th.join();
+  CHECK(detach_rc == 0);
+  CHECK(mine->detach().ok());
+  CHECK(sp->thread_count() == 0);
+}
