@@ -28,6 +28,7 @@
 
 #include <time.h>
 
+#include <algorithm>
 #include <condition_variable>
 #include <cstddef>
 #include <deque>
@@ -130,6 +131,20 @@ class Gen {
   std::vector<Deopt> deopts_;
   std::int32_t cached_src_ = 0;
   bool cached_ = false;
+  // Cells p+known_lo_ .. p+known_hi_ are proven on the tape (a passed Check or If range
+  // test, carried through Moves). The tape never shrinks and keeps cell indices when it
+  // grows, so the knowledge survives calls into the runtime and, for loops that leave p
+  // where they found it (balanced), the loop's iterations: a Check it covers cannot fail
+  // and is not emitted.
+  std::int32_t known_lo_ = 0, known_hi_ = 0;
+  std::vector<std::int8_t> balanced_;  // per loop: -1 unknown, 0/1
+  bool balanced(std::uint32_t id);
+  bool covered(std::int32_t lo, std::int32_t hi) const { return known_lo_ <= lo && hi <= known_hi_; }
+  void learn(std::int32_t lo, std::int32_t hi) {
+    known_lo_ = std::min(known_lo_, lo);
+    known_hi_ = std::max(known_hi_, hi);
+  }
+  void forget() { known_lo_ = known_hi_ = 0; }
 #if defined(__aarch64__)
   asmjit::a64::Mem cell(std::int32_t off, const asmjit::a64::Gp& tmp);
   void add_imm(const asmjit::a64::Gp& dst, const asmjit::a64::Gp& src, std::int64_t v);
@@ -207,6 +222,27 @@ class JitImpl final : public Jit {
   std::atomic<bool> retire_pending_{false};
 };
 
+// A loop whose every iteration ends at the cell it started from: its top-level Moves sum
+// to 0 and it has no Scan and no unbalanced loop inside.
+bool Gen::balanced(std::uint32_t id) {
+  if (balanced_.empty()) balanced_.assign(prog_.loops.size(), -1);
+  if (balanced_[id] >= 0) return balanced_[id] != 0;
+  const Loop& L = prog_.loops[id];
+  std::int64_t net = 0;
+  bool ok = true;
+  for (std::uint32_t k = L.begin + 1; ok && k < L.end; ++k) {
+    const Ins& x = prog_.code[k];
+    if (x.op == Op::Move) net += x.a;
+    else if (x.op == Op::Scan) ok = false;
+    else if (x.op == Op::LoopBegin) {
+      ok = balanced(static_cast<std::uint32_t>(x.b));
+      k = prog_.loops[static_cast<std::uint32_t>(x.b)].end;
+    }
+  }
+  balanced_[id] = ok && net == 0;
+  return balanced_[id] != 0;
+}
+
 // ------------------------------------------------------------------------------------
 // x86-64
 
@@ -234,6 +270,9 @@ void Gen::unit(std::uint32_t root) {
 void Gen::loop(std::uint32_t id) {
   const Loop& L = prog_.loops[id];
   auto body = a.newLabel(), out = a.newLabel();
+  const bool bal = balanced(id);
+  if (!bal) forget();  // the head is reached with p anywhere
+  const std::int32_t lo = known_lo_, hi = known_hi_;
   a.cmp(byte_ptr(rbx), 0);
   a.je(out);
   a.bind(body);
@@ -242,6 +281,8 @@ void Gen::loop(std::uint32_t id) {
   a.jne(body);
   a.bind(out);
   cached_ = false;
+  known_lo_ = lo;  // balanced: what held at the head holds at the exit
+  known_hi_ = hi;
 }
 
 void Gen::call_loop(std::uint32_t id) {
@@ -249,6 +290,7 @@ void Gen::call_loop(std::uint32_t id) {
   cx_.call_site(J.target_for(id), name);
   calls.push_back({id, name});
   cached_ = false;
+  if (!balanced(id)) forget();
 }
 
 void Gen::ops(std::uint32_t i, std::uint32_t j) {
@@ -279,40 +321,53 @@ void Gen::ops(std::uint32_t i, std::uint32_t j) {
         a.movzx(eax, byte_ptr(rbx, x.off));
         a.test(eax, eax);
         a.jz(skip);
-        if (x.a < 0) {
-          a.lea(rcx, ptr(rbx, x.a));
-          a.cmp(rcx, r12);
-          a.jb(fail);
+        const std::int32_t lo = known_lo_, hi = known_hi_;
+        if (!covered(x.a, x.b)) {
+          if (x.a < 0 && x.a < known_lo_) {
+            a.lea(rcx, ptr(rbx, x.a));
+            a.cmp(rcx, r12);
+            a.jb(fail);
+          }
+          if (x.b > 0 && x.b > known_hi_) {
+            a.lea(rcx, ptr(rbx, x.b));
+            a.cmp(rcx, r13);
+            a.jae(fail);
+          }
+          deopts_.push_back({fail, k, 0});
+          learn(x.a, x.b);
         }
-        if (x.b > 0) {
-          a.lea(rcx, ptr(rbx, x.b));
-          a.cmp(rcx, r13);
-          a.jae(fail);
-        }
-        deopts_.push_back({fail, k, 0});
         cached_ = true;
         cached_src_ = x.off;
         ops(k + 1, k + 1 + static_cast<std::uint32_t>(x.c));
         a.bind(skip);
         cached_ = false;
+        known_lo_ = lo;  // the range test ran on one path only
+        known_hi_ = hi;
         k += static_cast<std::uint32_t>(x.c);
         break;
       }
-      case Op::Move: a.add(rbx, x.a); break;
+      case Op::Move:
+        a.add(rbx, x.a);
+        known_lo_ -= x.a;
+        known_hi_ -= x.a;
+        break;
       case Op::Check: {
-        // p itself is on the tape (segment invariant): only the side that grows is checked.
+        // p itself is on the tape (segment invariant): only the side that grows is checked,
+        // and only past what is known.
+        if (covered(x.off, x.a)) break;
         auto fail = a.newLabel();
-        if (x.off < 0) {
+        if (x.off < known_lo_) {
           a.lea(rax, ptr(rbx, x.off));
           a.cmp(rax, r12);
           a.jb(fail);
         }
-        if (x.a > 0) {
+        if (x.a > known_hi_) {
           a.lea(rax, ptr(rbx, x.a));
           a.cmp(rax, r13);
           a.jae(fail);
         }
         deopts_.push_back({fail, k, 0});
+        learn(x.off, x.a);
         break;
       }
       case Op::Scan: {
@@ -327,6 +382,7 @@ void Gen::ops(std::uint32_t i, std::uint32_t j) {
         a.jmp(top);
         a.bind(done);
         deopts_.push_back({fail, k, x.a});
+        forget();
         break;
       }
       case Op::Out:
@@ -487,6 +543,8 @@ void Gen::unit(std::uint32_t root) {
 void Gen::loop(std::uint32_t id) {
   const Loop& L = prog_.loops[id];
   auto body = a.newLabel(), out = a.newLabel();
+  if (!balanced(id)) forget();  // see the x86-64 version
+  const std::int32_t lo = known_lo_, hi = known_hi_;
   a.ldrb(w9, ptr(x19));
   a.cbz(w9, out);
   a.bind(body);
@@ -495,6 +553,8 @@ void Gen::loop(std::uint32_t id) {
   a.cbnz(w9, body);
   a.bind(out);
   cached_ = false;
+  known_lo_ = lo;
+  known_hi_ = hi;
 }
 
 void Gen::call_loop(std::uint32_t id) {
@@ -502,6 +562,7 @@ void Gen::call_loop(std::uint32_t id) {
   cx_.call_site(J.target_for(id), name);
   calls.push_back({id, name});
   cached_ = false;
+  if (!balanced(id)) forget();
 }
 
 void Gen::ops(std::uint32_t i, std::uint32_t j) {
@@ -550,39 +611,51 @@ void Gen::ops(std::uint32_t i, std::uint32_t j) {
         auto skip = a.newLabel(), fail = a.newLabel();
         load8(a, w12, cell(x.off, x11));
         a.cbz(w12, skip);
-        if (x.a < 0) {
-          add_imm(x9, x19, x.a);
-          a.cmp(x9, x20);
-          a.b_lo(fail);
+        const std::int32_t lo = known_lo_, hi = known_hi_;
+        if (!covered(x.a, x.b)) {
+          if (x.a < 0 && x.a < known_lo_) {
+            add_imm(x9, x19, x.a);
+            a.cmp(x9, x20);
+            a.b_lo(fail);
+          }
+          if (x.b > 0 && x.b > known_hi_) {
+            add_imm(x9, x19, x.b);
+            a.cmp(x9, x21);
+            a.b_hs(fail);
+          }
+          deopts_.push_back({fail, k, 0});
+          learn(x.a, x.b);
         }
-        if (x.b > 0) {
-          add_imm(x9, x19, x.b);
-          a.cmp(x9, x21);
-          a.b_hs(fail);
-        }
-        deopts_.push_back({fail, k, 0});
         cached_ = true;
         cached_src_ = x.off;
         ops(k + 1, k + 1 + static_cast<std::uint32_t>(x.c));
         a.bind(skip);
         cached_ = false;
+        known_lo_ = lo;
+        known_hi_ = hi;
         k += static_cast<std::uint32_t>(x.c);
         break;
       }
-      case Op::Move: add_imm(x19, x19, x.a); break;
+      case Op::Move:
+        add_imm(x19, x19, x.a);
+        known_lo_ -= x.a;
+        known_hi_ -= x.a;
+        break;
       case Op::Check: {
+        if (covered(x.off, x.a)) break;
         auto fail = a.newLabel();
-        if (x.off < 0) {
+        if (x.off < known_lo_) {
           add_imm(x9, x19, x.off);
           a.cmp(x9, x20);
           a.b_lo(fail);
         }
-        if (x.a > 0) {
+        if (x.a > known_hi_) {
           add_imm(x9, x19, x.a);
           a.cmp(x9, x21);
           a.b_hs(fail);
         }
         deopts_.push_back({fail, k, 0});
+        learn(x.off, x.a);
         break;
       }
       case Op::Scan: {
@@ -597,6 +670,7 @@ void Gen::ops(std::uint32_t i, std::uint32_t j) {
         a.b(top);
         a.bind(done);
         deopts_.push_back({fail, k, x.a});
+        forget();
         break;
       }
       case Op::Out:

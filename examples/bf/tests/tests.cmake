@@ -106,3 +106,7 @@ bf_ir(fold-bench-nest ${CMAKE_CURRENT_SOURCE_DIR}/programs/bench.b MATCH "fold +
       NOMATCH "loop +off=0 a=[0-9]+ b=1 ")
 bf_ir(no-fold-step2 ${_bf_dir}/nofold_step2.b MATCH "loop" NOMATCH "fold")
 bf_ir(no-fold-restoring-mul ${_bf_dir}/nofold_mul.b MATCH "loop" NOMATCH "fold")
+# The JIT drops Checks covered by what earlier ones proved (jit.cpp, known_lo_): an
+# unbalanced loop inside a loop must still be checked on every step.
+bf_error(walk-limit err_walk_limit.b "tape overflow at line 2, column 8: cell 50 is beyond the tape limit of 50 cells"
+         EXTRA --tape-max=50)

@@ -1,0 +1,2 @@
+An unbalanced loop inside a loop walks right into the tape limit
+++[>+[>+]<<-]
