@@ -12,7 +12,8 @@ constexpr const char* kPollSiteName = "safepoint.poll";
 constexpr const char* kStubCallName = "safepoint.stub_call";
 }  // namespace
 
-PollEmitter::PollEmitter(EmitContext& cx, const Safepoints& sp) noexcept : cx_(&cx), stub_(sp.poll_stub()) {
+PollEmitter::PollEmitter(EmitContext& cx, const Safepoints& sp) noexcept
+    : cx_(&cx), stub_(sp.poll_stub()), kinds_(sp.poll_kinds()) {
   if (!stub_)
     status_ = Status(Errc::invalid_argument, 0, "Safepoints has no poll stub: call emit_stub or enable_patched_polls");
 }
@@ -31,6 +32,11 @@ void PollEmitter::poll_word(const PollReg& thread, const PollReg&) {
 
 void PollEmitter::page_poll(const PollReg& thread, const PollReg& scratch) {
   if (!stub_) return;
+  if (!(kinds_ & PollKinds::page_poll)) {
+    // Its threads have no poll page: the load would fault on address 0 for real.
+    status_ = Status(Errc::invalid_argument, 0, "page poll for a Safepoints created without PollKinds::page_poll");
+    return;
+  }
   // No stub: the load faults while the page is armed and the SIGSEGV handler runs the
   // slow path; MOV leaves the flags alone.
   cx_->a.mov(scratch.r64(), x::qword_ptr(thread, SafepointThread::kPollPageOffset));
@@ -39,6 +45,10 @@ void PollEmitter::page_poll(const PollReg& thread, const PollReg& scratch) {
 
 void PollEmitter::patched_poll() {
   if (!stub_) return;
+  if (!(kinds_ & PollKinds::patched_poll)) {
+    status_ = Status(Errc::invalid_argument, 0, "patched poll for a Safepoints created without PollKinds::patched_poll");
+    return;
+  }
   Pending p{cx_->a.newLabel(), cx_->a.newLabel()};
   cx_->toggle_site(p.slow, kPollSiteName, false);
   cx_->a.bind(p.back);
@@ -68,12 +78,21 @@ void PollEmitter::poll_word(const PollReg& thread, const PollReg& scratch) {
 
 void PollEmitter::page_poll(const PollReg& thread, const PollReg& scratch) {
   if (!stub_) return;
+  if (!(kinds_ & PollKinds::page_poll)) {
+    // Its threads have no poll page: the load would fault on address 0 for real.
+    status_ = Status(Errc::invalid_argument, 0, "page poll for a Safepoints created without PollKinds::page_poll");
+    return;
+  }
   cx_->a.ldr(scratch.x(), a64::ptr(thread.x(), SafepointThread::kPollPageOffset));
   cx_->a.ldr(scratch.w(), a64::ptr(scratch.x()));
 }
 
 void PollEmitter::patched_poll() {
   if (!stub_) return;
+  if (!(kinds_ & PollKinds::patched_poll)) {
+    status_ = Status(Errc::invalid_argument, 0, "patched poll for a Safepoints created without PollKinds::patched_poll");
+    return;
+  }
   Pending p{cx_->a.newLabel(), cx_->a.newLabel()};
   cx_->toggle_site(p.slow, kPollSiteName, false);
   cx_->a.bind(p.back);

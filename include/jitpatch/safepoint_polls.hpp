@@ -46,8 +46,8 @@ using PollReg = asmjit::a64::Gp;
 
 class PollEmitter {
  public:
-  // Errors (no stub yet) are reported by status() and by finish(); a poll emitted without
-  // a stub is not emitted.
+  // Errors (no stub yet; a page poll for a Safepoints without page polls, whose threads
+  // have no poll page) are reported by status() and by finish(); such a poll is not emitted.
   PollEmitter(EmitContext& cx, const Safepoints& sp) noexcept;
   // x86-64 does not use `scratch` for a poll word.
   void poll_word(const PollReg& thread, const PollReg& scratch);
@@ -63,6 +63,7 @@ class PollEmitter {
   void slow_stub(const asmjit::Label& slow, const asmjit::Label& back);
   EmitContext* cx_;
   const void* stub_;
+  unsigned kinds_;
   Status status_;
   struct Pending {
     asmjit::Label slow, back;

@@ -192,6 +192,10 @@ TEST_CASE("safepoint: bad input is an error, not a crash", "[unit][safepoint]") 
   CHECK(sp->add_poll_sites(**blob) == Errc::invalid_argument);
   CHECK(sp->remove_poll_sites(**blob) == Errc::invalid_argument);
   CHECK(sp->enable_patched_polls(*jit.em, *jit.patcher) == Errc::invalid_argument);
+  // Page and patched polls for a Safepoints without them: refused at emission.
+  CHECK(test::emit_loop(*jit.em, *sp, test::Poll::page).status() == Errc::invalid_argument);
+  CHECK(test::emit_loop(*jit.em, *sp, test::Poll::patched).status() == Errc::invalid_argument);
+  CHECK(test::emit_loop(*jit.em, *sp, test::Poll::word).ok());
 }
 
 TEST_CASE("safepoint: stop_the_world stops every polling mutator", "[unit][safepoint]") {
