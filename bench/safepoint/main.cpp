@@ -16,6 +16,7 @@
 #include "jitpatch_bench.hpp"
 
 #include <pthread.h>
+#include <sched.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
@@ -192,6 +193,29 @@ struct TtspRow {
 };
 
 // Mutators run `loop` (managed, attached to sp if given) until stopped.
+// Placement: the coordinator on the first CPU it may use, mutator i on the (i+1)-th
+// (round-robin). Left to itself the scheduler often wakes the coordinator on the CPU of the
+// only mutator, which then cannot reach its poll until the coordinator sleeps: a bimodal
+// TTSP (1 us or 25 us) that depends on placement, not on the poll.
+std::vector<int> usable_cpus() {
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  std::vector<int> out;
+  if (::sched_getaffinity(0, sizeof set, &set) != 0) return out;
+  for (int c = 0; c < CPU_SETSIZE; ++c)
+    if (CPU_ISSET(c, &set)) out.push_back(c);
+  return out;
+}
+void pin_self(int cpu) {
+  if (cpu < 0) return;
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  CPU_SET(cpu, &set);
+  (void)::sched_setaffinity(0, sizeof set, &set);
+}
+std::vector<int> g_cpus;
+int cpu_for(int slot) { return g_cpus.size() < 2 ? -1 : g_cpus[static_cast<std::size_t>(slot) % g_cpus.size()]; }
+
 struct MutatorSet {
   std::atomic<bool> quit{false};
   std::atomic<int> ready{0};
@@ -202,6 +226,7 @@ struct MutatorSet {
     tids.assign(static_cast<std::size_t>(n), 0);
     for (int i = 0; i < n; ++i)
       threads.emplace_back([this, i, sp, loop] {
+        pin_self(cpu_for(i + 1));
         t_mutator_index = i;
         SafepointAttachment att;
         SafepointThread* self = nullptr;
@@ -404,10 +429,10 @@ int run(const Options& opt) {
     for (int i = 0; i < 2; ++i)
       cases.push_back([&sps, i] {
         // Attach for the batch (a thread belongs to one Safepoints at a time); the
-        // attach cost is amortized over 4096 transition pairs.
+        // attach cost (a mutex, a signal-mask syscall) is amortized over 65536 pairs.
         auto a = sps[i]->attach_current_thread();
         SafepointThread* t = a->thread();
-        for (int k = 0; k < 4096; ++k) {
+        for (int k = 0; k < 65536; ++k) {
           t->enter_managed();
           t->enter_native();
         }
@@ -416,7 +441,7 @@ int run(const Options& opt) {
     plan.runs = opt.quick ? 3 : 9;
     plan.run_budget_ns = opt.quick ? 30'000'000 : 150'000'000;
     const auto sums = jb::measure_interleaved(plan, cases);
-    const double asym = sums[0].median_ns / 4096, sym = sums[1].median_ns / 4096;
+    const double asym = sums[0].median_ns / 65536, sym = sums[1].median_ns / 65536;
     jb::Table t({"native->managed->native", "ns/pair"}, 1);
     char a[32], b[32];
     std::snprintf(a, sizeof a, "%.2f ns", asym);
@@ -433,9 +458,17 @@ int run(const Options& opt) {
   // --- 3. TTSP -----------------------------------------------------------------------
   const int stops = opt.quick ? 200 : 2000;
   std::vector<TtspRow> rows;
+  g_cpus = usable_cpus();
+  pin_self(cpu_for(0));
   for (int mut : {1, 2}) {
     for (Kind k : {Kind::word, Kind::page, Kind::patched}) rows.push_back(ttsp_safepoints(*rt, jit, k, mut, stops));
     rows.push_back(ttsp_signals(jit, *rt, mut, stops));
+  }
+  {
+    cpu_set_t all;
+    CPU_ZERO(&all);
+    for (int c : g_cpus) CPU_SET(c, &all);
+    (void)::sched_setaffinity(0, sizeof all, &all);
   }
   jb::Table t({"time to safepoint", "mutators", "median", "p99", "stops"}, 1);
   for (const TtspRow& r : rows) {
@@ -449,6 +482,8 @@ int run(const Options& opt) {
   }
   std::printf("\n");
   t.print(stdout, "  ");
+  std::printf("  (coordinator pinned to one CPU, mutators round-robin from the next one; with 2 mutators on\n"
+              "   2 CPUs one shares the coordinator's CPU. Stops 200 us apart.)\n");
   auto find = [&](const char* name, int mut) -> const TtspRow* {
     for (const auto& r : rows)
       if (r.name == name && r.mutators == mut && r.error.empty()) return &r;
