@@ -387,9 +387,9 @@ int run(const Options& opt) {
     SafepointThread* self = att->thread();
     self->enter_managed();
     std::uint64_t pair[2] = {};
-    const std::uint64_t n = 1 << 16;
+    constexpr std::uint64_t n = 1 << 16;
     std::vector<std::function<void()>> cases;
-    for (LoopFn* f : fns) cases.push_back([f, self, &pair, n] { f(self, pair, n); });
+    for (LoopFn* f : fns) cases.push_back([f, self, &pair] { f(self, pair, n); });
     jb::Plan plan;
     plan.runs = opt.quick ? 3 : 9;
     plan.run_budget_ns = opt.quick ? 30'000'000 : 150'000'000;
