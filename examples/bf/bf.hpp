@@ -145,6 +145,8 @@ struct RunOptions {
   std::FILE* disasm_out = stderr;
   bool stats = false;             // collect timings (cheap counters are always kept)
   bool recompile = true;          // auto: recompile a loop whose stubbed inner loops got hot
+  std::size_t retire_capacity = 0;  // GraceOptions::retire_capacity (0: its default); 1
+                                    // reclaims inline at every retirement (tests)
 };
 
 struct Stats {
@@ -156,7 +158,10 @@ struct Stats {
   std::uint64_t patch_batches = 0;
   std::uint64_t entry_redirects = 0;
   std::uint64_t recompiles = 0;
-  std::uint64_t retired = 0;           // replaced blobs freed after a quiescent point
+  std::uint64_t retired = 0;           // replaced units retired through the GraceDomain
+  std::uint64_t retired_freed = 0;     // ... and freed after grace periods
+  std::uint64_t retire_deferred = 0;   // kept for another grace period (a frame on the stack)
+  std::uint64_t grace_periods = 0;
   std::uint64_t jit_entries = 0;       // interpreter -> compiled code transitions
   std::uint64_t deopts = 0;            // compiled code -> interpreter at a failed check
   std::uint64_t tape_grows = 0;

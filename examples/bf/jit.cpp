@@ -16,9 +16,12 @@
 //      in one PatchBatch (one serialize_cores() round), while compiled callers run;
 //   4. a unit whose stubbed loops all got compiled is recompiled with them inline; the
 //      old unit's entry is redirected to the new one (EmitOptions::redirectable_entry)
-//      and its callers retargeted in the same batch, and the old unit is retired: freed
-//      once the interpreting thread passes a quiescent point (no compiled frame on its
-//      stack), which is this example's stand-in for the reclamation layer.
+//      and its callers retargeted in the same batch, and the old unit is retired through
+//      a jitpatch::GraceDomain (retire_code): the interpreting thread is a QSBR reader
+//      that reports quiescent states where it holds no code pointer (before it takes a
+//      loop's code pointer), and a code scan hook keeps a retired unit while the
+//      interpreter's stack still holds a frame of it (it may be below a stub call:
+//      see publish_frames).
 // Compiled code leaves through the exit trampoline (unwinding to the innermost enter
 // trampoline) with status kDeopt at a failed tape check, resuming the interpreter at
 // that IR index, or kError when the interpreter below a stub failed.
@@ -74,7 +77,7 @@ double now_ns() {
 // Runtime entry points called from compiled code (C calling convention).
 void rt_out(Ctx* c, unsigned v) { c->m->io.put(static_cast<std::uint8_t>(v)); }
 unsigned rt_in(Ctx* c, unsigned old) { return c->m->io.get(static_cast<std::uint8_t>(old)); }
-int rt_bridge(Ctx* c, unsigned loop) { return c->m->bridge(loop); }
+int rt_bridge(Ctx* c, unsigned loop);  // after JitImpl
 
 constexpr std::int32_t kP = offsetof(Ctx, p);
 constexpr std::int32_t kBegin = offsetof(Ctx, begin);
@@ -161,17 +164,29 @@ class JitImpl final : public Jit {
   void request(std::uint32_t loop) override;
   bool compile_outermost() override;
   void quiescent() override {
-    if (!retire_pending_.load(std::memory_order_acquire)) return;
-    std::vector<CodeBlob*> list;
-    {
-      std::lock_guard<std::mutex> g(retire_mu_);
-      list.swap(retired_);
-      retire_pending_.store(false, std::memory_order_relaxed);
-    }
-    for (CodeBlob* b : list) (void)em_->free(b);
-    m_.stats.retired += list.size();
+    // The frame set first, then the report: the release in quiescent() orders the
+    // publication before it, so a scan hook that runs after a grace period ending at or
+    // after this report sees this set or a later one.
+    publish_frames();
+    reader_.quiescent();
+  }
+  // Interpreting thread only.
+  void publish_frames() {
+    if (frames_published_ == frames_version_) return;
+    std::lock_guard<std::mutex> g(frames_mu_);
+    published_ = frames_;
+    frames_published_ = frames_version_;
   }
   void finish() override;
+
+  // Stub calls: the words between the bridge and the innermost enter trampoline hold the
+  // return addresses of the compiled frames that called the stub. They are the frames
+  // below the interpreter until the bridge returns.
+  std::size_t push_frames(const void* saved_sp);
+  void pop_frames(std::size_t mark) {
+    frames_.resize(mark);
+    ++frames_version_;
+  }
 
   void* stub_for(std::uint32_t loop);
   void* target_for(std::uint32_t loop) {
@@ -217,10 +232,45 @@ class JitImpl final : public Jit {
   bool draining_ = false;
   std::thread thread_;
 
-  std::mutex retire_mu_;
-  std::vector<CodeBlob*> retired_;
-  std::atomic<bool> retire_pending_{false};
+  // Code retirement. frames_: candidate return addresses of the compiled frames on the
+  // interpreting thread's stack (its own, unsynchronized); published_: the set as of its
+  // latest quiescent report, read by the scan hook on the reclaimer thread. Why the
+  // published set and not the live one: after a report made inside a stub call, the
+  // interpreter returns into the frames below it, which the live set no longer lists.
+  // Once a report is made with no frame of a retired unit, none can appear again (it is
+  // unreachable before it is retired), so the unit can go.
+  std::vector<std::uintptr_t> frames_;
+  std::uint64_t frames_version_ = 0, frames_published_ = 0;
+  std::mutex frames_mu_;
+  std::vector<std::uintptr_t> published_;
+  // After everything the hook and the reclaimer use (destroyed first: it drains).
+  std::unique_ptr<GraceDomain> grace_;
+  GraceReader reader_;
 };
+
+int rt_bridge(Ctx* c, unsigned loop) {
+  auto* j = static_cast<JitImpl*>(c->m->jit);
+  const std::size_t mark = j->push_frames(c->saved_sp);
+  const int st = c->m->bridge(loop);
+  j->pop_frames(mark);
+  return st;
+}
+
+// A conservative scan of this thread's own stack between here and the innermost enter
+// trampoline's stack pointer (the compiled frames that called the stub, the stub's and
+// the bridge's): any word may be a return address. Not instrumented: the words are other
+// frames' slots, which AddressSanitizer may have poisoned as redzones.
+__attribute__((noinline, no_sanitize("address"))) std::size_t JitImpl::push_frames(const void* saved_sp) {
+  const std::size_t mark = frames_.size();
+  const auto* w = static_cast<const std::uintptr_t*>(__builtin_frame_address(0));
+  const auto* top = static_cast<const std::uintptr_t*>(saved_sp);
+  for (; w < top; ++w) {
+    const std::uintptr_t v = *static_cast<const volatile std::uintptr_t*>(w);
+    if (v >= 4096) frames_.push_back(v);
+  }
+  ++frames_version_;
+  return mark;
+}
 
 // A loop whose every iteration ends at the cell it started from: its top-level Moves sum
 // to 0 and it has no Scan and no unbalanced loop inside.
@@ -799,6 +849,28 @@ bool JitImpl::init(std::string* error) {
     return false;
   }
   patcher_ = std::move(p).value();
+  GraceOptions go;
+  if (m_.opt.retire_capacity) go.retire_capacity = m_.opt.retire_capacity;
+  auto g = GraceDomain::create(*e_.rt, go);
+  if (!g.ok()) {
+    *error = "grace domain: " + g.status().message();
+    return false;
+  }
+  grace_ = std::move(g).value();
+  grace_->set_code_scan_hook([this](const CodeBlob& b) {
+    const auto lo = reinterpret_cast<std::uintptr_t>(b.begin()), hi = reinterpret_cast<std::uintptr_t>(b.end());
+    std::lock_guard<std::mutex> lk(frames_mu_);
+    for (std::uintptr_t v : published_)
+      if (v >= lo && v < hi) return true;
+    return false;
+  });
+  // This (the interpreting) thread reads code pointers: a QSBR reader, online from here.
+  auto r = grace_->register_reader(ReaderKind::qsbr);
+  if (!r.ok()) {
+    *error = "grace reader: " + r.status().message();
+    return false;
+  }
+  reader_ = std::move(r).value();
   auto en = em_->emit("bf_enter", [](EmitContext& cx) { return emit_enter(cx); });
   auto ex = em_->emit("bf_exit", [](EmitContext& cx) { return emit_exit(cx); });
   if (!en.ok() || !ex.ok()) {
@@ -923,9 +995,23 @@ void JitImpl::install(std::uint32_t id, CodeBlob* blob, CodeBlob* old) {
     for (auto& list : callers_)
       std::erase_if(list, [old](const CallerSite& s) { return s.blob == old; });
     std::erase(listing_order_, old);
-    std::lock_guard<std::mutex> g(retire_mu_);
-    retired_.push_back(old);
-    retire_pending_.store(true, std::memory_order_release);
+    // Compiling on the interpreting thread (inside a stub call): retire_code() may
+    // reclaim inline when the queue is full. That grace period does not wait for this
+    // thread (offline: a round the reclaimer thread started would otherwise wait for our
+    // report while we wait for it), so the hook must see the frames below this call:
+    // published right now, they are exact.
+    if (sync_) {
+      publish_frames();
+      reader_.offline();
+    }
+    const Status st = grace_->retire_code(*em_, old);
+    if (sync_) reader_.online();
+    if (!st) {
+      // Not retired: it stays allocated (a leak of one unit, never a premature free).
+      std::fprintf(stderr, "jitpatch-bf: retiring a replaced unit failed: %s\n", st.message().c_str());
+    } else {
+      ++cstats_.retired;
+    }
   }
   if (m_.opt.recompile) {
     for (std::uint32_t u : to_recompile) {
@@ -1028,11 +1114,20 @@ void JitImpl::finish() {
       std::fprintf(m_.opt.disasm_out, "%s\n", l.ok() ? l->c_str() : l.status().message().c_str());
     }
   }
-  {
-    std::lock_guard<std::mutex> g(retire_mu_);
-    for (CodeBlob* b : retired_) (void)em_->free(b);
-    m_.stats.retired += retired_.size();
-    retired_.clear();
+  if (grace_) {
+    // Back in the interpreter with no compiled frame (the run is over): a last report
+    // with the empty frame set, then the reader goes and the domain frees the rest.
+    if (reader_.registered()) {
+      quiescent();
+      reader_ = GraceReader{};
+    }
+    if (Status st = grace_->barrier(); !st)
+      std::fprintf(stderr, "jitpatch-bf: retired code not freed: %s\n", st.message().c_str());
+    const GraceStats gs = grace_->stats();
+    m_.stats.retired = cstats_.retired;
+    m_.stats.retired_freed = gs.reclaimed;
+    m_.stats.retire_deferred = gs.code_deferred;
+    m_.stats.grace_periods = gs.grace_periods;
   }
   Stats& s = m_.stats;
   s.loops_compiled = cstats_.loops_compiled;

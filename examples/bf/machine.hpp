@@ -82,7 +82,7 @@ class Jit {
   virtual int enter(void* code) = 0;
   virtual void request(std::uint32_t loop) = 0;      // hot loop (auto)
   virtual bool compile_outermost() = 0;              // tier=jit, before the run
-  virtual void quiescent() = 0;                      // the interpreter has no compiled frame
+  virtual void quiescent() = 0;                      // the interpreter holds no code pointer
   virtual void finish() = 0;                         // stop the compiler, listings, stats
 };
 

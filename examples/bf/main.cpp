@@ -30,6 +30,8 @@ void usage(std::FILE* out) {
                "  --no-recompile                auto: keep stub calls instead of recompiling a loop\n"
                "                                when its cold inner loops get hot\n"
                "  --tape-max=N                  tape limit in cells (default 268435456)\n"
+               "  --retire-capacity=N           reclaim replaced code inline once N units wait for\n"
+               "                                a grace period (tests; default 4096)\n"
                "  --dump-ir                     print the optimized IR and exit\n");
 }
 
@@ -97,6 +99,8 @@ int main(int argc, char** argv) {
       dump_ir = true;
     } else if (!std::strncmp(a, "--hot=", 6) && parse_size(a + 6, &n) && n < 0xffffffffu) {
       o.hot = static_cast<std::uint32_t>(n);
+    } else if (!std::strncmp(a, "--retire-capacity=", 18) && parse_size(a + 18, &n)) {
+      o.retire_capacity = n;
     } else if (!std::strncmp(a, "--tape-max=", 11) && parse_size(a + 11, &n)) {
       o.tape_max = n;
     } else if (a[0] == '-' && a[1] != '\0') {

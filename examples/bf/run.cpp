@@ -399,9 +399,9 @@ int Machine::interp(std::uint32_t pc, std::uint32_t stop) {
             }
           }
           if (L.code.load(std::memory_order_relaxed)) {
-            // Free replaced code before taking a code pointer: with no compiled frame
-            // on this thread's stack, no retired blob can be running or about to be.
-            if (depth == 0) jit->quiescent();
+            // A quiescent state: no code pointer held here (compiled frames below a
+            // stub call are the scan hook's business: jit.cpp).
+            jit->quiescent();
             void* c = L.code.load(std::memory_order_acquire);
             ctx.p = p;
             ++stats.jit_entries;
@@ -561,7 +561,9 @@ void print_stats(std::FILE* out, const RunOptions& o, const RunResult& r) {
                  static_cast<unsigned long long>(s.serializations));
     std::fprintf(out, "stubs               %10llu  (%llu calls back into the interpreter)\n",
                  static_cast<unsigned long long>(s.stubs), static_cast<unsigned long long>(s.stub_calls));
-    std::fprintf(out, "retired blobs freed %10llu\n", static_cast<unsigned long long>(s.retired));
+    std::fprintf(out, "units retired       %10llu  (%llu freed through %llu grace periods; %llu deferred by the stack scan)\n",
+                 static_cast<unsigned long long>(s.retired), static_cast<unsigned long long>(s.retired_freed),
+                 static_cast<unsigned long long>(s.grace_periods), static_cast<unsigned long long>(s.retire_deferred));
     std::fprintf(out, "entries into code   %10llu  (%llu deopt exits)\n",
                  static_cast<unsigned long long>(s.jit_entries), static_cast<unsigned long long>(s.deopts));
     std::fprintf(out, "code bytes          %10llu  (heap: %s)\n", static_cast<unsigned long long>(s.code_bytes),

@@ -3,6 +3,7 @@
 #   PROGRAM   the .b file                      ARGS  extra arguments, '|'-separated
 #   INPUT     file fed to stdin (optional)     EXPECTED  file the stdout must equal byte for byte
 #   ERROR     regex stderr must match; the exit code must then be 1 (no EXPECTED)
+#   STDERR_MATCH  regex the stderr of a successful run must match (with EXPECTED)
 #   IR_MATCH / IR_NOMATCH  regexes the --dump-ir listing must / must not match (no EXPECTED)
 string(REPLACE "|" ";" _emu "${EMU}")
 string(REPLACE "|" ";" _args "${ARGS}")
@@ -49,6 +50,9 @@ if(NOT same EQUAL 0 OR NOT rc2 EQUAL 0)
   message(FATAL_ERROR "output differs from ${EXPECTED} (kept in ${_got}); stderr:\n${err}${err2}")
 endif()
 file(REMOVE ${_got})
+if(STDERR_MATCH AND NOT err MATCHES "${STDERR_MATCH}")
+  message(FATAL_ERROR "stderr does not match '${STDERR_MATCH}':\n${err}")
+endif()
 if(err)
   message(STATUS "stderr:\n${err}")
 endif()

@@ -15,6 +15,10 @@ endif()
 # interpreting thread. Under qemu-user compilation is always synchronous (the aarch64
 # build uses the protection-flip heap: see jit.cpp).
 set(_bf_tiers naive interp jit auto auto-hot1 auto-hot1-sync auto-norecompile)
+# auto-retire1: replaced units are reclaimed inline at every retirement (GraceDomain
+# retire capacity 1), on the interpreting thread, often from inside a stub call: the
+# stack scan decides. For the programs that recompile units.
+set(_bf_args_auto-retire1 "--tier=auto|--hot=1|--sync-compile|--retire-capacity=1")
 set(_bf_args_naive "--tier=naive")
 set(_bf_args_interp "--tier=interp")
 set(_bf_args_jit "--tier=jit")
@@ -24,7 +28,7 @@ set(_bf_args_auto-hot1-sync "--tier=auto|--hot=1|--sync-compile")
 set(_bf_args_auto-norecompile "--tier=auto|--hot=2|--no-recompile")
 
 function(bf_case name program expected)
-  cmake_parse_arguments(C "" "INPUT;EXTRA;TIMEOUT" "TIERS" ${ARGN})
+  cmake_parse_arguments(C "" "INPUT;EXTRA;TIMEOUT;STDERR" "TIERS" ${ARGN})
   if(NOT C_TIERS)
     set(C_TIERS ${_bf_tiers})
   endif()
@@ -36,7 +40,7 @@ function(bf_case name program expected)
     add_test(NAME "bf:${name} [${t}]"
              COMMAND ${CMAKE_COMMAND} -DBF=$<TARGET_FILE:jitpatch-bf> -DEMU=${_bf_emu}
                      -DPROGRAM=${program} -DARGS=${_args} -DINPUT=${C_INPUT} -DEXPECTED=${expected}
-                     -P ${_bf_dir}/run_case.cmake)
+                     -DSTDERR_MATCH=${C_STDERR} -P ${_bf_dir}/run_case.cmake)
     set(_to 120)
     if(C_TIMEOUT)
       set(_to ${C_TIMEOUT})
@@ -62,9 +66,18 @@ endfunction()
 
 # Loop folding (parse.cpp): hand-written nests (fold.b), a fold at the left end of the
 # tape over a zero counter (fold_edge.b) and 60 random nests from gen_folds.py (seed 7).
-foreach(p hello wrap mul zero_mul deep grow fold fold_edge fold_random)
+foreach(p hello wrap mul zero_mul deep grow fold fold_edge fold_random retire)
   bf_case(${p} ${_bf_dir}/${p}.b ${_bf_dir}/${p}.out)
 endforeach()
+foreach(p deep fold_random retire)
+  bf_case(${p} ${_bf_dir}/${p}.b ${_bf_dir}/${p}.out TIERS auto-retire1)
+endforeach()
+# retire.b: the outer loop's first unit calls a stub for the inner loop, which gets
+# compiled from inside that call; the outer unit is recompiled and retired while its
+# frame is below the stub call. Reclaimed inline, the stack scan must keep it (deferred),
+# and it is freed once the run is over (the grace period after the last report).
+bf_case(retire-stack-scan ${_bf_dir}/retire.b ${_bf_dir}/retire.out TIERS auto-retire1 EXTRA --stats
+        STDERR "units retired +1 +\\(1 freed through [0-9]+ grace periods. 1 deferred by the stack scan\\)")
 bf_case(cat-eof-zero ${_bf_dir}/cat.b ${_bf_dir}/cat.out INPUT ${_bf_dir}/rot13_input.txt EXTRA --eof=zero)
 bf_case(cat-eof-unchanged ${_bf_dir}/cat_unchanged.b ${_bf_dir}/cat_unchanged.out INPUT ${_bf_dir}/rot13_input.txt)
 bf_case(cat-eof-minus1 ${_bf_dir}/cat_minus1.b ${_bf_dir}/cat_minus1.out INPUT ${_bf_dir}/rot13_input.txt
@@ -77,7 +90,7 @@ if(NOT CMAKE_CROSSCOMPILING)
   set(_bf_progs ${CMAKE_CURRENT_SOURCE_DIR}/programs)
   bf_case(bench ${_bf_progs}/bench.b ${_bf_dir}/bench.out TIMEOUT 300)
   bf_case(mandel ${_bf_progs}/mandel.b ${_bf_dir}/mandel.out TIMEOUT 300
-          TIERS interp jit auto auto-hot1 auto-hot1-sync auto-norecompile)
+          TIERS interp jit auto auto-hot1 auto-hot1-sync auto-norecompile auto-retire1)
 endif()
 
 bf_error(unmatched-open err_unmatched_open.b "unmatched '\\[' at line 2, column 3")
