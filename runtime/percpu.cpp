@@ -217,8 +217,11 @@ Status PerCpuLog::fence(int cpu, unsigned first, unsigned last) noexcept {
         cpu_relax();
         continue;
       }
-      // A writer was preempted between its announce and its exit: let it run.
-      ::sched_yield();
+      // A writer was preempted between its announce and its exit: let it run. A short
+      // sleep, not sched_yield(): under EEVDF a yielder keeps its place only until its
+      // deadline, and the writer may need this very CPU for a whole slice.
+      const timespec pause{0, 20'000};
+      ::nanosleep(&pause, nullptr);
       if ((spins & 63) == 0 && monotonic_ms() > deadline)
         return Status(Errc::timeout, 0, "PerCpuLog: a writer did not leave a swapped-out buffer");
     }
