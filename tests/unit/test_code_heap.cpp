@@ -211,3 +211,39 @@ TEST_CASE("code heap: reused memory is dirty until one serialization per batch",
   CHECK_FALSE(quiet.serialized());
   CHECK(heap->stats().serializations == before + 1);
 }
+
+TEST_CASE("code heap: freed memory at the top stays dirty; never-used memory above it is clean", "[unit][heap]") {
+  auto rt = make_runtime();
+  auto heap = make_heap(*rt, 64 << 10);
+  auto a = heap->allocate(64);
+  auto b = heap->allocate(64);
+  REQUIRE((a.ok() && b.ok()));
+  CHECK(a->dirty_seq == 0);
+  CHECK(b->dirty_seq == 0);
+  REQUIRE(heap->free(b->rx).ok());  // merges into the free top of the heap
+  CHECK(heap->stats().dirty_bytes == 64);
+  CHECK(heap->stats().free_blocks == 1);
+  // The same bytes again: dirty. The next allocation lies above anything ever freed: clean.
+  auto c = heap->allocate(64);
+  auto d = heap->allocate(64);
+  REQUIRE((c.ok() && d.ok()));
+  CHECK(c->rx == b->rx);
+  CHECK(c->dirty_seq != 0);
+  CHECK(d->dirty_seq == 0);
+  // An allocation straddling the end of the freed part is dirty.
+  REQUIRE(heap->free(d->rx).ok());
+  REQUIRE(heap->free(c->rx).ok());
+  auto e = heap->allocate(100);
+  REQUIRE(e.ok());
+  CHECK(e->rx == b->rx);
+  CHECK(e->dirty_seq != 0);
+  // An alignment gap carved from the top stays a free block, and coalesces back.
+  auto f = heap->allocate(16, 256);
+  REQUIRE(f.ok());
+  CHECK(reinterpret_cast<std::uintptr_t>(f->rx) % 256 == 0);
+  for (auto* p : {a->rx, e->rx, f->rx}) REQUIRE(heap->free(p).ok());
+  const auto s = heap->stats();
+  CHECK(s.used == 0);
+  CHECK(s.free_blocks == 1);
+  CHECK(s.largest_free == s.capacity);
+}
