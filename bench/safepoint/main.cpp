@@ -69,33 +69,55 @@ unsigned kinds_for(Kind k) {
 
 using LoopFn = std::uint64_t(SafepointThread*, std::uint64_t*, std::uint64_t);
 
-// n times { ++pair[0]; ++pair[1]; poll }.
-Result<CodeBlob*> emit_loop(Emitter& em, const Safepoints& sp, Kind kind) {
+// Two loop shapes:
+//   memory:     n times { ++pair[0]; ++pair[1]; poll } -- latency-bound by the store-to-
+//               load chain of the increments, which hides a disarmed poll entirely;
+//   throughput: n times { ten independent register increments; poll } -- bound by
+//               instruction throughput, so every instruction a disarmed poll adds shows:
+//               the worst case for a poll, a tight loop doing nothing else.
+enum class Shape { memory, throughput };
+
+Result<CodeBlob*> emit_loop(Emitter& em, const Safepoints& sp, Kind kind, Shape shape = Shape::memory) {
   return em.emit("bench_loop", [&](EmitContext& cx) -> Status {
     PollEmitter pe(cx, sp);
     auto& a = cx.a;
     auto top = a.newLabel();
 #if defined(__x86_64__)
     namespace x = asmjit::x86;
+    // Ten independent one-cycle adds per iteration (callee-saved registers saved around
+    // the loop): more than the core issues per cycle, so the loop is throughput-bound.
+    const x::Gp regs[] = {x::r8, x::r9, x::r10, x::r11, x::rbx, x::rbp, x::r12, x::r13, x::r14, x::r15};
+    if (shape == Shape::throughput)
+      for (int i = 4; i < 10; ++i) a.push(regs[i]);
     a.bind(top);
-    a.add(x::qword_ptr(x::rsi), 1);
-    a.add(x::qword_ptr(x::rsi, 8), 1);
+    if (shape == Shape::throughput) {
+      for (const auto& r : regs) a.add(r, 1);
+    } else {
+      a.add(x::qword_ptr(x::rsi), 1);
+      a.add(x::qword_ptr(x::rsi, 8), 1);
+    }
     if (kind == Kind::word) pe.poll_word(x::rdi, x::rcx);
     if (kind == Kind::page) pe.page_poll(x::rdi, x::rcx);
     if (kind == Kind::patched) pe.patched_poll();
     a.sub(x::rdx, 1);
     a.jnz(top);
+    if (shape == Shape::throughput)
+      for (int i = 9; i >= 4; --i) a.pop(regs[i]);
     a.mov(x::rax, 1);
     a.ret();
 #else
     namespace a64 = asmjit::a64;
     a.bind(top);
-    a.ldr(a64::x9, a64::ptr(a64::x1));
-    a.add(a64::x9, a64::x9, 1);
-    a.str(a64::x9, a64::ptr(a64::x1));
-    a.ldr(a64::x9, a64::ptr(a64::x1, 8));
-    a.add(a64::x9, a64::x9, 1);
-    a.str(a64::x9, a64::ptr(a64::x1, 8));
+    if (shape == Shape::throughput) {
+      for (const auto& r : {a64::x9, a64::x11, a64::x12, a64::x13, a64::x14, a64::x15}) a.add(r, r, 1);
+    } else {
+      a.ldr(a64::x9, a64::ptr(a64::x1));
+      a.add(a64::x9, a64::x9, 1);
+      a.str(a64::x9, a64::ptr(a64::x1));
+      a.ldr(a64::x9, a64::ptr(a64::x1, 8));
+      a.add(a64::x9, a64::x9, 1);
+      a.str(a64::x9, a64::ptr(a64::x1, 8));
+    }
     if (kind == Kind::word) pe.poll_word(a64::x0, a64::x10);
     if (kind == Kind::page) pe.page_poll(a64::x0, a64::x10);
     if (kind == Kind::patched) pe.patched_poll();
@@ -373,15 +395,16 @@ int run(const Options& opt) {
       return 1;
     }
     std::vector<LoopFn*> fns;
-    for (Kind k : kinds) {
-      auto b = emit_loop(*jit.em, **sp, k);
-      if (!b.ok()) {
-        std::fprintf(stderr, "emit: %s\n", b.status().message().c_str());
-        return 1;
+    for (Shape shape : {Shape::memory, Shape::throughput})
+      for (Kind k : kinds) {
+        auto b = emit_loop(*jit.em, **sp, k, shape);
+        if (!b.ok()) {
+          std::fprintf(stderr, "emit: %s\n", b.status().message().c_str());
+          return 1;
+        }
+        if (k == Kind::patched) (void)(*sp)->add_poll_sites(**b);
+        fns.push_back((*b)->as<LoopFn>());
       }
-      if (k == Kind::patched) (void)(*sp)->add_poll_sites(**b);
-      fns.push_back((*b)->as<LoopFn>());
-    }
     auto att = (*sp)->attach_current_thread();
     if (!att.ok()) return 1;
     SafepointThread* self = att->thread();
@@ -395,21 +418,28 @@ int run(const Options& opt) {
     plan.run_budget_ns = opt.quick ? 30'000'000 : 150'000'000;
     const auto sums = jb::measure_interleaved(plan, cases);
     self->enter_native();
-    jb::Table t({"poll overhead (hot loop)", "ns/iteration", "p99", "slowdown"}, 1);
-    for (std::size_t i = 0; i < kinds.size(); ++i) per_iter[i] = sums[i].median_ns / static_cast<double>(n);
-    for (std::size_t i = 0; i < kinds.size(); ++i) {
-      char slow[32];
-      std::snprintf(slow, sizeof slow, "%+.1f%%", 100.0 * (per_iter[i] / per_iter[0] - 1.0));
-      char a[32], b[32];
-      std::snprintf(a, sizeof a, "%.3f ns", per_iter[i]);
-      std::snprintf(b, sizeof b, "%.3f ns", sums[i].p99_ns / static_cast<double>(n));
-      t.add({kind_name(kinds[i]), a, b, i == 0 ? "-" : slow});
-      results.push_back({std::string("loop ") + kind_name(kinds[i]), {per_iter[i], "ns/iteration"}});
+    const char* shape_name[2] = {"memory loop", "register loop"};
+    const char* shape_key[2] = {"", "_throughput"};
+    for (int sh = 0; sh < 2; ++sh) {
+      jb::Table t({std::string("poll overhead (") + shape_name[sh] + ")", "ns/iteration", "p99", "slowdown"}, 1);
+      const std::size_t o = static_cast<std::size_t>(sh) * kinds.size();
+      for (std::size_t i = 0; i < kinds.size(); ++i) per_iter[i] = sums[o + i].median_ns / static_cast<double>(n);
+      for (std::size_t i = 0; i < kinds.size(); ++i) {
+        char slow[32];
+        std::snprintf(slow, sizeof slow, "%+.1f%%", 100.0 * (per_iter[i] / per_iter[0] - 1.0));
+        char a[32], b[32];
+        std::snprintf(a, sizeof a, "%.3f ns", per_iter[i]);
+        std::snprintf(b, sizeof b, "%.3f ns", sums[o + i].p99_ns / static_cast<double>(n));
+        t.add({kind_name(kinds[i]), a, b, i == 0 ? "-" : slow});
+        results.push_back({std::string(shape_name[sh]) + " " + kind_name(kinds[i]), {per_iter[i], "ns/iteration"}});
+      }
+      t.print(stdout, "  ");
+      std::printf("\n");
+      const std::string k = shape_key[sh];
+      ratios["safepoint.pollword_slowdown_pct" + k] = 100.0 * (per_iter[1] / per_iter[0] - 1.0);
+      ratios["safepoint.pagepoll_slowdown_pct" + k] = 100.0 * (per_iter[2] / per_iter[0] - 1.0);
+      ratios["safepoint.patched_slowdown_pct" + k] = 100.0 * (per_iter[3] / per_iter[0] - 1.0);
     }
-    t.print(stdout, "  ");
-    ratios["safepoint.pollword_slowdown_pct"] = 100.0 * (per_iter[1] / per_iter[0] - 1.0);
-    ratios["safepoint.pagepoll_slowdown_pct"] = 100.0 * (per_iter[2] / per_iter[0] - 1.0);
-    ratios["safepoint.patched_slowdown_pct"] = 100.0 * (per_iter[3] / per_iter[0] - 1.0);
   }
 
   // --- 2. transitions ----------------------------------------------------------------
