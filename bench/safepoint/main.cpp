@@ -89,6 +89,10 @@ Result<CodeBlob*> emit_loop(Emitter& em, const Safepoints& sp, Kind kind, Shape 
     const x::Gp regs[] = {x::r8, x::r9, x::r10, x::r11, x::rbx, x::rbp, x::r12, x::r13, x::r14, x::r15};
     if (shape == Shape::throughput)
       for (int i = 4; i < 10; ++i) a.push(regs[i]);
+    // Every variant's loop starts on a 64-byte boundary: otherwise where the loop falls
+    // relative to the front end's 32/64-byte fetch windows differs per variant and moves
+    // the figures by more than the poll itself.
+    a.align(asmjit::AlignMode::kCode, 64);
     a.bind(top);
     if (shape == Shape::throughput) {
       for (const auto& r : regs) a.add(r, 1);
