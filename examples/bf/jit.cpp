@@ -76,7 +76,7 @@ double now_ns() {
 
 // Runtime entry points called from compiled code (C calling convention).
 void rt_out(Ctx* c, unsigned v) { c->m->io.put(static_cast<std::uint8_t>(v)); }
-unsigned rt_in(Ctx* c, unsigned old) { return c->m->io.get(static_cast<std::uint8_t>(old)); }
+unsigned rt_in(Ctx* c, unsigned old);  // after JitImpl
 int rt_bridge(Ctx* c, unsigned loop);  // after JitImpl
 
 constexpr std::int32_t kP = offsetof(Ctx, p);
@@ -178,6 +178,13 @@ class JitImpl final : public Jit {
     frames_published_ = frames_version_;
   }
   void finish() override;
+  // Around blocking input: the thread is offline (a grace period does not wait for it),
+  // with its frame set published first, so the hook still sees every frame it has.
+  void offline() override {
+    publish_frames();
+    reader_.offline();
+  }
+  void online() override { reader_.online(); }
 
   // Stub calls: the words between the bridge and the innermost enter trampoline hold the
   // return addresses of the compiled frames that called the stub. They are the frames
@@ -247,6 +254,16 @@ class JitImpl final : public Jit {
   std::unique_ptr<GraceDomain> grace_;
   GraceReader reader_;
 };
+
+unsigned rt_in(Ctx* c, unsigned old) {
+  // Called from compiled code: its frames are on the stack, so they are recorded the way
+  // a stub call records them before the thread goes offline.
+  auto* j = static_cast<JitImpl*>(c->m->jit);
+  const std::size_t mark = j->push_frames(c->saved_sp);
+  const std::uint8_t v = c->m->read_input(static_cast<std::uint8_t>(old));
+  j->pop_frames(mark);
+  return v;
+}
 
 int rt_bridge(Ctx* c, unsigned loop) {
   auto* j = static_cast<JitImpl*>(c->m->jit);
@@ -1101,6 +1118,9 @@ bool JitImpl::compile_outermost() {
 void JitImpl::finish() {
   if (finished_) return;
   finished_ = true;
+  // The run is over (no compiled frame, no code pointer): offline before waiting for the
+  // compiler thread, which may be waiting in a grace period (inline reclamation).
+  if (reader_.registered()) offline();
   {
     std::lock_guard<std::mutex> g(mu_);
     stop_ = true;
@@ -1117,10 +1137,7 @@ void JitImpl::finish() {
   if (grace_) {
     // Back in the interpreter with no compiled frame (the run is over): a last report
     // with the empty frame set, then the reader goes and the domain frees the rest.
-    if (reader_.registered()) {
-      quiescent();
-      reader_ = GraceReader{};
-    }
+    reader_ = GraceReader{};
     if (Status st = grace_->barrier(); !st)
       std::fprintf(stderr, "jitpatch-bf: retired code not freed: %s\n", st.message().c_str());
     const GraceStats gs = grace_->stats();

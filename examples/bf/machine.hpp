@@ -55,6 +55,8 @@ class Machine {
   template <Mode M>
   int interp(std::uint32_t pc, std::uint32_t stop);
   int bridge(std::uint32_t loop);
+  // Input, which may block: the JIT's grace-period reader is offline meanwhile.
+  std::uint8_t read_input(std::uint8_t old);
 
   const Program& prog;
   Io& io;
@@ -84,6 +86,15 @@ class Jit {
   virtual bool compile_outermost() = 0;              // tier=jit, before the run
   virtual void quiescent() = 0;                      // the interpreter holds no code pointer
   virtual void finish() = 0;                         // stop the compiler, listings, stats
+  virtual void offline() = 0;                        // around blocking calls (input)
+  virtual void online() = 0;
 };
+
+inline std::uint8_t Machine::read_input(std::uint8_t old) {
+  if (jit) jit->offline();
+  const std::uint8_t v = io.get(old);
+  if (jit) jit->online();
+  return v;
+}
 
 }  // namespace bf

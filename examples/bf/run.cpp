@@ -251,7 +251,7 @@ bool Machine::exact_segment(std::uint32_t& pc, std::uint8_t*& p) {
         break;
       case Op::In:
         if (!(c = access(idx + x.off, x.src))) return false;
-        *c = io.get(*c);
+        *c = read_input(*c);
         break;
       case Op::Fold: {
         // The folded loop's own commands, as the naive interpreter runs them: the same
@@ -380,7 +380,7 @@ int Machine::interp(std::uint32_t pc, std::uint32_t stop) {
         break;
       }
       case Op::Out: io.put(p[x.off]); ++pc; break;
-      case Op::In: p[x.off] = io.get(p[x.off]); ++pc; break;
+      case Op::In: p[x.off] = read_input(p[x.off]); ++pc; break;
       case Op::LoopBegin:
         if (!*p) {
           pc = static_cast<std::uint32_t>(x.a) + 1;

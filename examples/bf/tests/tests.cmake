@@ -19,6 +19,9 @@ set(_bf_tiers naive interp jit auto auto-hot1 auto-hot1-sync auto-norecompile)
 # retire capacity 1), on the interpreting thread, often from inside a stub call: the
 # stack scan decides. For the programs that recompile units.
 set(_bf_args_auto-retire1 "--tier=auto|--hot=1|--sync-compile|--retire-capacity=1")
+# The same on the compiler thread: it waits in grace periods for the interpreting thread's
+# reports (which goes offline at the end of the run and around blocking input).
+set(_bf_args_auto-retire1-bg "--tier=auto|--hot=1|--retire-capacity=1")
 set(_bf_args_naive "--tier=naive")
 set(_bf_args_interp "--tier=interp")
 set(_bf_args_jit "--tier=jit")
@@ -70,7 +73,7 @@ foreach(p hello wrap mul zero_mul deep grow fold fold_edge fold_random retire)
   bf_case(${p} ${_bf_dir}/${p}.b ${_bf_dir}/${p}.out)
 endforeach()
 foreach(p deep fold_random retire)
-  bf_case(${p} ${_bf_dir}/${p}.b ${_bf_dir}/${p}.out TIERS auto-retire1)
+  bf_case(${p} ${_bf_dir}/${p}.b ${_bf_dir}/${p}.out TIERS auto-retire1 auto-retire1-bg)
 endforeach()
 # retire.b: the outer loop's first unit calls a stub for the inner loop, which gets
 # compiled from inside that call; the outer unit is recompiled and retired while its
@@ -84,13 +87,13 @@ bf_case(cat-eof-minus1 ${_bf_dir}/cat_minus1.b ${_bf_dir}/cat_minus1.out INPUT $
         EXTRA --eof=minus1)
 
 # The shared programs (copies in programs/: ../shared is outside the repository). Native
-# only: under qemu-user they take minutes; the naive tier takes ~40 s on mandel, so it
-# runs bench.b only.
-if(NOT CMAKE_CROSSCOMPILING)
+# and unsanitized only: under qemu-user and the sanitizers they take minutes; the naive
+# tier takes ~40 s on mandel, so it runs bench.b only.
+if(NOT CMAKE_CROSSCOMPILING AND NOT JITPATCH_SANITIZE)
   set(_bf_progs ${CMAKE_CURRENT_SOURCE_DIR}/programs)
   bf_case(bench ${_bf_progs}/bench.b ${_bf_dir}/bench.out TIMEOUT 300)
   bf_case(mandel ${_bf_progs}/mandel.b ${_bf_dir}/mandel.out TIMEOUT 300
-          TIERS interp jit auto auto-hot1 auto-hot1-sync auto-norecompile auto-retire1)
+          TIERS interp jit auto auto-hot1 auto-hot1-sync auto-norecompile auto-retire1 auto-retire1-bg)
 endif()
 
 bf_error(unmatched-open err_unmatched_open.b "unmatched '\\[' at line 2, column 3")
