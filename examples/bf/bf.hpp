@@ -181,7 +181,7 @@ struct RunResult {
 
 // Runs `p` reading/writing through `io`. Thread-compatible; a process can only have one
 // jitpatch Runtime, so JIT tiers take an Engine (created once).
-class Engine;
+struct Engine;
 Engine* engine_create(std::string* error);  // nullptr with *error set on failure
 void engine_destroy(Engine* e);
 
