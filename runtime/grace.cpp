@@ -362,15 +362,55 @@ Status GraceDomain::run_grace_period() noexcept {
   return st;
 }
 
-Status GraceDomain::synchronize() noexcept {
-  auto& im = *impl_;
-  const int me = my_tid();
-  {
+// The caller's own reader, for the calls that wait for a grace period: a caller inside
+// its own read-side section would wait for itself (refused); an online qsbr caller goes
+// offline for the wait, as its own offline() would, because a round run by another
+// thread (the reclaimer's, or one the caller joins) must not wait for the caller's
+// quiescent report while the caller waits for that round. It comes back online (reading
+// the counter afresh) when the wait ends.
+class GraceDomain::CallerScope {
+ public:
+  explicit CallerScope(GraceDomain& d) : d_(d) {
+    auto& im = *d.impl_;
+    const int me = my_tid();
     std::lock_guard<std::mutex> g(im.reg_mu);
-    for (auto* r = im.head; r; r = r->next)
-      if (r->tid == me && !r->qsbr && (read_once(r->ctr) & detail::kGraceNestMask) != 0)
-        return Status(Errc::invalid_argument, 0, "synchronize() inside the caller's own read-side section");
+    for (auto* r = im.head; r; r = r->next) {
+      if (r->tid != me) continue;
+      if (!r->qsbr && (read_once(r->ctr) & detail::kGraceNestMask) != 0) in_section_ = true;
+      if (r->qsbr && read_once(r->ctr) != 0) qsbr_ = r;
+    }
+    if (qsbr_) {
+      GraceReader::slave_mb(qsbr_);
+      store_release(&qsbr_->ctr, std::uint64_t{0});
+      GraceReader::slave_mb(qsbr_);
+      if (read_once(d.wake_) == -1) d.wake();
+    }
   }
+  ~CallerScope() {
+    if (qsbr_) {
+      write_once(qsbr_->ctr, load_acquire(&d_.phase_[1]));
+      GraceReader::slave_mb(qsbr_);
+    }
+  }
+  CallerScope(const CallerScope&) = delete;
+  CallerScope& operator=(const CallerScope&) = delete;
+  bool in_section() const { return in_section_; }
+
+ private:
+  GraceDomain& d_;
+  detail::GraceReaderRecord* qsbr_ = nullptr;
+  bool in_section_ = false;
+};
+
+Status GraceDomain::synchronize() noexcept {
+  CallerScope caller(*this);
+  if (caller.in_section())
+    return Status(Errc::invalid_argument, 0, "synchronize() inside the caller's own read-side section");
+  return wait_for_round();
+}
+
+Status GraceDomain::wait_for_round() noexcept {
+  auto& im = *impl_;
   std::unique_lock<std::mutex> lk(im.wq_mu);
   const std::uint64_t my_gen = im.next_gen;
   bool ran = false;
@@ -443,6 +483,9 @@ void GraceDomain::set_code_scan_hook(std::function<bool(const CodeBlob&)> still_
 }
 
 Status GraceDomain::barrier() noexcept {
+  CallerScope caller(*this);
+  if (caller.in_section())
+    return Status(Errc::invalid_argument, 0, "barrier() inside the caller's own read-side section");
   auto& im = *impl_;
   std::unique_lock<std::mutex> lk(im.q_mu);
   const std::uint64_t upto = im.next_seq;  // everything retired before: seq < upto

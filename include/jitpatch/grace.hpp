@@ -216,7 +216,8 @@ class GraceDomain {
 
   // Wait until every read-side section that began before this call has ended and every
   // online qsbr reader has reported a quiescent state after it. Concurrent callers share
-  // rounds. Errors: Errc::invalid_argument when called inside the caller's own read-side
+  // rounds. A qsbr caller is offline during the wait (it holds no references across it)
+  // and online again when this returns. Errors: Errc::invalid_argument when called inside the caller's own read-side
   // section; the process barrier's error if it fails (then nothing is guaranteed and
   // retired memory stays queued).
   Status synchronize() noexcept;
@@ -230,7 +231,8 @@ class GraceDomain {
   Status retire_delete(T* p) noexcept {
     return retire(p, [](void* q) { delete static_cast<T*>(q); });
   }
-  // Returns when every callback retired before the call has run.
+  // Returns when every callback retired before the call has run. Like synchronize(): a
+  // qsbr caller is offline while it waits; refused inside the caller's own section.
   Status barrier() noexcept;
 
   // Code retirement. The caller has unlinked `blob` from every publication point (or
@@ -256,6 +258,8 @@ class GraceDomain {
   explicit GraceDomain(Runtime& rt, const GraceOptions& options);
   Status master_mb() noexcept;
   Status run_grace_period() noexcept;
+  Status wait_for_round() noexcept;
+  class CallerScope;
   void wait_for_readers(bool qsbr_too) noexcept;
   void unregister(detail::GraceReaderRecord* rec) noexcept;
   void wake() noexcept;

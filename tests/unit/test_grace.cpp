@@ -10,7 +10,10 @@
 #include <thread>
 #include <vector>
 
+#include "support/child.hpp"
 #include "support/patch_fixture.hpp"
+
+#include <unistd.h>
 
 using namespace jitpatch;
 using namespace std::chrono_literals;
@@ -298,4 +301,28 @@ TEST_CASE("grace: retire_code frees a blob after a grace period; the scan hook d
   CodeBlob* c = fx.constant(33);
   CHECK(c->as<int()>()() == 33);
   CHECK(fx.heap->stats().serializations == before + 1);
+}
+
+TEST_CASE("grace: an online qsbr thread may synchronize while another thread's round waits for it", "[grace]") {
+  // The round the background reclaimer starts for the retired entry waits for this
+  // thread's quiescent report; this thread's synchronize() joins that round. Without
+  // going offline for the wait, both would wait for each other forever: run it in a child
+  // with an alarm so a regression fails instead of hanging.
+  const std::string err = test::run_in_child([]() -> std::string {
+    ::alarm(20);
+    auto rt = Runtime::create();
+    if (!rt.ok()) return "runtime";
+    auto d = GraceDomain::create(**rt);
+    if (!d.ok()) return "domain";
+    auto me = (*d)->register_reader(ReaderKind::qsbr);
+    if (!me.ok()) return "reader";
+    for (int i = 0; i < 200; ++i) {
+      if (!(*d)->retire(nullptr, [](void*) {}).ok()) return "retire";
+      if (!(*d)->synchronize().ok()) return "synchronize";
+      if (!me->is_online()) return "not online again after synchronize()";
+    }
+    if (!(*d)->barrier().ok()) return "barrier";  // works while online, too
+    return "";
+  });
+  CHECK(err == "");
 }
