@@ -171,7 +171,9 @@ Result<std::unique_ptr<GraceDomain>> GraceDomain::create(Runtime& rt, const Grac
           // What was kept (blobs still referenced, or a failing process barrier) waits a
           // little before the next round instead of spinning rounds.
           if (!st.ok() || !im.queue.empty()) {
-            if (im.stop && !st.ok()) break;  // cannot make progress; the destructor retries once
+            // Stopping: what is left (a failing process barrier, or blobs the scan hook
+            // still sees) is the destructor's, which must not wait for the hook forever.
+            if (im.stop) break;
             im.q_cv.wait_for(lk, std::chrono::milliseconds(st.ok() ? 1 : 10));
           }
         }
@@ -196,7 +198,8 @@ GraceDomain::~GraceDomain() {
     im.reclaimer.join();
   }
   // Whatever is left (no reclaimer, or code the hook kept): one more round, then run it.
-  // Kept code is freed now: its emitter frees it regardless at destruction anyway.
+  // Code the hook still saw referenced is freed too: the domain is being torn down with
+  // its readers gone, and its emitters must still exist (documented in grace.hpp).
   std::vector<Item> rest;
   {
     std::lock_guard<std::mutex> g(im.q_mu);

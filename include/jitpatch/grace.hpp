@@ -206,7 +206,10 @@ class GraceDomain {
  public:
   // `rt` provides process_barrier(); it must outlive the domain.
   static Result<std::unique_ptr<GraceDomain>> create(Runtime& rt, const GraceOptions& options = {}) noexcept;
-  ~GraceDomain();  // drains: every retired callback runs (after a grace period) first
+  // Drains: every retired callback runs (after a grace period) first, including code the
+  // scan hook still holds. Destroy readers before their domain, and the domain before
+  // the emitters whose code it retires.
+  ~GraceDomain();
   GraceDomain(const GraceDomain&) = delete;
   GraceDomain& operator=(const GraceDomain&) = delete;
 

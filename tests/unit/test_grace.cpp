@@ -326,3 +326,23 @@ TEST_CASE("grace: an online qsbr thread may synchronize while another thread's r
   });
   CHECK(err == "");
 }
+
+TEST_CASE("grace: destroying a domain whose scan hook never lets a blob go does not hang", "[grace]") {
+  const std::string err = test::run_in_child([]() -> std::string {
+    ::alarm(20);
+    test::PatchFixture fx;
+    const auto live = fx.em->live_blobs();
+    CodeBlob* b = fx.constant(5);
+    {
+      auto d = GraceDomain::create(*fx.rt);
+      if (!d.ok()) return "domain";
+      (*d)->set_code_scan_hook([](const CodeBlob&) { return true; });
+      if (!(*d)->retire_code(*fx.em, b).ok()) return "retire_code";
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));  // a few rounds keep it
+      if ((*d)->stats().code_deferred == 0) return "the hook was never asked";
+    }  // the destructor frees it anyway
+    if (fx.em->live_blobs() != live) return "blob not freed at destruction";
+    return "";
+  });
+  CHECK(err == "");
+}
