@@ -879,7 +879,9 @@ bool JitImpl::init(std::string* error) {
     std::lock_guard<std::mutex> lk(frames_mu_);
     for (std::uintptr_t v : published_)
       if (v >= lo && v < hi) return true;
-    return false;
+    // Conservative while any compiled frame was live at the latest report: an
+    // intermittent early free (bf:mandel [auto-hot1]) is not explained yet.
+    return !published_.empty();
   });
   // This (the interpreting) thread reads code pointers: a QSBR reader, online from here.
   auto r = grace_->register_reader(ReaderKind::qsbr);
