@@ -27,15 +27,6 @@ namespace {
 
 using test::deny_membarrier;
 
-#define EXPECT(cond)                                                   \
-  do {                                                                 \
-    if (!(cond)) {                                                     \
-      std::ostringstream o_;                                           \
-      o_ << __FILE__ << ":" << __LINE__ << ": expected " #cond;        \
-      return o_.str();                                                 \
-    }                                                                  \
-  } while (0)
-
 // The guarantee of process_barrier (and of the stronger two): the SB litmus with a
 // compiler barrier on the fast side never shows the forbidden outcome.
 std::string check_barrier_guarantee(Runtime& rt, Operation op) {

@@ -21,28 +21,11 @@
 #include <vector>
 
 #include "support/child.hpp"
+#include "support/seccomp_deny.hpp"
 
 using namespace jitpatch;
 
 namespace {
-
-std::string deny_all_membarrier(int err) {
-  scmp_filter_ctx ctx = seccomp_init(SCMP_ACT_ALLOW);
-  if (!ctx) return "seccomp_init failed";
-  int rc = seccomp_rule_add(ctx, SCMP_ACT_ERRNO(err), SCMP_SYS(membarrier), 0);
-  if (rc == 0) rc = seccomp_load(ctx);
-  seccomp_release(ctx);
-  return rc == 0 ? "" : std::string("seccomp: ") + std::strerror(-rc);
-}
-
-#define EXPECT(cond)                                            \
-  do {                                                          \
-    if (!(cond)) {                                              \
-      std::ostringstream o_;                                    \
-      o_ << __FILE__ << ":" << __LINE__ << ": expected " #cond; \
-      return o_.str();                                          \
-    }                                                           \
-  } while (0)
 
 // Writers (more than CPUs, all attached) append while the harvester swaps, fences and
 // watches each drained buffer for changes; then exactly-once accounting.
@@ -156,7 +139,7 @@ std::string run_self_without_rseq(const char* name) {
 
 TEST_CASE("fault: membarrier refused: PerCpuLog fences with signals and keeps its guarantee", "[fault]") {
   CHECK(test::run_in_child([]() -> std::string {
-          if (auto e = deny_all_membarrier(EPERM); !e.empty()) return e;
+          if (auto e = test::deny_membarrier(EPERM); !e.empty()) return e;
           auto rt = Runtime::create();
           if (!rt.ok()) return "create: " + rt.status().message();
           EXPECT((*rt)->strategy(Operation::rseq_fence) == Strategy::signals);
@@ -169,7 +152,7 @@ TEST_CASE("fault: membarrier refused: PerCpuLog fences with signals and keeps it
 
 TEST_CASE("fault: membarrier ENOSYS and no rseq fence at all: PerCpuLog takes the atomic path", "[fault]") {
   CHECK(test::run_in_child([]() -> std::string {
-          if (auto e = deny_all_membarrier(ENOSYS); !e.empty()) return e;
+          if (auto e = test::deny_membarrier(ENOSYS); !e.empty()) return e;
           RuntimeOptions o;
           o.use_environment = false;
           o.rseq_fence = Strategy::none;
@@ -193,7 +176,7 @@ TEST_CASE("fault: rseq off and membarrier refused: everything through the fallba
 // Hidden ([.]): only run by the test above, in a process started with rseq turned off.
 TEST_CASE("fault-child: rseq off and membarrier refused", "[.][fault-child]") {
   REQUIRE_FALSE(rseq::available());
-  REQUIRE(deny_all_membarrier(EPERM) == "");
+  REQUIRE(test::deny_membarrier(EPERM) == "");
   auto rt = Runtime::create();
   REQUIRE(rt.ok());
   CHECK((*rt)->strategy(Operation::rseq_fence) == Strategy::signals);

@@ -17,28 +17,11 @@
 #include <vector>
 
 #include "support/child.hpp"
+#include "support/seccomp_deny.hpp"
 
 using namespace jitpatch;
 
 namespace {
-
-std::string deny_all_membarrier(int err) {
-  scmp_filter_ctx ctx = seccomp_init(SCMP_ACT_ALLOW);
-  if (!ctx) return "seccomp_init failed";
-  int rc = seccomp_rule_add(ctx, SCMP_ACT_ERRNO(static_cast<std::uint32_t>(err)), SCMP_SYS(membarrier), 0);
-  if (rc == 0) rc = seccomp_load(ctx);
-  seccomp_release(ctx);
-  return rc == 0 ? "" : std::string("seccomp: ") + std::strerror(-rc);
-}
-
-#define EXPECT(cond)                                            \
-  do {                                                          \
-    if (!(cond)) {                                              \
-      std::ostringstream o_;                                    \
-      o_ << __FILE__ << ":" << __LINE__ << ": expected " #cond; \
-      return o_.str();                                          \
-    }                                                           \
-  } while (0)
 
 // Two C++ mutators keep a == b at every poll; `rounds` stops check it. `on_round` runs
 // before each stop (to install a filter mid-run).
@@ -102,7 +85,7 @@ TEST_CASE("fault safepoint: membarrier refused -> the symmetric fallback, still 
   const int err = GENERATE(EPERM, ENOSYS);
   INFO("membarrier fails with " << std::strerror(err));
   CHECK(test::run_in_child([err]() -> std::string {
-          if (auto e = deny_all_membarrier(err); !e.empty()) return e;
+          if (auto e = test::deny_membarrier(err); !e.empty()) return e;
           auto rt = Runtime::create();
           if (!rt.ok()) return "Runtime::create: " + rt.status().message();
           EXPECT((*rt)->strategy(Operation::process_barrier) != Strategy::membarrier);
@@ -115,7 +98,7 @@ TEST_CASE("fault safepoint: membarrier refused -> the symmetric fallback, still 
 
 TEST_CASE("fault safepoint: forced asymmetric mode on the fallback process barrier", "[fault][safepoint]") {
   CHECK(test::run_in_child([]() -> std::string {
-          if (auto e = deny_all_membarrier(EPERM); !e.empty()) return e;
+          if (auto e = test::deny_membarrier(EPERM); !e.empty()) return e;
           auto rt = Runtime::create();
           if (!rt.ok()) return "Runtime::create: " + rt.status().message();
           SafepointOptions o;
@@ -137,7 +120,7 @@ TEST_CASE("fault safepoint: membarrier refused mid-run: the process barrier step
           EXPECT((*sp)->mode() == SafepointMode::asymmetric);
           std::string filter_error;
           auto r = stops_are_correct(**sp, 400, [&](int round) {
-            if (round == 200) filter_error = deny_all_membarrier(EPERM);
+            if (round == 200) filter_error = test::deny_membarrier(EPERM);
           });
           if (!filter_error.empty()) return filter_error;
           if (!r.empty()) return r;

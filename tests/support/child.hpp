@@ -8,7 +8,19 @@
 #include <cstdio>
 #include <cstring>
 #include <functional>
+#include <sstream>
 #include <string>
+
+// In a child body: return a description of the failed condition (Catch2 assertions do
+// not cross the fork).
+#define EXPECT(cond)                                            \
+  do {                                                          \
+    if (!(cond)) {                                              \
+      std::ostringstream o_;                                    \
+      o_ << __FILE__ << ":" << __LINE__ << ": expected " #cond; \
+      return o_.str();                                          \
+    }                                                           \
+  } while (0)
 
 namespace jitpatch::test {
 

@@ -29,10 +29,6 @@ void after_handler(int sig, siginfo_t* si, void* uc) {
   if (g_saved_ours.sa_flags & SA_SIGINFO) g_saved_ours.sa_sigaction(sig, si, uc);
 }
 
-#define EXPECT(cond) \
-  do {               \
-    if (!(cond)) return std::string(__FILE__ ":") + std::to_string(__LINE__) + ": expected " #cond; \
-  } while (0)
 }  // namespace
 
 TEST_CASE("signals: foreign signals go to the handler installed before ours", "[unit]") {
