@@ -11,6 +11,7 @@
 #endif
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
 #include <new>
 #include <optional>
@@ -70,9 +71,27 @@ namespace {
 // free each time, about a sixth of a small function's emission (perf, bench/publish).
 // `busy` covers a body that emits another blob from inside its callback: that one gets
 // a fresh holder.
+//
+// The text section's buffer is kept too. CodeHolder::reset() frees every section
+// buffer, and the first instruction of the next emit mallocs a new one of asmjit's
+// initial capacity (about 16 KiB: CodeHolder::growBuffer), too large for malloc's
+// per-thread caches: that malloc/free pair was a tenth of a small function's emission
+// (perf, bench/publish). The lease takes the buffer out of the section before the reset
+// and hands it back to the next init(): asmjit sees an ordinary buffer of its own,
+// allocated with malloc, which it may realloc to grow (the pointer kept afterwards is
+// whatever the section ends with). Buffers above kKeepBuffer are left to asmjit to free,
+// so one huge function does not pin its buffer to the thread.
+constexpr std::size_t kKeepBuffer = std::size_t(64) << 10;
+
 struct HolderCache {
   asmjit::CodeHolder code;
   bool busy = false;
+  std::uint8_t* buffer = nullptr;  // malloc'ed, owned here between emits
+  std::size_t capacity = 0;
+  HolderCache() = default;
+  HolderCache(const HolderCache&) = delete;
+  HolderCache& operator=(const HolderCache&) = delete;
+  ~HolderCache() { std::free(buffer); }
 };
 thread_local HolderCache t_holder;
 
@@ -89,6 +108,18 @@ class HolderLease {
   }
   ~HolderLease() {
     if (code_ == &t_holder.code) {
+      // Keep the text buffer (see HolderCache): emptied from the section first, so the
+      // reset below does not free it.
+      if (t_holder.code.isInitialized() && !t_holder.buffer) {
+        asmjit::CodeBuffer& cb = t_holder.code.textSection()->buffer();
+        if (cb._data && !cb.isExternal() && cb._capacity <= kKeepBuffer) {
+          t_holder.buffer = cb._data;
+          t_holder.capacity = cb._capacity;
+          cb._data = nullptr;
+          cb._capacity = 0;
+          cb._size = 0;
+        }
+      }
       // The emit's Assembler and error handler are gone by now (declared after the
       // lease): detach them from the holder before it is reused.
       t_holder.code.reset(asmjit::ResetPolicy::kSoft);
@@ -99,6 +130,18 @@ class HolderLease {
   HolderLease(const HolderLease&) = delete;
   HolderLease& operator=(const HolderLease&) = delete;
   asmjit::CodeHolder& operator*() noexcept { return *code_; }
+  // After init(), before an Assembler attaches (it caches the buffer's pointers): give
+  // the kept buffer to the fresh text section, which is empty.
+  void adopt_buffer() noexcept {
+    if (code_ != &t_holder.code || !t_holder.buffer) return;
+    asmjit::CodeBuffer& cb = t_holder.code.textSection()->buffer();
+    if (cb._data) return;
+    cb._data = t_holder.buffer;
+    cb._capacity = t_holder.capacity;
+    cb._size = 0;
+    t_holder.buffer = nullptr;
+    t_holder.capacity = 0;
+  }
 
  private:
   asmjit::CodeHolder* code_;
@@ -112,6 +155,7 @@ Result<CodeBlob*> Emitter::emit_impl(std::string_view name, Status (*thunk)(void
   asmjit::CodeHolder& code = *lease;
   FirstError errors;
   if (asmjit::Error e = code.init(asmjit::Environment::host())) return asmjit_status(e);
+  lease.adopt_buffer();
   code.setErrorHandler(&errors);
   Assembler a(&code);
   EmitContext cx(a);

@@ -97,6 +97,35 @@ TEST_CASE("emitter: a body may emit another blob; errors leave the next emit cle
   }
 }
 
+namespace {
+// int f(int x) { return x + n; } as n increments: about 3n (x86-64) or 4n (aarch64) bytes.
+void add_ones(EmitContext& cx, int n) {
+#if defined(__x86_64__)
+  using namespace asmjit::x86;
+  cx.a.mov(eax, edi);
+  for (int i = 0; i < n; ++i) cx.a.add(eax, 1);
+  cx.a.ret();
+#else
+  using namespace asmjit::a64;
+  for (int i = 0; i < n; ++i) cx.a.add(w0, w0, 1);
+  cx.a.ret(x30);
+#endif
+}
+}  // namespace
+
+TEST_CASE("emitter: the reused code buffer grows, shrinks back and keeps every byte", "[unit][emit]") {
+  Fixture f;
+  Emitter em(*f.heap);
+  // Sizes around asmjit's initial buffer (~16 KiB) and the emitter's keep limit (64 KiB):
+  // growing a kept buffer, keeping a grown one, dropping a huge one, then small again.
+  for (int n : {3, 6000, 2, 12000, 1, 30000, 4, 6000, 5}) {
+    INFO("n = " << n);
+    auto b = em.emit("ones", [n](EmitContext& cx) { add_ones(cx, n); });
+    REQUIRE(b.ok());
+    CHECK((*b)->as<int(int)>()(100) == 100 + n);
+  }
+}
+
 TEST_CASE("emitter: patch sites and the entry label get final addresses", "[unit][emit]") {
   Fixture f;
   Emitter em(*f.heap);
