@@ -225,8 +225,8 @@ class Emitter {
   mutable std::mutex mu_;
   CodeBlob* live_ = nullptr;   // intrusive list of live blobs
   CodeBlob* spare_ = nullptr;  // unused descriptors, linked through next_
-  // Descriptors come in slabs (one allocation per 256 blobs, freed with the emitter): a
-  // malloc per publication was a measurable share of its cost (bench/publish).
+  // Descriptors come in slabs (8, 16, ... then one allocation per 256 blobs, freed with
+  // the emitter): a malloc per publication was a measurable share of its cost (bench/publish).
   std::vector<std::unique_ptr<CodeBlob[]>> slabs_;
   std::size_t live_count_ = 0;
 };
