@@ -34,6 +34,7 @@
 #include <algorithm>
 #include <condition_variable>
 #include <cstddef>
+#include <cstdlib>
 #include <deque>
 #include <mutex>
 #include <thread>
@@ -142,6 +143,32 @@ class Gen {
   std::int32_t known_lo_ = 0, known_hi_ = 0;
   std::vector<std::int8_t> balanced_;  // per loop: -1 unknown, 0/1
   bool balanced(std::uint32_t id);
+  // What one iteration of a loop touches, relative to p at the iteration's start.
+  struct Reach {
+    std::int64_t stride = 0;     // net move per iteration
+    std::int32_t ulo = 0, uhi = 0;  // cells every iteration touches (its segments' Checks)
+    std::int32_t alo = 0, ahi = 0;  // cells any iteration may touch (Ifs, nested loops too)
+  };
+  // False when the iteration's reach is not a constant range (a Scan, an unbalanced
+  // nested loop, offsets too large to be worth it).
+  bool reach(std::uint32_t id, Reach& r);
+  std::vector<std::int8_t> reach_ok_;  // per loop: -1 not computed yet, 0/1
+  std::vector<Reach> reach_;
+  void hoist(std::uint32_t id);     // at a loop's head, after its cell test
+  void iteration_check(std::uint32_t id);  // at the top of its body
+  // Emits the tests for p+lo .. p+hi not yet known to be on the tape (deopt to `pc`).
+  void check_range(std::int32_t lo, std::int32_t hi, std::uint32_t pc);
+  std::int8_t hoist_dir_ = 0;  // set by hoist() for iteration_check(): see loop()
+  std::int32_t iter_lo_ = 0, iter_hi_ = 0;
+  // An If whose body is only MulAdds from its own cell: with a zero cell they add zero.
+  bool only_muladds(std::uint32_t k) const {
+    const Ins& x = prog_.code[k];
+    for (std::uint32_t i = 1; i <= static_cast<std::uint32_t>(x.c); ++i) {
+      const Ins& y = prog_.code[k + i];
+      if (y.op != Op::MulAdd || y.b != x.off) return false;
+    }
+    return true;
+  }
   bool covered(std::int32_t lo, std::int32_t hi) const { return known_lo_ <= lo && hi <= known_hi_; }
   void learn(std::int32_t lo, std::int32_t hi) {
     known_lo_ = std::min(known_lo_, lo);
@@ -310,6 +337,98 @@ bool Gen::balanced(std::uint32_t id) {
   return balanced_[id] != 0;
 }
 
+bool Gen::reach(std::uint32_t id, Reach& r) {
+  constexpr std::int64_t kFar = std::int64_t{1} << 20;  // keeps every offset a small imm
+  if (reach_ok_.empty()) {
+    reach_ok_.assign(prog_.loops.size(), -1);
+    reach_.resize(prog_.loops.size());
+  }
+  if (reach_ok_[id] >= 0) {
+    r = reach_[id];
+    return reach_ok_[id] != 0;
+  }
+  reach_ok_[id] = 0;
+  const Loop& L = prog_.loops[id];
+  std::int64_t d = 0;
+  std::int64_t ulo = 0, uhi = 0, alo = 0, ahi = 0;
+  auto any = [&](std::int64_t lo, std::int64_t hi) {
+    alo = std::min(alo, lo);
+    ahi = std::max(ahi, hi);
+  };
+  for (std::uint32_t k = L.begin + 1; k < L.end; ++k) {
+    const Ins& x = prog_.code[k];
+    switch (x.op) {
+      case Op::Check:
+        ulo = std::min(ulo, d + x.off);
+        uhi = std::max(uhi, d + x.a);
+        any(d + x.off, d + x.a);
+        break;
+      case Op::If: any(d + x.a, d + x.b); break;
+      case Op::Move: d += x.a; break;
+      case Op::Scan: return false;
+      case Op::LoopBegin: {
+        const auto child = static_cast<std::uint32_t>(x.b);
+        Reach c;
+        if (!balanced(child) || !reach(child, c)) return false;
+        any(d + c.alo, d + c.ahi);
+        k = prog_.loops[child].end;
+        break;
+      }
+      default: break;
+    }
+    if (d < -kFar || d > kFar || alo < -kFar || ahi > kFar) return false;
+  }
+  r.stride = d;
+  r.ulo = static_cast<std::int32_t>(ulo);
+  r.uhi = static_cast<std::int32_t>(uhi);
+  r.alo = static_cast<std::int32_t>(alo);
+  r.ahi = static_cast<std::int32_t>(ahi);
+  reach_[id] = r;
+  reach_ok_[id] = 1;
+  return true;
+}
+
+// Range checks out of the loop body. An iteration's own segment Checks are the only
+// accesses that always happen; Ifs and nested loops may or may not touch their cells.
+//   balanced (stride 0): every iteration starts at the same p, so the always-touched
+//     range is checked once at the head and known for every iteration.
+//   stride < 0: p only moves left, so whatever lies right of the first iteration's
+//     reach stays on the tape (the tape never shrinks): the head checks the whole reach
+//     on the right once, and each iteration checks only its always-touched range on the
+//     left, once, at the top of the body. stride > 0: the mirror image.
+// A failed test deopts to the first op of the body with p at the iteration's start, where
+// the interpreter runs the iteration exactly (growing the tape or reporting the error at
+// the access that fails). A head test that failed only for a conditional access fails
+// again on re-entry at most reach/|stride| times, as p moves away from that tape end.
+void Gen::hoist(std::uint32_t id) {
+  hoist_dir_ = 0;
+  Reach r;
+  if (!reach(id, r)) return;
+  const std::uint32_t pc = prog_.loops[id].begin + 1;
+  if (r.stride == 0) {
+    check_range(r.ulo, r.uhi, pc);
+  } else if (r.stride < 0) {
+    check_range(0, r.ahi, pc);
+    known_lo_ = 0;  // what the back edge brings: p on the tape, the right side kept
+    known_hi_ = std::max(r.ahi, 0);
+    hoist_dir_ = -1;
+    iter_lo_ = r.ulo;
+  } else {
+    check_range(r.alo, 0, pc);
+    known_lo_ = std::min(r.alo, 0);
+    known_hi_ = 0;
+    hoist_dir_ = 1;
+    iter_hi_ = r.uhi;
+  }
+}
+
+void Gen::iteration_check(std::uint32_t id) {
+  const std::uint32_t pc = prog_.loops[id].begin + 1;
+  if (hoist_dir_ < 0) check_range(iter_lo_, 0, pc);
+  else if (hoist_dir_ > 0) check_range(0, iter_hi_, pc);
+  hoist_dir_ = 0;
+}
+
 // ------------------------------------------------------------------------------------
 // x86-64
 
@@ -342,7 +461,9 @@ void Gen::loop(std::uint32_t id) {
   const std::int32_t lo = known_lo_, hi = known_hi_;
   a.cmp(byte_ptr(rbx), 0);
   a.je(out);
+  hoist(id);
   a.bind(body);
+  iteration_check(id);
   ops(L.begin + 1, L.end);
   a.cmp(byte_ptr(rbx), 0);
   a.jne(body);
@@ -384,8 +505,17 @@ void Gen::ops(std::uint32_t i, std::uint32_t j) {
         }
         break;
       case Op::If: {
-        auto skip = a.newLabel(), fail = a.newLabel();
         a.movzx(eax, byte_ptr(rbx, x.off));
+        if (covered(x.a, x.b) && only_muladds(k)) {
+          // Every target is on the tape: a zero counter adds zero, so no branch.
+          cached_ = true;
+          cached_src_ = x.off;
+          ops(k + 1, k + 1 + static_cast<std::uint32_t>(x.c));
+          cached_ = false;
+          k += static_cast<std::uint32_t>(x.c);
+          break;
+        }
+        auto skip = a.newLabel(), fail = a.newLabel();
         a.test(eax, eax);
         a.jz(skip);
         const std::int32_t lo = known_lo_, hi = known_hi_;
@@ -418,35 +548,28 @@ void Gen::ops(std::uint32_t i, std::uint32_t j) {
         known_lo_ -= x.a;
         known_hi_ -= x.a;
         break;
-      case Op::Check: {
-        // p itself is on the tape (segment invariant): only the side that grows is checked,
-        // and only past what is known.
-        if (covered(x.off, x.a)) break;
-        auto fail = a.newLabel();
-        if (x.off < known_lo_) {
-          a.lea(rax, ptr(rbx, x.off));
-          a.cmp(rax, r12);
-          a.jb(fail);
-        }
-        if (x.a > known_hi_) {
-          a.lea(rax, ptr(rbx, x.a));
-          a.cmp(rax, r13);
-          a.jae(fail);
-        }
-        deopts_.push_back({fail, k, 0});
-        learn(x.off, x.a);
-        break;
-      }
+      case Op::Check: check_range(x.off, x.a, k); break;
       case Op::Scan: {
         auto top = a.newLabel(), done = a.newLabel(), fail = a.newLabel();
-        a.bind(top);
+        const bool sentinel = std::llabs(std::int64_t{x.a}) <= static_cast<std::int64_t>(kTapePad);
         a.cmp(byte_ptr(rbx), 0);
         a.je(done);
+        a.bind(top);
         a.add(rbx, x.a);
-        a.cmp(rbx, x.a > 0 ? r13 : r12);
-        if (x.a > 0) a.jae(fail);
-        else a.jb(fail);
-        a.jmp(top);
+        if (!sentinel) {
+          a.cmp(rbx, x.a > 0 ? r13 : r12);
+          if (x.a > 0) a.jae(fail);
+          else a.jb(fail);
+        }
+        a.cmp(byte_ptr(rbx), 0);
+        a.jne(top);
+        if (sentinel) {
+          // Stopped at a zero cell, perhaps in the padding (kTapePad): off the tape, the
+          // step before (a non-zero cell, so on the tape) is where the interpreter resumes.
+          a.cmp(rbx, x.a > 0 ? r13 : r12);
+          if (x.a > 0) a.jae(fail);
+          else a.jb(fail);
+        }
         a.bind(done);
         deopts_.push_back({fail, k, x.a});
         forget();
@@ -479,6 +602,25 @@ void Gen::ops(std::uint32_t i, std::uint32_t j) {
       case Op::End: break;
     }
   }
+}
+
+void Gen::check_range(std::int32_t lo, std::int32_t hi, std::uint32_t pc) {
+  // p itself is on the tape (segment invariant): only the side that grows is checked,
+  // and only past what is known.
+  if (covered(lo, hi)) return;
+  auto fail = a.newLabel();
+  if (lo < known_lo_) {
+    a.lea(rax, ptr(rbx, lo));
+    a.cmp(rax, r12);
+    a.jb(fail);
+  }
+  if (hi > known_hi_) {
+    a.lea(rax, ptr(rbx, hi));
+    a.cmp(rax, r13);
+    a.jae(fail);
+  }
+  deopts_.push_back({fail, pc, 0});
+  learn(lo, hi);
 }
 
 Status emit_enter(EmitContext& cx) {
@@ -614,7 +756,9 @@ void Gen::loop(std::uint32_t id) {
   const std::int32_t lo = known_lo_, hi = known_hi_;
   a.ldrb(w9, ptr(x19));
   a.cbz(w9, out);
+  hoist(id);
   a.bind(body);
+  iteration_check(id);
   ops(L.begin + 1, L.end);
   a.ldrb(w9, ptr(x19));
   a.cbnz(w9, body);
@@ -675,8 +819,16 @@ void Gen::ops(std::uint32_t i, std::uint32_t j) {
         break;
       }
       case Op::If: {
-        auto skip = a.newLabel(), fail = a.newLabel();
         load8(a, w12, cell(x.off, x11));
+        if (covered(x.a, x.b) && only_muladds(k)) {
+          cached_ = true;  // see the x86-64 version
+          cached_src_ = x.off;
+          ops(k + 1, k + 1 + static_cast<std::uint32_t>(x.c));
+          cached_ = false;
+          k += static_cast<std::uint32_t>(x.c);
+          break;
+        }
+        auto skip = a.newLabel(), fail = a.newLabel();
         a.cbz(w12, skip);
         const std::int32_t lo = known_lo_, hi = known_hi_;
         if (!covered(x.a, x.b)) {
@@ -708,33 +860,27 @@ void Gen::ops(std::uint32_t i, std::uint32_t j) {
         known_lo_ -= x.a;
         known_hi_ -= x.a;
         break;
-      case Op::Check: {
-        if (covered(x.off, x.a)) break;
-        auto fail = a.newLabel();
-        if (x.off < known_lo_) {
-          add_imm(x9, x19, x.off);
-          a.cmp(x9, x20);
-          a.b_lo(fail);
-        }
-        if (x.a > known_hi_) {
-          add_imm(x9, x19, x.a);
-          a.cmp(x9, x21);
-          a.b_hs(fail);
-        }
-        deopts_.push_back({fail, k, 0});
-        learn(x.off, x.a);
-        break;
-      }
+      case Op::Check: check_range(x.off, x.a, k); break;
       case Op::Scan: {
+        // See the x86-64 version (the padding as a sentinel).
         auto top = a.newLabel(), done = a.newLabel(), fail = a.newLabel();
-        a.bind(top);
+        const bool sentinel = std::llabs(std::int64_t{x.a}) <= static_cast<std::int64_t>(kTapePad);
         a.ldrb(w9, ptr(x19));
         a.cbz(w9, done);
+        a.bind(top);
         add_imm(x19, x19, x.a);
-        a.cmp(x19, x.a > 0 ? x21 : x20);
-        if (x.a > 0) a.b_hs(fail);
-        else a.b_lo(fail);
-        a.b(top);
+        if (!sentinel) {
+          a.cmp(x19, x.a > 0 ? x21 : x20);
+          if (x.a > 0) a.b_hs(fail);
+          else a.b_lo(fail);
+        }
+        a.ldrb(w9, ptr(x19));
+        a.cbnz(w9, top);
+        if (sentinel) {
+          a.cmp(x19, x.a > 0 ? x21 : x20);
+          if (x.a > 0) a.b_hs(fail);
+          else a.b_lo(fail);
+        }
         a.bind(done);
         deopts_.push_back({fail, k, x.a});
         forget();
@@ -770,6 +916,23 @@ void Gen::ops(std::uint32_t i, std::uint32_t j) {
       case Op::End: break;
     }
   }
+}
+
+void Gen::check_range(std::int32_t lo, std::int32_t hi, std::uint32_t pc) {
+  if (covered(lo, hi)) return;  // see the x86-64 version
+  auto fail = a.newLabel();
+  if (lo < known_lo_) {
+    add_imm(x9, x19, lo);
+    a.cmp(x9, x20);
+    a.b_lo(fail);
+  }
+  if (hi > known_hi_) {
+    add_imm(x9, x19, hi);
+    a.cmp(x9, x21);
+    a.b_hs(fail);
+  }
+  deopts_.push_back({fail, pc, 0});
+  learn(lo, hi);
 }
 
 // Frame: x29, x30, x19-x22, the previous saved_sp (64 bytes, AAPCS64 16-byte aligned).

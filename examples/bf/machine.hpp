@@ -30,6 +30,12 @@ struct Ctx {
   Machine* m;
 };
 
+// Zero cells on each side of the tape that are never written: compiled scan loops read
+// them as a sentinel (a scan stops at the first zero cell, and the padding is zero), so a
+// scan step needs no bounds check; one check after the scan sees whether it stopped off
+// the tape. Scans with a longer step keep the per-step check.
+constexpr std::size_t kTapePad = 4096;
+
 // Status codes returned by compiled code through the enter trampoline.
 enum : int { kDone = 0, kDeopt = 1, kError = 2 };
 

@@ -164,11 +164,22 @@ Machine::Machine(const Program& p, Io& i, const RunOptions& o) : prog(p), io(i),
   ctx.m = this;
 }
 
-Machine::~Machine() { std::free(ctx.begin); }
+Machine::~Machine() {
+  if (ctx.begin) std::free(ctx.begin - kTapePad);
+}
+
+namespace {
+// n cells with kTapePad zero cells on each side (machine.hpp); nullptr when out of memory.
+std::uint8_t* alloc_tape(std::size_t n) {
+  if (n > SIZE_MAX - 2 * kTapePad) return nullptr;
+  auto* t = static_cast<std::uint8_t*>(std::calloc(n + 2 * kTapePad, 1));
+  return t ? t + kTapePad : nullptr;
+}
+}  // namespace
 
 bool Machine::init_tape() {
   const std::size_t n = std::max<std::size_t>(1, std::min(opt.tape_initial, opt.tape_max));
-  ctx.begin = static_cast<std::uint8_t*>(std::calloc(n, 1));
+  ctx.begin = alloc_tape(n);
   if (!ctx.begin) {
     error = "out of memory for the tape";
     return false;
@@ -189,14 +200,14 @@ bool Machine::grow(std::size_t need, std::uint32_t src) {
     return false;
   }
   const std::size_t n = std::min(opt.tape_max, std::max(size * 2, need + 1));
-  auto* t = static_cast<std::uint8_t*>(std::calloc(n, 1));
+  auto* t = alloc_tape(n);
   if (!t) {
     error = "out of memory growing the tape";
     return false;
   }
   std::memcpy(t, ctx.begin, size);
   const std::ptrdiff_t at = ctx.p - ctx.begin;
-  std::free(ctx.begin);
+  std::free(ctx.begin - kTapePad);
   ctx.begin = t;
   ctx.end = t + n;
   ctx.p = t + at;

@@ -81,6 +81,12 @@ endforeach()
 # and it is freed once the run is over (the grace period after the last report).
 bf_case(retire-stack-scan ${_bf_dir}/retire.b ${_bf_dir}/retire.out TIERS auto-retire1 EXTRA --stats
         STDERR "units retired +1 +\\(1 freed through [0-9]+ grace periods. 1 deferred by the stack scan\\)")
+# Range tests hoisted out of loop bodies and scans that use the tape's zero padding as a
+# sentinel (jit.cpp, Gen::hoist; machine.hpp, kTapePad). hoist_edge.b: head tests that
+# fail only for accesses the loop does not make (deopt, then re-entry); scan_grow.b: a
+# compiled scan that runs into the padding where the tape must grow.
+bf_case(hoist-edge ${_bf_dir}/hoist_edge.b ${_bf_dir}/hoist_edge.out EXTRA --tape-max=64)
+bf_case(scan-grow ${_bf_dir}/scan_grow.b ${_bf_dir}/scan_grow.out TIERS naive interp jit auto-hot1)
 bf_case(cat-eof-zero ${_bf_dir}/cat.b ${_bf_dir}/cat.out INPUT ${_bf_dir}/rot13_input.txt EXTRA --eof=zero)
 bf_case(cat-eof-unchanged ${_bf_dir}/cat_unchanged.b ${_bf_dir}/cat_unchanged.out INPUT ${_bf_dir}/rot13_input.txt)
 bf_case(cat-eof-minus1 ${_bf_dir}/cat_minus1.b ${_bf_dir}/cat_minus1.out INPUT ${_bf_dir}/rot13_input.txt
@@ -107,6 +113,14 @@ bf_error(tape-limit err_overflow.b "tape overflow at line 1, column 4: cell 1000
 bf_error(fold-underflow err_fold_left.b "tape overflow at line 1, column 11: moved left of cell 0")
 bf_error(fold-limit err_fold_limit.b "tape overflow at line 2, column 18: cell 11 is beyond the tape limit of 10 cells"
          EXTRA --tape-max=10)
+
+# The same, where the access the head test guards does happen: the error, not a write
+# into the padding.
+bf_error(hoist-limit err_hoist_limit.b "tape overflow at line 4, column [0-9]+: cell 69 is beyond the tape limit of 64 cells"
+         EXTRA --tape-max=64)
+bf_error(hoist-left err_hoist_left.b "tape overflow at line 3, column [0-9]+: moved left of cell 0")
+bf_error(walk-left err_walk_left.b "tape overflow at line 2, column 7: moved left of cell 0")
+bf_error(scan-left-compiled err_scan_left.b "tape overflow at line 2, column [0-9]+: moved left of cell 0")
 
 # What folds and what must not: the bench.b nest becomes straight-line code (no loop left
 # inside its outer loop); a counter stepping by 2, and a MulAdd whose source the body
