@@ -160,13 +160,21 @@ class Gen {
   void check_range(std::int32_t lo, std::int32_t hi, std::uint32_t pc);
   std::int8_t hoist_dir_ = 0;  // set by hoist() for iteration_check(): see loop()
   std::int32_t iter_lo_ = 0, iter_hi_ = 0;
-  // An If whose body is only MulAdds from its own cell: with a zero cell they add zero.
-  bool only_muladds(std::uint32_t k) const {
+  // The If at k, with its cell already loaded as the MulAdd source: when its targets are
+  // known to be on the tape and its body is only MulAdds from that cell, the body is
+  // emitted without the branch (a zero cell adds zero); k moves past it. False: not so.
+  bool branchless_if(std::uint32_t& k) {
     const Ins& x = prog_.code[k];
+    if (!covered(x.a, x.b)) return false;
     for (std::uint32_t i = 1; i <= static_cast<std::uint32_t>(x.c); ++i) {
       const Ins& y = prog_.code[k + i];
       if (y.op != Op::MulAdd || y.b != x.off) return false;
     }
+    cached_ = true;
+    cached_src_ = x.off;
+    ops(k + 1, k + 1 + static_cast<std::uint32_t>(x.c));
+    cached_ = false;
+    k += static_cast<std::uint32_t>(x.c);
     return true;
   }
   bool covered(std::int32_t lo, std::int32_t hi) const { return known_lo_ <= lo && hi <= known_hi_; }
@@ -506,15 +514,7 @@ void Gen::ops(std::uint32_t i, std::uint32_t j) {
         break;
       case Op::If: {
         a.movzx(eax, byte_ptr(rbx, x.off));
-        if (covered(x.a, x.b) && only_muladds(k)) {
-          // Every target is on the tape: a zero counter adds zero, so no branch.
-          cached_ = true;
-          cached_src_ = x.off;
-          ops(k + 1, k + 1 + static_cast<std::uint32_t>(x.c));
-          cached_ = false;
-          k += static_cast<std::uint32_t>(x.c);
-          break;
-        }
+        if (branchless_if(k)) break;
         auto skip = a.newLabel(), fail = a.newLabel();
         a.test(eax, eax);
         a.jz(skip);
@@ -820,14 +820,7 @@ void Gen::ops(std::uint32_t i, std::uint32_t j) {
       }
       case Op::If: {
         load8(a, w12, cell(x.off, x11));
-        if (covered(x.a, x.b) && only_muladds(k)) {
-          cached_ = true;  // see the x86-64 version
-          cached_src_ = x.off;
-          ops(k + 1, k + 1 + static_cast<std::uint32_t>(x.c));
-          cached_ = false;
-          k += static_cast<std::uint32_t>(x.c);
-          break;
-        }
+        if (branchless_if(k)) break;
         auto skip = a.newLabel(), fail = a.newLabel();
         a.cbz(w12, skip);
         const std::int32_t lo = known_lo_, hi = known_hi_;
