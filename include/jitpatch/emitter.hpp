@@ -227,7 +227,13 @@ class Emitter {
   CodeBlob* spare_ = nullptr;  // unused descriptors, linked through next_
   // Descriptors come in slabs (8, 16, ... then one allocation per 256 blobs, freed with
   // the emitter): a malloc per publication was a measurable share of its cost (bench/publish).
-  std::vector<std::unique_ptr<CodeBlob[]>> slabs_;
+  // A slab's descriptors are constructed as they are first handed out: [fresh_, fresh_end_)
+  // is the newest slab's never-used storage.
+  struct Slab;
+  Slab* slabs_ = nullptr;  // newest first, linked through Slab::prev
+  std::byte* fresh_ = nullptr;
+  std::byte* fresh_end_ = nullptr;
+  std::size_t slab_count_ = 0;
   std::size_t live_count_ = 0;
 };
 
