@@ -21,7 +21,8 @@
 //      that reports quiescent states where it holds no code pointer (before it takes a
 //      loop's code pointer), and a code scan hook keeps a retired unit while the
 //      interpreter's stack still holds a frame of it (it may be below a stub call:
-//      see publish_frames).
+//      see publish_frames), or while an older retired unit that may still run can
+//      call it (see pins_).
 // Compiled code leaves through the exit trampoline (unwinding to the innermost enter
 // trampoline) with status kDeopt at a failed tape check, resuming the interpreter at
 // that IR index, or kError when the interpreter below a stub failed.
@@ -279,12 +280,17 @@ class JitImpl final : public Jit {
   // latest quiescent report, read by the scan hook on the reclaimer thread. Why the
   // published set and not the live one: after a report made inside a stub call, the
   // interpreter returns into the frames below it, which the live set no longer lists.
-  // Once a report is made with no frame of a retired unit, none can appear again (it is
-  // unreachable before it is retired), so the unit can go.
+  // A retired unit is not unreachable, though: one still running (kept for its frame)
+  // calls through its own sites, which left callers_ when it was retired and are never
+  // retargeted again, so they still aim at the units that were current then; and its
+  // entry jumps to its replacement. pins_ holds those targets as (pinning unit, entry)
+  // until the pinning unit is freed. A unit can go once a report is made with no frame of
+  // it and no unfreed retired unit pins it: nothing can reach it after that.
   std::vector<std::uintptr_t> frames_;
   std::uint64_t frames_version_ = 0, frames_published_ = 0;
-  std::mutex frames_mu_;
+  std::mutex frames_mu_;  // published_ and pins_
   std::vector<std::uintptr_t> published_;
+  std::vector<std::pair<const CodeBlob*, std::uintptr_t>> pins_;
   // After everything the hook and the reclaimer use (destroyed first: it drains).
   std::unique_ptr<GraceDomain> grace_;
   GraceReader reader_;
@@ -1035,9 +1041,11 @@ bool JitImpl::init(std::string* error) {
     std::lock_guard<std::mutex> lk(frames_mu_);
     for (std::uintptr_t v : published_)
       if (v >= lo && v < hi) return true;
-    // Conservative while any compiled frame was live at the latest report: an
-    // intermittent early free (bf:mandel [auto-hot1]) is not explained yet.
-    return !published_.empty();
+    for (const auto& [by, entry] : pins_)
+      if (by != &b && entry >= lo && entry < hi) return true;
+    // Freed once this returns false: what it pinned was reachable only through it.
+    std::erase_if(pins_, [&b](const auto& pin) { return pin.first == &b; });
+    return false;
   });
   // This (the interpreting) thread reads code pointers: a QSBR reader, online from here.
   auto r = grace_->register_reader(ReaderKind::qsbr);
@@ -1165,10 +1173,24 @@ void JitImpl::install(std::uint32_t id, CodeBlob* blob, CodeBlob* old) {
     }
   }
   if (old) {
-    // Nothing aims at the old unit any more (callers retargeted, entry redirected, code
-    // pointer replaced); forget its sites and free it after a quiescent point.
-    for (auto& list : callers_)
-      std::erase_if(list, [old](const CallerSite& s) { return s.blob == old; });
+    // Nothing live aims at the old unit any more (callers retargeted, entry redirected,
+    // code pointer replaced); forget its sites and free it after a quiescent point. It may
+    // still run (a frame of it below a stub call) through sites no longer retargeted:
+    // pin what they and its entry reach now (each loop's code pointer is what every live
+    // site for that loop aims at), so those units outlive it even if replaced later.
+    std::vector<std::pair<const CodeBlob*, std::uintptr_t>> pins{{old, reinterpret_cast<std::uintptr_t>(entry)}};
+    for (std::size_t l = 0; l < callers_.size(); ++l) {
+      for (const CallerSite& s : callers_[l]) {
+        if (s.blob != old) continue;
+        if (void* c = m_.loops[l].code.load(std::memory_order_relaxed))
+          pins.emplace_back(old, reinterpret_cast<std::uintptr_t>(c));
+      }
+      std::erase_if(callers_[l], [old](const CallerSite& s) { return s.blob == old; });
+    }
+    {
+      std::lock_guard<std::mutex> g(frames_mu_);
+      pins_.insert(pins_.end(), pins.begin(), pins.end());
+    }
     std::erase(listing_order_, old);
     // Compiling on the interpreting thread (inside a stub call): retire_code() may
     // reclaim inline when the queue is full. That grace period does not wait for this

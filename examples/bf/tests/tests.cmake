@@ -87,6 +87,11 @@ bf_case(retire-stack-scan ${_bf_dir}/retire.b ${_bf_dir}/retire.out TIERS auto-r
 # compiled scan that runs into the padding where the tape must grow.
 bf_case(hoist-edge ${_bf_dir}/hoist_edge.b ${_bf_dir}/hoist_edge.out EXTRA --tape-max=64)
 bf_case(scan-grow ${_bf_dir}/scan_grow.b ${_bf_dir}/scan_grow.out TIERS naive interp jit auto-hot1)
+# retire_pin.b: a retired unit kept for its frame keeps running and calls, through a site
+# no longer retargeted, a unit that was replaced (and retired) after it. That unit must
+# outlive the caller (jit.cpp, pins_): freed early, its memory went to the next unit and
+# the call ran that one (wrong output; the intermittent bf:mandel [auto-hot1] failure).
+bf_case(retire-pinned ${_bf_dir}/retire_pin.b ${_bf_dir}/retire_pin.out TIERS auto-retire1 auto-retire1-bg auto-hot1)
 bf_case(cat-eof-zero ${_bf_dir}/cat.b ${_bf_dir}/cat.out INPUT ${_bf_dir}/rot13_input.txt EXTRA --eof=zero)
 bf_case(cat-eof-unchanged ${_bf_dir}/cat_unchanged.b ${_bf_dir}/cat_unchanged.out INPUT ${_bf_dir}/rot13_input.txt)
 bf_case(cat-eof-minus1 ${_bf_dir}/cat_minus1.b ${_bf_dir}/cat_minus1.out INPUT ${_bf_dir}/rot13_input.txt
