@@ -67,6 +67,17 @@ function(bf_error name program regex)
   endforeach()
 endfunction()
 
+# The ThreadSanitizer build (JITPATCH_TEST_SET=concurrency) runs only the tier-up cases
+# where two threads meet: the compiler thread emits, patches and retires code (waiting in
+# grace periods) while the interpreting thread runs it and reports quiescent states. A
+# TSan report ends the process with exit code 66, which fails the case.
+if(JITPATCH_TEST_SET STREQUAL "concurrency")
+  foreach(p deep fold_random retire retire_pin mul)
+    bf_case(${p} ${_bf_dir}/${p}.b ${_bf_dir}/${p}.out TIERS auto-hot1 auto-retire1-bg auto-norecompile)
+  endforeach()
+  return()
+endif()
+
 # Loop folding (parse.cpp): hand-written nests (fold.b), a fold at the left end of the
 # tape over a zero counter (fold_edge.b) and 60 random nests from gen_folds.py (seed 7).
 foreach(p hello wrap mul zero_mul deep grow fold fold_edge fold_random retire)
