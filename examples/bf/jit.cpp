@@ -377,7 +377,15 @@ bool Gen::reach(std::uint32_t id, Reach& r) {
         uhi = std::max(uhi, d + x.a);
         any(d + x.off, d + x.a);
         break;
-      case Op::If: any(d + x.a, d + x.b); break;
+      case Op::If:
+        any(d + x.a, d + x.b);
+        // Its body (folded groups) is fixed-offset cell arithmetic; anything that moves p
+        // or needs its own test there would make the ranges above wrong: give up.
+        for (std::uint32_t i = 1; i <= static_cast<std::uint32_t>(x.c); ++i) {
+          const Op o = prog_.code[k + i].op;
+          if (o != Op::Add && o != Op::Set && o != Op::MulAdd && o != Op::If) return false;
+        }
+        break;  // the walk goes on through the body: its own Ifs count too
       case Op::Move: d += x.a; break;
       case Op::Scan: return false;
       case Op::LoopBegin: {
