@@ -155,7 +155,17 @@ class Gen {
   bool reach(std::uint32_t id, Reach& r);
   std::vector<std::int8_t> reach_ok_;  // per loop: -1 not computed yet, 0/1
   std::vector<Reach> reach_;
-  void hoist(std::uint32_t id);     // at a loop's head, after its cell test
+  // At a loop's head, after its cell test. Returns true when the loop is emitted twice
+  // (see loop()): split_far_ is then the offset to test on the far side.
+  bool hoist(std::uint32_t id);
+  std::int32_t split_far_ = 0;
+  bool innermost(std::uint32_t id) const;
+  // Per architecture: branches on the current cell, on p+off being off the tape on the
+  // side dir points away from (dir < 0: the right end; dir > 0: the left end), and always.
+  void branch_if_zero(const asmjit::Label& to);
+  void branch_if_nonzero(const asmjit::Label& to);
+  void branch_if_off_tape(std::int32_t off, int dir, const asmjit::Label& to);
+  void jump(const asmjit::Label& to);
   void iteration_check(std::uint32_t id);  // at the top of its body
   // Emits the tests for p+lo .. p+hi not yet known to be on the tape (deopt to `pc`).
   void check_range(std::int32_t lo, std::int32_t hi, std::uint32_t pc);
@@ -414,34 +424,90 @@ bool Gen::reach(std::uint32_t id, Reach& r) {
 // accesses that always happen; Ifs and nested loops may or may not touch their cells.
 //   balanced (stride 0): every iteration starts at the same p, so the always-touched
 //     range is checked once at the head and known for every iteration.
-//   stride < 0: p only moves left, so whatever lies right of the first iteration's
-//     reach stays on the tape (the tape never shrinks): the head checks the whole reach
-//     on the right once, and each iteration checks only its always-touched range on the
-//     left, once, at the top of the body. stride > 0: the mirror image.
+//   stride < 0: p only moves left, so whatever lies right of the first iteration's reach
+//     stays on the tape (the tape never shrinks): the far (right) side is checked once at
+//     the head, and each iteration checks only its always-touched range on the near
+//     (left) side, once, at the top of the body. stride > 0: the mirror image.
 // A failed test deopts to the first op of the body with p at the iteration's start, where
 // the interpreter runs the iteration exactly (growing the tape or reporting the error at
-// the access that fails). A head test that failed only for a conditional access fails
-// again on re-entry at most reach/|stride| times, as p moves away from that tape end.
-void Gen::hoist(std::uint32_t id) {
+// the access that fails). So a test may only cover accesses that do happen: a walking
+// loop's conditional accesses (an If's targets) on the far side are covered only by a
+// split (loop()): an innermost loop whose far side reaches further conditionally is
+// emitted twice, a fast copy that knows the whole far reach and a copy with the checks
+// in the body that runs until the whole reach is on the tape (a few iterations after
+// starting near a tape end; mandel's walks start at the left end every time).
+bool Gen::hoist(std::uint32_t id) {
   hoist_dir_ = 0;
   Reach r;
-  if (!reach(id, r)) return;
+  if (!reach(id, r)) return false;
   const std::uint32_t pc = prog_.loops[id].begin + 1;
   if (r.stride == 0) {
     check_range(r.ulo, r.uhi, pc);
-  } else if (r.stride < 0) {
-    check_range(0, r.ahi, pc);
-    known_lo_ = 0;  // what the back edge brings: p on the tape, the right side kept
-    known_hi_ = std::max(r.ahi, 0);
-    hoist_dir_ = -1;
-    iter_lo_ = r.ulo;
-  } else {
-    check_range(r.alo, 0, pc);
-    known_lo_ = std::min(r.alo, 0);
-    known_hi_ = 0;
-    hoist_dir_ = 1;
-    iter_hi_ = r.uhi;
+    return false;
   }
+  const bool left = r.stride < 0;  // walks left: the far side is the right one
+  const std::int32_t far_u = left ? r.uhi : r.ulo, far_all = left ? r.ahi : r.alo;
+  const bool split = far_all != far_u && innermost(id);
+  const std::int32_t far = split ? far_all : far_u;
+  if (!split) {
+    if (left) check_range(0, far, pc);
+    else check_range(far, 0, pc);
+  }
+  // What the back edge brings: p on the tape, the far side kept.
+  known_lo_ = left ? 0 : std::min(far, 0);
+  known_hi_ = left ? std::max(far, 0) : 0;
+  hoist_dir_ = left ? -1 : 1;
+  iter_lo_ = r.ulo;
+  iter_hi_ = r.uhi;
+  split_far_ = far;
+  return split;
+}
+
+bool Gen::innermost(std::uint32_t id) const {
+  const Loop& L = prog_.loops[id];
+  for (std::uint32_t k = L.begin + 1; k < L.end; ++k)
+    if (prog_.code[k].op == Op::LoopBegin) return false;
+  return true;
+}
+
+void Gen::loop(std::uint32_t id) {
+  const Loop& L = prog_.loops[id];
+  auto body = a.newLabel(), out = a.newLabel();
+  const bool bal = balanced(id);
+  if (!bal) forget();  // the head is reached with p anywhere
+  const std::int32_t lo = known_lo_, hi = known_hi_;
+  branch_if_zero(out);
+  if (!hoist(id)) {
+    a.bind(body);
+    iteration_check(id);
+    ops(L.begin + 1, L.end);
+    branch_if_nonzero(body);
+  } else {
+    const int walk = hoist_dir_;
+    const std::int32_t far = split_far_;
+    auto slow = a.newLabel();
+    branch_if_off_tape(far, walk, slow);
+    a.bind(body);
+    iteration_check(id);
+    ops(L.begin + 1, L.end);
+    branch_if_nonzero(body);
+    jump(out);
+    // The checked copy: nothing known at its top (p is on the tape), the body's own
+    // Checks and If tests as they are; it moves to the fast copy at the first back edge
+    // where the whole far reach is on the tape.
+    a.bind(slow);
+    forget();
+    cached_ = false;
+    ops(L.begin + 1, L.end);
+    branch_if_zero(out);
+    forget();
+    branch_if_off_tape(far, walk, slow);
+    jump(body);
+  }
+  a.bind(out);
+  cached_ = false;
+  known_lo_ = lo;  // balanced: what held at the head holds at the exit
+  known_hi_ = hi;
 }
 
 void Gen::iteration_check(std::uint32_t id) {
@@ -475,25 +541,21 @@ void Gen::unit(std::uint32_t root) {
   }
 }
 
-void Gen::loop(std::uint32_t id) {
-  const Loop& L = prog_.loops[id];
-  auto body = a.newLabel(), out = a.newLabel();
-  const bool bal = balanced(id);
-  if (!bal) forget();  // the head is reached with p anywhere
-  const std::int32_t lo = known_lo_, hi = known_hi_;
+void Gen::branch_if_zero(const asmjit::Label& to) {
   a.cmp(byte_ptr(rbx), 0);
-  a.je(out);
-  hoist(id);
-  a.bind(body);
-  iteration_check(id);
-  ops(L.begin + 1, L.end);
-  a.cmp(byte_ptr(rbx), 0);
-  a.jne(body);
-  a.bind(out);
-  cached_ = false;
-  known_lo_ = lo;  // balanced: what held at the head holds at the exit
-  known_hi_ = hi;
+  a.je(to);
 }
+void Gen::branch_if_nonzero(const asmjit::Label& to) {
+  a.cmp(byte_ptr(rbx), 0);
+  a.jne(to);
+}
+void Gen::branch_if_off_tape(std::int32_t off, int dir, const asmjit::Label& to) {
+  a.lea(rax, ptr(rbx, off));
+  a.cmp(rax, dir < 0 ? r13 : r12);
+  if (dir < 0) a.jae(to);
+  else a.jb(to);
+}
+void Gen::jump(const asmjit::Label& to) { a.jmp(to); }
 
 void Gen::call_loop(std::uint32_t id) {
   const std::string name = "loop" + std::to_string(id) + "#" + std::to_string(calls.size());
@@ -763,24 +825,21 @@ void Gen::unit(std::uint32_t root) {
   }
 }
 
-void Gen::loop(std::uint32_t id) {
-  const Loop& L = prog_.loops[id];
-  auto body = a.newLabel(), out = a.newLabel();
-  if (!balanced(id)) forget();  // see the x86-64 version
-  const std::int32_t lo = known_lo_, hi = known_hi_;
+void Gen::branch_if_zero(const asmjit::Label& to) {
   a.ldrb(w9, ptr(x19));
-  a.cbz(w9, out);
-  hoist(id);
-  a.bind(body);
-  iteration_check(id);
-  ops(L.begin + 1, L.end);
-  a.ldrb(w9, ptr(x19));
-  a.cbnz(w9, body);
-  a.bind(out);
-  cached_ = false;
-  known_lo_ = lo;
-  known_hi_ = hi;
+  a.cbz(w9, to);
 }
+void Gen::branch_if_nonzero(const asmjit::Label& to) {
+  a.ldrb(w9, ptr(x19));
+  a.cbnz(w9, to);
+}
+void Gen::branch_if_off_tape(std::int32_t off, int dir, const asmjit::Label& to) {
+  add_imm(x9, x19, off);
+  a.cmp(x9, dir < 0 ? x21 : x20);
+  if (dir < 0) a.b_hs(to);
+  else a.b_lo(to);
+}
+void Gen::jump(const asmjit::Label& to) { a.b(to); }
 
 void Gen::call_loop(std::uint32_t id) {
   const std::string name = "loop" + std::to_string(id) + "#" + std::to_string(calls.size());

@@ -93,8 +93,9 @@ endforeach()
 bf_case(retire-stack-scan ${_bf_dir}/retire.b ${_bf_dir}/retire.out TIERS auto-retire1 EXTRA --stats
         STDERR "units retired +1 +\\(1 freed through [0-9]+ grace periods. 1 deferred by the stack scan\\)")
 # Range tests hoisted out of loop bodies and scans that use the tape's zero padding as a
-# sentinel (jit.cpp, Gen::hoist; machine.hpp, kTapePad). hoist_edge.b: head tests that
-# fail only for accesses the loop does not make (deopt, then re-entry); scan_grow.b: a
+# sentinel (jit.cpp, Gen::hoist; machine.hpp, kTapePad). hoist_edge.b: walking loops
+# whose far reach is off the tape only for accesses they do not make (the checked copy
+# runs first, then the fast one); scan_grow.b: a
 # compiled scan that runs into the padding where the tape must grow.
 bf_case(hoist-edge ${_bf_dir}/hoist_edge.b ${_bf_dir}/hoist_edge.out EXTRA --tape-max=64)
 bf_case(scan-grow ${_bf_dir}/scan_grow.b ${_bf_dir}/scan_grow.out TIERS naive interp jit auto-hot1)
@@ -135,6 +136,11 @@ bf_error(fold-limit err_fold_limit.b "tape overflow at line 2, column 18: cell 1
 bf_error(hoist-limit err_hoist_limit.b "tape overflow at line 4, column [0-9]+: cell 69 is beyond the tape limit of 64 cells"
          EXTRA --tape-max=64)
 bf_error(hoist-left err_hoist_left.b "tape overflow at line 3, column [0-9]+: moved left of cell 0")
+# ... in a walking loop's second iteration, while the checked copy of the loop must still
+# run (jit.cpp, Gen::loop: these fail when it hands over to the fast copy too early).
+bf_error(hoist-left-2nd err_hoist_left2.b "tape overflow at line 4, column [0-9]+: moved left of cell 0")
+bf_error(hoist-limit-2nd err_hoist_limit2.b "tape overflow at line 5, column [0-9]+: cell 67 is beyond the tape limit of 64 cells"
+         EXTRA --tape-max=64)
 bf_error(walk-left err_walk_left.b "tape overflow at line 2, column 7: moved left of cell 0")
 bf_error(scan-left-compiled err_scan_left.b "tape overflow at line 2, column [0-9]+: moved left of cell 0")
 
