@@ -247,7 +247,17 @@ class Parser {
     depth_ = saved_depth;
   }
 
+  // The parser recurses on nesting: deep nesting is an error, not a stack overflow.
+  struct Nest {
+    Parser& p;
+    Nest(Parser& ps, const Tok& at) : p(ps) {
+      if (++p.nest_ > 200) p.error("nesting too deep (more than 200 levels)", at);
+    }
+    ~Nest() { --p.nest_; }
+  };
+
   void block() {
+    Nest n(*this, peek());
     expect("{");
     while (!is("}")) {
       if (peek().t == T::End) error("expected '}' but found end of input", peek());
@@ -377,7 +387,10 @@ class Parser {
     emit(Op::Pop, st);
   }
 
-  void expr() { equality(); }
+  void expr() {
+    Nest n(*this, peek());
+    equality();
+  }
   void equality() {
     comparison();
     while (is("==") || is("!=")) {
@@ -412,6 +425,7 @@ class Parser {
   }
   void unary() {
     if (is("-")) {
+      Nest n(*this, peek());
       const Tok t = next();
       emit(Op::Const, t).k = static_cast<std::int64_t>(from_int(0));
       unary();
@@ -510,6 +524,7 @@ class Parser {
   Program& p_;
   Fn* f_ = nullptr;
   std::uint32_t depth_ = 0;
+  int nest_ = 0;
   std::map<std::string, int> locals_;
   std::vector<PendingCall> calls_;
 };

@@ -115,3 +115,7 @@ lang_error(syntax_literal "^jitpatch-lang: error: integer literal too large at l
 lang_error(syntax_char "^jitpatch-lang: error: unexpected character '@' at line 1, column 9\n$")
 lang_error(syntax_assign "^jitpatch-lang: error: cannot assign to this expression at line 1, column 5\n$")
 lang_error(syntax_dup_fn "^jitpatch-lang: error: function 'f' is already defined at line 2, column 4\n$")
+# The parser recurses on nesting; 5000 parentheses or 100000 minus signs are an error,
+# not a stack overflow.
+lang_error(syntax_nesting "^jitpatch-lang: error: nesting too deep \\(more than 200 levels\\) at line 1, column 207\n$")
+lang_error(syntax_minus "^jitpatch-lang: error: nesting too deep \\(more than 200 levels\\) at line 1, column 208\n$")
