@@ -29,7 +29,6 @@ inline bool is_obj(Value v) { return v != kNil && !(v & 1); }
 
 constexpr unsigned kMaxDepth = 1000;   // call depth limit
 constexpr unsigned kMaxFrame = 2000;   // locals + operand stack of one function
-constexpr unsigned kIcLimit = 4;       // misses before a property site goes megamorphic
 
 // Hidden classes. A shape is immutable except for its transition table; shape ids start
 // at 1 so that an inline cache holding 0 never matches.
@@ -103,7 +102,7 @@ struct Fn {
 struct IcSite {
   std::atomic<std::uint64_t> key{0};
   std::atomic<bool> mega{false};
-  std::uint32_t misses = 0;       // guarded by Program::ic_mu
+  std::uint64_t misses = 0;       // guarded by Program::ic_mu
   const void* jit_slot = nullptr; // jitpatch::PatchSite*, guarded by Program::ic_mu
   const void* jit_toggle = nullptr;
 };
@@ -132,6 +131,7 @@ struct Options {
   unsigned threads = 1;
   bool stats = false;
   bool disasm = false;
+  std::uint64_t ic_limit = 4;  // misses before a property site goes megamorphic
 };
 
 struct Thread;

@@ -17,6 +17,7 @@ void usage(std::FILE* out) {
                "  --hot=N                 auto: calls before a function is compiled (default 100)\n"
                "  --threads=N             run the top level on N threads at once (own globals and\n"
                "                          objects; shared code, shapes and inline caches)\n"
+               "  --ic-limit=N            misses before a property site goes megamorphic (default 4)\n"
                "  --stats                 print counters to stderr at exit\n"
                "  --disasm                print the compiled code (Capstone) to stderr at exit\n"
                "  --dump                  print the bytecode and exit\n");
@@ -67,6 +68,8 @@ int main(int argc, char** argv) {
       o.hot = n;
     } else if (!std::strncmp(a, "--threads=", 10) && parse_count(a + 10, 64, &n)) {
       o.threads = static_cast<unsigned>(n);
+    } else if (!std::strncmp(a, "--ic-limit=", 11) && parse_count(a + 11, 1ull << 40, &n)) {
+      o.ic_limit = n;
     } else if (!std::strcmp(a, "--stats")) {
       o.stats = true;
     } else if (!std::strcmp(a, "--disasm")) {

@@ -71,7 +71,7 @@ void ic_miss(Thread* t, const Ins* ins, Shape* shape, int slot) {
   ++t->stats.ic_misses;
   std::lock_guard<std::mutex> g(t->prog->ic_mu);
   if (s.mega.load(std::memory_order_relaxed)) return;
-  const bool mega = ++s.misses > kIcLimit;
+  const bool mega = ++s.misses > t->opt->ic_limit;
   const std::uint64_t key = slot < 0 ? 0 : ic_key(shape->id, static_cast<std::uint32_t>(slot));
   if (mega) s.mega.store(true, std::memory_order_relaxed);
   else s.key.store(key, std::memory_order_relaxed);

@@ -79,12 +79,21 @@ if(JITPATCH_TEST_SET STREQUAL "concurrency")
   foreach(p fib ic_poly props calls)
     lang_case(${p} TIERS ${_lang_thread_tiers})
   endforeach()
+  lang_case(ic_flip TIERS ${_lang_thread_tiers} EXTRA --ic-limit=1000000)
   return()
 endif()
 
 foreach(p fib loops ic_poly props calls)
   lang_case(${p})
 endforeach()
+# ic_flip.lang: one read site whose cache flips between two shapes on every call (no
+# megamorphic state), ~160000 data-slot rewrites with --threads=4 while the other threads
+# run the code; the sum shows whether any read used a torn (shape, slot) pair.
+if(CMAKE_CROSSCOMPILING)
+  lang_case(ic_flip_small EXTRA --ic-limit=1000000)
+else()
+  lang_case(ic_flip EXTRA --ic-limit=1000000)
+endif()
 
 # The inline caches of ic_poly.lang, single-threaded (deterministic): three sites each see
 # five shapes: four misses re-patch the data slot (mono -> another shape, 12 writes in
