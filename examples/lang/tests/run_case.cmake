@@ -6,12 +6,27 @@
 #   ERROR     regex stderr must match; the exit code must then be 1 and stdout equal
 #             EXPECTED if given
 #   STDERR_MATCH  regexes ('|'-separated list) the stderr of a successful run must match
+#   REFERENCE arguments ('|'-separated) of a reference run (the interpreter) whose stdout,
+#             REPEAT times over, the run must print (differential tests; no EXPECTED)
 string(REPLACE "|" ";" _emu "${EMU}")
 string(REPLACE "|" ";" _args "${ARGS}")
 execute_process(COMMAND ${_emu} ${LANG} ${_args} ${PROGRAM}
                 INPUT_FILE /dev/null OUTPUT_VARIABLE out ERROR_VARIABLE err RESULT_VARIABLE rc)
 set(want "")
-if(EXPECTED)
+if(REFERENCE)
+  string(REPLACE "|" ";" _ref "${REFERENCE}")
+  execute_process(COMMAND ${_emu} ${LANG} ${_ref} ${PROGRAM}
+                  INPUT_FILE /dev/null OUTPUT_VARIABLE one ERROR_VARIABLE referr RESULT_VARIABLE refrc)
+  if(NOT refrc EQUAL 0)
+    message(FATAL_ERROR "the reference run failed ('${refrc}'): ${referr}")
+  endif()
+  if(NOT REPEAT)
+    set(REPEAT 1)
+  endif()
+  foreach(i RANGE 1 ${REPEAT})
+    string(APPEND want "${one}")
+  endforeach()
+elseif(EXPECTED)
   file(READ ${EXPECTED} one)
   if(NOT REPEAT)
     set(REPEAT 1)

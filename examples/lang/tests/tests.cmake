@@ -95,6 +95,22 @@ else()
   lang_case(ic_flip EXTRA --ic-limit=1000000)
 endif()
 
+# Differential: random programs (gen_programs.py, seeds 1-8) must print in every tier what
+# the interpreter prints (the interpreter itself is checked by the cases above).
+foreach(s 1 2 3 4 5 6 7 8)
+  foreach(t jit auto-hot1 auto-hot3 ${_lang_thread_tiers})
+    set(_repeat 1)
+    if(t MATCHES "threads4")
+      set(_repeat 4)
+    endif()
+    add_test(NAME "lang:gen s${s} [${t}]"
+             COMMAND ${CMAKE_COMMAND} -DLANG=$<TARGET_FILE:jitpatch-lang> -DEMU=${_lang_emu}
+                     -DPROGRAM=${_lang_dir}/gen/s${s}.lang -DARGS=${_lang_args_${t}}|--ic-limit=2
+                     -DREFERENCE=--tier=interp -DREPEAT=${_repeat} -P ${_lang_dir}/run_case.cmake)
+    set_tests_properties("lang:gen s${s} [${t}]" PROPERTIES LABELS ${_lang_label} TIMEOUT 120)
+  endforeach()
+endforeach()
+
 # The inline caches of ic_poly.lang, single-threaded (deterministic): three sites each see
 # five shapes: four misses re-patch the data slot (mono -> another shape, 12 writes in
 # all), the fifth turns the site megamorphic (its toggle jumps to the runtime call).
