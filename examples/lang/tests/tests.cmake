@@ -72,6 +72,25 @@ function(lang_error name regex)
   endforeach()
 endfunction()
 
+# Differential: random programs (gen_programs.py, seeds 1-8) must print in every tier what
+# the interpreter prints (the interpreter itself is checked by the cases with expected files).
+# --ic-limit=2: their shared property sites go megamorphic early, also while threads run.
+function(lang_gen)
+  foreach(s 1 2 3 4 5 6 7 8)
+    foreach(t IN LISTS ARGN)
+      set(_repeat 1)
+      if(t MATCHES "threads4")
+        set(_repeat 4)
+      endif()
+      add_test(NAME "lang:gen s${s} [${t}]"
+               COMMAND ${CMAKE_COMMAND} -DLANG=$<TARGET_FILE:jitpatch-lang> -DEMU=${_lang_emu}
+                       -DPROGRAM=${_lang_dir}/gen/s${s}.lang -DARGS=${_lang_args_${t}}|--ic-limit=2
+                       -DREFERENCE=--tier=interp -DREPEAT=${_repeat} -P ${_lang_dir}/run_case.cmake)
+      set_tests_properties("lang:gen s${s} [${t}]" PROPERTIES LABELS ${_lang_label} TIMEOUT 120)
+    endforeach()
+  endforeach()
+endfunction()
+
 # The ThreadSanitizer build (JITPATCH_TEST_SET=concurrency) runs the --threads cases only:
 # threads compile functions, retarget call sites and rewrite inline caches while the
 # others run the code. A TSan report ends the process with exit code 66.
@@ -80,6 +99,7 @@ if(JITPATCH_TEST_SET STREQUAL "concurrency")
     lang_case(${p} TIERS ${_lang_thread_tiers})
   endforeach()
   lang_case(ic_flip TIERS ${_lang_thread_tiers} EXTRA --ic-limit=1000000)
+  lang_gen(jit-threads4 auto-hot1-threads4 auto-hot3-threads4)
   return()
 endif()
 
@@ -95,21 +115,7 @@ else()
   lang_case(ic_flip EXTRA --ic-limit=1000000)
 endif()
 
-# Differential: random programs (gen_programs.py, seeds 1-8) must print in every tier what
-# the interpreter prints (the interpreter itself is checked by the cases above).
-foreach(s 1 2 3 4 5 6 7 8)
-  foreach(t jit auto-hot1 auto-hot3 ${_lang_thread_tiers})
-    set(_repeat 1)
-    if(t MATCHES "threads4")
-      set(_repeat 4)
-    endif()
-    add_test(NAME "lang:gen s${s} [${t}]"
-             COMMAND ${CMAKE_COMMAND} -DLANG=$<TARGET_FILE:jitpatch-lang> -DEMU=${_lang_emu}
-                     -DPROGRAM=${_lang_dir}/gen/s${s}.lang -DARGS=${_lang_args_${t}}|--ic-limit=2
-                     -DREFERENCE=--tier=interp -DREPEAT=${_repeat} -P ${_lang_dir}/run_case.cmake)
-    set_tests_properties("lang:gen s${s} [${t}]" PROPERTIES LABELS ${_lang_label} TIMEOUT 120)
-  endforeach()
-endforeach()
+lang_gen(jit auto-hot1 auto-hot3 ${_lang_thread_tiers})
 
 # The inline caches of ic_poly.lang, single-threaded (deterministic): three sites each see
 # five shapes: four misses re-patch the data slot (mono -> another shape, 12 writes in
