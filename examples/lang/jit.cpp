@@ -30,7 +30,7 @@ struct Slow {
 
 class JitImpl final : public Jit {
  public:
-  JitImpl(Program& p, const Options& o) : p_(p), o_(o) {}
+  explicit JitImpl(Program& p) : p_(p) {}
   ~JitImpl() override {
     patcher_.reset();
     em_.reset();  // frees every blob
@@ -194,7 +194,6 @@ class JitImpl final : public Jit {
   void gen(EmitContext& cx, Fn* f, const std::vector<void*>& targets);
 
   Program& p_;
-  const Options& o_;
   std::unique_ptr<Runtime> rt_;
   ThreadAttachment main_;
   std::unique_ptr<CodeHeap> heap_;
@@ -601,8 +600,8 @@ void JitImpl::gen(EmitContext& cx, Fn* f, const std::vector<void*>& targets) {
 
 }  // namespace
 
-std::unique_ptr<Jit> Jit::create(Program& p, const Options& opt, std::string* error) {
-  auto j = std::make_unique<JitImpl>(p, opt);
+std::unique_ptr<Jit> Jit::create(Program& p, const Options&, std::string* error) {
+  auto j = std::make_unique<JitImpl>(p);
   if (!j->init(error)) return nullptr;
   return j;
 }
