@@ -1,0 +1,609 @@
+// The baseline JIT: one blob per function, template code over the frame array, property
+// accesses as inline caches in jitpatch data slots, calls through retargetable call sites.
+#include <cstdio>
+#include <cstdlib>
+#include <string>
+#include <unordered_map>
+
+#include <jitpatch/jitpatch.hpp>
+
+#include "lang.hpp"
+
+namespace lang {
+
+namespace {
+
+using namespace jitpatch;
+
+[[noreturn]] void internal(const char* what, const Status& st) {
+  std::fprintf(stderr, "jitpatch-lang: internal error: %s: %s\n%s", what, st.message().c_str(),
+               Patcher::last_error_detail().c_str());
+  std::fflush(stderr);
+  ::_exit(3);
+}
+
+struct Slow {
+  asmjit::Label at, resume;
+  const Ins* ins;
+  const void* helper;
+};
+
+class JitImpl final : public Jit {
+ public:
+  explicit JitImpl(Program& p) : p_(p) {}
+  ~JitImpl() override {
+    patcher_.reset();
+    em_.reset();  // frees every blob
+    heap_.reset();
+    (void)main_.detach();
+  }
+
+  bool init(std::string* error) {
+    auto rt = Runtime::create();
+    if (!rt.ok()) {
+      *error = rt.status().message();
+      return false;
+    }
+    rt_ = std::move(rt).value();
+    if (auto a = rt_->attach_current_thread(); a.ok()) main_ = std::move(a).value();
+    CodeHeapOptions ho;
+    ho.reserve = 64u << 20;
+#if defined(__aarch64__)
+    // qemu-user only notices code written at the executing address (REFERENCE 2): the
+    // aarch64 build uses the protection-flip heap, as jitpatch-bf does, and so runs one
+    // thread (JITPATCH_HEAP=dual_mapping on real hardware lifts that).
+    ho.strategy = HeapStrategy::protection_flip;
+    if (const char* h = std::getenv("JITPATCH_HEAP"); h && std::string(h) == "dual_mapping")
+      ho.strategy = HeapStrategy::dual_mapping;
+#endif
+    auto h = CodeHeap::create(*rt_, ho);
+    if (!h.ok()) {
+      *error = "code heap: " + h.status().message();
+      return false;
+    }
+    heap_ = std::move(h).value();
+    em_ = std::make_unique<Emitter>(*heap_, &registry_);
+    auto pt = Patcher::create(*em_);
+    if (!pt.ok()) {
+      *error = "patcher: " + pt.status().message();
+      return false;
+    }
+    patcher_ = std::move(pt).value();
+    return true;
+  }
+
+  bool threads_ok() const override { return heap_->strategy() != HeapStrategy::protection_flip; }
+
+  void attach_thread() override {
+    auto a = rt_->attach_current_thread();
+    if (a.ok()) tl_attach() = std::move(a).value();
+  }
+  void detach_thread() override { (void)tl_attach().detach(); }
+
+  void* stub(Fn* f) override {
+    std::lock_guard<std::mutex> g(stub_mu_);
+    auto it = stubs_.find(f);
+    if (it != stubs_.end()) return it->second;
+    // The interpreter's entry for f: lang_enter(t, fp, f) counts the call, compiles when
+    // hot, and runs the code or interprets.
+    auto b = em_->emit("stub:" + f->name, [&](EmitContext& cx) {
+      auto& a = cx.a;
+#if defined(__x86_64__)
+      using namespace asmjit::x86;
+      a.mov(rdx, reinterpret_cast<std::uint64_t>(f));
+      a.mov(rax, reinterpret_cast<std::uint64_t>(&lang_enter));
+      a.jmp(rax);
+#else
+      using namespace asmjit::a64;
+      a.mov(x2, reinterpret_cast<std::uint64_t>(f));
+      a.mov(x16, reinterpret_cast<std::uint64_t>(&lang_enter));
+      a.br(x16);
+#endif
+    });
+    if (!b.ok()) internal("emitting a stub", b.status());
+    stubs_[f] = (*b)->entry();
+    return (*b)->entry();
+  }
+
+  void compile(Fn* f) override {
+    if (f->jit.load(std::memory_order_acquire)) return;
+    std::lock_guard<std::mutex> cg(compile_mu_);
+    if (f->jit.load(std::memory_order_acquire)) return;
+    // Call targets first (stubs take stub_mu_ only).
+    std::vector<void*> targets(f->code.size(), nullptr);
+    for (std::size_t i = 0; i < f->code.size(); ++i) {
+      const Ins& x = f->code[i];
+      if (x.op == Op::Call) {
+        void* c = x.callee->jit.load(std::memory_order_acquire);
+        targets[i] = c ? c : stub(x.callee);
+      }
+    }
+    // ic_mu held from reading the caches' state into the new code until its sites are
+    // registered: a miss meanwhile would patch a site list without the new blob's.
+    std::lock_guard<std::mutex> ig(p_.ic_mu);
+    auto b = em_->emit(f->name, [&](EmitContext& cx) { gen(cx, f, targets); });
+    if (!b.ok()) internal(("compiling " + f->name).c_str(), b.status());
+    CodeBlob* blob = *b;
+    blobs_.push_back(blob);
+    for (std::size_t i = 0; i < f->code.size(); ++i) {
+      const Ins& x = f->code[i];
+      if (x.op == Op::Call) {
+        callers_[x.callee].push_back(blob->site("call" + std::to_string(i)));
+      } else if (x.op == Op::GetP || x.op == Op::SetP) {
+        IcSite& s = p_.ics[static_cast<std::size_t>(x.b)];
+        s.jit_slot = blob->site("ic" + std::to_string(x.b));
+        s.jit_toggle = blob->site("mega" + std::to_string(x.b));
+      }
+    }
+    // Every compiled call site that still goes through f's stub now calls the new code:
+    // one batch, one serialization, while other threads may be executing those calls.
+    auto& sites = callers_[f];
+    if (!sites.empty()) {
+      PatchBatch batch(*patcher_);
+      for (const PatchSite* s : sites) batch.retarget(*s, blob->entry());
+      if (Status st = batch.commit(); !st) internal("retargeting calls", st);
+      retargets_ += sites.size();
+    }
+    ++compiled_;
+    f->jit.store(blob->entry(), std::memory_order_release);
+  }
+
+  // With Program::ic_mu held (lang_getp/lang_setp after a miss).
+  void ic_update(IcSite& s, std::uint64_t key, bool mega) override {
+    if (!s.jit_slot) return;
+    PatchBatch batch(*patcher_);
+    if (mega) {
+      // Megamorphic: the toggle at the head of the access jumps straight to the runtime
+      // call; the data slot is no longer consulted.
+      batch.set_toggle(*static_cast<const PatchSite*>(s.jit_toggle), true);
+      ++mega_patches_;
+    } else {
+      batch.write_slot(*static_cast<const PatchSite*>(s.jit_slot), key);
+      ++slot_patches_;
+    }
+    if (Status st = batch.commit(); !st) internal("patching an inline cache", st);
+  }
+
+  void report(std::FILE* out, bool disasm, bool stats) override {
+    if (disasm) {
+      std::lock_guard<std::mutex> g(compile_mu_);
+      for (CodeBlob* b : blobs_) {
+        auto l = listing(*b);
+        std::fprintf(out, "%s\n", l.ok() ? l->c_str() : l.status().message().c_str());
+      }
+    }
+    if (stats) {
+      const PatcherStats ps = patcher_->stats();
+      std::fprintf(out,
+                   "  functions compiled    %zu\n"
+                   "  call sites retargeted %zu\n"
+                   "  ic slot patches       %zu\n"
+                   "  ic megamorphic toggles %zu\n"
+                   "  patch batches         %llu (%llu serializations)\n"
+                   "  code heap             %s\n",
+                   compiled_, retargets_, slot_patches_, mega_patches_, static_cast<unsigned long long>(ps.batches),
+                   static_cast<unsigned long long>(ps.serializations), heap_strategy_name(heap_->strategy()));
+    }
+  }
+
+ private:
+  static ThreadAttachment& tl_attach() {
+    static thread_local ThreadAttachment a;
+    return a;
+  }
+  void gen(EmitContext& cx, Fn* f, const std::vector<void*>& targets);
+
+  Program& p_;
+  std::unique_ptr<Runtime> rt_;
+  ThreadAttachment main_;
+  std::unique_ptr<CodeHeap> heap_;
+  CodeRegistry registry_;
+  std::unique_ptr<Emitter> em_;
+  std::unique_ptr<Patcher> patcher_;
+  std::mutex stub_mu_, compile_mu_;
+  std::unordered_map<Fn*, void*> stubs_;
+  std::unordered_map<Fn*, std::vector<const PatchSite*>> callers_;  // compile_mu_
+  std::vector<CodeBlob*> blobs_;
+  std::size_t compiled_ = 0, retargets_ = 0;
+  std::size_t slot_patches_ = 0, mega_patches_ = 0;  // Program::ic_mu
+};
+
+#if defined(__x86_64__)
+// ------------------------------------------------------------------------------------
+// x86-64. rbx = Thread*, r12 = frame (locals, then the operand stack), r13 = globals.
+void JitImpl::gen(EmitContext& cx, Fn* f, const std::vector<void*>& targets) {
+  using namespace asmjit::x86;
+  auto& a = cx.a;
+  const std::uint32_t base = f->nlocals;
+  auto S = [&](std::uint32_t k) { return qword_ptr(r12, static_cast<std::int32_t>((base + k) * 8)); };
+  auto G = [&](std::int32_t g) { return qword_ptr(r13, g * 8); };
+  std::vector<asmjit::Label> L(f->code.size());
+  for (auto& l : L) l = a.newLabel();
+  std::vector<Slow> slow;
+  auto exit = a.newLabel();
+  auto call_helper = [&](const void* fn, const Ins* ins) {
+    a.mov(rdi, rbx);
+    a.mov(rsi, r12);
+    a.mov(rdx, reinterpret_cast<std::uint64_t>(ins));
+    a.mov(rax, reinterpret_cast<std::uint64_t>(fn));
+    a.call(rax);
+  };
+  auto slow_path = [&](const Ins* ins, const void* helper) {
+    Slow s{a.newLabel(), a.newLabel(), ins, helper};
+    slow.push_back(s);
+    return s;
+  };
+  a.push(rbp);
+  a.mov(rbp, rsp);
+  a.push(rbx);
+  a.push(r12);
+  a.push(r13);
+  a.push(r14);  // keeps rsp 16-byte aligned at calls
+  a.mov(rbx, rdi);
+  a.mov(r12, rsi);
+  a.mov(r13, qword_ptr(rbx, kThreadGlobals));
+  for (std::size_t i = 0; i < f->code.size(); ++i) {
+    const Ins& x = f->code[i];
+    const std::uint32_t d = x.depth;
+    a.bind(L[i]);
+    switch (x.op) {
+      case Op::Const:
+        a.mov(rax, static_cast<std::uint64_t>(x.k));
+        a.mov(S(d), rax);
+        break;
+      case Op::LoadL:
+        a.mov(rax, qword_ptr(r12, x.a * 8));
+        a.mov(S(d), rax);
+        break;
+      case Op::StoreL:
+        a.mov(rax, S(d - 1));
+        a.mov(qword_ptr(r12, x.a * 8), rax);
+        break;
+      case Op::LoadG: {
+        Slow s = slow_path(&x, reinterpret_cast<const void*>(&lang_exec));
+        a.mov(rax, G(x.a));
+        a.cmp(rax, static_cast<int>(kUndef));
+        a.je(s.at);
+        a.mov(S(d), rax);
+        a.bind(s.resume);
+        break;
+      }
+      case Op::StoreG: {
+        Slow s = slow_path(&x, reinterpret_cast<const void*>(&lang_exec));
+        a.cmp(G(x.a), static_cast<int>(kUndef));
+        a.je(s.at);
+        a.mov(rax, S(d - 1));
+        a.mov(G(x.a), rax);
+        a.bind(s.resume);
+        break;
+      }
+      case Op::DefG:
+        a.mov(rax, S(d - 1));
+        a.mov(G(x.a), rax);
+        break;
+      case Op::Pop: break;
+      case Op::Add: case Op::Sub: case Op::Lt: case Op::Le: case Op::Gt: case Op::Ge: {
+        // Both tagged integers (low bit 1) or the runtime handles it (errors, overflow).
+        Slow s = slow_path(&x, reinterpret_cast<const void*>(&lang_exec));
+        a.mov(rax, S(d - 2));
+        a.mov(rcx, S(d - 1));
+        a.mov(edx, eax);
+        a.and_(edx, ecx);
+        a.test(dl, 1);
+        a.jz(s.at);
+        if (x.op == Op::Add) {
+          // (2x+1) - 1 + (2y+1) = 2(x+y)+1; the 64-bit overflow is the 63-bit one.
+          a.sub(rax, 1);
+          a.add(rax, rcx);
+          a.jo(s.at);
+          a.mov(S(d - 2), rax);
+        } else if (x.op == Op::Sub) {
+          a.sub(rax, rcx);
+          a.jo(s.at);
+          a.add(rax, 1);
+          a.mov(S(d - 2), rax);
+        } else {
+          // Tagging keeps the order of integers.
+          a.cmp(rax, rcx);
+          if (x.op == Op::Lt) a.setl(dl);
+          else if (x.op == Op::Le) a.setle(dl);
+          else if (x.op == Op::Gt) a.setg(dl);
+          else a.setge(dl);
+          a.movzx(edx, dl);
+          a.lea(rdx, ptr(rdx, rdx, 0, 1));  // 2b + 1
+          a.mov(S(d - 2), rdx);
+        }
+        a.bind(s.resume);
+        break;
+      }
+      case Op::Eq: case Op::Ne:
+        // Integers have one representation and objects compare by identity.
+        a.mov(rax, S(d - 2));
+        a.cmp(rax, S(d - 1));
+        if (x.op == Op::Eq) a.sete(dl);
+        else a.setne(dl);
+        a.movzx(edx, dl);
+        a.lea(rdx, ptr(rdx, rdx, 0, 1));  // 2b + 1
+        a.mov(S(d - 2), rdx);
+        break;
+      case Op::Jmp: a.jmp(L[static_cast<std::size_t>(x.a)]); break;
+      case Op::JmpF:
+        a.cmp(S(d - 1), static_cast<int>(from_int(0)));  // nil (0) or integer 0 (1)
+        a.jbe(L[static_cast<std::size_t>(x.a)]);
+        break;
+      case Op::Call: {
+        const std::int32_t off = static_cast<std::int32_t>((base + d - static_cast<std::uint32_t>(x.a)) * 8);
+        call_helper(reinterpret_cast<const void*>(&lang_precall), &x);
+        a.mov(rdi, rbx);
+        a.lea(rsi, ptr(r12, off));
+        cx.call_site(targets[i], "call" + std::to_string(i));
+        a.mov(qword_ptr(r12, off), rax);
+        a.dec(dword_ptr(rbx, kThreadDepth));
+        break;
+      }
+      case Op::Ret:
+        a.mov(rax, S(d - 1));
+        a.jmp(exit);
+        break;
+      case Op::GetP: case Op::SetP: {
+        // The inline cache. Its key is one data slot: shape id << 32 | slot index,
+        // rewritten by lang_getp/lang_setp (through JitImpl::ic_update) on a miss while
+        // other threads may run this code. One 8-byte load of the slot gives a consistent
+        // pair: two separate slots could pair one shape's id with another shape's index.
+        const IcSite& ic = p_.ics[static_cast<std::size_t>(x.b)];
+        const bool get = x.op == Op::GetP;
+        Slow s = slow_path(&x, get ? reinterpret_cast<const void*>(&lang_getp)
+                                   : reinterpret_cast<const void*>(&lang_setp));
+        cx.toggle_site(s.at, "mega" + std::to_string(x.b), ic.mega.load(std::memory_order_relaxed));
+        auto slot = cx.data_slot(ic.key.load(std::memory_order_relaxed), "ic" + std::to_string(x.b));
+        const std::uint32_t obj = get ? d - 1 : d - 2;
+        a.mov(rax, S(obj));
+        a.test(rax, rax);
+        a.jz(s.at);
+        a.test(al, 1);
+        a.jnz(s.at);
+        a.mov(rcx, ptr(slot));
+        a.mov(rdx, rcx);
+        a.shr(rdx, 32);
+        a.cmp(rdx, qword_ptr(rax, 0));
+        a.jne(s.at);
+        a.mov(edx, ecx);
+        a.mov(rax, qword_ptr(rax, 16));
+        if (get) {
+          a.mov(rax, qword_ptr(rax, rdx, 3));
+          a.mov(S(d - 1), rax);
+        } else {
+          a.mov(rcx, S(d - 1));
+          a.mov(qword_ptr(rax, rdx, 3), rcx);
+        }
+        a.inc(qword_ptr(rbx, kThreadHits));
+        a.bind(s.resume);
+        break;
+      }
+      default:  // Mul, Div, Mod, NewObj, Print, Err
+        call_helper(reinterpret_cast<const void*>(&lang_exec), &x);
+        break;
+    }
+  }
+  a.bind(exit);
+  a.pop(r14);
+  a.pop(r13);
+  a.pop(r12);
+  a.pop(rbx);
+  a.pop(rbp);
+  a.ret();
+  for (const Slow& s : slow) {
+    a.bind(s.at);
+    call_helper(s.helper, s.ins);
+    a.jmp(s.resume);
+  }
+}
+
+#else
+// ------------------------------------------------------------------------------------
+// aarch64. x19 = Thread*, x20 = frame, x21 = globals.
+void JitImpl::gen(EmitContext& cx, Fn* f, const std::vector<void*>& targets) {
+  using namespace asmjit::a64;
+  auto& a = cx.a;
+  const std::uint32_t base = f->nlocals;
+  // kMaxFrame keeps frame offsets within LDR/STR's scaled 12-bit immediate.
+  auto S = [&](std::uint32_t k) { return ptr(x20, static_cast<std::int32_t>((base + k) * 8)); };
+  auto G = [&](std::int32_t g) {
+    const std::int64_t off = std::int64_t{g} * 8;
+    if (off <= 32760) return ptr(x21, static_cast<std::int32_t>(off));
+    a.mov(x9, off);
+    a.add(x9, x21, x9);
+    return ptr(x9);
+  };
+  std::vector<asmjit::Label> L(f->code.size());
+  for (auto& l : L) l = a.newLabel();
+  std::vector<Slow> slow;
+  auto exit = a.newLabel();
+  auto call_helper = [&](const void* fn, const Ins* ins) {
+    a.mov(x0, x19);
+    a.mov(x1, x20);
+    a.mov(x2, reinterpret_cast<std::uint64_t>(ins));
+    a.mov(x16, reinterpret_cast<std::uint64_t>(fn));
+    a.blr(x16);
+  };
+  auto slow_path = [&](const Ins* ins, const void* helper) {
+    Slow s{a.newLabel(), a.newLabel(), ins, helper};
+    slow.push_back(s);
+    return s;
+  };
+  a.stp(x29, x30, ptr_pre(sp, -48));
+  a.mov(x29, sp);
+  a.stp(x19, x20, ptr(sp, 16));
+  a.str(x21, ptr(sp, 32));
+  a.mov(x19, x0);
+  a.mov(x20, x1);
+  a.ldr(x21, ptr(x19, kThreadGlobals));
+  for (std::size_t i = 0; i < f->code.size(); ++i) {
+    const Ins& x = f->code[i];
+    const std::uint32_t d = x.depth;
+    a.bind(L[i]);
+    switch (x.op) {
+      case Op::Const:
+        a.mov(x0, static_cast<std::uint64_t>(x.k));
+        a.str(x0, S(d));
+        break;
+      case Op::LoadL:
+        a.ldr(x0, ptr(x20, x.a * 8));
+        a.str(x0, S(d));
+        break;
+      case Op::StoreL:
+        a.ldr(x0, S(d - 1));
+        a.str(x0, ptr(x20, x.a * 8));
+        break;
+      case Op::LoadG: {
+        Slow s = slow_path(&x, reinterpret_cast<const void*>(&lang_exec));
+        a.ldr(x0, G(x.a));
+        a.cmp(x0, kUndef);
+        a.b_eq(s.at);
+        a.str(x0, S(d));
+        a.bind(s.resume);
+        break;
+      }
+      case Op::StoreG: {
+        Slow s = slow_path(&x, reinterpret_cast<const void*>(&lang_exec));
+        a.ldr(x0, G(x.a));
+        a.cmp(x0, kUndef);
+        a.b_eq(s.at);
+        a.ldr(x0, S(d - 1));
+        a.str(x0, G(x.a));
+        a.bind(s.resume);
+        break;
+      }
+      case Op::DefG:
+        a.ldr(x0, S(d - 1));
+        a.str(x0, G(x.a));
+        break;
+      case Op::Pop: break;
+      case Op::Add: case Op::Sub: case Op::Lt: case Op::Le: case Op::Gt: case Op::Ge: {
+        Slow s = slow_path(&x, reinterpret_cast<const void*>(&lang_exec));
+        a.ldr(x0, S(d - 2));
+        a.ldr(x1, S(d - 1));
+        a.and_(x2, x0, x1);
+        a.tbz(x2, 0, s.at);
+        if (x.op == Op::Add) {
+          a.sub(x2, x0, 1);
+          a.adds(x2, x2, x1);
+          a.b_vs(s.at);
+          a.str(x2, S(d - 2));
+        } else if (x.op == Op::Sub) {
+          a.subs(x2, x0, x1);
+          a.b_vs(s.at);
+          a.add(x2, x2, 1);
+          a.str(x2, S(d - 2));
+        } else {
+          auto t = a.newLabel();
+          a.mov(x2, from_int(1));
+          a.cmp(x0, x1);
+          if (x.op == Op::Lt) a.b_lt(t);
+          else if (x.op == Op::Le) a.b_le(t);
+          else if (x.op == Op::Gt) a.b_gt(t);
+          else a.b_ge(t);
+          a.mov(x2, from_int(0));
+          a.bind(t);
+          a.str(x2, S(d - 2));
+        }
+        a.bind(s.resume);
+        break;
+      }
+      case Op::Eq: case Op::Ne: {
+        auto t = a.newLabel();
+        a.ldr(x0, S(d - 2));
+        a.ldr(x1, S(d - 1));
+        a.mov(x2, from_int(1));
+        a.cmp(x0, x1);
+        if (x.op == Op::Eq) a.b_eq(t);
+        else a.b_ne(t);
+        a.mov(x2, from_int(0));
+        a.bind(t);
+        a.str(x2, S(d - 2));
+        break;
+      }
+      case Op::Jmp: a.b(L[static_cast<std::size_t>(x.a)]); break;
+      case Op::JmpF:
+        a.ldr(x0, S(d - 1));
+        a.cmp(x0, from_int(0));
+        a.b_ls(L[static_cast<std::size_t>(x.a)]);
+        break;
+      case Op::Call: {
+        const std::int32_t off = static_cast<std::int32_t>((base + d - static_cast<std::uint32_t>(x.a)) * 8);
+        call_helper(reinterpret_cast<const void*>(&lang_precall), &x);
+        a.mov(x0, x19);
+        a.mov(x1, off);
+        a.add(x1, x20, x1);
+        cx.call_site(targets[i], "call" + std::to_string(i));
+        a.str(x0, ptr(x20, off));
+        a.ldr(w9, ptr(x19, kThreadDepth));
+        a.sub(w9, w9, 1);
+        a.str(w9, ptr(x19, kThreadDepth));
+        break;
+      }
+      case Op::Ret:
+        a.ldr(x0, S(d - 1));
+        a.b(exit);
+        break;
+      case Op::GetP: case Op::SetP: {
+        // The inline cache; see the x86-64 version. LDR (literal) of the 8-byte aligned
+        // slot is single-copy atomic (Arm ARM B2.2.1).
+        const IcSite& ic = p_.ics[static_cast<std::size_t>(x.b)];
+        const bool get = x.op == Op::GetP;
+        Slow s = slow_path(&x, get ? reinterpret_cast<const void*>(&lang_getp)
+                                   : reinterpret_cast<const void*>(&lang_setp));
+        cx.toggle_site(s.at, "mega" + std::to_string(x.b), ic.mega.load(std::memory_order_relaxed));
+        auto slot = cx.data_slot(ic.key.load(std::memory_order_relaxed), "ic" + std::to_string(x.b));
+        const std::uint32_t obj = get ? d - 1 : d - 2;
+        a.ldr(x0, S(obj));
+        a.cbz(x0, s.at);
+        a.tbnz(x0, 0, s.at);
+        a.ldr(x1, ptr(slot));
+        a.lsr(x2, x1, 32);
+        a.ldr(x3, ptr(x0));
+        a.cmp(x2, x3);
+        a.b_ne(s.at);
+        a.ldr(x3, ptr(x0, 16));
+        a.mov(w1, w1);  // the slot index: zero-extends the low half
+        a.lsl(x1, x1, 3);
+        if (get) {
+          a.ldr(x0, ptr(x3, x1));
+          a.str(x0, S(d - 1));
+        } else {
+          a.ldr(x5, S(d - 1));
+          a.str(x5, ptr(x3, x1));
+        }
+        a.ldr(x4, ptr(x19, kThreadHits));
+        a.add(x4, x4, 1);
+        a.str(x4, ptr(x19, kThreadHits));
+        a.bind(s.resume);
+        break;
+      }
+      default:
+        call_helper(reinterpret_cast<const void*>(&lang_exec), &x);
+        break;
+    }
+  }
+  a.bind(exit);
+  a.ldr(x21, ptr(sp, 32));
+  a.ldp(x19, x20, ptr(sp, 16));
+  a.ldp(x29, x30, ptr_post(sp, 48));
+  a.ret(x30);
+  for (const Slow& s : slow) {
+    a.bind(s.at);
+    call_helper(s.helper, s.ins);
+    a.b(s.resume);
+  }
+}
+#endif
+
+}  // namespace
+
+std::unique_ptr<Jit> Jit::create(Program& p, const Options&, std::string* error) {
+  auto j = std::make_unique<JitImpl>(p);
+  if (!j->init(error)) return nullptr;
+  return j;
+}
+
+}  // namespace lang

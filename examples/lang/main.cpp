@@ -1,0 +1,110 @@
+// jitpatch-lang: run a program in the small dynamic language (see lang.hpp and the README).
+#include <cerrno>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+
+#include "lang.hpp"
+
+namespace {
+
+void usage(std::FILE* out) {
+  std::fprintf(out,
+               "usage: jitpatch-lang [options] PROGRAM\n"
+               "  --tier=auto|jit|interp  auto (default): interpret, compile a function after --hot\n"
+               "                          calls; jit: compile every function first; interp: never\n"
+               "  --hot=N                 auto: calls before a function is compiled (default 100)\n"
+               "  --threads=N             run the top level on N threads at once (own globals and\n"
+               "                          objects; shared code, shapes and inline caches)\n"
+               "  --ic-limit=N            misses before a property site goes megamorphic (default 4)\n"
+               "  --stats                 print counters to stderr at exit\n"
+               "  --disasm                print the compiled code (Capstone) to stderr at exit\n"
+               "  --dump                  print the bytecode and exit\n");
+}
+
+bool read_file(const char* path, std::string* out) {
+  std::FILE* f = std::fopen(path, "rb");
+  if (!f) return false;
+  char buf[65536];
+  std::size_t n;
+  while ((n = std::fread(buf, 1, sizeof buf, f)) > 0) out->append(buf, n);
+  const bool ok = !std::ferror(f);
+  std::fclose(f);
+  return ok;
+}
+
+bool parse_count(const char* s, unsigned long long max, unsigned long long* out) {
+  char* end = nullptr;
+  errno = 0;
+  const unsigned long long v = std::strtoull(s, &end, 10);
+  if (errno || end == s || *end || v == 0 || v > max || *s == '-') return false;
+  *out = v;
+  return true;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  lang::Options o;
+  const char* path = nullptr;
+  bool dump = false;
+  for (int i = 1; i < argc; ++i) {
+    const char* a = argv[i];
+    unsigned long long n = 0;
+    if (!std::strcmp(a, "-h") || !std::strcmp(a, "--help")) {
+      usage(stdout);
+      return 0;
+    } else if (!std::strncmp(a, "--tier=", 7)) {
+      const char* t = a + 7;
+      if (!std::strcmp(t, "auto")) o.tier = lang::Tier::automatic;
+      else if (!std::strcmp(t, "jit")) o.tier = lang::Tier::jit;
+      else if (!std::strcmp(t, "interp")) o.tier = lang::Tier::interp;
+      else {
+        std::fprintf(stderr, "jitpatch-lang: unknown tier '%s' (auto, jit, interp)\n", t);
+        return 2;
+      }
+    } else if (!std::strncmp(a, "--hot=", 6) && parse_count(a + 6, 1ull << 40, &n)) {
+      o.hot = n;
+    } else if (!std::strncmp(a, "--threads=", 10) && parse_count(a + 10, 64, &n)) {
+      o.threads = static_cast<unsigned>(n);
+    } else if (!std::strncmp(a, "--ic-limit=", 11) && parse_count(a + 11, 1ull << 40, &n)) {
+      o.ic_limit = n;
+    } else if (!std::strcmp(a, "--stats")) {
+      o.stats = true;
+    } else if (!std::strcmp(a, "--disasm")) {
+      o.disasm = true;
+    } else if (!std::strcmp(a, "--dump")) {
+      dump = true;
+    } else if (a[0] == '-' && a[1] != '\0') {
+      std::fprintf(stderr, "jitpatch-lang: unknown or bad option '%s'\n", a);
+      usage(stderr);
+      return 2;
+    } else if (!path) {
+      path = a;
+    } else {
+      std::fprintf(stderr, "jitpatch-lang: more than one program given ('%s', '%s')\n", path, a);
+      return 2;
+    }
+  }
+  if (!path) {
+    usage(stderr);
+    return 2;
+  }
+  std::string source;
+  if (!read_file(path, &source)) {
+    std::fprintf(stderr, "jitpatch-lang: cannot read %s: %s\n", path, std::strerror(errno));
+    return 1;
+  }
+  std::string err;
+  auto prog = lang::compile(source, &err);
+  if (!prog) {
+    std::fprintf(stderr, "jitpatch-lang: error: %s\n", err.c_str());
+    return 1;
+  }
+  if (dump) {
+    std::fputs(lang::dump(*prog).c_str(), stdout);
+    return 0;
+  }
+  return lang::run(*prog, o);
+}

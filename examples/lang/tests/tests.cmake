@@ -1,0 +1,152 @@
+# CTest cases for jitpatch-lang (included from examples/lang/CMakeLists.txt).
+# Every program runs in every tier and must print exactly the expected file, which
+# make_expected.py computed without jitpatch-lang (plain Python transcriptions).
+# Labels: `example` natively; `arch` when cross-compiled (run under qemu-user).
+set(_lang_dir ${CMAKE_CURRENT_SOURCE_DIR}/tests)
+set(_lang_label example)
+set(_lang_emu "")
+if(CMAKE_CROSSCOMPILING)
+  set(_lang_label arch)
+  string(REPLACE ";" "|" _lang_emu "${CMAKE_CROSSCOMPILING_EMULATOR}")
+endif()
+
+# Tiers: name -> arguments ('|'-separated). auto-hot1 compiles every function at its first
+# call (the top level included), so call sites are retargeted from stubs to code while the
+# callers run; auto-hot3 leaves the first calls in the interpreter.
+set(_lang_args_interp "--tier=interp")
+set(_lang_args_jit "--tier=jit")
+set(_lang_args_auto "--tier=auto")
+set(_lang_args_auto-hot1 "--tier=auto|--hot=1")
+set(_lang_args_auto-hot3 "--tier=auto|--hot=3")
+# --threads=4: four threads run the top level at once, sharing code, shapes and inline
+# caches, so caches and call sites are patched while other threads execute that code.
+# Not under qemu: the aarch64 build's protection-flip heap cannot patch code other threads
+# run (jitpatch-lang refuses --threads there).
+set(_lang_args_jit-threads4 "--tier=jit|--threads=4")
+set(_lang_args_auto-hot1-threads4 "--tier=auto|--hot=1|--threads=4")
+set(_lang_args_auto-hot3-threads4 "--tier=auto|--hot=3|--threads=4")
+set(_lang_args_interp-threads4 "--tier=interp|--threads=4")
+set(_lang_tiers interp jit auto auto-hot1 auto-hot3)
+set(_lang_thread_tiers)
+if(NOT CMAKE_CROSSCOMPILING)
+  set(_lang_thread_tiers interp-threads4 jit-threads4 auto-hot1-threads4 auto-hot3-threads4)
+endif()
+
+function(lang_case name)
+  cmake_parse_arguments(C "" "EXTRA;STDERR" "TIERS" ${ARGN})
+  if(NOT C_TIERS)
+    set(C_TIERS ${_lang_tiers} ${_lang_thread_tiers})
+  endif()
+  foreach(t IN LISTS C_TIERS)
+    set(_args "${_lang_args_${t}}")
+    if(C_EXTRA)
+      set(_args "${_args}|${C_EXTRA}")
+    endif()
+    set(_repeat 1)
+    if(t MATCHES "threads4")
+      set(_repeat 4)
+    endif()
+    set(_tn "lang:${name} [${t}]")
+    if(C_STDERR)
+      set(_tn "lang:${name} stats [${t}]")
+    endif()
+    add_test(NAME "${_tn}"
+             COMMAND ${CMAKE_COMMAND} -DLANG=$<TARGET_FILE:jitpatch-lang> -DEMU=${_lang_emu}
+                     -DPROGRAM=${_lang_dir}/${name}.lang -DARGS=${_args} -DEXPECTED=${_lang_dir}/${name}.out
+                     -DREPEAT=${_repeat} -DSTDERR_MATCH=${C_STDERR} -P ${_lang_dir}/run_case.cmake)
+    set_tests_properties("${_tn}" PROPERTIES LABELS ${_lang_label} TIMEOUT 120)
+  endforeach()
+endfunction()
+
+function(lang_error name regex)
+  foreach(t IN ITEMS interp jit auto-hot1)
+    set(_exp "")
+    if(EXISTS ${_lang_dir}/err/${name}.out)
+      set(_exp ${_lang_dir}/err/${name}.out)
+    endif()
+    add_test(NAME "lang:error ${name} [${t}]"
+             COMMAND ${CMAKE_COMMAND} -DLANG=$<TARGET_FILE:jitpatch-lang> -DEMU=${_lang_emu}
+                     -DPROGRAM=${_lang_dir}/err/${name}.lang -DARGS=${_lang_args_${t}} -DERROR=${regex}
+                     -DEXPECTED=${_exp} -P ${_lang_dir}/run_case.cmake)
+    set_tests_properties("lang:error ${name} [${t}]" PROPERTIES LABELS ${_lang_label} TIMEOUT 120)
+  endforeach()
+endfunction()
+
+# Differential: random programs (gen_programs.py, seeds 1-8) must print in every tier what
+# the interpreter prints (the interpreter itself is checked by the cases with expected files).
+# --ic-limit=2: their shared property sites go megamorphic early, also while threads run.
+function(lang_gen)
+  foreach(s 1 2 3 4 5 6 7 8)
+    foreach(t IN LISTS ARGN)
+      set(_repeat 1)
+      if(t MATCHES "threads4")
+        set(_repeat 4)
+      endif()
+      add_test(NAME "lang:gen s${s} [${t}]"
+               COMMAND ${CMAKE_COMMAND} -DLANG=$<TARGET_FILE:jitpatch-lang> -DEMU=${_lang_emu}
+                       -DPROGRAM=${_lang_dir}/gen/s${s}.lang -DARGS=${_lang_args_${t}}|--ic-limit=2
+                       -DREFERENCE=--tier=interp -DREPEAT=${_repeat} -P ${_lang_dir}/run_case.cmake)
+      set_tests_properties("lang:gen s${s} [${t}]" PROPERTIES LABELS ${_lang_label} TIMEOUT 120)
+    endforeach()
+  endforeach()
+endfunction()
+
+# The ThreadSanitizer build (JITPATCH_TEST_SET=concurrency) runs the --threads cases only:
+# threads compile functions, retarget call sites and rewrite inline caches while the
+# others run the code. A TSan report ends the process with exit code 66.
+if(JITPATCH_TEST_SET STREQUAL "concurrency")
+  foreach(p fib ic_poly props calls)
+    lang_case(${p} TIERS ${_lang_thread_tiers})
+  endforeach()
+  lang_case(ic_flip TIERS ${_lang_thread_tiers} EXTRA --ic-limit=1000000)
+  lang_gen(jit-threads4 auto-hot1-threads4 auto-hot3-threads4)
+  return()
+endif()
+
+foreach(p fib loops ic_poly props calls)
+  lang_case(${p})
+endforeach()
+# ic_flip.lang: one read site whose cache flips between two shapes on every call (no
+# megamorphic state), ~160000 data-slot rewrites with --threads=4 while the other threads
+# run the code; the sum shows whether any read used a torn (shape, slot) pair.
+if(CMAKE_CROSSCOMPILING)
+  lang_case(ic_flip_small EXTRA --ic-limit=1000000)
+else()
+  lang_case(ic_flip EXTRA --ic-limit=1000000)
+endif()
+
+lang_gen(jit auto-hot1 auto-hot3 ${_lang_thread_tiers})
+
+# The inline caches of ic_poly.lang, single-threaded (deterministic): three sites each see
+# five shapes: four misses re-patch the data slot (mono -> another shape, 12 writes in
+# all), the fifth turns the site megamorphic (its toggle jumps to the runtime call).
+lang_case(ic_poly TIERS jit EXTRA --stats
+          STDERR "3 megamorphic|ic slot patches +12\n|ic megamorphic toggles +3\n|functions compiled +4\n")
+lang_case(ic_poly TIERS interp EXTRA --stats STDERR "3 megamorphic|ic misses +15\n")
+
+lang_error(undef_var "^jitpatch-lang: error: undefined variable 'x' at line 1, column 7\n$")
+lang_error(undef_assign "^jitpatch-lang: error: undefined variable 'y' at line 2, column 1\n$")
+lang_error(arity "^jitpatch-lang: error: function 'f' takes 1 argument but was called with 2 at line 2, column 7\n$")
+lang_error(undef_fn "^jitpatch-lang: error: undefined function 'g' at line 2, column 7\n$")
+lang_error(div_zero "^jitpatch-lang: error: division by zero at line 1, column 23\n$")
+lang_error(mod_zero "^jitpatch-lang: error: division by zero at line 1, column 9\n$")
+lang_error(prop_of_int "^jitpatch-lang: error: cannot read property 'x' of an integer at line 2, column 9\n$")
+lang_error(prop_of_nil "^jitpatch-lang: error: cannot set property 'x' of nil at line 1, column 13\n$")
+lang_error(depth "^jitpatch-lang: error: call depth limit \\(1000\\) exceeded at line 1, column 18\n$")
+lang_error(overflow_add "^jitpatch-lang: error: integer overflow at line 1, column 27\n$")
+lang_error(overflow_mul "^jitpatch-lang: error: integer overflow at line 1, column 21\n$")
+lang_error(overflow_div "^jitpatch-lang: error: integer overflow at line 1, column 37\n$")
+lang_error(compare_obj "^jitpatch-lang: error: operand of '<' is an object, not an integer at line 2, column 9\n$")
+lang_error(add_nil "^jitpatch-lang: error: operand of '\\+' is nil, not an integer at line 1, column 20\n$")
+lang_error(syntax_let "^jitpatch-lang: error: expected a variable name but found '=' at line 1, column 5\n$")
+lang_error(syntax_eof "^jitpatch-lang: error: expected '\\)' but found end of input at line 2, column 1\n$")
+lang_error(syntax_nested_fn "^jitpatch-lang: error: functions must be declared at the top level at line 1, column 10\n$")
+lang_error(syntax_return "^jitpatch-lang: error: 'return' outside a function at line 1, column 1\n$")
+lang_error(syntax_literal "^jitpatch-lang: error: integer literal too large at line 1, column 9\n$")
+lang_error(syntax_char "^jitpatch-lang: error: unexpected character '@' at line 1, column 9\n$")
+lang_error(syntax_assign "^jitpatch-lang: error: cannot assign to this expression at line 1, column 5\n$")
+lang_error(syntax_dup_fn "^jitpatch-lang: error: function 'f' is already defined at line 2, column 4\n$")
+# The parser recurses on nesting; 5000 parentheses or 100000 minus signs are an error,
+# not a stack overflow.
+lang_error(syntax_nesting "^jitpatch-lang: error: nesting too deep \\(more than 200 levels\\) at line 1, column 207\n$")
+lang_error(syntax_minus "^jitpatch-lang: error: nesting too deep \\(more than 200 levels\\) at line 1, column 208\n$")

@@ -1,0 +1,408 @@
+// The runtime: objects, property lookup, inline-cache misses, the interpreter, threads.
+#include <unistd.h>
+
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <thread>
+
+#include "lang.hpp"
+
+namespace lang {
+
+namespace {
+
+std::mutex g_out_mu;  // error reports and the final output
+
+void write_all(int fd, const std::string& s) {
+  std::size_t off = 0;
+  while (off < s.size()) {
+    const ssize_t n = ::write(fd, s.data() + off, s.size() - off);
+    if (n <= 0) return;
+    off += static_cast<std::size_t>(n);
+  }
+}
+
+// Thread 0 streams its output (flushed in blocks); the others keep theirs until the end
+// so that the output of --threads=N is every thread's output in thread order.
+void out_flush(Thread* t) {
+  if (t->index == 0) {
+    write_all(STDOUT_FILENO, t->out);
+    t->out.clear();
+  }
+}
+
+constexpr std::size_t kArenaLimit = std::size_t{1} << 30;
+
+void* arena_alloc(Thread* t, const Ins* ins, std::size_t n) {
+  n = (n + 15) & ~std::size_t{15};
+  if (static_cast<std::size_t>(t->bump_end - t->bump) < n) {
+    const std::size_t chunk = std::max<std::size_t>(n, std::size_t{1} << 20);
+    t->arena_bytes += chunk;
+    if (t->arena_bytes > kArenaLimit) fail(t, ins, "out of memory (objects are never freed before the thread ends)");
+    t->chunks.push_back(std::make_unique<std::byte[]>(chunk));
+    t->bump = t->chunks.back().get();
+    t->bump_end = t->bump + chunk;
+  }
+  void* r = t->bump;
+  t->bump += n;
+  return r;
+}
+
+const char* kind(Value v) { return v == kNil ? "nil" : is_int(v) ? "an integer" : "an object"; }
+
+Value& top(Thread*, Value* fp, const Ins* ins, std::uint32_t below = 1) {
+  return fp[ins->fn->nlocals + ins->depth - below];
+}
+
+// The packing of an inline cache key: the shape id in the high half, the slot index in
+// the low half. One 64-bit word, so that a reader (compiled code doing one 8-byte load
+// of its data slot, or the interpreter doing one atomic load) sees either the old pair
+// or the new one: a shape id with another shape's slot index would read or write the
+// wrong property.
+std::uint64_t ic_key(std::uint32_t shape, std::uint32_t slot) { return (std::uint64_t{shape} << 32) | slot; }
+
+void ic_miss(Thread* t, const Ins* ins, Shape* shape, int slot) {
+  IcSite& s = t->prog->ics[static_cast<std::size_t>(ins->b)];
+  if (s.mega.load(std::memory_order_relaxed)) {
+    ++t->stats.mega_lookups;
+    return;
+  }
+  ++t->stats.ic_misses;
+  std::lock_guard<std::mutex> g(t->prog->ic_mu);
+  if (s.mega.load(std::memory_order_relaxed)) return;
+  const bool mega = ++s.misses > t->opt->ic_limit;
+  const std::uint64_t key = slot < 0 ? 0 : ic_key(shape->id, static_cast<std::uint32_t>(slot));
+  if (mega) s.mega.store(true, std::memory_order_relaxed);
+  else s.key.store(key, std::memory_order_relaxed);
+  if (t->jit) t->jit->ic_update(s, key, mega);
+}
+
+Object* as_obj(Thread* t, const Ins* ins, Value v, bool write) {
+  if (!is_obj(v))
+    fail(t, ins, std::string("cannot ") + (write ? "set" : "read") + " property '" +
+                     t->prog->names[static_cast<std::size_t>(ins->a)] + "' of " + kind(v));
+  return reinterpret_cast<Object*>(v);
+}
+
+std::int64_t int_arg(Thread* t, const Ins* ins, Value v, const char* what) {
+  if (!is_int(v)) fail(t, ins, std::string("operand of '") + what + "' is " + kind(v) + ", not an integer");
+  return to_int(v);
+}
+
+Value checked(Thread* t, const Ins* ins, std::int64_t r, bool ok) {
+  if (!ok || r > kIntMax || r < kIntMin) fail(t, ins, "integer overflow");
+  return from_int(r);
+}
+
+const char* op_text(Op op) {
+  switch (op) {
+    case Op::Add: return "+";
+    case Op::Sub: return "-";
+    case Op::Mul: return "*";
+    case Op::Div: return "/";
+    case Op::Mod: return "%";
+    case Op::Lt: return "<";
+    case Op::Le: return "<=";
+    case Op::Gt: return ">";
+    case Op::Ge: return ">=";
+    default: return "?";
+  }
+}
+
+}  // namespace
+
+void fail(Thread* t, const Ins* ins, const std::string& msg) {
+  std::lock_guard<std::mutex> g(g_out_mu);
+  if (t->index == 0) write_all(STDOUT_FILENO, t->out);
+  std::string m = "jitpatch-lang: error: " + msg;
+  if (ins) m += " at line " + std::to_string(ins->line) + ", column " + std::to_string(ins->col);
+  m += "\n";
+  write_all(STDERR_FILENO, m);
+  // Other threads may be running: no destructors, no atexit handlers.
+  ::_exit(1);
+}
+
+extern "C" void lang_exec(Thread* t, Value* fp, const Ins* ins) {
+  switch (ins->op) {
+    case Op::Add: case Op::Sub: case Op::Mul: case Op::Div: case Op::Mod:
+    case Op::Lt: case Op::Le: case Op::Gt: case Op::Ge: {
+      Value& a = top(t, fp, ins, 2);
+      const std::int64_t x = int_arg(t, ins, a, op_text(ins->op));
+      const std::int64_t y = int_arg(t, ins, top(t, fp, ins, 1), op_text(ins->op));
+      std::int64_t r = 0;
+      switch (ins->op) {
+        case Op::Add: a = checked(t, ins, x + y, true); break;  // |x|,|y| < 2^62: no int64 overflow
+        case Op::Sub: a = checked(t, ins, x - y, true); break;
+        case Op::Mul: {
+          const bool ok = !__builtin_mul_overflow(x, y, &r);
+          a = checked(t, ins, r, ok);
+          break;
+        }
+        case Op::Div:
+        case Op::Mod:
+          if (y == 0) fail(t, ins, "division by zero");
+          // kIntMin / -1 = 2^62 overflows the 63-bit range; checked() reports it.
+          a = checked(t, ins, ins->op == Op::Div ? x / y : x % y, true);
+          break;
+        case Op::Lt: a = from_int(x < y); break;
+        case Op::Le: a = from_int(x <= y); break;
+        case Op::Gt: a = from_int(x > y); break;
+        case Op::Ge: a = from_int(x >= y); break;
+        default: break;
+      }
+      return;
+    }
+    case Op::Eq: {
+      Value& a = top(t, fp, ins, 2);
+      a = from_int(a == top(t, fp, ins, 1));
+      return;
+    }
+    case Op::Ne: {
+      Value& a = top(t, fp, ins, 2);
+      a = from_int(a != top(t, fp, ins, 1));
+      return;
+    }
+    case Op::LoadG:
+    case Op::StoreG:
+      fail(t, ins, "undefined variable '" + t->prog->globals[static_cast<std::size_t>(ins->a)] + "'");
+    case Op::NewObj: {
+      auto* o = static_cast<Object*>(arena_alloc(t, ins, sizeof(Object)));
+      Shape* e = t->prog->shapes.empty();
+      o->shape_id = e->id;
+      o->shape = e;
+      o->slots = nullptr;
+      o->cap = 0;
+      fp[ins->fn->nlocals + ins->depth] = reinterpret_cast<Value>(o);
+      return;
+    }
+    case Op::Print: {
+      const Value v = top(t, fp, ins);
+      if (v == kNil) t->out += "nil\n";
+      else if (is_int(v)) t->out += std::to_string(to_int(v)) + "\n";
+      else t->out += "<object>\n";
+      if (t->out.size() >= 65536) out_flush(t);
+      return;
+    }
+    case Op::Err: fail(t, ins, t->prog->messages[static_cast<std::size_t>(ins->b)]);
+    default: fail(t, ins, "internal error: bad instruction");
+  }
+}
+
+extern "C" void lang_getp(Thread* t, Value* fp, const Ins* ins) {
+  Value& v = top(t, fp, ins);
+  Object* o = as_obj(t, ins, v, false);
+  const int slot = o->shape->find(ins->a);
+  v = slot < 0 ? kNil : o->slots[slot];
+  ic_miss(t, ins, o->shape, slot);
+}
+
+extern "C" void lang_setp(Thread* t, Value* fp, const Ins* ins) {
+  Object* o = as_obj(t, ins, top(t, fp, ins, 2), true);
+  const Value v = top(t, fp, ins, 1);
+  int slot = o->shape->find(ins->a);
+  if (slot >= 0) {
+    o->slots[slot] = v;
+    ic_miss(t, ins, o->shape, slot);
+    return;
+  }
+  // A new property: a transition, not cached (store caches hold existing properties only).
+  ++t->stats.transitions;
+  Shape* s = t->prog->shapes.add(o->shape, ins->a);
+  const std::uint32_t n = static_cast<std::uint32_t>(s->names.size());
+  if (n > o->cap) {
+    const std::uint32_t cap = o->cap ? o->cap * 2 : 4;
+    auto* slots = static_cast<Value*>(arena_alloc(t, ins, cap * sizeof(Value)));
+    if (o->cap) std::memcpy(slots, o->slots, o->cap * sizeof(Value));
+    o->slots = slots;
+    o->cap = cap;
+  }
+  o->slots[n - 1] = v;
+  o->shape = s;
+  o->shape_id = s->id;
+}
+
+extern "C" void lang_precall(Thread* t, Value* fp, const Ins* ins) {
+  if (t->h.depth >= kMaxDepth) fail(t, ins, "call depth limit (" + std::to_string(kMaxDepth) + ") exceeded");
+  const Fn* c = ins->callee;
+  Value* nfp = fp + ins->fn->nlocals + ins->depth - c->nparams;
+  if (nfp + c->frame() > t->stack_end) fail(t, ins, "out of stack space");
+  for (std::uint32_t i = c->nparams; i < c->frame(); ++i) nfp[i] = kNil;
+  ++t->h.depth;
+}
+
+extern "C" Value lang_enter(Thread* t, Value* fp, Fn* f) {
+  const std::uint64_t n = f->calls.fetch_add(1, std::memory_order_relaxed) + 1;
+  void* code = f->jit.load(std::memory_order_acquire);
+  if (!code && t->jit && t->opt->tier == Tier::automatic && n >= t->opt->hot) {
+    t->jit->compile(f);
+    code = f->jit.load(std::memory_order_acquire);
+  }
+  if (code) return reinterpret_cast<Value (*)(Thread*, Value*)>(code)(t, fp);
+  return interpret(t, f, fp);
+}
+
+Value interpret(Thread* t, Fn* f, Value* fp) {
+  const Ins* code = f->code.data();
+  Value* s = fp + f->nlocals;  // operand stack; s[ins.depth - 1] is the top
+  IcSite* ics = t->prog->ics.get();
+  for (std::size_t pc = 0;;) {
+    const Ins& x = code[pc];
+    switch (x.op) {
+      case Op::Const: s[x.depth] = static_cast<Value>(x.k); break;
+      case Op::LoadL: s[x.depth] = fp[x.a]; break;
+      case Op::StoreL: fp[x.a] = s[x.depth - 1]; break;
+      case Op::LoadG: {
+        const Value v = t->h.globals[x.a];
+        if (v == kUndef) lang_exec(t, fp, &x);
+        s[x.depth] = v;
+        break;
+      }
+      case Op::StoreG:
+        if (t->h.globals[x.a] == kUndef) lang_exec(t, fp, &x);
+        t->h.globals[x.a] = s[x.depth - 1];
+        break;
+      case Op::DefG: t->h.globals[x.a] = s[x.depth - 1]; break;
+      case Op::Pop: break;
+      case Op::Jmp: pc = static_cast<std::size_t>(x.a); continue;
+      case Op::JmpF:
+        if (s[x.depth - 1] <= from_int(0)) {  // nil (0) or the integer 0 (1)
+          pc = static_cast<std::size_t>(x.a);
+          continue;
+        }
+        break;
+      case Op::Call: {
+        lang_precall(t, fp, &x);
+        Value* nfp = s + x.depth - x.a;
+        Fn* c = x.callee;
+        void* code2 = c->jit.load(std::memory_order_acquire);
+        const Value r = code2 ? reinterpret_cast<Value (*)(Thread*, Value*)>(code2)(t, nfp) : lang_enter(t, nfp, c);
+        --t->h.depth;
+        *nfp = r;
+        break;
+      }
+      case Op::Ret: return s[x.depth - 1];
+      case Op::GetP: {
+        Value& v = s[x.depth - 1];
+        IcSite& ic = ics[x.b];
+        if (is_obj(v) && !ic.mega.load(std::memory_order_relaxed)) {
+          const std::uint64_t key = ic.key.load(std::memory_order_relaxed);
+          const Object* o = reinterpret_cast<const Object*>(v);
+          if (key >> 32 == o->shape_id) {
+            ++t->h.ic_hits;
+            v = o->slots[key & 0xffffffffu];
+            break;
+          }
+        }
+        lang_getp(t, fp, &x);
+        break;
+      }
+      case Op::SetP: {
+        const Value ov = s[x.depth - 2];
+        IcSite& ic = ics[x.b];
+        if (is_obj(ov) && !ic.mega.load(std::memory_order_relaxed)) {
+          const std::uint64_t key = ic.key.load(std::memory_order_relaxed);
+          Object* o = reinterpret_cast<Object*>(ov);
+          if (key >> 32 == o->shape_id) {
+            ++t->h.ic_hits;
+            o->slots[key & 0xffffffffu] = s[x.depth - 1];
+            break;
+          }
+        }
+        lang_setp(t, fp, &x);
+        break;
+      }
+      default: lang_exec(t, fp, &x); break;
+    }
+    ++pc;
+  }
+}
+
+int run(Program& p, const Options& opt) {
+  std::unique_ptr<Jit> jit;
+  if (opt.tier != Tier::interp) {
+    std::string err;
+    jit = Jit::create(p, opt, &err);
+    if (!jit) {
+      std::fprintf(stderr, "jitpatch-lang: JIT unavailable (%s); running the interpreter\n", err.c_str());
+    } else if (opt.threads > 1 && !jit->threads_ok()) {
+      std::fprintf(stderr,
+                   "jitpatch-lang: --threads needs the dual-mapped code heap (this build uses the "
+                   "protection-flip heap; JITPATCH_HEAP=dual_mapping)\n");
+      return 2;
+    }
+  }
+  if (jit && opt.tier == Tier::jit)
+    for (auto& f : p.fns) jit->compile(f.get());
+
+  const std::size_t kStack = std::size_t{1} << 20;
+  std::vector<std::unique_ptr<Thread>> threads;
+  for (unsigned i = 0; i < opt.threads; ++i) {
+    auto t = std::make_unique<Thread>();
+    t->index = i;
+    t->prog = &p;
+    t->jit = jit.get();
+    t->opt = &opt;
+    threads.push_back(std::move(t));
+  }
+  auto body = [&](Thread* t) {
+    std::vector<Value> globals(p.globals.size() + 1, kUndef);
+    // calloc: pages of the value stack are touched only as deep as the program goes.
+    Value* stack = static_cast<Value*>(std::calloc(kStack, sizeof(Value)));
+    if (!stack) fail(t, nullptr, "out of memory");
+    t->h.globals = globals.data();
+    t->stack = stack;
+    t->stack_end = stack + kStack;
+    if (t->jit) t->jit->attach_thread();
+    Fn* main = p.fns[0].get();
+    for (std::uint32_t i = 0; i < main->frame(); ++i) stack[i] = kNil;
+    (void)lang_enter(t, stack, main);
+    if (t->jit) t->jit->detach_thread();
+    std::free(stack);
+    t->h.globals = nullptr;
+    t->chunks.clear();  // the thread's objects
+  };
+  if (opt.threads == 1) {
+    body(threads[0].get());
+  } else {
+    std::vector<std::thread> ts;
+    for (auto& t : threads) ts.emplace_back(body, t.get());
+    for (auto& th : ts) th.join();
+  }
+  {
+    std::lock_guard<std::mutex> g(g_out_mu);
+    for (auto& t : threads) write_all(STDOUT_FILENO, t->out);
+  }
+  if (opt.stats || opt.disasm) {
+    Stats s;
+    std::uint64_t hits = 0;
+    for (auto& t : threads) {
+      hits += t->h.ic_hits;
+      s.ic_misses += t->stats.ic_misses;
+      s.mega_lookups += t->stats.mega_lookups;
+      s.transitions += t->stats.transitions;
+    }
+    std::size_t mega = 0, patched = 0;
+    for (std::size_t i = 0; i < p.nics; ++i) {
+      mega += p.ics[i].mega.load();
+      patched += p.ics[i].misses > 0;
+    }
+    if (opt.stats) {
+      std::fprintf(stderr,
+                   "jitpatch-lang stats:\n"
+                   "  threads               %u\n"
+                   "  property sites        %zu (%zu missed at least once, %zu megamorphic)\n"
+                   "  ic hits               %llu\n"
+                   "  ic misses             %llu\n"
+                   "  megamorphic lookups   %llu\n"
+                   "  shape transitions     %llu (%zu shapes)\n",
+                   opt.threads, p.nics, patched, mega, static_cast<unsigned long long>(hits),
+                   static_cast<unsigned long long>(s.ic_misses), static_cast<unsigned long long>(s.mega_lookups),
+                   static_cast<unsigned long long>(s.transitions), p.shapes.count());
+    }
+    if (jit) jit->report(stderr, opt.disasm, opt.stats);
+  }
+  return 0;
+}
+
+}  // namespace lang
