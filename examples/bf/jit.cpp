@@ -155,10 +155,16 @@ class Gen {
   bool reach(std::uint32_t id, Reach& r);
   std::vector<std::int8_t> reach_ok_;  // per loop: -1 not computed yet, 0/1
   std::vector<Reach> reach_;
-  // At a loop's head, after its cell test. Returns true when the loop is emitted twice
-  // (see loop()): split_far_ is then the offset to test on the far side.
-  bool hoist(std::uint32_t id);
-  std::int32_t split_far_ = 0;
+  // What hoist() decided for a loop: walk (-1 left, +1 right, 0 not a constant walk),
+  // the near-side range each iteration tests, and for a split loop (emitted twice, see
+  // loop()) the far-side offset tested at the head and at the checked copy's back edge.
+  struct Hoist {
+    int walk = 0;
+    std::int32_t near_lo = 0, near_hi = 0;
+    bool split = false;
+    std::int32_t far = 0;
+  };
+  Hoist hoist(std::uint32_t id);  // at a loop's head, after its cell test
   bool innermost(std::uint32_t id) const;
   // Per architecture: branches on the current cell, on p+off being off the tape on the
   // side dir points away from (dir < 0: the right end; dir > 0: the left end), and always.
@@ -166,11 +172,9 @@ class Gen {
   void branch_if_nonzero(const asmjit::Label& to);
   void branch_if_off_tape(std::int32_t off, int dir, const asmjit::Label& to);
   void jump(const asmjit::Label& to);
-  void iteration_check(std::uint32_t id);  // at the top of its body
+  void iteration_check(std::uint32_t id, const Hoist& h);  // at the top of its body
   // Emits the tests for p+lo .. p+hi not yet known to be on the tape (deopt to `pc`).
   void check_range(std::int32_t lo, std::int32_t hi, std::uint32_t pc);
-  std::int8_t hoist_dir_ = 0;  // set by hoist() for iteration_check(): see loop()
-  std::int32_t iter_lo_ = 0, iter_hi_ = 0;
   // The If at k, with its cell already loaded as the MulAdd source: when its targets are
   // known to be on the tape and its body is only MulAdds from that cell, the body is
   // emitted without the branch (a zero cell adds zero); k moves past it. False: not so.
@@ -436,31 +440,30 @@ bool Gen::reach(std::uint32_t id, Reach& r) {
 // emitted twice, a fast copy that knows the whole far reach and a copy with the checks
 // in the body that runs until the whole reach is on the tape (a few iterations after
 // starting near a tape end; mandel's walks start at the left end every time).
-bool Gen::hoist(std::uint32_t id) {
-  hoist_dir_ = 0;
+Gen::Hoist Gen::hoist(std::uint32_t id) {
+  Hoist h;
   Reach r;
-  if (!reach(id, r)) return false;
+  if (!reach(id, r)) return h;
   const std::uint32_t pc = prog_.loops[id].begin + 1;
   if (r.stride == 0) {
     check_range(r.ulo, r.uhi, pc);
-    return false;
+    return h;
   }
   const bool left = r.stride < 0;  // walks left: the far side is the right one
   const std::int32_t far_u = left ? r.uhi : r.ulo, far_all = left ? r.ahi : r.alo;
   const bool split = far_all != far_u && innermost(id);
   const std::int32_t far = split ? far_all : far_u;
-  if (!split) {
-    if (left) check_range(0, far, pc);
-    else check_range(far, 0, pc);
-  }
   // What the back edge brings: p on the tape, the far side kept.
-  known_lo_ = left ? 0 : std::min(far, 0);
-  known_hi_ = left ? std::max(far, 0) : 0;
-  hoist_dir_ = left ? -1 : 1;
-  iter_lo_ = r.ulo;
-  iter_hi_ = r.uhi;
-  split_far_ = far;
-  return split;
+  const std::int32_t far_lo = std::min(far, 0), far_hi = std::max(far, 0);
+  if (!split) check_range(far_lo, far_hi, pc);
+  known_lo_ = far_lo;
+  known_hi_ = far_hi;
+  h.walk = left ? -1 : 1;
+  h.near_lo = left ? r.ulo : 0;
+  h.near_hi = left ? 0 : r.uhi;
+  h.split = split;
+  h.far = far;
+  return h;
 }
 
 bool Gen::innermost(std::uint32_t id) const {
@@ -477,18 +480,17 @@ void Gen::loop(std::uint32_t id) {
   if (!bal) forget();  // the head is reached with p anywhere
   const std::int32_t lo = known_lo_, hi = known_hi_;
   branch_if_zero(out);
-  if (!hoist(id)) {
+  const Hoist h = hoist(id);
+  if (!h.split) {
     a.bind(body);
-    iteration_check(id);
+    iteration_check(id, h);
     ops(L.begin + 1, L.end);
     branch_if_nonzero(body);
   } else {
-    const int walk = hoist_dir_;
-    const std::int32_t far = split_far_;
     auto slow = a.newLabel();
-    branch_if_off_tape(far, walk, slow);
+    branch_if_off_tape(h.far, h.walk, slow);
     a.bind(body);
-    iteration_check(id);
+    iteration_check(id, h);
     ops(L.begin + 1, L.end);
     branch_if_nonzero(body);
     jump(out);
@@ -501,7 +503,7 @@ void Gen::loop(std::uint32_t id) {
     ops(L.begin + 1, L.end);
     branch_if_zero(out);
     forget();
-    branch_if_off_tape(far, walk, slow);
+    branch_if_off_tape(h.far, h.walk, slow);
     jump(body);
   }
   a.bind(out);
@@ -510,11 +512,8 @@ void Gen::loop(std::uint32_t id) {
   known_hi_ = hi;
 }
 
-void Gen::iteration_check(std::uint32_t id) {
-  const std::uint32_t pc = prog_.loops[id].begin + 1;
-  if (hoist_dir_ < 0) check_range(iter_lo_, 0, pc);
-  else if (hoist_dir_ > 0) check_range(0, iter_hi_, pc);
-  hoist_dir_ = 0;
+void Gen::iteration_check(std::uint32_t id, const Hoist& h) {
+  if (h.walk != 0) check_range(h.near_lo, h.near_hi, prog_.loops[id].begin + 1);
 }
 
 // ------------------------------------------------------------------------------------

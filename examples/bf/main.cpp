@@ -9,7 +9,12 @@
 #include <cstring>
 #include <string>
 
+#include "../common/cli.hpp"
+
 namespace {
+
+using examples::parse_count;
+using examples::read_file;
 
 void usage(std::FILE* out) {
   std::fprintf(out,
@@ -35,25 +40,7 @@ void usage(std::FILE* out) {
                "  --dump-ir                     print the optimized IR and exit\n");
 }
 
-bool read_file(const char* path, std::string* out) {
-  std::FILE* f = std::strcmp(path, "-") == 0 ? stdin : std::fopen(path, "rb");
-  if (!f) return false;
-  char buf[65536];
-  std::size_t n;
-  while ((n = std::fread(buf, 1, sizeof buf, f)) > 0) out->append(buf, n);
-  const bool ok = !std::ferror(f);
-  if (f != stdin) std::fclose(f);
-  return ok;
-}
 
-bool parse_size(const char* s, std::size_t* out) {
-  char* end = nullptr;
-  errno = 0;
-  const unsigned long long v = std::strtoull(s, &end, 10);
-  if (errno || end == s || *end || v == 0) return false;
-  *out = static_cast<std::size_t>(v);
-  return true;
-}
 
 }  // namespace
 
@@ -64,7 +51,7 @@ int main(int argc, char** argv) {
   bool dump_ir = false;
   for (int i = 1; i < argc; ++i) {
     const char* a = argv[i];
-    std::size_t n = 0;
+    unsigned long long n = 0;
     if (!std::strcmp(a, "-h") || !std::strcmp(a, "--help")) {
       usage(stdout);
       return 0;
@@ -97,11 +84,11 @@ int main(int argc, char** argv) {
       o.recompile = false;
     } else if (!std::strcmp(a, "--dump-ir")) {
       dump_ir = true;
-    } else if (!std::strncmp(a, "--hot=", 6) && parse_size(a + 6, &n) && n < 0xffffffffu) {
+    } else if (!std::strncmp(a, "--hot=", 6) && parse_count(a + 6, 0xfffffffeull, &n)) {
       o.hot = static_cast<std::uint32_t>(n);
-    } else if (!std::strncmp(a, "--retire-capacity=", 18) && parse_size(a + 18, &n)) {
+    } else if (!std::strncmp(a, "--retire-capacity=", 18) && parse_count(a + 18, SIZE_MAX, &n)) {
       o.retire_capacity = n;
-    } else if (!std::strncmp(a, "--tape-max=", 11) && parse_size(a + 11, &n)) {
+    } else if (!std::strncmp(a, "--tape-max=", 11) && parse_count(a + 11, SIZE_MAX, &n)) {
       o.tape_max = n;
     } else if (a[0] == '-' && a[1] != '\0') {
       std::fprintf(stderr, "jitpatch-bf: unknown or bad option '%s'\n", a);

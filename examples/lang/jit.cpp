@@ -145,6 +145,9 @@ class JitImpl final : public Jit {
       retargets_ += sites.size();
     }
     ++compiled_;
+    // After the Emitter published the code (written, flushed, cores serialized if the
+    // memory was reused): pairs with the load-acquires of f->jit in compile(),
+    // lang_enter() and the interpreter's Call, which then call the code.
     f->jit.store(blob->entry(), std::memory_order_release);
   }
 

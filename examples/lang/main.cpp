@@ -7,7 +7,12 @@
 
 #include "lang.hpp"
 
+#include "../common/cli.hpp"
+
 namespace {
+
+using examples::parse_count;
+using examples::read_file;
 
 void usage(std::FILE* out) {
   std::fprintf(out,
@@ -23,25 +28,7 @@ void usage(std::FILE* out) {
                "  --dump                  print the bytecode and exit\n");
 }
 
-bool read_file(const char* path, std::string* out) {
-  std::FILE* f = std::fopen(path, "rb");
-  if (!f) return false;
-  char buf[65536];
-  std::size_t n;
-  while ((n = std::fread(buf, 1, sizeof buf, f)) > 0) out->append(buf, n);
-  const bool ok = !std::ferror(f);
-  std::fclose(f);
-  return ok;
-}
 
-bool parse_count(const char* s, unsigned long long max, unsigned long long* out) {
-  char* end = nullptr;
-  errno = 0;
-  const unsigned long long v = std::strtoull(s, &end, 10);
-  if (errno || end == s || *end || v == 0 || v > max || *s == '-') return false;
-  *out = v;
-  return true;
-}
 
 }  // namespace
 
