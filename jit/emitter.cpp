@@ -2,6 +2,8 @@
 // alias -> icache flush -> publication.
 #include <jitpatch/code_registry.hpp>
 #include <jitpatch/emitter.hpp>
+
+#include <jitpatch/grace.hpp>
 #include <jitpatch/visibility.hpp>
 
 #if defined(__x86_64__)
@@ -351,6 +353,35 @@ Status Emitter::retire(CodeBlob* blob) noexcept {
 std::size_t Emitter::live_blobs() const noexcept {
   std::lock_guard<std::mutex> g(mu_);
   return live_count_;
+}
+
+void Emitter::set_code_scan_hook(std::function<bool(const CodeBlob&)> still_referenced) {
+  std::shared_ptr<const std::function<bool(const CodeBlob&)>> h;
+  if (still_referenced) h = std::make_shared<const std::function<bool(const CodeBlob&)>>(std::move(still_referenced));
+  std::lock_guard<std::mutex> g(mu_);
+  scan_hook_.swap(h);
+}
+
+Status retire_code(GraceDomain& domain, Emitter& emitter, CodeBlob* blob) noexcept {
+  if (!blob) return Status(Errc::invalid_argument, 0, "retire_code: null blob");
+  if (Status st = emitter.retire(blob); !st.ok()) return st;
+  // After the grace period: the hook (copied out under the lock, called without it) may
+  // keep the blob for another round; at the domain's destruction it is freed regardless.
+  auto after_grace = [](void* ctx, void* p, bool final) -> bool {
+    auto* em = static_cast<Emitter*>(ctx);
+    auto* b = static_cast<CodeBlob*>(p);
+    if (!final) {
+      std::shared_ptr<const std::function<bool(const CodeBlob&)>> hook;
+      {
+        std::lock_guard<std::mutex> g(em->mu_);
+        hook = em->scan_hook_;
+      }
+      if (hook && (*hook)(*b)) return false;
+    }
+    (void)em->free(b);
+    return true;
+  };
+  return domain.retire_deferrable(blob, after_grace, &emitter);
 }
 
 }  // namespace jitpatch

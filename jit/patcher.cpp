@@ -5,7 +5,7 @@
 #include <jitpatch/patch.hpp>
 #include <jitpatch/runtime.hpp>
 
-#include "runtime/signal_chain.hpp"
+#include <jitpatch/internal/signal_chain.hpp>
 
 #include <capstone/capstone.h>
 #include <sched.h>

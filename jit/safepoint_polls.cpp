@@ -1,28 +1,28 @@
-// Safepoint poll emission (asmjit) and the shared out-of-line stub.
+// Safepoint polls in JIT code: poll emission (asmjit), the shared out-of-line stub, and
+// the patched polls, which this layer arms for the runtime's Safepoints through the
+// PollArmer interface (the runtime layer knows nothing of code).
 #include <jitpatch/safepoint_polls.hpp>
 
-#include "jit/safepoint_stub.hpp"
+#include <jitpatch/patch.hpp>
 
 #include <cstdint>
+#include <new>
 
 namespace jitpatch {
 
 namespace {
 constexpr const char* kPollSiteName = "safepoint.poll";
 constexpr const char* kStubCallName = "safepoint.stub_call";
+Result<CodeBlob*> emit_safepoint_stub(Emitter& emitter, void (*entry)(const void* site) noexcept) noexcept;
 }  // namespace
 
-PollEmitter::PollEmitter(EmitContext& cx, const Safepoints& sp) noexcept
-    : cx_(&cx), stub_(sp.poll_stub()), kinds_(sp.poll_kinds()) {
-  if (!stub_)
-    status_ = Status(Errc::invalid_argument, 0, "Safepoints has no poll stub: call emit_stub or enable_patched_polls");
-}
+PollEmitter::PollEmitter(EmitContext& cx, const SafepointPolls& polls) noexcept
+    : cx_(&cx), stub_(polls.stub()), kinds_(polls.safepoints().poll_kinds()), patched_(polls.patched()) {}
 
 #if defined(__x86_64__)
 namespace x = asmjit::x86;
 
 void PollEmitter::poll_word(const PollReg& thread, const PollReg&) {
-  if (!stub_) return;
   Pending p{cx_->a.newLabel(), cx_->a.newLabel()};
   cx_->a.cmp(x::qword_ptr(thread, SafepointThread::kPollWordOffset), 0);
   cx_->a.jne(p.slow);
@@ -31,7 +31,6 @@ void PollEmitter::poll_word(const PollReg& thread, const PollReg&) {
 }
 
 void PollEmitter::page_poll(const PollReg& thread, const PollReg& scratch) {
-  if (!stub_) return;
   if (!(kinds_ & PollKinds::page_poll)) {
     // Its threads have no poll page: the load would fault on address 0 for real.
     status_ = Status(Errc::invalid_argument, 0, "page poll for a Safepoints created without PollKinds::page_poll");
@@ -44,9 +43,10 @@ void PollEmitter::page_poll(const PollReg& thread, const PollReg& scratch) {
 }
 
 void PollEmitter::patched_poll() {
-  if (!stub_) return;
-  if (!(kinds_ & PollKinds::patched_poll)) {
-    status_ = Status(Errc::invalid_argument, 0, "patched poll for a Safepoints created without PollKinds::patched_poll");
+  if (!patched_) {
+    status_ = Status(Errc::invalid_argument, 0,
+                     "patched poll: the SafepointPolls was created without a Patcher (or its Safepoints "
+                     "without PollKinds::patched_poll)");
     return;
   }
   Pending p{cx_->a.newLabel(), cx_->a.newLabel()};
@@ -68,7 +68,6 @@ void PollEmitter::slow_stub(const asmjit::Label& slow, const asmjit::Label& back
 namespace a64 = asmjit::a64;
 
 void PollEmitter::poll_word(const PollReg& thread, const PollReg& scratch) {
-  if (!stub_) return;
   Pending p{cx_->a.newLabel(), cx_->a.newLabel()};
   cx_->a.ldr(scratch.x(), a64::ptr(thread.x(), SafepointThread::kPollWordOffset));
   cx_->a.cbnz(scratch.x(), p.slow);
@@ -77,7 +76,6 @@ void PollEmitter::poll_word(const PollReg& thread, const PollReg& scratch) {
 }
 
 void PollEmitter::page_poll(const PollReg& thread, const PollReg& scratch) {
-  if (!stub_) return;
   if (!(kinds_ & PollKinds::page_poll)) {
     // Its threads have no poll page: the load would fault on address 0 for real.
     status_ = Status(Errc::invalid_argument, 0, "page poll for a Safepoints created without PollKinds::page_poll");
@@ -88,9 +86,10 @@ void PollEmitter::page_poll(const PollReg& thread, const PollReg& scratch) {
 }
 
 void PollEmitter::patched_poll() {
-  if (!stub_) return;
-  if (!(kinds_ & PollKinds::patched_poll)) {
-    status_ = Status(Errc::invalid_argument, 0, "patched poll for a Safepoints created without PollKinds::patched_poll");
+  if (!patched_) {
+    status_ = Status(Errc::invalid_argument, 0,
+                     "patched poll: the SafepointPolls was created without a Patcher (or its Safepoints "
+                     "without PollKinds::patched_poll)");
     return;
   }
   Pending p{cx_->a.newLabel(), cx_->a.newLabel()};
@@ -118,8 +117,10 @@ Status PollEmitter::finish() {
   return {};
 }
 
-namespace detail {
+namespace {
 
+// A stub that saves the caller-saved state, calls entry(return address) and returns with
+// every register but the ones documented in safepoint_polls.hpp as it was.
 Result<CodeBlob*> emit_safepoint_stub(Emitter& emitter, void (*entry)(const void* site) noexcept) noexcept {
   const auto target = reinterpret_cast<std::uint64_t>(entry);
   return emitter.emit("jitpatch.safepoint_stub", [target](EmitContext& cx) {
@@ -177,5 +178,111 @@ Result<CodeBlob*> emit_safepoint_stub(Emitter& emitter, void (*entry)(const void
   });
 }
 
-}  // namespace detail
+// What the shared stub calls: the poll's slow path for the calling thread.
+void stub_entry(const void* site) noexcept {
+  if (SafepointThread* t = SafepointThread::current()) detail::safepoint_slow(t, site);
+}
+
+}  // namespace
+
+// --- SafepointPolls -------------------------------------------------------------------
+
+Result<std::unique_ptr<SafepointPolls>> SafepointPolls::create(Safepoints& sp, Emitter& emitter,
+                                                                Patcher* patcher) noexcept {
+  if (patcher && !(sp.poll_kinds() & PollKinds::patched_poll))
+    return Status(Errc::invalid_argument, 0, "patched polls need a Safepoints created with PollKinds::patched_poll");
+  if (patcher && &patcher->emitter().heap() != &emitter.heap())
+    return Status(Errc::invalid_argument, 0, "the patcher's emitter must use the same code heap");
+  auto stub = emit_safepoint_stub(emitter, &stub_entry);
+  if (!stub.ok()) return stub.status();
+  std::unique_ptr<SafepointPolls> polls(new (std::nothrow) SafepointPolls(sp, emitter, patcher, *stub));
+  if (!polls) {
+    (void)emitter.free(*stub);
+    return Status(Errc::out_of_memory, 0, "SafepointPolls::create");
+  }
+  if (patcher) {
+    if (Status st = sp.set_poll_armer(polls.get()); !st.ok()) {
+      (void)emitter.free(*stub);
+      polls->patcher_ = nullptr;  // not installed: the destructor has nothing to remove
+      return st;
+    }
+  }
+  return polls;
+}
+
+SafepointPolls::SafepointPolls(Safepoints& sp, Emitter& emitter, Patcher* patcher, CodeBlob* stub) noexcept
+    : sp_(&sp), emitter_(&emitter), patcher_(patcher), stub_blob_(stub) {}
+
+SafepointPolls::~SafepointPolls() {
+  // Disarms the polls if a request has them armed. The stub stays allocated until its
+  // emitter goes: JIT code that still runs may call it.
+  if (patcher_) (void)sp_->set_poll_armer(nullptr);
+}
+
+const void* SafepointPolls::stub() const noexcept { return stub_blob_->entry(); }
+
+Status SafepointPolls::commit(const std::vector<const PatchSite*>& sites, bool on) noexcept {
+  PatchBatch b(*patcher_);
+  for (const PatchSite* site : sites) b.set_toggle(*site, on);
+  return b.commit();
+}
+
+Status SafepointPolls::arm(bool* serialized) noexcept {
+  std::lock_guard<std::mutex> g(mu_);
+  armed_ = true;
+  *serialized = false;
+  if (sites_.empty()) return {};
+  const Status st = commit(sites_, true);
+  // A committed batch ended with serialize_cores(), which is also a process barrier.
+  *serialized = st.ok();
+  return st;
+}
+
+void SafepointPolls::disarm() noexcept {
+  std::lock_guard<std::mutex> g(mu_);
+  armed_ = false;
+  if (!sites_.empty()) (void)commit(sites_, false);
+}
+
+Status SafepointPolls::add_poll_sites(const CodeBlob& blob) noexcept {
+  if (!patcher_) return Status(Errc::invalid_argument, 0, "this SafepointPolls was created without a Patcher");
+  std::lock_guard<std::mutex> g(mu_);
+  std::vector<const PatchSite*> added;
+  try {
+    for (const PatchSite& site : blob.sites())
+      if (site.kind == SiteKind::toggle && site.name == kPollSiteName) added.push_back(&site);
+    if (added.empty()) return Status(Errc::invalid_argument, 0, "the blob has no patched polls");
+    sites_.insert(sites_.end(), added.begin(), added.end());
+  } catch (...) {
+    return Status(Errc::out_of_memory, 0, "add_poll_sites");
+  }
+  // A request is pending: the new polls must be armed too.
+  return armed_ ? commit(added, true) : Status{};
+}
+
+Status SafepointPolls::remove_poll_sites(const CodeBlob& blob) noexcept {
+  if (!patcher_) return Status(Errc::invalid_argument, 0, "this SafepointPolls was created without a Patcher");
+  std::lock_guard<std::mutex> g(mu_);
+  std::vector<const PatchSite*> removed;
+  try {
+    for (auto it = sites_.begin(); it != sites_.end();) {
+      if (blob.contains((*it)->address)) {
+        removed.push_back(*it);
+        it = sites_.erase(it);
+      } else {
+        ++it;
+      }
+    }
+  } catch (...) {
+    return Status(Errc::out_of_memory, 0, "remove_poll_sites");
+  }
+  if (removed.empty()) return Status(Errc::invalid_argument, 0, "no registered polls in this blob");
+  return armed_ ? commit(removed, false) : Status{};
+}
+
+std::size_t SafepointPolls::poll_site_count() const noexcept {
+  std::lock_guard<std::mutex> g(mu_);
+  return sites_.size();
+}
+
 }  // namespace jitpatch

@@ -17,8 +17,8 @@
 #include <new>
 #include <set>
 
-#include "runtime/node_pool.hpp"
-#include "runtime/sys.hpp"
+#include "node_pool.hpp"
+#include "sys.hpp"
 
 namespace jitpatch {
 

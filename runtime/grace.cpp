@@ -12,9 +12,7 @@
 // PRIVATE_EXPEDITED, REFERENCE 1), which is exactly what the reader side left out.
 #include <jitpatch/grace.hpp>
 
-#include <jitpatch/emitter.hpp>
-
-#include "runtime/sys.hpp"
+#include "sys.hpp"
 
 #include <algorithm>
 #include <cerrno>
@@ -34,14 +32,24 @@ int my_tid() noexcept {
   return t_tid;
 }
 
+// One retired entry: exactly one of the three callbacks is set.
 struct Item {
   void* p;
   void (*fn1)(void*);
   void (*fn2)(void*, void*);
+  bool (*fnd)(void*, void*, bool);  // retire_deferrable: false = keep for another round
   void* ctx;
   std::uint64_t seq;
-  bool code;
 };
+
+// Runs an entry's callback after its grace period. False: a deferrable callback asked
+// for another grace period (never when `final`).
+bool run_item(const Item& it, bool final) {
+  if (it.fn1) it.fn1(it.p);
+  else if (it.fn2) it.fn2(it.ctx, it.p);
+  else return it.fnd(it.ctx, it.p, final) || final;
+  return true;
+}
 }  // namespace
 
 struct GraceDomain::Impl {
@@ -64,15 +72,14 @@ struct GraceDomain::Impl {
   std::mutex q_mu;
   std::condition_variable q_cv;     // wakes the reclaimer
   std::condition_variable done_cv;  // wakes barrier()
-  std::vector<Item> queue;          // sorted by seq (re-queued code first: it is older)
+  std::vector<Item> queue;          // sorted by seq (re-queued entries first: they are older)
   std::vector<std::uint64_t> inflight_min;  // smallest seq of each batch being reclaimed
   std::uint64_t next_seq = 1;
   bool stop = false;
   std::thread reclaimer;
-  std::function<bool(const CodeBlob&)> code_hook;  // guarded by q_mu
 
   std::atomic<std::uint64_t> grace_periods{0}, shared{0}, sleeps{0}, retired{0}, reclaimed{0},
-      inline_reclaims{0}, code_deferred{0};
+      inline_reclaims{0}, deferred{0};
 
   GraceOptions options;
 
@@ -82,6 +89,8 @@ struct GraceDomain::Impl {
     for (auto s : inflight_min) m = std::min(m, s);
     return m;
   }
+
+  Status reclaim_queue(GraceDomain& d, std::unique_lock<std::mutex>& lk);
 };
 
 namespace detail {
@@ -89,36 +98,30 @@ void grace_wake(GraceDomain* d) noexcept { d->wake(); }
 }  // namespace detail
 
 // Takes the whole queue (the caller holds q_mu through `lk`), runs one grace period
-// without the lock, runs the callbacks, and puts back what must wait longer: code blobs
-// the scan hook still sees referenced, or everything if the grace period failed.
-Status reclaim_queue(GraceDomain& d, GraceDomain::Impl& im, std::unique_lock<std::mutex>& lk) {
+// without the lock, runs the callbacks, and puts back what must wait longer: entries
+// whose deferrable callback asked for another grace period, or everything if the grace
+// period failed.
+Status GraceDomain::Impl::reclaim_queue(GraceDomain& d, std::unique_lock<std::mutex>& lk) {
   std::vector<Item> batch;
-  batch.swap(im.queue);
+  batch.swap(queue);
   if (batch.empty()) return {};
   const std::uint64_t first = batch.front().seq;
-  im.inflight_min.push_back(first);
-  auto hook = im.code_hook;
+  inflight_min.push_back(first);
   lk.unlock();
   const Status st = d.synchronize();
   std::vector<Item> keep;
   if (st.ok()) {
-    for (auto& it : batch) {
-      if (it.code && hook && hook(*static_cast<const CodeBlob*>(it.p))) {
-        keep.push_back(it);
-        continue;
-      }
-      if (it.fn1) it.fn1(it.p);
-      else it.fn2(it.ctx, it.p);
-    }
-    im.reclaimed.fetch_add(batch.size() - keep.size(), std::memory_order_relaxed);
-    im.code_deferred.fetch_add(keep.size(), std::memory_order_relaxed);
+    for (auto& it : batch)
+      if (!run_item(it, false)) keep.push_back(it);
+    reclaimed.fetch_add(batch.size() - keep.size(), std::memory_order_relaxed);
+    deferred.fetch_add(keep.size(), std::memory_order_relaxed);
   } else {
     keep = std::move(batch);
   }
   lk.lock();
-  im.inflight_min.erase(std::find(im.inflight_min.begin(), im.inflight_min.end(), first));
-  im.queue.insert(im.queue.begin(), keep.begin(), keep.end());
-  im.done_cv.notify_all();
+  inflight_min.erase(std::find(inflight_min.begin(), inflight_min.end(), first));
+  queue.insert(queue.begin(), keep.begin(), keep.end());
+  done_cv.notify_all();
   return st;
 }
 
@@ -167,12 +170,12 @@ Result<std::unique_ptr<GraceDomain>> GraceDomain::create(Runtime& rt, const Grac
         for (;;) {
           im.q_cv.wait(lk, [&] { return im.stop || !im.queue.empty(); });
           if (im.queue.empty()) break;  // stop requested and nothing left
-          const Status st = reclaim_queue(*self, im, lk);
-          // What was kept (blobs still referenced, or a failing process barrier) waits a
-          // little before the next round instead of spinning rounds.
+          const Status st = im.reclaim_queue(*self, lk);
+          // What was kept (deferred entries, or a failing process barrier) waits a little
+          // before the next round instead of spinning rounds.
           if (!st.ok() || !im.queue.empty()) {
-            // Stopping: what is left (a failing process barrier, or blobs the scan hook
-            // still sees) is the destructor's, which must not wait for the hook forever.
+            // Stopping: what is left (a failing process barrier, or entries deferred
+            // again) is the destructor's, which must not wait for them forever.
             if (im.stop) break;
             im.q_cv.wait_for(lk, std::chrono::milliseconds(st.ok() ? 1 : 10));
           }
@@ -197,9 +200,9 @@ GraceDomain::~GraceDomain() {
     im.q_cv.notify_all();
     im.reclaimer.join();
   }
-  // Whatever is left (no reclaimer, or code the hook kept): one more round, then run it.
-  // Code the hook still saw referenced is freed too: the domain is being torn down with
-  // its readers gone, and its emitters must still exist (documented in grace.hpp).
+  // Whatever is left (no reclaimer, or deferred entries): one more round, then run it.
+  // Deferrable callbacks run with final = true and must reclaim: the domain is being
+  // torn down with its readers gone (documented in grace.hpp).
   std::vector<Item> rest;
   {
     std::lock_guard<std::mutex> g(im.q_mu);
@@ -209,10 +212,7 @@ GraceDomain::~GraceDomain() {
     // Readers are gone by now (they must not outlive their domain), so nothing can still
     // reference these even if this last round fails.
     (void)synchronize();
-    for (auto& it : rest) {
-      if (it.fn1) it.fn1(it.p);
-      else it.fn2(it.ctx, it.p);
-    }
+    for (auto& it : rest) (void)run_item(it, true);
   }
   // Readers must be gone before their domain (documented); unlink any left so their
   // records are at least not reachable from a dead registry.
@@ -456,33 +456,25 @@ Status GraceDomain::enqueue(void* item_ptr) noexcept {
   }
   // Back-pressure: the retiring thread reclaims the whole queue itself.
   im.inline_reclaims.fetch_add(1, std::memory_order_relaxed);
-  return reclaim_queue(*this, im, lk);
+  return im.reclaim_queue(*this, lk);
 }
 
 Status GraceDomain::retire(void* p, void (*deleter)(void*)) noexcept {
   if (!deleter) return Status(Errc::invalid_argument, 0, "retire: null deleter");
-  Item it{p, deleter, nullptr, nullptr, 0, false};
+  Item it{p, deleter, nullptr, nullptr, nullptr, 0};
   return enqueue(&it);
 }
 
 Status GraceDomain::retire(void* p, void (*fn)(void*, void*), void* ctx) noexcept {
   if (!fn) return Status(Errc::invalid_argument, 0, "retire: null callback");
-  Item it{p, nullptr, fn, ctx, 0, false};
+  Item it{p, nullptr, fn, nullptr, ctx, 0};
   return enqueue(&it);
 }
 
-Status GraceDomain::retire_code(Emitter& emitter, CodeBlob* blob) noexcept {
-  if (!blob) return Status(Errc::invalid_argument, 0, "retire_code: null blob");
-  if (Status st = emitter.retire(blob); !st.ok()) return st;
-  Item it{blob, nullptr,
-          [](void* em, void* b) { (void)static_cast<Emitter*>(em)->free(static_cast<CodeBlob*>(b)); },
-          &emitter, 0, true};
+Status GraceDomain::retire_deferrable(void* p, bool (*fn)(void* ctx, void* p, bool final), void* ctx) noexcept {
+  if (!fn) return Status(Errc::invalid_argument, 0, "retire_deferrable: null callback");
+  Item it{p, nullptr, nullptr, fn, ctx, 0};
   return enqueue(&it);
-}
-
-void GraceDomain::set_code_scan_hook(std::function<bool(const CodeBlob&)> still_referenced) {
-  std::lock_guard<std::mutex> g(impl_->q_mu);
-  impl_->code_hook = std::move(still_referenced);
 }
 
 Status GraceDomain::barrier() noexcept {
@@ -492,21 +484,21 @@ Status GraceDomain::barrier() noexcept {
   auto& im = *impl_;
   std::unique_lock<std::mutex> lk(im.q_mu);
   const std::uint64_t upto = im.next_seq;  // everything retired before: seq < upto
-  // A failing process barrier, or a scan hook that never lets a blob go, would keep this
-  // waiting: bound it and say which.
+  // A failing process barrier, or a deferrable callback that never lets its entry go,
+  // would keep this waiting: bound it and say which.
   const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(30);
   while (im.oldest_pending_locked() < upto) {
     if (!im.options.background_reclaimer && !im.queue.empty()) {
       // No reclaimer: this caller reclaims.
-      if (Status st = reclaim_queue(*this, im, lk); !st.ok()) return st;
+      if (Status st = im.reclaim_queue(*this, lk); !st.ok()) return st;
       if (im.oldest_pending_locked() < upto && im.inflight_min.empty())
-        return Status(Errc::busy, 0, "barrier: the code scan hook still references a retired blob");
+        return Status(Errc::busy, 0, "barrier: a deferrable callback keeps deferring its entry");
       continue;
     }
     if (im.options.background_reclaimer) im.q_cv.notify_one();
     if (im.done_cv.wait_until(lk, deadline) == std::cv_status::timeout && im.oldest_pending_locked() < upto)
       return Status(Errc::timeout, 0,
-                    "barrier: retired entries not reclaimed (process barrier failing, or the code scan hook keeps a blob)");
+                    "barrier: retired entries not reclaimed (process barrier failing, or a deferrable callback keeps deferring)");
   }
   return {};
 }
@@ -520,7 +512,7 @@ GraceStats GraceDomain::stats() const noexcept {
   s.retired = im.retired.load(std::memory_order_relaxed);
   s.reclaimed = im.reclaimed.load(std::memory_order_relaxed);
   s.inline_reclaims = im.inline_reclaims.load(std::memory_order_relaxed);
-  s.code_deferred = im.code_deferred.load(std::memory_order_relaxed);
+  s.deferred = im.deferred.load(std::memory_order_relaxed);
   return s;
 }
 

@@ -1,5 +1,7 @@
 #include <jitpatch/percpu.hpp>
 
+#include <jitpatch/internal/runtime_testing.hpp>
+
 #include <sched.h>
 #include <sys/sysinfo.h>
 #include <time.h>
@@ -264,9 +266,9 @@ Status PerCpuLog::harvest(int cpu, DrainFn fn, void* ctx) noexcept {
   return {};
 }
 
-std::uint64_t PerCpuLog::debug_inactive_digest(int cpu) const noexcept {
-  if (cpu < 0 || static_cast<unsigned>(cpu) >= cpus_) return 0;
-  const Buffer* b = inactive(slots_[static_cast<unsigned>(cpu)]);
+std::uint64_t testing::PerCpuLogAccess::inactive_digest(const PerCpuLog& log, int cpu) noexcept {
+  if (cpu < 0 || static_cast<unsigned>(cpu) >= log.cpus_) return 0;
+  const PerCpuLog::Buffer* b = log.inactive(log.slots_[static_cast<unsigned>(cpu)]);
   // FNV-1a over count and every entry slot: catches a late commit and a late
   // speculative entry store alike.
   std::uint64_t h = 1469598103934665603ull;
@@ -275,7 +277,7 @@ std::uint64_t PerCpuLog::debug_inactive_digest(int cpu) const noexcept {
     h *= 1099511628211ull;
   };
   mix(__atomic_load_n(&b->count, __ATOMIC_RELAXED));
-  for (std::size_t i = 0; i < capacity_; ++i) mix(__atomic_load_n(&b->items()[i], __ATOMIC_RELAXED));
+  for (std::size_t i = 0; i < log.capacity_; ++i) mix(__atomic_load_n(&b->items()[i], __ATOMIC_RELAXED));
   return h;
 }
 

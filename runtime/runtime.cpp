@@ -18,8 +18,10 @@
 #include <new>
 #include <vector>
 
-#include "runtime/signal_chain.hpp"
-#include "runtime/sys.hpp"
+#include <jitpatch/internal/signal_chain.hpp>
+#include <jitpatch/internal/runtime_testing.hpp>
+
+#include "sys.hpp"
 
 namespace jitpatch {
 
@@ -538,7 +540,7 @@ Status Runtime::rseq_fence(int cpu) noexcept { return impl_->run_current(Operati
 Status Runtime::run(Operation op, Strategy s, int cpu) noexcept { return impl_->run(op, s, cpu); }
 
 int Runtime::signal_number() const noexcept { return impl_->signo; }
-std::uint64_t Runtime::signal_acks() const noexcept { return __atomic_load_n(&g_acks, __ATOMIC_RELAXED); }
+std::uint64_t testing::RuntimeAccess::signal_acks(const Runtime&) noexcept { return __atomic_load_n(&g_acks, __ATOMIC_RELAXED); }
 
 std::size_t Runtime::attached_thread_count() const noexcept {
   std::lock_guard<std::mutex> g(g_registry_mu);

@@ -1,4 +1,4 @@
-#include "runtime/sys.hpp"
+#include "sys.hpp"
 
 #include <linux/futex.h>
 #include <sys/syscall.h>

@@ -30,7 +30,7 @@
 #include <utility>
 #include <vector>
 
-#include "runtime/sys.hpp"
+#include "sys.hpp"
 
 // ---------------------------------------------------------------------------------------
 // [gdb-jit] "JIT Declarations": the layout gdb reads out of the inferior. The types are

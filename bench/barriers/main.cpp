@@ -157,7 +157,7 @@ class Bench {
     });
     local("smp_mb__before_atomic+fetch_add", [] {
       smp_mb__before_atomic();
-      __atomic_fetch_add(&g_counter, 1, __ATOMIC_RELAXED);
+      fetch_add_relaxed(&g_counter, 1);
     });
     local("sync_core", [] { sync_core(); });
     progress_done();

@@ -142,7 +142,7 @@ int run(const Options& opt) {
   if (rseq_ctr) incs.push_back({"rseq per-CPU add (PerCpuCounter)", [&] { rseq_ctr->add(1); }});
   else skipped.emplace_back("rseq per-CPU add", rseq_ctr.status().message());
   incs.push_back({"atomic per-CPU fetch_add (fallback)", [&] { atomic_ctr->add(1); }});
-  incs.push_back({"atomic fetch_add, one shared counter", [] { __atomic_fetch_add(&g_shared, 1, __ATOMIC_RELAXED); }});
+  incs.push_back({"atomic fetch_add, one shared counter", [] { fetch_add_relaxed(&g_shared, 1); }});
   incs.push_back({"thread-local increment", [] {
                     t_counter = t_counter + 1;
                     // Keep each increment a real store, not folded across the batch loop.

@@ -1,5 +1,6 @@
-// The read/update torture of liburcu's test_urcu (the table in the membarrier commit,
-// shared/seeds/membarrier-history.txt): readers dereference one RCU-protected pointer
+// The read/update torture of liburcu's test_urcu (the table in the message of the Linux
+// 4.3 commit that added membarrier(2), "sys_membarrier(): system-wide memory barrier
+// (generic, x86)"): readers dereference one RCU-protected pointer
 // and check the int it points to; writers swap in a fresh int, wait for a grace period,
 // then poison and free the old one. Reads and writes (= grace periods) are counted over
 // a fixed time; writers also time each grace period.
@@ -8,6 +9,8 @@
 // liburcu flavors are compiled in their own translation units with _LGPL_SOURCE, which
 // is how liburcu inlines its fast paths; jitpatch's are inline in grace.hpp).
 #pragma once
+
+#include <jitpatch/arch.hpp>
 
 #include <atomic>
 #include <chrono>
@@ -68,8 +71,8 @@ Outcome run_torture(const Config& cfg) {
       for (;;) {
         if constexpr (!Flavor::qsbr) r.lock();
         // Acquire: pairs with the writer's release exchange of a fully initialized int.
-        const int* p = __atomic_load_n(&shared_ptr, __ATOMIC_ACQUIRE);
-        if (__atomic_load_n(p, __ATOMIC_RELAXED) != 8) ++b;
+        const int* p = jitpatch::load_acquire(&shared_ptr);
+        if (jitpatch::read_once(*p) != 8) ++b;
         if constexpr (!Flavor::qsbr) r.unlock();
         ++n;
         if constexpr (Flavor::qsbr) {
@@ -90,7 +93,10 @@ Outcome run_torture(const Config& cfg) {
       std::uint64_t n = 0;
       while (!stop.load(std::memory_order_relaxed)) {
         int* fresh = new int(8);
-        int* old = __atomic_exchange_n(&shared_ptr, fresh, __ATOMIC_ACQ_REL);
+        // Was an acq_rel exchange; the LKMM has no acq_rel RMW, so the fully ordered xchg(),
+        // which is also what liburcu's rcu_xchg_pointer() is (uatomic_xchg: full barrier
+        // before and after). Same XCHG on x86; arm64 adds a DMB ISH, outside the timed part.
+        int* old = jitpatch::xchg(&shared_ptr, fresh);
         const std::int64_t t0 = mono_ns();
         if (!Flavor::synchronize()) {
           failed.store(true);
@@ -98,7 +104,7 @@ Outcome run_torture(const Config& cfg) {
         }
         const std::int64_t t1 = mono_ns();
         if (l.size() < (1u << 20)) l.push_back(double(t1 - t0));
-        __atomic_store_n(old, 0, __ATOMIC_RELAXED);  // poison: a late reader counts it as bad
+        jitpatch::write_once(*old, 0);  // poison: a late reader counts it as bad
         delete old;
         ++n;
       }

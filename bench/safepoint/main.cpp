@@ -77,9 +77,9 @@ using LoopFn = std::uint64_t(SafepointThread*, std::uint64_t*, std::uint64_t);
 //               the worst case for a poll, a tight loop doing nothing else.
 enum class Shape { memory, throughput };
 
-Result<CodeBlob*> emit_loop(Emitter& em, const Safepoints& sp, Kind kind, Shape shape = Shape::memory) {
+Result<CodeBlob*> emit_loop(Emitter& em, const SafepointPolls& polls, Kind kind, Shape shape = Shape::memory) {
   return em.emit("bench_loop", [&](EmitContext& cx) -> Status {
-    PollEmitter pe(cx, sp);
+    PollEmitter pe(cx, polls);
     auto& a = cx.a;
     auto top = a.newLabel();
 #if defined(__x86_64__)
@@ -159,6 +159,7 @@ struct Jit {
 // One Safepoints with its loop function. The stub is emitted per Safepoints.
 struct Setup {
   std::unique_ptr<Safepoints> sp;
+  std::unique_ptr<SafepointPolls> polls;  // after sp: destroyed before it
   LoopFn* loop = nullptr;
   Status init(Runtime& rt, Jit& jit, Kind kind, SafepointMode mode = SafepointMode::automatic) {
     SafepointOptions o;
@@ -167,13 +168,13 @@ struct Setup {
     auto s = Safepoints::create(rt, o);
     if (!s.ok()) return s.status();
     sp = std::move(s).value();
-    Status st = kind == Kind::patched ? sp->enable_patched_polls(*jit.em, *jit.patcher) : sp->emit_stub(*jit.em);
-    if (!st.ok()) return st;
-    auto b = emit_loop(*jit.em, *sp, kind);
+    auto p = SafepointPolls::create(*sp, *jit.em, kind == Kind::patched ? jit.patcher.get() : nullptr);
+    if (!p.ok()) return p.status();
+    polls = std::move(p).value();
+    auto b = emit_loop(*jit.em, *polls, kind);
     if (!b.ok()) return b.status();
     if (kind == Kind::patched) {
-      st = sp->add_poll_sites(**b);
-      if (!st.ok()) return st;
+      if (Status st = polls->add_poll_sites(**b); !st.ok()) return st;
     }
     loop = (*b)->as<LoopFn>();
     return {};
@@ -200,10 +201,10 @@ long futex(std::uint32_t* w, int op, std::uint32_t val, const timespec* ts = nul
 void on_stop_signal(int, siginfo_t* si, void*) {
   const int saved = errno;
   if (si->si_code == SI_QUEUE && si->si_value.sival_int == kStopMagic && t_mutator_index >= 0) {
-    const std::uint32_t seq = __atomic_load_n(&g_release_seq, __ATOMIC_ACQUIRE);
-    __atomic_store_n(&g_acks[t_mutator_index].v, seq + 1, __ATOMIC_RELEASE);
+    const std::uint32_t seq = load_acquire(&g_release_seq);
+    store_release(&g_acks[t_mutator_index].v, seq + 1);
     futex(&g_acks[t_mutator_index].v, FUTEX_WAKE_PRIVATE, 1);
-    while (__atomic_load_n(&g_release_seq, __ATOMIC_ACQUIRE) == seq) futex(&g_release_seq, FUTEX_WAIT_PRIVATE, seq);
+    while (load_acquire(&g_release_seq) == seq) futex(&g_release_seq, FUTEX_WAIT_PRIVATE, seq);
   }
   errno = saved;
 }
@@ -334,7 +335,7 @@ TtspRow ttsp_signals(Jit& jit, Runtime& rt, int mutators, int stops) {
   std::vector<double> v;
   for (int i = 0; i < stops; ++i) {
     gap(200000);
-    const std::uint32_t seq = __atomic_load_n(&g_release_seq, __ATOMIC_RELAXED);
+    const std::uint32_t seq = read_once(g_release_seq);
     const std::int64_t t0 = jb::now_ns();
     for (int k = 0; k < mutators; ++k) {
       siginfo_t si = {};
@@ -346,17 +347,17 @@ TtspRow ttsp_signals(Jit& jit, Runtime& rt, int mutators, int stops) {
       ::syscall(SYS_rt_tgsigqueueinfo, pid, m.tids[static_cast<std::size_t>(k)], g_stop_signal, &si);
     }
     for (int k = 0; k < mutators; ++k) {
-      for (int spin = 0; __atomic_load_n(&g_acks[k].v, __ATOMIC_ACQUIRE) != seq + 1; ++spin) {
+      for (int spin = 0; load_acquire(&g_acks[k].v) != seq + 1; ++spin) {
         if (spin < 2000) {
           cpu_relax();
           continue;
         }
         const timespec ts{0, 1000000};
-        futex(&g_acks[k].v, FUTEX_WAIT_PRIVATE, __atomic_load_n(&g_acks[k].v, __ATOMIC_RELAXED), &ts);
+        futex(&g_acks[k].v, FUTEX_WAIT_PRIVATE, read_once(g_acks[k].v), &ts);
       }
     }
     v.push_back(static_cast<double>(jb::now_ns() - t0));
-    __atomic_store_n(&g_release_seq, seq + 1, __ATOMIC_RELEASE);
+    store_release(&g_release_seq, seq + 1);
     futex(&g_release_seq, FUTEX_WAKE_PRIVATE, INT_MAX);
   }
   m.stop();
@@ -394,19 +395,24 @@ int run(const Options& opt) {
     SafepointOptions o;
     o.poll_kinds = poll_word | page_poll | patched_poll;
     auto sp = Safepoints::create(*rt, o);
-    if (!sp.ok() || !(*sp)->enable_patched_polls(*jit.em, *jit.patcher).ok()) {
+    if (!sp.ok()) {
       std::fprintf(stderr, "Safepoints: %s\n", sp.status().message().c_str());
+      return 1;
+    }
+    auto polls = SafepointPolls::create(**sp, *jit.em, jit.patcher.get());
+    if (!polls.ok()) {
+      std::fprintf(stderr, "SafepointPolls: %s\n", polls.status().message().c_str());
       return 1;
     }
     std::vector<LoopFn*> fns;
     for (Shape shape : {Shape::memory, Shape::throughput})
       for (Kind k : kinds) {
-        auto b = emit_loop(*jit.em, **sp, k, shape);
+        auto b = emit_loop(*jit.em, **polls, k, shape);
         if (!b.ok()) {
           std::fprintf(stderr, "emit: %s\n", b.status().message().c_str());
           return 1;
         }
-        if (k == Kind::patched) (void)(*sp)->add_poll_sites(**b);
+        if (k == Kind::patched) (void)(*polls)->add_poll_sites(**b);
         fns.push_back((*b)->as<LoopFn>());
       }
     auto att = (*sp)->attach_current_thread();

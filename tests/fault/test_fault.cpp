@@ -81,7 +81,7 @@ std::string check_code_rewrite(Runtime& rt) {
   while (!ready) std::this_thread::yield();
   std::string err;
   for (unsigned v = 1; v <= 2000 && err.empty(); ++v) {
-    __atomic_store_n(reinterpret_cast<unsigned*>(rw + 4), v, __ATOMIC_RELAXED);
+    write_once(*reinterpret_cast<unsigned*>(rw + 4), v);
     flush_icache(rx + 4, rx + 8);
     if (Status st = rt.serialize_cores(); !st) err = "serialize_cores: " + st.message();
     published.store(v, std::memory_order_relaxed);

@@ -6,6 +6,7 @@
 #include <catch2/catch.hpp>
 
 #include <jitpatch/jitpatch.hpp>
+#include <jitpatch/internal/runtime_testing.hpp>
 
 #include <seccomp.h>
 #include <sys/wait.h>
@@ -77,12 +78,12 @@ std::string check_log(Runtime& rt, PerCpuMode expected_mode) {
     while (failed.ok() && std::chrono::steady_clock::now() < end) {
       const int cpu = per_cpu ? static_cast<int>(next++ % log.cpus()) : Runtime::all_cpus;
       failed = log.harvest(cpu, [&](int k, const std::uint64_t* items, std::size_t n) {
-        const std::uint64_t before = log.debug_inactive_digest(k);
+        const std::uint64_t before = testing::PerCpuLogAccess::inactive_digest(log, k);
         const std::uint64_t start = appended.load();
         const auto until = std::chrono::steady_clock::now() + std::chrono::microseconds(300);
         while (appended.load() - start < 32 && std::chrono::steady_clock::now() < until) {
         }
-        if (log.debug_inactive_digest(k) != before) ++changed;
+        if (testing::PerCpuLogAccess::inactive_digest(log, k) != before) ++changed;
         record(items, n);
       });
     }

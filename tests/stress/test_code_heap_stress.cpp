@@ -122,7 +122,13 @@ TEST_CASE("stress: freed memory reused for new code runs the new code on other t
       auto att = (*rt)->attach_current_thread();
       while (!stop.load(std::memory_order_relaxed)) {
         const std::uint32_t g = generation.load(std::memory_order_acquire);
-        std::byte* fn = __atomic_load_n(&slot, __ATOMIC_SEQ_CST);
+        // Was a seq_cst load. It is one side of a store-buffering pair with the publisher
+        // (this side: the iterations[t] increment, then the slot load; that side: the slot
+        // store, smp_mb(), the iterations loads), which the LKMM idiom writes as a full
+        // barrier and a plain marked load: an iteration that starts after the publisher
+        // read the counters sees the new slot.
+        smp_mb();
+        std::byte* fn = read_once(slot);
         if (fn) {
           if (call(fn) < g) stale.fetch_add(1, std::memory_order_relaxed);
           calls.fetch_add(1, std::memory_order_relaxed);
@@ -148,7 +154,7 @@ TEST_CASE("stress: freed memory reused for new code runs the new code on other t
     b.add(*r);
     REQUIRE(b.commit().ok());
     publish_entry(&slot, r->rx);
-    __atomic_thread_fence(__ATOMIC_SEQ_CST);  // the slot store before the counter reads below
+    smp_mb();  // the slot store before the counter reads below (pairs with the executors' smp_mb())
     generation.store(g, std::memory_order_release);
     // `prev` is unpublished, but an executor may have loaded it just before. A poor man's
     // grace period (real retirement is the reclamation layer's job): once each executor

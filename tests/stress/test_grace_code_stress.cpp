@@ -79,7 +79,7 @@ TEST_CASE("grace stress: retired code is never freed under an executor", "[grace
   for (int v = 1; v <= versions; ++v) {
     CodeBlob* next = version(v);
     current.store(next->as<Pair()>(), std::memory_order_release);
-    REQUIRE(d.retire_code(*fx.em, live).ok());
+    REQUIRE(retire_code(d, *fx.em, live).ok());
     live = next;
     if (v % 500 == 0 && wx.empty()) wx = test::writable_and_executable();
   }

@@ -10,6 +10,7 @@
 #include <catch2/catch.hpp>
 
 #include <jitpatch/jitpatch.hpp>
+#include <jitpatch/internal/jit_testing.hpp>
 
 #include <unistd.h>
 
@@ -209,7 +210,7 @@ TEST_CASE("stress: breakpoint protocol with a thread parked on the trap", "[stre
     }
   };
   std::atomic<int> parked{0};
-  f.patcher->set_round_hook(&Hook::after_round, &parked);
+  testing::PatcherAccess::set_round_hook(*f.patcher, &Hook::after_round, &parked);
   std::atomic<bool> stop{false};
   std::atomic<long> wrong{0}, calls{0};
   std::thread exec([&] {
@@ -228,7 +229,7 @@ TEST_CASE("stress: breakpoint protocol with a thread parked on the trap", "[stre
     b.replace(c->entry(), bytes.data(), bytes.size());
     REQUIRE(b.commit().ok());
   }
-  f.patcher->set_round_hook(nullptr, nullptr);
+  testing::PatcherAccess::set_round_hook(*f.patcher, nullptr, nullptr);
   stop = true;
   exec.join();
   CHECK(wrong.load() == 0);

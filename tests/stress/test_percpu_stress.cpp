@@ -13,6 +13,7 @@
 #include <catch2/catch.hpp>
 
 #include <jitpatch/jitpatch.hpp>
+#include <jitpatch/internal/runtime_testing.hpp>
 
 #include <atomic>
 #include <chrono>
@@ -96,16 +97,16 @@ TEST_CASE("percpu stress: after a harvest's fence the inactive buffer never chan
       auto drain = [&](int cpu, const std::uint64_t* items, std::size_t n) {
         // The fence returned: nobody may touch this buffer any more. Watch it while the
         // writers make progress (at least 64 appends elsewhere, bounded in time).
-        const std::uint64_t before = log.debug_inactive_digest(cpu);
+        const std::uint64_t before = testing::PerCpuLogAccess::inactive_digest(log, cpu);
         const std::uint64_t start = appended.load(std::memory_order_relaxed);
         const auto until = std::chrono::steady_clock::now() + std::chrono::microseconds(300);
         while (appended.load(std::memory_order_relaxed) - start < 64 && std::chrono::steady_clock::now() < until) {
-          if (log.debug_inactive_digest(cpu) != before) {
+          if (testing::PerCpuLogAccess::inactive_digest(log, cpu) != before) {
             ++changed;
             break;
           }
         }
-        if (log.debug_inactive_digest(cpu) != before) ++changed;
+        if (testing::PerCpuLogAccess::inactive_digest(log, cpu) != before) ++changed;
         ++windows;
         record(items, n);
       };
@@ -184,22 +185,23 @@ TEST_CASE("percpu stress: deref_add through a swapped pointer (param_test -T r)"
         const int cpu = per_cpu ? static_cast<int>(next++ % ncpu) : Runtime::all_cpus;
         std::intptr_t* old = arrays[cur];
         cur ^= 1;
-        __atomic_store_n(&active, arrays[cur], __ATOMIC_SEQ_CST);
+        // Was a seq_cst store: the LKMM idiom is the store and a full barrier, so the
+        // store is visible before the fence below and the snapshot reads of the old array.
+        write_once(active, arrays[cur]);
+        smp_mb();
         if (fenced) REQUIRE((*rt)->rseq_fence(cpu).ok());
         // Watch the old array's counter(s) for this CPU (or all) while writers progress.
         const unsigned lo = cpu == Runtime::all_cpus ? 0 : static_cast<unsigned>(cpu);
         const unsigned hi = cpu == Runtime::all_cpus ? ncpu : lo + 1;
         std::vector<std::intptr_t> snap;
         for (unsigned c = lo; c < hi; ++c)
-          snap.push_back(__atomic_load_n(reinterpret_cast<std::intptr_t*>(reinterpret_cast<char*>(old) + c * stride),
-                                         __ATOMIC_RELAXED));
+          snap.push_back(read_once(*reinterpret_cast<std::intptr_t*>(reinterpret_cast<char*>(old) + c * stride)));
         const std::uint64_t start = adds.load(std::memory_order_relaxed);
         const auto until = std::chrono::steady_clock::now() + std::chrono::microseconds(200);
         while (adds.load(std::memory_order_relaxed) - start < 64 && std::chrono::steady_clock::now() < until) {
         }
         for (unsigned c = lo; c < hi; ++c)
-          if (__atomic_load_n(reinterpret_cast<std::intptr_t*>(reinterpret_cast<char*>(old) + c * stride),
-                              __ATOMIC_RELAXED) != snap[c - lo])
+          if (read_once(*reinterpret_cast<std::intptr_t*>(reinterpret_cast<char*>(old) + c * stride)) != snap[c - lo])
             ++changed;
         ++rounds;
       }

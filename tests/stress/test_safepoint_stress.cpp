@@ -40,7 +40,7 @@ struct alignas(64) Slot {
   std::atomic<std::uint64_t> calls{0};
 };
 
-std::uint64_t load(const std::uint64_t& x) { return __atomic_load_n(&x, __ATOMIC_RELAXED); }
+std::uint64_t load(const std::uint64_t& x) { return read_once(x); }
 
 struct Outcome {
   int bad_stop = 0, bad_handshake = 0, errors = 0, stops = 0, handshakes = 0, stalls = 0;
@@ -66,10 +66,10 @@ Outcome run(SafepointMode mode, test::Poll kind, int mutators, int rounds, Grace
   auto sp = std::move(sp_r).value();
   {
     test::SafepointJit jit(*rt, *sp);
-    auto blob = test::emit_loop(*jit.em, *sp, kind);
+    auto blob = test::emit_loop(*jit.em, *jit.polls, kind);
     INFO(blob.status().message());
     REQUIRE(blob.ok());
-    if (kind == test::Poll::patched) REQUIRE(sp->add_poll_sites(**blob).ok());
+    if (kind == test::Poll::patched) REQUIRE(jit.polls->add_poll_sites(**blob).ok());
     auto* loop = (*blob)->as<test::LoopFn>();
 
     std::vector<std::unique_ptr<Slot>> slots;
@@ -174,7 +174,7 @@ Outcome run(SafepointMode mode, test::Poll kind, int mutators, int rounds, Grace
     out.bad_handshake = hs_bad.load();
     out.errors += errors.load();
     for (auto& s : slots) out.mutator_calls += s->calls.load();
-    if (kind == test::Poll::patched) CHECK(sp->remove_poll_sites(**blob).ok());
+    if (kind == test::Poll::patched) CHECK(jit.polls->remove_poll_sites(**blob).ok());
     out.stats = sp->stats();
   }
   return out;

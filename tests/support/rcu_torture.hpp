@@ -44,8 +44,8 @@ inline void poison_and_free_list(void* p) {
     Node* n = x->next;
     // Relaxed atomic stores: a reader racing with this is exactly the bug under test, and
     // TSan should report it as such rather than as a plain-store race of this test.
-    __atomic_store_n(&x->magic, kPoison, __ATOMIC_RELAXED);
-    for (auto& w : x->payload) __atomic_store_n(&w, kPoison, __ATOMIC_RELAXED);
+    write_once(x->magic, kPoison);
+    for (auto& w : x->payload) write_once(w, kPoison);
     delete x;
     x = n;
   }
@@ -80,11 +80,11 @@ inline TortureResult torture(Runtime& rt, Mode mode, bool use_retire, std::chron
     while (!stop.load(std::memory_order_relaxed)) {
       if (mode != Mode::qsbr) r->lock();
       // Acquire: pairs with the writer's release publication of a fully built list.
-      for (Node* x = __atomic_load_n(&head, __ATOMIC_ACQUIRE); x; x = x->next) {
-        const std::uint64_t m = __atomic_load_n(&x->magic, __ATOMIC_RELAXED);
+      for (Node* x = load_acquire(&head); x; x = x->next) {
+        const std::uint64_t m = read_once(x->magic);
         if (m != kLive) ++b;
         for (int k = 0; k < 6; ++k)
-          if (__atomic_load_n(&x->payload[k], __ATOMIC_RELAXED) != x->key * static_cast<std::uint64_t>(k + 1)) ++b;
+          if (read_once(x->payload[k]) != x->key * static_cast<std::uint64_t>(k + 1)) ++b;
       }
       if (mode != Mode::qsbr) r->unlock();
       else r->quiescent();
@@ -98,7 +98,10 @@ inline TortureResult torture(Runtime& rt, Mode mode, bool use_retire, std::chron
     long w = 0;
     while (!stop.load(std::memory_order_relaxed)) {
       Node* fresh = make_list(seed * 100000 + static_cast<std::uint64_t>(w) * 16, 8);
-      Node* old = __atomic_exchange_n(&head, fresh, __ATOMIC_ACQ_REL);
+      // Was an acq_rel exchange; the LKMM has no acq_rel RMW, so the fully ordered xchg()
+      // (a superset: release publishes the fresh list, acquire orders the poisoning after
+      // the other writer's initialization of `old`). x86: the same XCHG; arm64: + DMB ISH.
+      Node* old = xchg(&head, fresh);
       if (use_retire) {
         if (!d.retire(old, poison_and_free_list).ok()) errors.fetch_add(1);
       } else {

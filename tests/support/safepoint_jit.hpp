@@ -54,9 +54,9 @@ inline Status emit_poll(PollEmitter& pe, Poll kind,
   return pe.status();
 }
 
-inline Result<CodeBlob*> emit_loop(Emitter& em, const Safepoints& sp, Poll kind) {
+inline Result<CodeBlob*> emit_loop(Emitter& em, const SafepointPolls& polls, Poll kind) {
   return em.emit("sp_loop", [&](EmitContext& cx) -> Status {
-    PollEmitter pe(cx, sp);
+    PollEmitter pe(cx, polls);
     auto& a = cx.a;
     auto top = a.newLabel();
 #if defined(__x86_64__)
@@ -89,9 +89,9 @@ inline Result<CodeBlob*> emit_loop(Emitter& em, const Safepoints& sp, Poll kind)
   });
 }
 
-inline Result<CodeBlob*> emit_regs(Emitter& em, const Safepoints& sp, Poll kind) {
+inline Result<CodeBlob*> emit_regs(Emitter& em, const SafepointPolls& polls, Poll kind) {
   return em.emit("sp_regs", [&](EmitContext& cx) -> Status {
-    PollEmitter pe(cx, sp);
+    PollEmitter pe(cx, polls);
     auto& a = cx.a;
 #if defined(__x86_64__)
     namespace x = asmjit::x86;
@@ -146,6 +146,7 @@ struct SafepointJit {
   CodeRegistry registry;
   std::unique_ptr<Emitter> em;
   std::unique_ptr<Patcher> patcher;
+  std::unique_ptr<SafepointPolls> polls;  // last: destroyed first
 
   // `protection_flip`: the heap that qemu-user sees writes to (single-threaded patching).
   SafepointJit(Runtime& rt, Safepoints& sp, bool protection_flip = false) {
@@ -163,15 +164,11 @@ struct SafepointJit {
     auto p = Patcher::create(*em);
     REQUIRE(p.ok());
     patcher = std::move(p).value();
-    if (sp.poll_kinds() & patched_poll) {
-      const Status st = sp.enable_patched_polls(*em, *patcher);
-      INFO(st.message());
-      REQUIRE(st.ok());
-    } else {
-      const Status st = sp.emit_stub(*em);
-      INFO(st.message());
-      REQUIRE(st.ok());
-    }
+    // Patched polls when the Safepoints has them; otherwise only the stub.
+    auto sp_polls = SafepointPolls::create(sp, *em, (sp.poll_kinds() & patched_poll) ? patcher.get() : nullptr);
+    INFO(sp_polls.status().message());
+    REQUIRE(sp_polls.ok());
+    polls = std::move(sp_polls).value();
   }
 };
 

@@ -1,6 +1,7 @@
 #include <catch2/catch.hpp>
 
 #include <jitpatch/jitpatch.hpp>
+#include <jitpatch/internal/runtime_testing.hpp>
 
 #include <atomic>
 #include <csignal>
@@ -145,10 +146,10 @@ TEST_CASE("runtime: signal broadcast reaches every attached thread", "[unit]") {
   while (ready.load() < kThreads) std::this_thread::yield();
   CHECK(r.attached_thread_count() == kThreads + 1);
   for (Operation op : {Operation::process_barrier, Operation::serialize_cores, Operation::rseq_fence}) {
-    const auto before = r.signal_acks();
+    const auto before = testing::RuntimeAccess::signal_acks(r);
     REQUIRE(r.run(op, Strategy::signals).ok());
     // Every other attached thread acknowledged exactly once; the caller is not signalled.
-    CHECK(r.signal_acks() - before == kThreads);
+    CHECK(testing::RuntimeAccess::signal_acks(r) - before == kThreads);
   }
   stop = true;
   for (auto& t : ts) t.join();

@@ -180,22 +180,23 @@ TEST_CASE("safepoint: bad input is an error, not a crash", "[unit][safepoint]") 
   CHECK(t == SafepointThread::current());
 
   // Patched-poll calls without patched polls enabled.
-  CHECK(sp->poll_stub() == nullptr);
-  test::SafepointJit jit(*rt, *sp);  // emits the stub
-  CHECK(sp->poll_stub() != nullptr);
+  test::SafepointJit jit(*rt, *sp);  // emits the stub; no Patcher given (no patched_poll)
+  CHECK(jit.polls->stub() != nullptr);
+  CHECK(!jit.polls->patched());
   auto blob = jit.em->emit("f", [](EmitContext& cx) { cx.a.ret(
 #if defined(__aarch64__)
                                                          asmjit::a64::x30
 #endif
                                                          ); });
   REQUIRE(blob.ok());
-  CHECK(sp->add_poll_sites(**blob) == Errc::invalid_argument);
-  CHECK(sp->remove_poll_sites(**blob) == Errc::invalid_argument);
-  CHECK(sp->enable_patched_polls(*jit.em, *jit.patcher) == Errc::invalid_argument);
+  CHECK(jit.polls->add_poll_sites(**blob) == Errc::invalid_argument);
+  CHECK(jit.polls->remove_poll_sites(**blob) == Errc::invalid_argument);
+  CHECK(SafepointPolls::create(*sp, *jit.em, jit.patcher.get()).status() == Errc::invalid_argument);
+  CHECK(sp->set_poll_armer(nullptr) == Errc::invalid_argument);
   // Page and patched polls for a Safepoints without them: refused at emission.
-  CHECK(test::emit_loop(*jit.em, *sp, test::Poll::page).status() == Errc::invalid_argument);
-  CHECK(test::emit_loop(*jit.em, *sp, test::Poll::patched).status() == Errc::invalid_argument);
-  CHECK(test::emit_loop(*jit.em, *sp, test::Poll::word).ok());
+  CHECK(test::emit_loop(*jit.em, *jit.polls, test::Poll::page).status() == Errc::invalid_argument);
+  CHECK(test::emit_loop(*jit.em, *jit.polls, test::Poll::patched).status() == Errc::invalid_argument);
+  CHECK(test::emit_loop(*jit.em, *jit.polls, test::Poll::word).ok());
 }
 
 TEST_CASE("safepoint: stop_the_world stops every polling mutator", "[unit][safepoint]") {
@@ -516,7 +517,7 @@ TEST_CASE("safepoint: emitted polls run the slow path and preserve registers", "
   o.poll_kinds = poll_word | (kind == test::Poll::page ? page_poll : 0u) | (kind == test::Poll::patched ? patched_poll : 0u);
   auto sp = make_sp(*rt, o);
   test::SafepointJit jit(*rt, *sp);
-  auto regs = test::emit_regs(*jit.em, *sp, kind);
+  auto regs = test::emit_regs(*jit.em, *jit.polls, kind);
   INFO(regs.status().message());
   REQUIRE(regs.ok());
   auto* fn = (*regs)->as<test::RegsFn>();
@@ -529,8 +530,8 @@ TEST_CASE("safepoint: emitted polls run the slow path and preserve registers", "
   CHECK(sp->stats().slow_paths == 0);
   if (kind == test::Poll::patched) {
     // Single-threaded (qemu-user needs it for patching): turn the poll on by hand.
-    REQUIRE(sp->add_poll_sites(**regs).ok());
-    CHECK(sp->poll_site_count() == 1);
+    REQUIRE(jit.polls->add_poll_sites(**regs).ok());
+    CHECK(jit.polls->poll_site_count() == 1);
     const PatchSite* site = (*regs)->site("safepoint.poll");
     REQUIRE(site);
     REQUIRE(jit.patcher->set_toggle(*site, true).ok());
@@ -539,7 +540,7 @@ TEST_CASE("safepoint: emitted polls run the slow path and preserve registers", "
     REQUIRE(jit.patcher->set_toggle(*site, false).ok());
     CHECK(fn(self) == test::kRegsExpected);
     CHECK(sp->stats().slow_paths == 1);
-    CHECK(sp->remove_poll_sites(**regs).ok());
+    CHECK(jit.polls->remove_poll_sites(**regs).ok());
   } else {
     // Another thread asks for a handshake; this one reaches it in the JIT code.
     std::atomic<bool> done{false};
@@ -726,4 +727,43 @@ TEST_CASE("safepoint: detaching a parked thread from elsewhere is refused; it de
   CHECK(detach_rc == 0);
   CHECK(mine->detach().ok());
   CHECK(sp->thread_count() == 0);
+}
+
+TEST_CASE("safepoint: one SafepointPolls arms the patched polls, for the length of a stop", "[unit][safepoint]") {
+  auto rt = make_runtime();
+  SafepointOptions o;
+  o.poll_kinds = poll_word | patched_poll;
+  auto sp = make_sp(*rt, o);
+  test::SafepointJit jit(*rt, *sp);  // registers its SafepointPolls as the armer
+  REQUIRE(jit.polls->patched());
+  // A second armer is refused while the first is installed.
+  CHECK(SafepointPolls::create(*sp, *jit.em, jit.patcher.get()).status() == Errc::busy);
+  auto blob = test::emit_loop(*jit.em, *jit.polls, test::Poll::patched);
+  INFO(blob.status().message());
+  REQUIRE(blob.ok());
+  REQUIRE(jit.polls->add_poll_sites(**blob).ok());
+  const PatchSite* site = (*blob)->site("safepoint.poll");
+  REQUIRE(site);
+  // The toggle's first instruction: x86-64 JMP rel32 (E9) when on, NOP5 (0F 1F ..) off;
+  // aarch64 B (bits 31:26 = 000101) when on, NOP when off.
+  auto on = [site] {
+#if defined(__x86_64__)
+    return std::to_integer<unsigned>(read_once(*site->address)) == 0xE9;
+#else
+    std::uint32_t insn;
+    std::memcpy(&insn, site->address, 4);
+    return (insn >> 26) == 0x05;
+#endif
+  };
+  CHECK_FALSE(on());
+  bool on_inside = false;
+  REQUIRE(sp->stop_the_world([&] { on_inside = on(); }).ok());
+  CHECK(on_inside);
+  CHECK_FALSE(on());
+  CHECK(sp->stats().patch_arms == 1);
+  CHECK(jit.polls->remove_poll_sites(**blob).ok());
+  // With the first gone, another can take over.
+  jit.polls.reset();
+  auto again = SafepointPolls::create(*sp, *jit.em, jit.patcher.get());
+  CHECK(again.ok());
 }

@@ -3,6 +3,7 @@
 #include <catch2/catch.hpp>
 
 #include <jitpatch/jitpatch.hpp>
+#include <jitpatch/internal/runtime_testing.hpp>
 
 #include <pthread.h>
 #include <unistd.h>
@@ -55,11 +56,11 @@ TEST_CASE("signals: foreign signals go to the handler installed before ours", "[
             while (!stop) cpu_relax();
           });
           while (!ready) std::this_thread::yield();
-          const auto acks = (*rt)->signal_acks();
+          const auto acks = testing::RuntimeAccess::signal_acks(**rt);
           for (int i = 0; i < 10; ++i) EXPECT((*rt)->run(Operation::process_barrier, Strategy::signals).ok());
           stop = true;
           t.join();
-          EXPECT((*rt)->signal_acks() - acks == 10);
+          EXPECT(testing::RuntimeAccess::signal_acks(**rt) - acks == 10);
           EXPECT(g_before_calls.load() == 2);
           return "";
         }) == "");

@@ -93,9 +93,9 @@ endforeach()
 bf_case(retire-stack-scan ${_bf_dir}/retire.b ${_bf_dir}/retire.out TIERS auto-retire1 EXTRA --stats
         STDERR "units retired +1 +\\(1 freed through [0-9]+ grace periods. 1 deferred by the stack scan\\)")
 # Range tests hoisted out of loop bodies and scans that use the tape's zero padding as a
-# sentinel (jit.cpp, Gen::hoist; machine.hpp, kTapePad). hoist_edge.b: walking loops
-# whose far reach is off the tape only for accesses they do not make (the checked copy
-# runs first, then the fast one); scan_grow.b: a
+# sentinel (jit_analysis.cpp, Gen::hoist; machine.hpp, kTapePad). hoist_edge.b: walking
+# loops whose far reach is off the tape only for accesses they do not make (the checked
+# copy runs first, then the fast one); scan_grow.b: a
 # compiled scan that runs into the padding where the tape must grow.
 bf_case(hoist-edge ${_bf_dir}/hoist_edge.b ${_bf_dir}/hoist_edge.out EXTRA --tape-max=64)
 bf_case(scan-grow ${_bf_dir}/scan_grow.b ${_bf_dir}/scan_grow.out TIERS naive interp jit auto-hot1)
@@ -137,7 +137,8 @@ bf_error(hoist-limit err_hoist_limit.b "tape overflow at line 4, column [0-9]+: 
          EXTRA --tape-max=64)
 bf_error(hoist-left err_hoist_left.b "tape overflow at line 3, column [0-9]+: moved left of cell 0")
 # ... in a walking loop's second iteration, while the checked copy of the loop must still
-# run (jit.cpp, Gen::loop: these fail when it hands over to the fast copy too early).
+# run (jit_analysis.cpp, Gen::loop: these fail when it hands over to the fast copy too
+# early).
 bf_error(hoist-left-2nd err_hoist_left2.b "tape overflow at line 4, column [0-9]+: moved left of cell 0")
 bf_error(hoist-limit-2nd err_hoist_limit2.b "tape overflow at line 5, column [0-9]+: cell 67 is beyond the tape limit of 64 cells"
          EXTRA --tape-max=64)
@@ -158,7 +159,7 @@ bf_ir(fold-bench-nest ${CMAKE_CURRENT_SOURCE_DIR}/programs/bench.b MATCH "fold +
       NOMATCH "loop +off=0 a=[0-9]+ b=1 ")
 bf_ir(no-fold-step2 ${_bf_dir}/nofold_step2.b MATCH "loop" NOMATCH "fold")
 bf_ir(no-fold-restoring-mul ${_bf_dir}/nofold_mul.b MATCH "loop" NOMATCH "fold")
-# The JIT drops Checks covered by what earlier ones proved (jit.cpp, known_lo_): an
+# The JIT drops Checks covered by what earlier ones proved (jit_gen.hpp, known_lo_): an
 # unbalanced loop inside a loop must still be checked on every step.
 bf_error(walk-limit err_walk_limit.b "tape overflow at line 2, column 8: cell 50 is beyond the tape limit of 50 cells"
          EXTRA --tape-max=50)

@@ -1,5 +1,8 @@
 // Generic (architecture-neutral) memory-model primitives, with the meaning the Linux
-// kernel memory model gives them (shared/seeds/lkmm-ordering.txt, REFERENCE 4).
+// kernel memory model (LKMM) gives them: the kernel's
+// tools/memory-model/Documentation/explanation.txt and Documentation/memory-barriers.txt
+// for barriers and marked accesses, Documentation/atomic_t.txt for the ordering of
+// read-modify-write operations.
 //
 // These are the documented fallbacks: correct on any architecture GCC/Clang support,
 // built from the C11 __atomic builtins, but stronger (slower) than needed on some.
@@ -29,6 +32,13 @@ namespace jitpatch::arch::generic {
 template <class T>
 concept Marked = std::is_trivially_copyable_v<T> && (sizeof(T) == 1 || sizeof(T) == 2 ||
                                                      sizeof(T) == 4 || sizeof(T) == 8);
+// What the read-modify-write operations accept: arithmetic and bitwise RMWs take
+// integers (not bool), xchg and try_cmpxchg also bool and pointers. Never const.
+template <class T>
+concept MarkedInteger = Marked<T> && std::is_integral_v<T> && !std::is_const_v<T> &&
+                        !std::is_same_v<std::remove_cv_t<T>, bool>;
+template <class T>
+concept MarkedWord = Marked<T> && (std::is_integral_v<T> || std::is_pointer_v<T>) && !std::is_const_v<T>;
 
 // barrier(): stops the compiler from moving memory accesses across it; emits nothing.
 JITPATCH_ALWAYS_INLINE void compiler_barrier() noexcept { __asm__ __volatile__("" ::: "memory"); }
@@ -59,5 +69,118 @@ JITPATCH_ALWAYS_INLINE void smp_mb__after_atomic() noexcept { smp_mb(); }
 
 // cpu_relax(): a spin-wait hint. Generic: nothing but a compiler barrier.
 JITPATCH_ALWAYS_INLINE void cpu_relax() noexcept { compiler_barrier(); }
+
+// --- Read-modify-write operations (Documentation/atomic_t.txt, "ORDERING") ---------------
+//
+// Each is one atomic read-modify-write of *p that returns the old value (try_cmpxchg:
+// whether it stored). The value argument is not deduced: fetch_add(&u64, 1) works.
+// Four orderings, named as in the kernel:
+//   name()           fully ordered: as if smp_mb() came before and after the operation,
+//                    so every earlier access is ordered before every later one,
+//                    StoreLoad included (like atomic_fetch_add(), xchg(), try_cmpxchg());
+//   name_relaxed()   atomic, no ordering at all;
+//   name_acquire()   the read is an acquire: it is ordered before all later accesses;
+//   name_release()   the write is a release: all earlier accesses are ordered before it.
+// A failed try_cmpxchg*() orders nothing (atomic_t.txt: "the failure case has no
+// ordering"): its failure order is relaxed whatever the success order.
+//
+// The _relaxed/_acquire/_release forms map one-to-one onto C11 orders and are what every
+// architecture uses. The fully ordered forms here are a C11 __ATOMIC_SEQ_CST RMW followed
+// by smp_mb(), which is conservative. A seq_cst RMW alone is only acquire+release towards
+// accesses that are not seq_cst: an earlier store and a later load on either side of it
+// may still be reordered (StoreLoad), which the LKMM forbids (atomic_t.txt: "a fully
+// ordered primitive is like having an smp_mb() before and an smp_mb() after"). The
+// trailing fence closes that; the earlier side needs nothing more, since the RMW's own
+// write is a release and the RMW is single-copy atomic. x86-64 drops the fence (a
+// LOCK-prefixed RMW is already a full barrier); aarch64 keeps it for LL/SC (see there).
+
+template <MarkedInteger T>
+JITPATCH_ALWAYS_INLINE T fetch_add_relaxed(T* p, std::type_identity_t<T> v) noexcept { return __atomic_fetch_add(p, v, __ATOMIC_RELAXED); }
+template <MarkedInteger T>
+JITPATCH_ALWAYS_INLINE T fetch_add_acquire(T* p, std::type_identity_t<T> v) noexcept { return __atomic_fetch_add(p, v, __ATOMIC_ACQUIRE); }
+template <MarkedInteger T>
+JITPATCH_ALWAYS_INLINE T fetch_add_release(T* p, std::type_identity_t<T> v) noexcept { return __atomic_fetch_add(p, v, __ATOMIC_RELEASE); }
+
+template <MarkedInteger T>
+JITPATCH_ALWAYS_INLINE T fetch_sub_relaxed(T* p, std::type_identity_t<T> v) noexcept { return __atomic_fetch_sub(p, v, __ATOMIC_RELAXED); }
+template <MarkedInteger T>
+JITPATCH_ALWAYS_INLINE T fetch_sub_acquire(T* p, std::type_identity_t<T> v) noexcept { return __atomic_fetch_sub(p, v, __ATOMIC_ACQUIRE); }
+template <MarkedInteger T>
+JITPATCH_ALWAYS_INLINE T fetch_sub_release(T* p, std::type_identity_t<T> v) noexcept { return __atomic_fetch_sub(p, v, __ATOMIC_RELEASE); }
+
+template <MarkedInteger T>
+JITPATCH_ALWAYS_INLINE T fetch_or_relaxed(T* p, std::type_identity_t<T> v) noexcept { return __atomic_fetch_or(p, v, __ATOMIC_RELAXED); }
+template <MarkedInteger T>
+JITPATCH_ALWAYS_INLINE T fetch_or_acquire(T* p, std::type_identity_t<T> v) noexcept { return __atomic_fetch_or(p, v, __ATOMIC_ACQUIRE); }
+template <MarkedInteger T>
+JITPATCH_ALWAYS_INLINE T fetch_or_release(T* p, std::type_identity_t<T> v) noexcept { return __atomic_fetch_or(p, v, __ATOMIC_RELEASE); }
+
+template <MarkedInteger T>
+JITPATCH_ALWAYS_INLINE T fetch_and_relaxed(T* p, std::type_identity_t<T> v) noexcept { return __atomic_fetch_and(p, v, __ATOMIC_RELAXED); }
+template <MarkedInteger T>
+JITPATCH_ALWAYS_INLINE T fetch_and_acquire(T* p, std::type_identity_t<T> v) noexcept { return __atomic_fetch_and(p, v, __ATOMIC_ACQUIRE); }
+template <MarkedInteger T>
+JITPATCH_ALWAYS_INLINE T fetch_and_release(T* p, std::type_identity_t<T> v) noexcept { return __atomic_fetch_and(p, v, __ATOMIC_RELEASE); }
+
+template <MarkedWord T>
+JITPATCH_ALWAYS_INLINE T xchg_relaxed(T* p, std::type_identity_t<T> v) noexcept { return __atomic_exchange_n(p, v, __ATOMIC_RELAXED); }
+template <MarkedWord T>
+JITPATCH_ALWAYS_INLINE T xchg_acquire(T* p, std::type_identity_t<T> v) noexcept { return __atomic_exchange_n(p, v, __ATOMIC_ACQUIRE); }
+template <MarkedWord T>
+JITPATCH_ALWAYS_INLINE T xchg_release(T* p, std::type_identity_t<T> v) noexcept { return __atomic_exchange_n(p, v, __ATOMIC_RELEASE); }
+
+// try_cmpxchg(): if *p == *expected, store desired and return true; otherwise copy *p
+// into *expected and return false. Strong (no spurious failure), like the kernel's.
+template <MarkedWord T>
+JITPATCH_ALWAYS_INLINE bool try_cmpxchg_relaxed(T* p, T* expected, std::type_identity_t<T> desired) noexcept {
+  return __atomic_compare_exchange_n(p, expected, desired, false, __ATOMIC_RELAXED, __ATOMIC_RELAXED);
+}
+template <MarkedWord T>
+JITPATCH_ALWAYS_INLINE bool try_cmpxchg_acquire(T* p, T* expected, std::type_identity_t<T> desired) noexcept {
+  return __atomic_compare_exchange_n(p, expected, desired, false, __ATOMIC_ACQUIRE, __ATOMIC_RELAXED);
+}
+template <MarkedWord T>
+JITPATCH_ALWAYS_INLINE bool try_cmpxchg_release(T* p, T* expected, std::type_identity_t<T> desired) noexcept {
+  return __atomic_compare_exchange_n(p, expected, desired, false, __ATOMIC_RELEASE, __ATOMIC_RELAXED);
+}
+
+// Fully ordered, generic: __ATOMIC_SEQ_CST RMW + smp_mb() (see above).
+template <MarkedInteger T>
+JITPATCH_ALWAYS_INLINE T fetch_add(T* p, std::type_identity_t<T> v) noexcept {
+  const T old = __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST);
+  smp_mb();
+  return old;
+}
+template <MarkedInteger T>
+JITPATCH_ALWAYS_INLINE T fetch_sub(T* p, std::type_identity_t<T> v) noexcept {
+  const T old = __atomic_fetch_sub(p, v, __ATOMIC_SEQ_CST);
+  smp_mb();
+  return old;
+}
+template <MarkedInteger T>
+JITPATCH_ALWAYS_INLINE T fetch_or(T* p, std::type_identity_t<T> v) noexcept {
+  const T old = __atomic_fetch_or(p, v, __ATOMIC_SEQ_CST);
+  smp_mb();
+  return old;
+}
+template <MarkedInteger T>
+JITPATCH_ALWAYS_INLINE T fetch_and(T* p, std::type_identity_t<T> v) noexcept {
+  const T old = __atomic_fetch_and(p, v, __ATOMIC_SEQ_CST);
+  smp_mb();
+  return old;
+}
+template <MarkedWord T>
+JITPATCH_ALWAYS_INLINE T xchg(T* p, std::type_identity_t<T> v) noexcept {
+  const T old = __atomic_exchange_n(p, v, __ATOMIC_SEQ_CST);
+  smp_mb();
+  return old;
+}
+// Only a successful one is ordered, so only it pays for the fence.
+template <MarkedWord T>
+JITPATCH_ALWAYS_INLINE bool try_cmpxchg(T* p, T* expected, std::type_identity_t<T> desired) noexcept {
+  const bool ok = __atomic_compare_exchange_n(p, expected, desired, false, __ATOMIC_SEQ_CST, __ATOMIC_RELAXED);
+  if (ok) smp_mb();
+  return ok;
+}
 
 }  // namespace jitpatch::arch::generic

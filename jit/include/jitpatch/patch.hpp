@@ -71,6 +71,9 @@ struct PatcherStats {
 };
 
 class PatchBatch;
+namespace testing {
+struct PatcherAccess;  // test hooks: jitpatch/internal/jit_testing.hpp (not installed)
+}  // namespace testing
 
 class Patcher {
  public:
@@ -93,17 +96,13 @@ class Patcher {
   static const std::string& last_error_detail() noexcept;
   // Threads currently parked in the SIGTRAP handler, waiting for a breakpoint batch.
   static int trap_waiters() noexcept;
-  // Test hook: called (on the committing thread) after each serialization round of a
-  // breakpoint batch, with the round number (1, 2, 3).
-  void set_round_hook(void (*hook)(int round, void* arg), void* arg) noexcept {
-    round_hook_ = hook;
-    round_hook_arg_ = arg;
-  }
   PatcherStats stats() const noexcept;
+  Emitter& emitter() const noexcept { return *emitter_; }
   bool validating() const noexcept { return validate_; }
 
  private:
   friend class PatchBatch;
+  friend struct testing::PatcherAccess;
   struct Planned {
     std::byte* word;
     std::uint64_t value;

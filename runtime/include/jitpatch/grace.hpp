@@ -1,5 +1,6 @@
 // Grace periods (RCU) whose read side is nearly free because the update side pays with
-// membarrier, deferred reclamation, and code retirement.
+// membarrier, and deferred reclamation. (Code retirement, jitpatch::retire_code, is built
+// on retire_deferrable() in the jit layer: <jitpatch/emitter.hpp>.)
 //
 //   GraceDomain    one RCU domain: its readers, synchronize(), retire(), barrier().
 //   GraceReader    a registered reader thread (RAII). Two kinds:
@@ -40,8 +41,6 @@
 namespace jitpatch {
 
 class GraceDomain;
-class Emitter;
-class CodeBlob;
 
 namespace detail {
 // One cache line per reader: readers write only their own line.
@@ -199,16 +198,16 @@ struct GraceStats {
   std::uint64_t retired = 0;
   std::uint64_t reclaimed = 0;
   std::uint64_t inline_reclaims = 0;   // retire() calls that hit the capacity and synchronized
-  std::uint64_t code_deferred = 0;     // code blobs kept for another grace period by the scan hook
+  std::uint64_t deferred = 0;          // deferrable entries kept for another grace period
 };
 
 class GraceDomain {
  public:
   // `rt` provides process_barrier(); it must outlive the domain.
   static Result<std::unique_ptr<GraceDomain>> create(Runtime& rt, const GraceOptions& options = {}) noexcept;
-  // Drains: every retired callback runs (after a grace period) first, including code the
-  // scan hook still holds. Destroy readers before their domain, and the domain before
-  // the emitters whose code it retires.
+  // Drains: every retired callback runs (after a grace period) first; deferrable ones
+  // with final = true. Destroy readers before their domain, and the domain before
+  // whatever its callbacks use (the emitters whose code it retires).
   ~GraceDomain();
   GraceDomain(const GraceDomain&) = delete;
   GraceDomain& operator=(const GraceDomain&) = delete;
@@ -242,23 +241,18 @@ class GraceDomain {
   // qsbr caller is offline while it waits; refused inside the caller's own section.
   Status barrier() noexcept;
 
-  // Code retirement. The caller has unlinked `blob` from every publication point (or
-  // redirected its entry); jitpatch marks it retired now and frees it through its
-  // emitter after a grace period, after which its memory is dirty (the next publication
-  // serializes cores). The embedder guarantees no thread will *return* into the blob: a
-  // grace period only covers threads that are between read-side sections, and a frame
-  // of the blob on some stack is not a read-side section. Either retire code only at
-  // safepoints after a stack scan, or install a scan hook: it runs on the reclaiming
-  // thread after the grace period; returning true ("still referenced") keeps the blob
-  // for another grace period.
-  Status retire_code(Emitter& emitter, CodeBlob* blob) noexcept;
-  void set_code_scan_hook(std::function<bool(const CodeBlob&)> still_referenced);
+  // Deferred reclamation that may be put off again: fn(ctx, p, false) runs after a grace
+  // period that began after this call; returning false ("still in use") keeps p for
+  // another grace period (GraceStats::deferred counts those). When the domain is
+  // destroyed, fn(ctx, p, true) runs once and must reclaim p (its result is ignored).
+  // jit's retire_code() uses it to keep code a stack scan still finds. A callback that
+  // always defers makes barrier() fail with Errc::busy or Errc::timeout.
+  Status retire_deferrable(void* p, bool (*fn)(void* ctx, void* p, bool final), void* ctx) noexcept;
 
   GraceStats stats() const noexcept;
 
-  struct Impl;  // opaque
-
  private:
+  struct Impl;
   friend class GraceReader;
   friend void detail::grace_wake(GraceDomain*) noexcept;
   Status enqueue(void* item) noexcept;

@@ -37,6 +37,10 @@
 #include <jitpatch/error.hpp>
 
 namespace jitpatch {
+namespace testing {
+struct RuntimeAccess;  // test hooks: jitpatch/internal/runtime_testing.hpp (not installed)
+}  // namespace testing
+
 
 enum class Strategy : std::uint8_t {
   automatic,   // only as an option: resolved to the best available one at create()
@@ -170,10 +174,8 @@ class Runtime {
   std::size_t attached_thread_count() const noexcept;
   int signal_number() const noexcept;
 
-  // Signals our handler received and acknowledged (for tests and the doctor).
-  std::uint64_t signal_acks() const noexcept;
-
  private:
+  friend struct testing::RuntimeAccess;
   struct Impl;
   explicit Runtime(std::unique_ptr<Impl> impl) noexcept;
   std::unique_ptr<Impl> impl_;

@@ -57,6 +57,10 @@
 #endif
 
 namespace jitpatch {
+namespace testing {
+struct PerCpuLogAccess;  // test hooks: jitpatch/internal/runtime_testing.hpp (not installed)
+}  // namespace testing
+
 
 namespace rseq_cs = arch::native::rseq_cs;
 
@@ -271,12 +275,8 @@ class PerCpuLog {
   // Fences issued by harvest() (rseq mode: rseq_fence calls; atomic mode: waits).
   std::uint64_t fences() const noexcept { return __atomic_load_n(&fences_, __ATOMIC_RELAXED); }
 
-  // For tests: a digest of the whole inactive buffer of `cpu` (count and every entry
-  // slot up to the capacity), read with relaxed loads. After a harvest's fence it must
-  // never change until the next swap. 0 for a bad cpu.
-  std::uint64_t debug_inactive_digest(int cpu) const noexcept;
-
  private:
+  friend struct testing::PerCpuLogAccess;
   using Buffer = detail::PerCpuLogBuffer;
   using Slot = detail::PerCpuLogSlot;
 

@@ -101,9 +101,6 @@ class Safepoints;
 class SafepointThread;
 class GraceDomain;
 class GraceReader;
-class Emitter;
-class Patcher;
-class CodeBlob;
 
 enum class ThreadState : std::uint32_t {
   native = 0,
@@ -193,6 +190,7 @@ class FnRef<R(A...)> {
   R (*call_)(void*, A...);
 };
 
+struct SafepointsAccess;  // the runtime's own files reach Safepoints::Impl through it
 void safepoint_slow(SafepointThread* t, const void* site) noexcept;
 void safepoint_notify(SafepointThread* t) noexcept;
 extern thread_local constinit SafepointThread* t_safepoint_thread;
@@ -290,6 +288,23 @@ class SafepointAttachment {
   SafepointThread* t_ = nullptr;
 };
 
+// What arms patched polls (polls compiled as NOPs that are patched into jumps to the
+// slow path while a request is pending). The runtime layer knows nothing of code: the
+// jit layer's SafepointPolls implements this and registers itself. Safepoints calls
+// arm() when the first outstanding request (a stop or a handshake) begins and disarm()
+// when the last one ends; never concurrently with each other.
+class PollArmer {
+ public:
+  // Make every registered patched poll take the slow path. Set *serialized when the
+  // arming ended with Runtime::serialize_cores() (it then is the request's barrier B,
+  // and the coordinator does not pay for another process barrier).
+  virtual Status arm(bool* serialized) noexcept = 0;
+  virtual void disarm() noexcept = 0;
+
+ protected:
+  ~PollArmer() = default;
+};
+
 class Safepoints {
  public:
   // `rt` must outlive this object (and so must options.grace). Installs the SIGSEGV
@@ -331,22 +346,13 @@ class Safepoints {
   }
 
   // --- patched polls (needs PollKinds::patched_poll) -------------------------------
-  // Emit the shared safepoint stub with `emitter` and patch through `patcher` (its
-  // emitter must be the same heap). Call once, before emitting patched polls.
-  Status enable_patched_polls(Emitter& emitter, Patcher& patcher) noexcept;
-  // Register / unregister the patched polls of a blob (its toggle sites named
-  // "safepoint.poll"). Call unregister before freeing the blob. Thread-safe; waits for
-  // an arming in progress.
-  Status add_poll_sites(const CodeBlob& blob) noexcept;
-  Status remove_poll_sites(const CodeBlob& blob) noexcept;
-  std::size_t poll_site_count() const noexcept;
-
-  // The shared out-of-line stub every emitted poll calls (x86-64: preserves every
-  // general-purpose register, the flags and xmm0-15; aarch64: x0-x18, x29, x30, NZCV,
-  // q0-q31). nullptr before enable_patched_polls / emit_stub.
-  const void* poll_stub() const noexcept;
-  // Emit the shared stub without patched polls (poll word only JITs).
-  Status emit_stub(Emitter& emitter) noexcept;
+  // Install (or, with nullptr, remove) what arms patched polls: normally the jit layer's
+  // SafepointPolls does this itself (<jitpatch/safepoint_polls.hpp>). One armer at a
+  // time (Errc::busy for a second); Errc::invalid_argument without patched_poll. While a
+  // request has the polls armed, a new armer is armed at once and a removed one
+  // disarmed. Thread-safe; not from inside a stop_the_world fn or handshake operation
+  // (Errc::busy).
+  Status set_poll_armer(PollArmer* armer) noexcept;
 
   SafepointMode mode() const noexcept;  // asymmetric or symmetric, as resolved
   unsigned poll_kinds() const noexcept;
@@ -358,11 +364,10 @@ class Safepoints {
   bool in_stop() const noexcept;
   Runtime& runtime() const noexcept;
 
-  struct Impl;
-  Impl* impl() const noexcept { return impl_.get(); }  // internal
-
  private:
+  struct Impl;
   friend class SafepointAttachment;
+  friend struct detail::SafepointsAccess;
   explicit Safepoints(std::unique_ptr<Impl> impl) noexcept;
   Status stop_impl(detail::FnRef<void()> fn) noexcept;
   Status handshake_impl(SafepointThread* target, detail::FnRef<void(SafepointThread&)> fn) noexcept;

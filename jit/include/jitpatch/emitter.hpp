@@ -18,6 +18,7 @@
 #include <atomic>
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -43,6 +44,7 @@ namespace jitpatch {
 class CodeRegistry;
 class CodeVisibility;
 class Emitter;
+class GraceDomain;
 }  // namespace jitpatch
 
 namespace jitpatch {
@@ -207,16 +209,23 @@ class Emitter {
   // descriptors are recycled: a stale pointer to a recycled one is caught by the heap's
   // own check only if the memory is free).
   Status free(CodeBlob* blob) noexcept;
-  // Mark a live blob retired (GraceDomain::retire_code frees it after a grace period).
+  // Mark a live blob retired (retire_code() frees it after a grace period).
   // It stays mapped, registered and visible to profilers until freed. Errc::invalid_argument
   // for a blob of another emitter or one not live.
   Status retire(CodeBlob* blob) noexcept;
+
+  // What retire_code() asks after each grace period before it frees a blob of this
+  // emitter: true ("still referenced", e.g. the VM's stack scan found a frame of it)
+  // keeps the blob for another grace period. Runs on the reclaiming thread, without any
+  // jitpatch lock held. Thread-safe; an empty function removes the hook.
+  void set_code_scan_hook(std::function<bool(const CodeBlob&)> still_referenced);
 
   CodeHeap& heap() const noexcept { return *heap_; }
   CodeRegistry* registry() const noexcept { return registry_; }
   std::size_t live_blobs() const noexcept;
 
  private:
+  friend Status retire_code(GraceDomain& domain, Emitter& emitter, CodeBlob* blob) noexcept;
   Result<CodeBlob*> emit_impl(std::string_view name, Status (*thunk)(void*, EmitContext&), void* body,
                               const EmitOptions& options);
   CodeHeap* heap_;
@@ -235,6 +244,23 @@ class Emitter {
   std::byte* fresh_end_ = nullptr;
   std::size_t slab_count_ = 0;
   std::size_t live_count_ = 0;
+  std::shared_ptr<const std::function<bool(const CodeBlob&)>> scan_hook_;  // guarded by mu_
 };
+
+// Code retirement: marks `blob` retired now and frees it through `emitter` after a grace
+// period of `domain` (GraceDomain::retire_deferrable), after which its memory is dirty
+// (the next publication that reuses it serializes cores). The caller has unlinked the
+// blob from every publication point first (or redirected its entry).
+//
+// A grace period covers threads between read-side sections, and a frame of the blob on
+// some stack is not a read-side section: the embedder guarantees that no thread will
+// *return* into the blob. Either retire code only at safepoints after a stack scan, or
+// install the emitter's code scan hook (set_code_scan_hook), which keeps a blob the VM
+// still finds for another grace period.
+//
+// `domain` must be destroyed before `emitter` (it frees what is still pending through
+// it). Errc::invalid_argument for a null blob or one that is not a live blob of
+// `emitter`. Thread-safe.
+Status retire_code(GraceDomain& domain, Emitter& emitter, CodeBlob* blob) noexcept;
 
 }  // namespace jitpatch

@@ -1,0 +1,107 @@
+// Page polls: a load from the thread's own poll page, which the coordinator protects
+// (PROT_NONE) to arm; the process-wide SIGSEGV handler recognizes a fault on the faulting
+// thread's own poll page and runs the slow path inside the handler. Every other SIGSEGV
+// goes to the handler installed before ours.
+#include <sys/mman.h>
+#include <ucontext.h>
+
+#include <cerrno>
+#include <csignal>
+
+#include <jitpatch/internal/signal_chain.hpp>
+
+#include "safepoint_impl.hpp"
+
+namespace jitpatch {
+
+namespace {
+
+// The Safepoints with page polls (one at a time). Written under g_segv_mu, read by the
+// handler: the store-release in install_page_polls() pairs with the handler's
+// load-acquire, so a handler that sees the object sees it fully constructed.
+constinit SafepointsImpl* g_page_sp = nullptr;
+constinit struct sigaction g_prev_segv = {};
+constinit std::mutex g_segv_mu;
+
+void on_segv(int sig, siginfo_t* si, void* uc) {
+  const int saved_errno = errno;
+  SafepointThread* t = detail::t_safepoint_thread;
+  SafepointsImpl* sp = __atomic_load_n(&g_page_sp, __ATOMIC_ACQUIRE);
+  std::byte* page = t ? t->poll_page() : nullptr;
+  auto* addr = static_cast<std::byte*>(si ? si->si_addr : nullptr);
+  if (sp && page && addr >= page && addr < page + sp->page_size && sp_internal::impl_of(t) == sp) {
+    // A poll fault: the thread is at a poll in managed code, a known point, like a call.
+    // The slow path runs here, in the handler; on return the load is executed again, and
+    // succeeds (the slow path unprotects the page before it returns).
+    const void* pc = nullptr;
+    auto* ctx = static_cast<ucontext_t*>(uc);
+#if defined(__x86_64__)
+    pc = reinterpret_cast<const void*>(ctx->uc_mcontext.gregs[REG_RIP]);
+#else
+    pc = reinterpret_cast<const void*>(ctx->uc_mcontext.pc);
+#endif
+    __atomic_fetch_add(&sp->page_faults, 1, __ATOMIC_RELAXED);
+    detail::safepoint_slow(t, pc);
+    errno = saved_errno;
+    return;
+  }
+  errno = saved_errno;
+  detail::chain_signal(g_prev_segv, sig, si, uc);
+}
+
+}  // namespace
+
+namespace sp_internal {
+
+Status install_page_polls(SafepointsImpl* s) noexcept {
+  std::lock_guard<std::mutex> g(g_segv_mu);
+  if (__atomic_load_n(&g_page_sp, __ATOMIC_RELAXED) != nullptr)
+    return Status(Errc::busy, 0, "another Safepoints object uses page polls");
+  // Installed for the life of this object and chained to whatever was installed
+  // before: faults that are not poll faults go there.
+  struct sigaction sa = {};
+  sa.sa_sigaction = on_segv;
+  sa.sa_flags = SA_SIGINFO | SA_RESTART | SA_ONSTACK;
+  sigemptyset(&sa.sa_mask);
+  struct sigaction prev = {};
+  if (::sigaction(SIGSEGV, &sa, &prev) != 0) return Status(Errc::os_error, errno, "sigaction(SIGSEGV)");
+  // A handler left installed by an earlier instance (someone chained on top of it) is
+  // not its own predecessor.
+  if (!((prev.sa_flags & SA_SIGINFO) && prev.sa_sigaction == on_segv)) g_prev_segv = prev;
+  __atomic_store_n(&g_page_sp, s, __ATOMIC_RELEASE);
+  return {};
+}
+
+void uninstall_page_polls(SafepointsImpl* s) noexcept {
+  std::lock_guard<std::mutex> g(g_segv_mu);
+  if (__atomic_load_n(&g_page_sp, __ATOMIC_RELAXED) != s) return;
+  __atomic_store_n(&g_page_sp, nullptr, __ATOMIC_RELEASE);
+  // Put the previous handler back unless someone installed theirs on top of ours (then
+  // ours stays, chaining, with no Safepoints to recognize polls for).
+  struct sigaction cur = {};
+  if (::sigaction(SIGSEGV, nullptr, &cur) == 0 && (cur.sa_flags & SA_SIGINFO) && cur.sa_sigaction == on_segv)
+    ::sigaction(SIGSEGV, &g_prev_segv, nullptr);
+}
+
+}  // namespace sp_internal
+
+void SafepointsImpl::arm_page(SafepointRecord* r) noexcept {
+  if (!(opt.poll_kinds & page_poll) || !r->page()) return;
+  std::lock_guard<std::mutex> g(r->page_mu);
+  if (!r->page_armed) {
+    // After mprotect returns, every later load of the page by any CPU faults (the
+    // kernel shoots down the stale TLB entries before returning).
+    if (::mprotect(r->page(), page_size, PROT_NONE) == 0) r->page_armed = true;
+  }
+}
+
+void SafepointsImpl::disarm_page(SafepointRecord* r) noexcept {
+  if (!r->page()) return;
+  std::lock_guard<std::mutex> g(r->page_mu);
+  if (r->page_armed) {
+    (void)::mprotect(r->page(), page_size, PROT_READ);
+    r->page_armed = false;
+  }
+}
+
+}  // namespace jitpatch
