@@ -1,6 +1,6 @@
 // jitpatch-bench-barriers: the cost of every ordering tool jitpatch offers, side by side
 // in one run, so that a claim like "membarrier is N times cheaper than the mprotect
-// trick" is a ratio measured on one machine at one moment (DESIGN.md, Benchmarks).
+// trick" is a ratio measured on one machine at one moment (docs/benchmarks.md).
 //
 //   local primitives    compiler barrier, smp_mb, smp_rmb, smp_wmb, acquire/release
 //                       pair, smp_mb__before_atomic + relaxed RMW, sync_core(): cost on

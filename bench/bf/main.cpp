@@ -1,5 +1,5 @@
 // jitpatch-bench-bf: Brainfuck programs (mandel.b, bench.b) run by every tier of
-// jitpatch-bf and by gcc, side by side in one run (DESIGN.md, Benchmarks):
+// jitpatch-bf and by gcc, side by side in one run (docs/benchmarks.md):
 //
 //   naive interpreter   a switch over the source characters (the baseline; bf::run_naive)
 //   IR interpreter      the optimized IR (folding, offsets, clear/multiply/scan loops)

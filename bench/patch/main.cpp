@@ -1,6 +1,6 @@
 // jitpatch-bench-patch: what it costs to retarget a call site while another thread runs
 // through it, jitpatch against the ways a VM without this library does it, side by side
-// in one run (DESIGN.md, Benchmarks).
+// in one run (docs/benchmarks.md).
 //
 // One executor thread, attached to the Runtime and pinned to a CPU other than the
 // patcher's, calls in a tight loop through two caller blobs, each `push; call rel32; pop;

@@ -1,5 +1,5 @@
 // jitpatch-bench-publish: what it costs to make N small functions runnable, jitpatch
-// against asmjit's own ways of doing it, side by side in one run (DESIGN.md, Benchmarks).
+// against asmjit's own ways of doing it, side by side in one run (docs/benchmarks.md).
 //
 //   jitpatch single       Emitter::emit with default options: each function is published
 //                         (PublishBatch of one) as it is emitted

@@ -1,5 +1,6 @@
-// bench/reclaim: the membarrier commit's liburcu table (shared/seeds/membarrier-history.txt:
-// "Operations in 10s, 6 readers, 2 writers") reproduced with jitpatch's GraceDomain next to
+// bench/reclaim: the liburcu table of the commit that added membarrier to Linux 4.3
+// ("sys_membarrier(): system-wide memory barrier (generic, x86)": "Operations in 10s,
+// 6 readers, 2 writers") reproduced with jitpatch's GraceDomain next to
 // liburcu's memb and mb flavors, in one run; then grace-period and rseq_fence latencies.
 //
 // Rows run one after another (each needs the whole machine), interleaved by repetition
@@ -34,7 +35,7 @@ struct Options {
 void usage(std::FILE* f) {
   std::fprintf(f,
                "usage: jitpatch-bench-reclaim [--quick] [--seconds S] [--json FILE]\n"
-               "  reads and grace periods in S seconds (default 10, as in the seed) for\n"
+               "  reads and grace periods in S seconds (default 10, as in liburcu's rcutorture) for\n"
                "  2 readers + 1 writer and 6 readers + 2 writers: jitpatch GraceDomain\n"
                "  (membarrier, fence fallback, QSBR) and liburcu memb / mb; then latencies\n"
                "  --quick        1 s runs, 2+1 only (smoke test)\n"
@@ -172,7 +173,7 @@ int main(int argc, char** argv) {
   lt.print(stdout, "  ");
 
   // Named ratios (the issue's): for the 2r1w configuration, which fits this machine's
-  // CPUs; the 6r2w ones (the seed's shape) carry a suffix.
+  // CPUs; the 6r2w ones (a larger mix than this machine has CPUs for) carry a suffix.
   std::map<std::string, double> ratios;
   auto find = [&](const std::string& cfg, const char* name) -> const Outcome* {
     for (auto& r : rows)

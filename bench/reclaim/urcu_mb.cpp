@@ -1,5 +1,6 @@
 // liburcu's "mb" flavor: a full memory barrier in every read_lock/read_unlock, the
-// classic symmetric scheme (the "memory barriers in reader" row of the seed).
+// classic symmetric scheme (the "memory barriers in reader" row of the table in the Linux 4.3
+// membarrier commit, "sys_membarrier(): system-wide memory barrier (generic, x86)").
 #define _LGPL_SOURCE
 #include <urcu/urcu-mb.h>
 

@@ -242,7 +242,7 @@ bool JitImpl::init(std::string* error) {
   CodeHeapOptions ho;
   ho.reserve = 64u << 20;
 #if defined(__aarch64__)
-  // qemu-user only notices code written at the executing address (REFERENCE 2), so the
+  // qemu-user only notices code written at the executing address (docs/limits.md, "qemu-user"), so the
   // aarch64 build uses the protection-flip heap, as the aarch64 tests do; override with
   // JITPATCH_HEAP=dual_mapping on real hardware.
   ho.strategy = HeapStrategy::protection_flip;

@@ -49,7 +49,7 @@ class JitImpl final : public Jit {
     CodeHeapOptions ho;
     ho.reserve = 64u << 20;
 #if defined(__aarch64__)
-    // qemu-user only notices code written at the executing address (REFERENCE 2): the
+    // qemu-user only notices code written at the executing address (docs/limits.md, "qemu-user"): the
     // aarch64 build uses the protection-flip heap, as jitpatch-bf does, and so runs one
     // thread (JITPATCH_HEAP=dual_mapping on real hardware lifts that).
     ho.strategy = HeapStrategy::protection_flip;

@@ -23,7 +23,7 @@ TEST_CASE("stress: emit/free/publish from many threads never maps W+X", "[stress
   REQUIRE(rt.ok());
 #if defined(__aarch64__)
   // Under qemu-user a reused dual-mapped address would run a stale translation
-  // (REFERENCE 2); only the protection-flip heap is meaningful there.
+  // (docs/limits.md, "qemu-user"); only the protection-flip heap is meaningful there.
   const HeapStrategy strategies[] = {HeapStrategy::protection_flip};
 #else
   const HeapStrategy strategies[] = {HeapStrategy::dual_mapping, HeapStrategy::protection_flip};
@@ -96,7 +96,7 @@ TEST_CASE("stress: emit/free/publish from many threads never maps W+X", "[stress
 }
 
 // Concurrent executors of rewritten memory need the dual mapping, which qemu-user cannot
-// emulate faithfully (REFERENCE 2): x86-64 only, where it runs natively.
+// emulate faithfully (docs/limits.md, "qemu-user"): x86-64 only, where it runs natively.
 #if !defined(__aarch64__)
 TEST_CASE("stress: freed memory reused for new code runs the new code on other threads", "[stress][heap]") {
   auto rt = Runtime::create();

@@ -6,7 +6,7 @@
 // fault. No W+X mapping may exist at any point checked.
 //
 // x86-64 only, as the patch stress test: qemu-user does not see code written through the
-// RW alias while other threads run (REFERENCE 2).
+// RW alias while other threads run (docs/limits.md, "qemu-user").
 #if defined(__x86_64__)
 
 #include <catch2/catch.hpp>

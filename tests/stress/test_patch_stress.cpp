@@ -3,7 +3,7 @@
 // targets' results, and no executor may take a fault signal.
 //
 // x86-64 only: on aarch64 these would run under qemu-user, which does not see code
-// written through the RW alias (REFERENCE 2); the aarch64 build tests single-threaded
+// written through the RW alias (docs/limits.md, "qemu-user"); the aarch64 build tests single-threaded
 // patch semantics (tests/unit/test_patch.cpp) instead.
 #if defined(__x86_64__)
 

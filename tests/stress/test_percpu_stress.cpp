@@ -140,7 +140,7 @@ TEST_CASE("percpu stress: after a harvest's fence the inactive buffer never chan
   }
 }
 
-// The seed's active-list case with the raw primitive: two arrays of per-CPU counters, one
+// The swap-and-fence retire pattern (the kernel selftest param_test.c's -T r case) with the raw primitive: two arrays of per-CPU counters, one
 // global pointer to the active array, writers do deref_add(&active, cpu * stride, 1, cpu).
 // The manager swaps the pointer, fences, and watches the inactive counter(s).
 TEST_CASE("percpu stress: deref_add through a swapped pointer (param_test -T r)", "[stress][rseq]") {

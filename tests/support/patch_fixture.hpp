@@ -26,7 +26,7 @@ struct PatchFixture {
     o.reserve = reserve;
     o.use_environment = false;
 #if defined(__aarch64__)
-    // qemu-user only notices code writes made at the executing address (REFERENCE 2):
+    // qemu-user only notices code writes made at the executing address (docs/limits.md, "qemu-user"):
     // the aarch64 tests patch single-threaded through the protection-flip heap.
     o.strategy = HeapStrategy::protection_flip;
 #else

@@ -24,7 +24,7 @@ std::unique_ptr<Runtime> make_runtime() {
 HeapStrategy default_strategy_for_tests() {
 #if defined(__aarch64__)
   // The aarch64 tests run under qemu-user, which does not see writes made through a
-  // second mapping of code it already translated (REFERENCE 2): memory reuse would run
+  // second mapping of code it already translated (docs/limits.md, "qemu-user"): memory reuse would run
   // stale translations. Write at the executing address instead.
   return HeapStrategy::protection_flip;
 #else

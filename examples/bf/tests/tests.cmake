@@ -109,7 +109,7 @@ bf_case(cat-eof-unchanged ${_bf_dir}/cat_unchanged.b ${_bf_dir}/cat_unchanged.ou
 bf_case(cat-eof-minus1 ${_bf_dir}/cat_minus1.b ${_bf_dir}/cat_minus1.out INPUT ${_bf_dir}/rot13_input.txt
         EXTRA --eof=minus1)
 
-# The shared programs (copies in programs/: ../shared is outside the repository). Native
+# The benchmark programs in programs/ (mandel.b, bench.b). Native
 # and unsanitized only: under qemu-user and the sanitizers they take minutes; the naive
 # tier takes ~40 s on mandel, so it runs bench.b only.
 if(NOT CMAKE_CROSSCOMPILING AND NOT JITPATCH_SANITIZE)
