@@ -244,7 +244,12 @@ Result<CodeBlob*> Emitter::emit_impl(std::string_view name, Status (*thunk)(void
   if (Status st = w.finish(); !st) return undo(st);  // flushes the icache over the range
 
   // Serialize before the blob becomes reachable (a batch of one, without the batch's
-  // vector): only if this memory is dirty.
+  // vector): only if this memory is dirty, i.e. it held code that was freed after the
+  // last serialization. make_clean() runs serialize_cores(), which pairs with the cores
+  // that may still hold instructions prefetched from the old code (CodeHeap::free() made
+  // the memory dirty): each executes a core-serializing instruction before it next runs
+  // user code. is_clean() is a load_acquire that pairs with make_clean()'s store_release
+  // of the covered sequence: seeing it covered means that serialization completed.
   if (options.publish && range->dirty_seq != 0 && !heap_->is_clean(range->dirty_seq)) {
     if (Status st = heap_->make_clean(range->dirty_seq); !st) return undo(st);
   }
@@ -272,7 +277,9 @@ Result<CodeBlob*> Emitter::emit_impl(std::string_view name, Status (*thunk)(void
       }
       blob = new (fresh_) CodeBlob;
       fresh_ += sizeof(CodeBlob);
-      blob->state_.store(BlobState::freed, std::memory_order_relaxed);  // not live until linked
+      // Not live until linked. No ordering: the descriptor is new, no other thread has
+      // its address yet; the release store of `live` below publishes it.
+      write_once(blob->state_, BlobState::freed);
     }
     try {
       blob->sites_.clear();
@@ -294,9 +301,12 @@ Result<CodeBlob*> Emitter::emit_impl(std::string_view name, Status (*thunk)(void
       if (d.target_label.isValid()) target = range->rx + code.labelOffsetFromBase(d.target_label);
       blob->sites_.push_back(PatchSite{d.kind, range->rx + code.labelOffsetFromBase(d.label), d.name, target});
     }
-    // Release pairs with CodeBlob::state()'s acquire: whoever sees `live` sees the filled
-    // descriptor (name, range, sites).
-    blob->state_.store(BlobState::live, std::memory_order_release);
+    // Pairs with the load_acquire in CodeBlob::state() (Patcher::plan() and
+    // validate_replace() call it on the pointer CodeRegistry::find() returned): whoever
+    // sees `live` sees the filled descriptor (name, range, entry, sites). The registry
+    // entry itself is published below by registry_->add(), whose smp_wmb() also orders
+    // these stores before it (pairs with find()'s smp_rmb()).
+    store_release(&blob->state_, BlobState::live);
     blob->owner_ = this;
     blob->prev_ = nullptr;
     blob->next_ = live_;
@@ -331,7 +341,10 @@ Status Emitter::free(CodeBlob* blob) noexcept {
     else live_ = blob->next_;
     if (blob->next_) blob->next_->prev_ = blob->prev_;
     --live_count_;
-    blob->state_.store(BlobState::freed, std::memory_order_release);
+    // Pairs with the load_acquire in CodeBlob::state(): a lock-free reader that still
+    // holds the pointer (found before registry_->remove() below) and reads the state
+    // after this store sees `freed` and refuses the blob.
+    store_release(&blob->state_, BlobState::freed);
     rx = blob->range_.rx;
     if (visibility_) (void)visibility_->on_unload(rx);
     if (registry_) (void)registry_->remove(rx);
@@ -346,7 +359,10 @@ Status Emitter::retire(CodeBlob* blob) noexcept {
   std::lock_guard<std::mutex> g(mu_);
   if (!blob || blob->owner_ != this || blob->state() != BlobState::live)
     return Status(Errc::invalid_argument, 0, "retire: not a live blob of this emitter");
-  blob->state_.store(BlobState::retired, std::memory_order_release);
+  // Pairs with the load_acquire in CodeBlob::state(): Patcher::plan() refuses retired
+  // code from here on. The release orders the caller's earlier accesses (its unlinking of
+  // the blob) before the state a lock-free reader checks.
+  store_release(&blob->state_, BlobState::retired);
   return {};
 }
 

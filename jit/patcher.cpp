@@ -1,5 +1,7 @@
 // The atomic patch protocol: validate, plan one aligned store per patch, write them all,
-// serialize cores once.
+// serialize cores once. The breakpoint protocol: three rounds, each ended by a
+// serialization, with a SIGTRAP handler for threads that reach a trap meanwhile.
+#include <jitpatch/arch.hpp>
 #include <jitpatch/code_registry.hpp>
 #include <jitpatch/listing.hpp>
 #include <jitpatch/patch.hpp>
@@ -30,11 +32,24 @@ thread_local std::string t_detail;
 
 // --- the SIGTRAP side of the breakpoint protocol --------------------------------------
 // Process-wide: the handler is installed once (by the first Patcher) and stays, chaining
-// to the handler that was there before. The state it reads is plain words accessed
-// atomically; the tables it reads are never freed while a Patcher exists.
+// to the handler that was there before. The words it reads are plain words with marked
+// accesses (acquire/release, read_once); the tables it reads are never freed while a
+// Patcher exists.
+//
+// The trap table (sorted sites of the breakpoint batch in flight), published by
+// Patcher::commit_breakpoint() and read by on_sigtrap() through in_trap_table():
+//   commit_breakpoint()                         on_sigtrap() on a thread that hit a trap
+//   store_release(&g_trap_count, n)             t = load_acquire(&g_trap_sites)
+//   store_release(&g_trap_sites, table)         k = load_acquire(&g_trap_count)
+//   smp_wmb()                                   pc in t[0..k): wait while it stays there
+//   write the traps; rounds 1-3, each ending
+//     with serialize_cores()
+//   store_release(&g_trap_count, 0)
+//   store_release(&g_trap_sites, nullptr)       sees nullptr: resume at pc (new code)
+// The table's elements are written before the release of g_trap_sites and never again.
 constinit std::byte* const* g_trap_sites = nullptr;  // sorted sites of the batch in flight
 constinit std::size_t g_trap_count = 0;
-constinit int g_trap_waiters = 0;
+constinit int g_trap_waiters = 0;  // threads waiting in on_sigtrap(); a statistic, orders nothing
 constinit bool g_trap_installed = false;
 constinit struct sigaction g_prev_trap = {};
 constinit std::mutex g_trap_mu;
@@ -48,9 +63,15 @@ constinit std::byte* g_heap_begin[kMaxHeaps] = {};
 constinit std::byte* g_heap_end[kMaxHeaps] = {};
 
 bool in_trap_table(const std::byte* pc) {
-  // Pairs with the store-release that publishes the table before the traps are written.
-  std::byte* const* sites = __atomic_load_n(&g_trap_sites, __ATOMIC_ACQUIRE);
-  const std::size_t n = __atomic_load_n(&g_trap_count, __ATOMIC_ACQUIRE);
+  // Pairs with commit_breakpoint()'s store_release of g_trap_sites: a handler that sees
+  // a table sees its elements, and (g_trap_count is stored before it) at least its
+  // count. A nullptr here is the unpublication after round 3 or a roll-back (or no batch
+  // at all).
+  std::byte* const* sites = load_acquire(&g_trap_sites);
+  // Known issue: the table and its count are two separate words; a batch can end and the
+  // next begin between these two loads, pairing this table with a larger count, and the
+  // search below then reads past the table's end. Not safe as it stands.
+  const std::size_t n = load_acquire(&g_trap_count);
   if (!sites) return false;
   std::size_t lo = 0, hi = n;
   while (lo < hi) {
@@ -63,17 +84,24 @@ bool in_trap_table(const std::byte* pc) {
 
 bool in_patched_heap(const std::byte* pc) {
   for (int i = 0; i < kMaxHeaps; ++i) {
-    const std::byte* b = __atomic_load_n(&g_heap_begin[i], __ATOMIC_ACQUIRE);
-    if (b && pc >= b && pc < __atomic_load_n(&g_heap_end[i], __ATOMIC_ACQUIRE)) return true;
+    // Pairs with install_trap_handler()'s store_release of the begin: a non-null begin
+    // comes with its end (stored before it). The end's acquire orders nothing further.
+    const std::byte* b = load_acquire(&g_heap_begin[i]);
+    if (b && pc >= b && pc < load_acquire(&g_heap_end[i])) return true;
   }
   return false;
 }
 
+// Whether the code at pc still holds a trap. Marked: the patcher may store these bytes
+// concurrently (through the RW alias). No ordering of its own: on_sigtrap() calls it
+// after in_trap_table()'s load_acquire found no table holding pc; if that was because
+// our batch unpublished its table (or a later batch published another), the acquire
+// orders this load after round 3's store of the new head, which preceded the release.
 bool is_trap_at(const std::byte* pc) {
 #if defined(__x86_64__)
-  return __atomic_load_n(reinterpret_cast<const std::uint8_t*>(pc), __ATOMIC_RELAXED) == arch::x86_64::kInt3;
+  return read_once(*reinterpret_cast<const std::uint8_t*>(pc)) == arch::x86_64::kInt3;
 #else
-  return arch::aarch64::is_brk(__atomic_load_n(reinterpret_cast<const std::uint32_t*>(pc), __ATOMIC_RELAXED));
+  return arch::aarch64::is_brk(read_once(*reinterpret_cast<const std::uint32_t*>(pc)));
 #endif
 }
 
@@ -82,7 +110,9 @@ void on_sigtrap(int sig, siginfo_t* si, void* ucv) {
   const int saved_errno = errno;
   auto* uc = static_cast<ucontext_t*>(ucv);
 #if defined(__x86_64__)
-  // INT3 leaves RIP one past itself (REFERENCE 2, "Traps as seen by a SIGTRAP handler").
+  // INT3 is a trap: the saved RIP points past it (Intel SDM Vol. 3A, "Interrupt 3 -
+  // Breakpoint Exception (#BP)": the saved instruction pointer "point[s] to the
+  // instruction following the INT 3 instruction").
   auto* pc = reinterpret_cast<std::byte*>(uc->uc_mcontext.gregs[REG_RIP] - 1);
 #else
   auto* pc = reinterpret_cast<std::byte*>(uc->uc_mcontext.pc);  // BRK: the PC is the BRK itself
@@ -91,9 +121,14 @@ void on_sigtrap(int sig, siginfo_t* si, void* ucv) {
   if (in_trap_table(pc)) {
     // A site of the batch in flight: wait until the batch is done (the site leaves the
     // table after the last serialization), then run the site again from its start.
-    __atomic_fetch_add(&g_trap_waiters, 1, __ATOMIC_RELAXED);
+    // The waiter count is a statistic (Patcher::trap_waiters()): relaxed.
+    fetch_add_relaxed(&g_trap_waiters, 1);
+    // Each in_trap_table() is a load_acquire of the table: the one that reads it
+    // unpublished pairs with the releases in commit_breakpoint()'s unpublish(), which
+    // come after round 3's serialize_cores() (that serialized this thread's core too,
+    // before it runs user code again), so the thread resumes into the new code.
     while (in_trap_table(pc)) ::sched_yield();
-    __atomic_fetch_sub(&g_trap_waiters, 1, __ATOMIC_RELAXED);
+    fetch_sub_relaxed(&g_trap_waiters, 1);
     ours = true;
   } else if (in_patched_heap(pc) && !is_trap_at(pc)) {
     // The batch completed between this thread fetching the trap and the handler running.
@@ -129,10 +164,11 @@ Status install_trap_handler(std::byte* heap_begin, std::byte* heap_end) {
       return Status(Errc::os_error, errno, "installing the SIGTRAP handler");
     g_trap_installed = true;
   }
-  // End before begin, both release: in_patched_heap() acquires begin first, so a handler
-  // that sees a non-null begin sees its end.
-  __atomic_store_n(&g_heap_end[slot], heap_end, __ATOMIC_RELEASE);
-  __atomic_store_n(&g_heap_begin[slot], heap_begin, __ATOMIC_RELEASE);
+  // End before begin; the release of begin pairs with in_patched_heap()'s load_acquire
+  // of it, so a handler that sees a non-null begin sees its end. (The slots are written
+  // only under g_trap_mu: the plain reads of g_heap_begin above need no marking.)
+  store_release(&g_heap_end[slot], heap_end);
+  store_release(&g_heap_begin[slot], heap_begin);
   return {};
 }
 
@@ -140,7 +176,9 @@ void forget_heap(std::byte* heap_begin) {
   std::lock_guard<std::mutex> g(g_trap_mu);
   for (int i = 0; i < kMaxHeaps; ++i)
     if (g_heap_begin[i] == heap_begin) {
-      __atomic_store_n(&g_heap_begin[i], nullptr, __ATOMIC_RELEASE);
+      // Pairs with in_patched_heap()'s load_acquire; a handler that reads nullptr just
+      // skips the slot, so this release orders nothing it depends on.
+      store_release(&g_heap_begin[i], static_cast<std::byte*>(nullptr));
       break;
     }
 }
@@ -196,16 +234,19 @@ Result<std::unique_ptr<Patcher>> Patcher::create(Emitter& emitter, const Patcher
   return p;
 }
 
-int Patcher::trap_waiters() noexcept { return __atomic_load_n(&g_trap_waiters, __ATOMIC_RELAXED); }
+// A statistic: no ordering.
+int Patcher::trap_waiters() noexcept { return read_once(g_trap_waiters); }
 
 const std::string& Patcher::last_error_detail() noexcept { return t_detail; }
 
 PatcherStats Patcher::stats() const noexcept {
+  // Statistics only: each counter is read on its own, with no ordering; they may come
+  // from different moments.
   PatcherStats s;
-  s.patches = __atomic_load_n(&stats_.patches, __ATOMIC_RELAXED);
-  s.batches = __atomic_load_n(&stats_.batches, __ATOMIC_RELAXED);
-  s.serializations = __atomic_load_n(&stats_.serializations, __ATOMIC_RELAXED);
-  s.veneers = __atomic_load_n(&stats_.veneers, __ATOMIC_RELAXED);
+  s.patches = read_once(stats_.patches);
+  s.batches = read_once(stats_.batches);
+  s.serializations = read_once(stats_.serializations);
+  s.veneers = read_once(stats_.veneers);
   return s;
 }
 
@@ -225,7 +266,7 @@ Result<std::byte*> Patcher::veneer_for(std::uint64_t target) noexcept {
     (void)emitter_->free(*b);
     return Status(Errc::out_of_memory);
   }
-  __atomic_fetch_add(&stats_.veneers, 1, __ATOMIC_RELAXED);
+  fetch_add_relaxed(&stats_.veneers, 1);  // statistics only
   return (*b)->entry();
 }
 
@@ -295,12 +336,17 @@ Status Patcher::plan(const Request& r, Planned* out) noexcept {
     (void)isa::encode_nop5(insn);
   }
   std::byte* word = reinterpret_cast<std::byte*>(isa::aligned_8_base(addr(site)));
-  const std::uint64_t old_word = __atomic_load_n(reinterpret_cast<const std::uint64_t*>(word), __ATOMIC_RELAXED);
+  // One untorn read of the word the store will replace (its 3 other bytes are written
+  // back unchanged). No ordering needed: this thread holds commit_mu_, under which this
+  // Patcher writes all its code.
+  const std::uint64_t old_word = read_once(*reinterpret_cast<const std::uint64_t*>(word));
   *out = Planned{word, isa::splice_aligned_8(old_word, isa::aligned_8_offset(addr(site)), insn, 5), 8};
   return {};
 #else
   namespace isa = arch::aarch64;
-  const std::uint32_t old = __atomic_load_n(reinterpret_cast<const std::uint32_t*>(site), __ATOMIC_RELAXED);
+  // One untorn read of the instruction. No ordering needed: this thread holds
+  // commit_mu_, under which this Patcher writes all its code.
+  const std::uint32_t old = read_once(*reinterpret_cast<const std::uint32_t*>(site));
   std::uint32_t insn = isa::kNop;
   if (r.op == Op::retarget || r.op == Op::toggle_on) {
     if (!isa::b_in_reach(addr(site), target)) {
@@ -357,14 +403,20 @@ Status Patcher::commit(const std::vector<Request>& requests, bool wait) noexcept
   for (const Planned& p : plan_list)
     if (Status st = heap_->store_code_word_checked_by_caller(p.word, p.value, p.width); !st) return st;
 
-  // 3. One serialization for the batch: when it returns, every core that runs threads of
-  //    this process executed a core-serializing instruction after the stores above, so
-  //    none can still run a stale copy of a patched instruction (SDM 9.1.3; on arm64 the
-  //    context synchronization event the IC IVAU + DSB of flush_icache leaves to us).
+  // 3. One serialization for the batch. It pairs with every executor of the patched
+  //    code, which has no barrier of its own: when it returns, every core that runs
+  //    threads of this process executed a core-serializing instruction after the stores
+  //    above (membarrier SYNC_CORE; the signal strategy's handler runs sync_core()), so
+  //    none can still run a stale copy of a patched instruction (Intel SDM Vol. 3A 9.1.3;
+  //    on arm64 the context synchronization event the IC IVAU + DSB ISH of flush_icache
+  //    leaves to us, Arm ARM B2.2.5). Before it returns, an executor fetches each site
+  //    old or new, never a mix (one aligned store each). It is also a process barrier:
+  //    data-slot stores, and whatever this thread stored before commit(), are visible to
+  //    every thread's loads after it.
   if (Status st = heap_->runtime().serialize_cores(); !st) return st;
-  __atomic_fetch_add(&stats_.patches, plan_list.size(), __ATOMIC_RELAXED);
-  __atomic_fetch_add(&stats_.batches, 1, __ATOMIC_RELAXED);
-  __atomic_fetch_add(&stats_.serializations, 1, __ATOMIC_RELAXED);
+  fetch_add_relaxed(&stats_.patches, plan_list.size());  // statistics only
+  fetch_add_relaxed(&stats_.batches, 1);
+  fetch_add_relaxed(&stats_.serializations, 1);
   return {};
 }
 
@@ -427,10 +479,10 @@ Status Patcher::validate_replace(const Request& r) noexcept {
 Status Patcher::write_bytes(std::byte* at, const std::uint8_t* bytes, std::size_t n) noexcept {
   auto w = heap_->write(at, n);
   if (!w.ok()) return w.status();
-  // Relaxed single-byte atomics: an executor may fetch these bytes concurrently; each
-  // byte is old or new, and the trap in front guards the ones in between.
-  for (std::size_t i = 0; i < n; ++i)
-    __atomic_store_n(reinterpret_cast<std::uint8_t*>(w->data()) + i, bytes[i], __ATOMIC_RELAXED);
+  // Single-byte marked stores, no ordering: an executor may fetch these bytes
+  // concurrently; each byte is old or new, and the trap in front guards the ones in
+  // between. The ordering comes from the caller's serialize_cores() after each round.
+  for (std::size_t i = 0; i < n; ++i) write_once(reinterpret_cast<std::uint8_t*>(w->data())[i], bytes[i]);
   return w->finish();
 }
 
@@ -471,47 +523,70 @@ Status Patcher::commit_breakpoint(const std::vector<Request>& requests, std::vec
 #endif
   Runtime& rt = heap_->runtime();
   // Publish the table before any trap is written: a thread that hits a trap must find its
-  // site (store-release; the handler's load-acquire pairs with it).
-  __atomic_store_n(&g_trap_count, trap_sites_.size(), __ATOMIC_RELEASE);
-  __atomic_store_n(&g_trap_sites, trap_sites_.data(), __ATOMIC_RELEASE);
+  // site. The count first: the release of the pointer orders the count and the table's
+  // elements before it; both pair with in_trap_table()'s load_acquire of the pointer.
+  store_release(&g_trap_count, trap_sites_.size());
+  store_release(&g_trap_sites, static_cast<std::byte* const*>(trap_sites_.data()));
+  // The table stores before the trap stores of round 1. A release store orders only the
+  // accesses before it, not the trap stores after it (on arm64 an STLR may become visible
+  // after a later STR; in C++ a later store may move above a release). Pairs with
+  // in_trap_table(), which a thread reaches only after it fetched a trap and took the
+  // exception. (Before this barrier the order came only from the mutex CodeHeap::write()
+  // happens to take: an STLR followed by a load-acquire is ordered on arm64.)
+  smp_wmb();
   auto round_done = [&](int round) {
     if (round_hook_) round_hook_(round, round_hook_arg_);
   };
+  // Pairs with in_trap_table()'s load_acquire in the handler's wait loop: the releases
+  // order every earlier write and round 3's (or the roll-back's) serialize_cores() before
+  // a trapped thread is let go. Either store alone lets a waiter go (a table with count
+  // 0 holds no site), and either is safe to observe first.
   auto unpublish = [&] {
-    __atomic_store_n(&g_trap_count, std::size_t(0), __ATOMIC_RELEASE);
-    __atomic_store_n(&g_trap_sites, static_cast<std::byte* const*>(nullptr), __ATOMIC_RELEASE);
+    store_release(&g_trap_count, std::size_t(0));
+    store_release(&g_trap_sites, static_cast<std::byte* const*>(nullptr));
   };
   // Put every site back as it was (a failure midway): waiters then resume into old code.
   auto roll_back = [&](Status why) {
     for (const Site& s : sites) (void)write_bytes(s.at, s.original, s.r->length);
+    // As a round: every core drops the traps and new bytes before waiters are let go
+    // (best effort: if this fails too, nothing better is left to do).
     (void)rt.serialize_cores();
     unpublish();
     return why;
   };
 
-  // Round 1: the traps (and every atomic patch of the batch).
+  // Each round's serialize_cores() pairs with the threads executing the region, which
+  // have no barrier of their own: when it returns, every core running a thread of this
+  // process executed a core-serializing instruction after the round's stores, so none
+  // still holds an instruction it fetched before them.
+  //
+  // Round 1: the traps (and every atomic patch of the batch). After the serialization,
+  // a thread that reaches a site traps; none is inside a region (entered only at its
+  // start, validated), so none can run an old body that round 2 changes.
   for (const Site& s : sites)
     if (Status st = write_bytes(s.at, trap, head); !st) return roll_back(st);
   for (const Planned& p : atomic)
     if (Status st = heap_->store_code_word(p.word, p.value, p.width); !st) return roll_back(st);
   if (Status st = rt.serialize_cores(); !st) return roll_back(st);
   round_done(1);
-  // Round 2: the bodies, behind the traps; no core can still be inside a stale copy.
+  // Round 2: the bodies, behind the traps. After the serialization no core holds a
+  // stale copy of an old body, so the new head of round 3 is never followed by one.
   for (const Site& s : sites)
     if (s.r->length > head)
       if (Status st = write_bytes(s.at + head, s.r->bytes + head, s.r->length - head); !st) return roll_back(st);
   if (Status st = rt.serialize_cores(); !st) return roll_back(st);
   round_done(2);
-  // Round 3: the new first bytes replace the traps.
+  // Round 3: the new first bytes replace the traps. After the serialization every core
+  // fetches the new head, with the new body behind it.
   for (const Site& s : sites)
     if (Status st = write_bytes(s.at, s.r->bytes, head); !st) return roll_back(st);
   if (Status st = rt.serialize_cores(); !st) return roll_back(st);
   // Only now may trapped threads go: they re-run each site from its start.
   unpublish();
   round_done(3);
-  __atomic_fetch_add(&stats_.patches, atomic.size() + sites.size(), __ATOMIC_RELAXED);
-  __atomic_fetch_add(&stats_.batches, 1, __ATOMIC_RELAXED);
-  __atomic_fetch_add(&stats_.serializations, 3, __ATOMIC_RELAXED);
+  fetch_add_relaxed(&stats_.patches, atomic.size() + sites.size());  // statistics only
+  fetch_add_relaxed(&stats_.batches, 1);
+  fetch_add_relaxed(&stats_.serializations, 3);
   return {};
 }
 

@@ -233,7 +233,14 @@ Status SafepointPolls::arm(bool* serialized) noexcept {
   *serialized = false;
   if (sites_.empty()) return {};
   const Status st = commit(sites_, true);
-  // A committed batch ended with serialize_cores(), which is also a process barrier.
+  // A committed batch ended with serialize_cores() (Patcher::commit()), which is also a
+  // process barrier: it is the request's barrier B between the coordinator's arming of
+  // the poll words (before arm()) and its load_acquire of each thread's state (after).
+  // It pairs with SafepointThread::enter_managed()'s compiler barrier (smp_mb() in the
+  // symmetric mode) between its state store and its poll-word load, and, for the patched
+  // polls themselves, with every thread's fetch of a poll site: from its return on, each
+  // poll jumps to its stub. A failed commit may have armed only some polls: the
+  // coordinator then pays its own B.
   *serialized = st.ok();
   return st;
 }
@@ -241,6 +248,8 @@ Status SafepointPolls::arm(bool* serialized) noexcept {
 void SafepointPolls::disarm() noexcept {
   std::lock_guard<std::mutex> g(mu_);
   armed_ = false;
+  // Its serialization is not relied on for ordering: a thread that still takes a poll's
+  // jump afterwards finds nothing pending (the slow path re-checks everything).
   if (!sites_.empty()) (void)commit(sites_, false);
 }
 

@@ -52,9 +52,9 @@ class CodeRegistry {
   Status grow_locked() noexcept;
 
   std::mutex mu_;
-  std::uint64_t seq_ = 0;             // odd while a writer changes the table (atomic accesses)
-  Entry* entries_ = nullptr;          // current table (atomic accesses)
-  std::size_t count_ = 0;             // entries in use (atomic accesses)
+  std::uint64_t seq_ = 0;             // odd while a writer changes the table (marked accesses)
+  Entry* entries_ = nullptr;          // current table (marked accesses)
+  std::size_t count_ = 0;             // entries in use (marked accesses)
   std::size_t capacity_ = 0;          // writer-only
   std::vector<Table> tables_;         // every table ever made; the last is current
 };

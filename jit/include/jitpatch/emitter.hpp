@@ -15,7 +15,6 @@
 // addresses. asmjit errors come back as Errc::emit_failed with asmjit's error text.
 #pragma once
 
-#include <atomic>
 #include <cstddef>
 #include <cstdint>
 #include <functional>
@@ -37,6 +36,7 @@
 #error "jitpatch supports x86-64 and aarch64 only"
 #endif
 
+#include <jitpatch/arch.hpp>
 #include <jitpatch/code_heap.hpp>
 #include <jitpatch/error.hpp>
 
@@ -88,7 +88,10 @@ class CodeBlob {
   const std::vector<PatchSite>& sites() const noexcept { return sites_; }
   // The first site with this name, or nullptr.
   const PatchSite* site(std::string_view name) const noexcept;
-  BlobState state() const noexcept { return state_.load(std::memory_order_acquire); }
+  // Lock-free; callable on a pointer from CodeRegistry::find(). The acquire pairs with the
+  // Emitter's release stores of the state: emit() (live: the descriptor's name, range,
+  // entry and sites were filled before), retire() and free().
+  BlobState state() const noexcept { return load_acquire(&state_); }
   bool contains(const void* pc) const noexcept {
     return static_cast<const std::byte*>(pc) >= begin() && static_cast<const std::byte*>(pc) < end();
   }
@@ -104,7 +107,9 @@ class CodeBlob {
   std::size_t code_size_ = 0;
   std::byte* entry_ = nullptr;
   std::vector<PatchSite> sites_;
-  std::atomic<BlobState> state_{BlobState::live};
+  // Written only by the owning Emitter, under its mutex, with store_release; read with
+  // load_acquire (state()), also without that mutex.
+  BlobState state_ = BlobState::live;
   // The owning emitter's intrusive list of live blobs.
   const Emitter* owner_ = nullptr;
   CodeBlob* prev_ = nullptr;
