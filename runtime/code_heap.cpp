@@ -116,8 +116,11 @@ struct CodeHeap::Impl {
   std::size_t used = 0;
   std::uint64_t free_seq = 0;  // count of frees; each freed block carries its number
 
-  // Frees with seq <= clean_upto are followed by a completed serialize_cores().
-  std::uint64_t clean_upto = 0;  // atomic accesses
+  // Frees with seq <= clean_upto are followed by a completed serialize_cores(). Written by
+  // make_clean() (store_release, under serialize_mu), read without a lock (load_acquire).
+  std::uint64_t clean_upto = 0;
+  // Statistics: incremented under serialize_mu, read by stats() under mu, so marked
+  // accesses (fetch_add_relaxed / read_once).
   std::uint64_t serializations = 0;
   std::mutex serialize_mu;
 
@@ -243,10 +246,12 @@ Result<std::unique_ptr<CodeHeap>> CodeHeap::create(Runtime& rt, const CodeHeapOp
   // first fault also builds page tables: about 2-3 us apiece, three quarters of what a
   // fresh heap's first emit cost (bench/publish, N=1). Creating a heap is the setup step;
   // the first publication should not pay for it. (Protection flip: the region is RX until
-  // a writer opens it, so there is nothing to write yet.)
-  __atomic_store_n(&impl->start_bits[0], std::uint64_t{0}, __ATOMIC_RELAXED);
-  __atomic_store_n(&impl->end_bits[0], std::uint64_t{0}, __ATOMIC_RELAXED);
-  if (impl->rw) __atomic_store_n(reinterpret_cast<std::uint64_t*>(impl->rw), std::uint64_t{0}, __ATOMIC_RELAXED);
+  // a writer opens it, so there is nothing to write yet.) write_once: stores the compiler
+  // must emit as written, though they store what is already there; the heap is not
+  // shared yet, so no ordering is needed.
+  write_once(impl->start_bits[0], std::uint64_t{0});
+  write_once(impl->end_bits[0], std::uint64_t{0});
+  if (impl->rw) write_once(*reinterpret_cast<std::uint64_t*>(impl->rw), std::uint64_t{0});
   auto heap = std::unique_ptr<CodeHeap>(new (std::nothrow) CodeHeap(std::move(impl)));
   if (!heap) return Status(Errc::out_of_memory);
   return heap;
@@ -319,8 +324,9 @@ Result<CodeRange> CodeHeap::allocate_locked(std::size_t size, std::size_t alignm
   r.rx = h.rx + off;
   r.size = need;
   // Memory freed after the last completed serialization is dirty (see the header).
-  // Acquire pairs with make_clean()'s store-release of clean_upto.
-  r.dirty_seq = seq > __atomic_load_n(&h.clean_upto, __ATOMIC_ACQUIRE) ? seq : 0;
+  // Acquire pairs with make_clean()'s store_release of clean_upto: a range that counts as
+  // clean (dirty_seq 0) was covered by a serialization that has completed.
+  r.dirty_seq = seq > load_acquire(&h.clean_upto) ? seq : 0;
   Impl::set(h.start_bits, off / kGranule);
   Impl::set(h.end_bits, (off + need) / kGranule - 1);
   ++h.live_count;
@@ -374,9 +380,9 @@ Status CodeHeap::free(const void* p) noexcept {
 }
 
 bool CodeHeap::is_clean(std::uint64_t dirty_seq) const noexcept {
-  // Acquire pairs with make_clean()'s store-release: a caller that sees its sequence
+  // Acquire pairs with make_clean()'s store_release: a caller that sees its sequence
   // covered also sees the serialization that covered it as done.
-  return dirty_seq <= __atomic_load_n(&impl_->clean_upto, __ATOMIC_ACQUIRE);
+  return dirty_seq <= load_acquire(&impl_->clean_upto);
 }
 
 Status CodeHeap::make_clean(std::uint64_t upto) noexcept {
@@ -397,10 +403,11 @@ Status CodeHeap::make_clean(std::uint64_t upto) noexcept {
     covered = h.free_seq;  // every free so far precedes the serialization below
   }
   if (Status st = h.rt->serialize_cores(); !st) return st;
-  ++h.serializations;
-  // Release: an allocator that sees the new clean_upto (acquire) sees memory whose stale
-  // instructions every core has dropped.
-  __atomic_store_n(&h.clean_upto, covered, __ATOMIC_RELEASE);
+  fetch_add_relaxed(&h.serializations, 1);  // statistics
+  // Release: pairs with the load_acquire of clean_upto in allocate_locked(), is_clean()
+  // and stats(): a thread that sees the new value sees memory whose stale instructions
+  // every core has dropped (serialize_cores() completed before this store).
+  store_release(&h.clean_upto, covered);
   return {};
 }
 
@@ -536,10 +543,11 @@ Status CodeHeap::store_code_word_checked_by_caller(std::byte* b, std::uint64_t v
       return Status(Errc::os_error, e, "mprotect(RW) for a code-word store");
     }
   }
-  // The one store concurrent executors may observe. Relaxed: ordering against the other
-  // patches of the batch and against the executors comes from serialize_cores() after it.
-  if (width == 4) __atomic_store_n(reinterpret_cast<std::uint32_t*>(dst), static_cast<std::uint32_t>(value), __ATOMIC_RELAXED);
-  else __atomic_store_n(reinterpret_cast<std::uint64_t*>(dst), value, __ATOMIC_RELAXED);
+  // The one store concurrent executors may observe: a single aligned, untorn store.
+  // Relaxed: ordering against the other patches of the batch and against the executors
+  // comes from the caller's serialize_cores() after it (the patcher, once per batch).
+  if (width == 4) write_once(*reinterpret_cast<std::uint32_t*>(dst), static_cast<std::uint32_t>(value));
+  else write_once(*reinterpret_cast<std::uint64_t*>(dst), value);
   Status st;
   if (page) {
     if (::mprotect(page, page_size(), PROT_READ | PROT_EXEC) != 0) st = Status(Errc::os_error, errno, "mprotect(RX) after a code-word store");
@@ -569,12 +577,12 @@ HeapStats CodeHeap::stats() const noexcept {
   s.largest_free = std::max(s.largest_free, h.capacity - h.top);
   s.live_allocations = h.live_count;
   s.free_blocks = h.free_by_offset.size() + (h.top < h.capacity ? 1 : 0);
-  const std::uint64_t clean = __atomic_load_n(&h.clean_upto, __ATOMIC_ACQUIRE);
+  const std::uint64_t clean = load_acquire(&h.clean_upto);  // pairs with make_clean()
   for (const auto& [off, f] : h.free_by_offset)
     if (f.seq > clean) s.dirty_bytes += f.size;
   if (h.top_seq > clean && h.top_dirty_end > h.top) s.dirty_bytes += h.top_dirty_end - h.top;
   s.fragmentation = s.free ? 1.0 - static_cast<double>(s.largest_free) / static_cast<double>(s.free) : 0.0;
-  s.serializations = h.serializations;
+  s.serializations = read_once(h.serializations);
   return s;
 }
 

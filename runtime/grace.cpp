@@ -1,6 +1,7 @@
 // GraceDomain: the update side of the membarrier RCU described in grace.hpp.
 //
-// Ordering summary (each pair is named where it is used):
+// Ordering summary (each pair is named where it is used; docs/memory-ordering.md, GP1-GP6,
+// writes them out as litmus scenarios):
 //   reader lock():   store ctr            ; barrier ; loads of the data
 //   synchronize():   caller's unlink      ; MB(A)   ; scan ctr      (store-buffering: MB(A)
 //                    is membarrier in the asymmetric mode, so the reader's barrier can be a
@@ -8,8 +9,12 @@
 //   reader unlock(): loads of the data    ; barrier ; store ctr
 //   synchronize():   scan sees ctr changed; MB(B)   ; caller frees  (MB(B) makes every
 //                    CPU complete the reader's earlier loads)
+//   reader unlock()/quiescent()/offline(): store ctr ; barrier ; load wake word
+//   wait_for_readers(): store wake word   ; master_mb() ; scan ctr  (store buffering again:
+//                    a sleeping synchronize() is either woken or sees the reader gone)
 // A process barrier is a full barrier on every running thread of the process (membarrier
-// PRIVATE_EXPEDITED, REFERENCE 1), which is exactly what the reader side left out.
+// MEMBARRIER_CMD_PRIVATE_EXPEDITED: membarrier(2), and the ordering scenarios at the top of
+// the kernel's kernel/sched/membarrier.c), which is exactly what the reader side left out.
 #include <jitpatch/grace.hpp>
 
 #include "sys.hpp"
@@ -78,8 +83,9 @@ struct GraceDomain::Impl {
   bool stop = false;
   std::thread reclaimer;
 
-  std::atomic<std::uint64_t> grace_periods{0}, shared{0}, sleeps{0}, retired{0}, reclaimed{0},
-      inline_reclaims{0}, deferred{0};
+  // Statistics: relaxed RMWs (fetch_add_relaxed) and read_once; they order nothing.
+  std::uint64_t grace_periods = 0, shared = 0, sleeps = 0, retired = 0, reclaimed = 0, inline_reclaims = 0,
+                deferred = 0;
 
   GraceOptions options;
 
@@ -113,8 +119,8 @@ Status GraceDomain::Impl::reclaim_queue(GraceDomain& d, std::unique_lock<std::mu
   if (st.ok()) {
     for (auto& it : batch)
       if (!run_item(it, false)) keep.push_back(it);
-    reclaimed.fetch_add(batch.size() - keep.size(), std::memory_order_relaxed);
-    deferred.fetch_add(keep.size(), std::memory_order_relaxed);
+    fetch_add_relaxed(&reclaimed, batch.size() - keep.size());
+    fetch_add_relaxed(&deferred, keep.size());
   } else {
     keep = std::move(batch);
   }
@@ -252,10 +258,13 @@ Result<GraceReader> GraceDomain::register_reader(ReaderKind kind) noexcept {
     impl_->head = rec;
     ++impl_->readers;
     // A qsbr reader starts online. Under reg_mu, so no scan runs between the link and
-    // this store; the barrier after it is the online() pairing.
+    // this store. The acquire pairs with run_grace_period()'s store_release of the
+    // counter, as in online().
     if (rec->qsbr) write_once(rec->ctr, load_acquire(&phase_[1]));
   }
   if (rec->qsbr) {
+    // The online() barrier (slave_mb): store ctr, barrier, then the reader's loads of
+    // the data; pairs with MB(A) in run_grace_period() before its scan (store buffering).
     if (symmetric_) smp_mb();
     else compiler_barrier();
   }
@@ -281,10 +290,12 @@ std::size_t GraceDomain::reader_count() const noexcept {
 }
 
 void GraceDomain::wake() noexcept {
-  // Plain store, then wake: a reader never does a read-modify-write. A lost race only
-  // costs the waiter its timeout (it re-arms and rescans).
-  if (__atomic_load_n(&wake_, __ATOMIC_RELAXED) == -1) {
-    __atomic_store_n(&wake_, 0, __ATOMIC_RELAXED);
+  // A marked store, then wake: a reader never does a read-modify-write. Relaxed: the
+  // ordering that matters is in the callers (store ctr, slave_mb, this load: the reader
+  // half of the wake-word pair in wait_for_readers()), and futex_wait() re-checks the
+  // word. A lost race only costs the waiter its timeout (it re-arms and rescans).
+  if (read_once(wake_) == -1) {
+    write_once(wake_, 0);
     (void)sys::futex_wake(reinterpret_cast<std::uint32_t*>(&wake_), 1);
   }
 }
@@ -331,37 +342,58 @@ void GraceDomain::wait_for_readers(bool second_phase) noexcept {
       continue;
     }
     // Sleep. Store wake word, barrier, scan ctr: pairs with the reader's store ctr,
-    // barrier, load wake word (grace.hpp unlock()).
-    __atomic_store_n(&wake_, -1, __ATOMIC_RELAXED);
-    if (!master_mb().ok()) smp_mb();  // the timeout below still bounds the wait
+    // slave_mb(), load wake word (grace.hpp unlock(), quiescent(), offline()), store
+    // buffering: either the scan sees the reader's new ctr, or the reader sees -1 and
+    // wakes us. In the asymmetric mode master_mb() is also the reader's barrier.
+    write_once(wake_, -1);
+    // If the process barrier fails, an smp_mb() still orders our side; the reader's side
+    // is then unordered (a compiler barrier), and the 10 ms timeout bounds the wait.
+    if (!master_mb().ok()) smp_mb();
     if (!any_active()) {
-      __atomic_store_n(&wake_, 0, __ATOMIC_RELAXED);
+      write_once(wake_, 0);
       return;
     }
-    im.sleeps.fetch_add(1, std::memory_order_relaxed);
+    fetch_add_relaxed(&im.sleeps, 1);
     const timespec ten_ms{0, 10'000'000};
+    // FUTEX_WAIT sleeps only while wake_ is still -1: a reader's wake() that cleared it
+    // after our scan makes this return at once.
     (void)sys::futex_wait(reinterpret_cast<std::uint32_t*>(&wake_), static_cast<std::uint32_t>(-1), &ten_ms);
-    __atomic_store_n(&wake_, 0, __ATOMIC_RELAXED);
+    write_once(wake_, 0);
   }
 }
 
 Status GraceDomain::run_grace_period() noexcept {
-  // MB(A): the callers' unlinks before the scans (see the summary at the top).
+  // MB(A): the callers' unlinks before the scans (see the summary at the top). Pairs with
+  // the slave_mb() after the ctr store in GraceReader::lock() and online() (store
+  // buffering), and with the process barrier it stands in for on the reader's side.
   if (Status st = master_mb(); !st.ok()) return st;
   // Readers that announced the phase before the previous flip but whose store landed
   // after that round's scan look "current" to it; waiting for the old phase first, then
-  // flipping and waiting again, catches them (the two-phase argument of the paper, 3.2).
+  // flipping and waiting again, catches them (the two-phase argument of Desnoyers et al.,
+  // section 3.2).
   wait_for_readers(false);
+  // Updater-side only, no pair on the readers: keeps the first wait's loads of ctr before
+  // the flip. liburcu has the same smp_mb() here (urcu.c, synchronize_rcu(): "not
+  // formally required, but makes the model easier to understand"); without it the
+  // failure is one of progress (waiting on readers that keep starting), not safety.
   smp_mb();
+  // phase_ is written only here, by the one round running (wait_for_round()): the read of
+  // our own last store needs no ordering. Readers load it with read_once in lock().
   write_once(phase_[0], read_once(phase_[0]) ^ detail::kGracePhase);
-  // The qsbr counter advances after MB(A): a reader that sees the new value (acquire in
-  // quiescent()) sees every unlink made before this round.
+  // The qsbr counter advances after MB(A): release, pairs with the load_acquire in
+  // GraceReader::quiescent()/online(): a reader that sees the new value sees every
+  // unlink made before this round.
   store_release(&phase_[1], read_once(phase_[1]) + 1);
+  // Updater-side, as the one above: orders the flip and the counter advance before the
+  // second wait's loads of ctr (store->load, which the release store does not give), so
+  // the second wait cannot keep finding readers that started after it.
   smp_mb();
   wait_for_readers(true);
-  // MB(B): every reader's section loads complete before the callers free.
+  // MB(B): every reader's section loads complete before the callers free. Pairs with the
+  // slave_mb() before the release store of ctr in unlock()/offline(): it covers a scan
+  // that read a later, relaxed ctr store (the reader's next lock()), not the release.
   Status st = master_mb();
-  impl_->grace_periods.fetch_add(1, std::memory_order_relaxed);
+  fetch_add_relaxed(&impl_->grace_periods, 1);
   return st;
 }
 
@@ -382,6 +414,7 @@ class GraceDomain::CallerScope {
       if (!r->qsbr && (read_once(r->ctr) & detail::kGraceNestMask) != 0) in_section_ = true;
       if (r->qsbr && read_once(r->ctr) != 0) qsbr_ = r;
     }
+    // The caller's own offline(): the same barriers and pairs (GraceReader::offline()).
     if (qsbr_) {
       GraceReader::slave_mb(qsbr_);
       store_release(&qsbr_->ctr, std::uint64_t{0});
@@ -390,6 +423,7 @@ class GraceDomain::CallerScope {
     }
   }
   ~CallerScope() {
+    // The caller's own online() (GraceReader::online()).
     if (qsbr_) {
       write_once(qsbr_->ctr, load_acquire(&d_.phase_[1]));
       GraceReader::slave_mb(qsbr_);
@@ -419,7 +453,7 @@ Status GraceDomain::wait_for_round() noexcept {
   bool ran = false;
   for (;;) {
     if (im.completed_gen >= my_gen) {
-      if (!ran) im.shared.fetch_add(1, std::memory_order_relaxed);
+      if (!ran) fetch_add_relaxed(&im.shared, 1);
       return im.last_status;
     }
     if (!im.round_running) {
@@ -449,13 +483,13 @@ Status GraceDomain::enqueue(void* item_ptr) noexcept {
   } catch (const std::bad_alloc&) {
     return Status(Errc::out_of_memory, 0, "retire");
   }
-  im.retired.fetch_add(1, std::memory_order_relaxed);
+  fetch_add_relaxed(&im.retired, 1);
   if (im.queue.size() < im.options.retire_capacity) {
     if (im.options.background_reclaimer && im.queue.size() == 1) im.q_cv.notify_one();
     return {};
   }
   // Back-pressure: the retiring thread reclaims the whole queue itself.
-  im.inline_reclaims.fetch_add(1, std::memory_order_relaxed);
+  fetch_add_relaxed(&im.inline_reclaims, 1);
   return im.reclaim_queue(*this, lk);
 }
 
@@ -506,13 +540,14 @@ Status GraceDomain::barrier() noexcept {
 GraceStats GraceDomain::stats() const noexcept {
   auto& im = *impl_;
   GraceStats s;
-  s.grace_periods = im.grace_periods.load(std::memory_order_relaxed);
-  s.shared = im.shared.load(std::memory_order_relaxed);
-  s.sleeps = im.sleeps.load(std::memory_order_relaxed);
-  s.retired = im.retired.load(std::memory_order_relaxed);
-  s.reclaimed = im.reclaimed.load(std::memory_order_relaxed);
-  s.inline_reclaims = im.inline_reclaims.load(std::memory_order_relaxed);
-  s.deferred = im.deferred.load(std::memory_order_relaxed);
+  // Statistics: each counter read on its own, no snapshot of all of them.
+  s.grace_periods = read_once(im.grace_periods);
+  s.shared = read_once(im.shared);
+  s.sleeps = read_once(im.sleeps);
+  s.retired = read_once(im.retired);
+  s.reclaimed = read_once(im.reclaimed);
+  s.inline_reclaims = read_once(im.inline_reclaims);
+  s.deferred = read_once(im.deferred);
   return s;
 }
 

@@ -113,14 +113,14 @@ Result<PerCpuCounter> PerCpuCounter::create(PerCpuMode mode) noexcept {
 void PerCpuCounter::add_atomic(std::int64_t n) noexcept {
   const int cpu = rseq::current_cpu();
   const unsigned i = cpu >= 0 && static_cast<unsigned>(cpu) < cpus_ ? static_cast<unsigned>(cpu) : cpus_;
-  __atomic_fetch_add(&slots_[i], n, __ATOMIC_RELAXED);
+  fetch_add_relaxed(&slots_[i], n);  // a counter: atomic, no ordering
 }
 
 std::int64_t PerCpuCounter::sum() const noexcept {
   std::int64_t s = 0;
   // Relaxed loads: every slot is written by single 64-bit stores (the section's commit)
   // or atomic RMWs, so each read is untorn; no ordering between slots is promised.
-  for (unsigned i = 0; i < slots_.size(); ++i) s += __atomic_load_n(&slots_[i], __ATOMIC_RELAXED);
+  for (unsigned i = 0; i < slots_.size(); ++i) s += read_once(slots_[i]);
   return s;
 }
 
@@ -161,8 +161,10 @@ PerCpuLog::~PerCpuLog() {
     for (Buffer* b : slots_[c].buffers) detail::percpu_free(b);
 }
 
+// Harvester only (under mu_, or tests with no harvest running): `active` is written only
+// by harvest(), so this reads our own last store and needs no ordering.
 PerCpuLog::Buffer* PerCpuLog::inactive(const Slot& s) const noexcept {
-  return __atomic_load_n(&s.active, __ATOMIC_RELAXED) == s.buffers[0] ? s.buffers[1] : s.buffers[0];
+  return read_once(s.active) == s.buffers[0] ? s.buffers[1] : s.buffers[0];
 }
 
 bool PerCpuLog::append_atomic(std::uint64_t value) noexcept {
@@ -170,29 +172,38 @@ bool PerCpuLog::append_atomic(std::uint64_t value) noexcept {
   if (cpu < 0 || static_cast<unsigned>(cpu) >= cpus_) return false;
   Slot& s = slots_[static_cast<unsigned>(cpu)];
   for (;;) {
-    auto* b = static_cast<Buffer*>(__atomic_load_n(&s.active, __ATOMIC_SEQ_CST));
-    // Announce, then re-check: pairs with harvest()'s seq_cst store of `active` followed
-    // by its seq_cst load of `writers` (store buffering: in the single total order of
-    // seq_cst operations either our increment precedes its load, and it waits for us,
-    // or its store precedes our re-check, and we back off without touching entries).
-    __atomic_fetch_add(&b->writers, 1, __ATOMIC_SEQ_CST);
-    if (__atomic_load_n(&s.active, __ATOMIC_SEQ_CST) != b) {
-      __atomic_fetch_sub(&b->writers, 1, __ATOMIC_RELEASE);
+    // Acquire: pairs with harvest()'s store_release of `active`. The buffer it publishes
+    // was emptied by the previous drain (count = 0, the drain's reads of the entries
+    // done), and our accesses to it below must come after that.
+    auto* b = static_cast<Buffer*>(load_acquire(&s.active));
+    // Announce, then re-check: store buffering with harvest()/fence(), which store
+    // `active`, smp_mb(), load `writers`. Our side: the fully ordered fetch_add (as if
+    // smp_mb() after it) between the increment and the re-check. Either our increment
+    // is visible to its load, and it waits for us, or its store is visible to our
+    // re-check, and we back off without touching the entries.
+    (void)fetch_add(&b->writers, 1);
+    if (read_once(s.active) != b) {  // ordered after the increment by the fetch_add
+      // Release, as the exit below: keeps the release sequence harvest() reads through.
+      (void)fetch_sub_release(&b->writers, 1);
       continue;
     }
     // Several threads can be "on" one CPU without rseq (migration), so claim the index.
-    std::uint64_t n = __atomic_load_n(&b->count, __ATOMIC_RELAXED);
+    // Relaxed: the claim orders nothing by itself; the exit's release publishes it. A
+    // strong try_cmpxchg in a retry loop (the arch layer has no weak form; the strong
+    // one never fails spuriously, which only saves iterations).
+    std::uint64_t n = read_once(b->count);
     bool ok = true;
     do {
       if (n >= b->capacity) {
         ok = false;
         break;
       }
-    } while (!__atomic_compare_exchange_n(&b->count, &n, n + 1, true, __ATOMIC_RELAXED, __ATOMIC_RELAXED));
-    if (ok) __atomic_store_n(&b->items()[n], value, __ATOMIC_RELAXED);
-    // Release: the entry (and the claim) happen before the harvester's acquire read of
-    // writers == 0; the later RMWs of other writers continue this release sequence.
-    __atomic_fetch_sub(&b->writers, 1, __ATOMIC_RELEASE);
+    } while (!try_cmpxchg_relaxed(&b->count, &n, n + 1));
+    if (ok) write_once(b->items()[n], value);  // published by the release below
+    // Release: the entry (and the claim) happen before the harvester's load_acquire of
+    // writers == 0 in fence(); the later RMWs of other writers continue this release
+    // sequence.
+    (void)fetch_sub_release(&b->writers, 1);
     return ok;
   }
 }
@@ -202,19 +213,30 @@ Status PerCpuLog::fence(int cpu, unsigned first, unsigned last) noexcept {
     // Every section that loaded an old active pointer is aborted (or had committed):
     // after this returns no writer can store into the swapped-out buffers. It is also a
     // full barrier on the target CPUs, so their committed entries are visible to our
-    // drain below (Runtime::rseq_fence; REFERENCE 1 and 3).
+    // drain below. This is the swap-and-fence of MEMBARRIER_CMD_PRIVATE_EXPEDITED_RSEQ
+    // (membarrier(2); Linux commit 2a36ab717 "rseq/membarrier: Add
+    // MEMBARRIER_CMD_PRIVATE_EXPEDITED_RSEQ"; the kernel's rseq selftest
+    // tools/testing/selftests/rseq/param_test.c, -T r). It pairs with the section's
+    // commit store in rseq_cs::deref_append() (docs/memory-ordering.md, PC1).
     Status st = rt_->rseq_fence(cpu);
-    if (st) __atomic_fetch_add(&fences_, 1, __ATOMIC_RELAXED);
+    if (st) fetch_add_relaxed(&fences_, 1);  // statistics
     return st;
   }
+  // The harvester's half of the store-buffering pair with append_atomic(): harvest()
+  // stored `active`, this orders that store before the loads of `writers` below; the
+  // writer's half is its fully ordered fetch_add of `writers` before it re-reads
+  // `active`. (A slot still pending from a failed fence was swapped earlier: the barrier
+  // orders that store too.)
+  smp_mb();
   const long deadline = monotonic_ms() + static_cast<long>(wait_timeout_.count());
   for (unsigned c = first; c <= last; ++c) {
     const Slot& s = slots_[c];
     if (!s.pending) continue;
     Buffer* b = inactive(s);
-    // Seq_cst pairs with the writer's announce + re-check (append_atomic); acquire
-    // (implied) makes the entries of every writer that already left visible.
-    for (unsigned spins = 0; __atomic_load_n(&b->writers, __ATOMIC_SEQ_CST) != 0; ++spins) {
+    // After the smp_mb() above: the store-buffering pair with append_atomic()'s
+    // announce + re-check. Acquire: pairs with the writers' fetch_sub_release on exit,
+    // so the entries of every writer that already left are visible to the drain.
+    for (unsigned spins = 0; load_acquire(&b->writers) != 0; ++spins) {
       if (spins < 1024) {
         cpu_relax();
         continue;
@@ -228,7 +250,7 @@ Status PerCpuLog::fence(int cpu, unsigned first, unsigned last) noexcept {
         return Status(Errc::timeout, 0, "PerCpuLog: a writer did not leave a swapped-out buffer");
     }
   }
-  __atomic_fetch_add(&fences_, 1, __ATOMIC_RELAXED);
+  fetch_add_relaxed(&fences_, 1);  // statistics
   return {};
 }
 
@@ -244,11 +266,13 @@ Status PerCpuLog::harvest(int cpu, DrainFn fn, void* ctx) noexcept {
     Slot& s = slots_[c];
     if (s.pending) continue;  // a failed fence left it swapped: drain that buffer first
     Buffer* next = inactive(s);
-    // Seq_cst: the atomic mode's store-buffering pair (see append_atomic). In rseq mode
-    // it is also a release: `next` was emptied (count = 0) by the previous drain, and a
-    // writer that loads this pointer must see that (on aarch64 its address dependency
-    // orders its loads through the pointer after this store).
-    __atomic_store_n(&s.active, static_cast<void*>(next), __ATOMIC_SEQ_CST);
+    // Release: `next` was emptied (count = 0, entries read) by the previous drain, and a
+    // writer that loads this pointer must see that. Pairs with append_atomic()'s
+    // load_acquire of `active`, and in rseq mode with the section's load of `active`
+    // and its address dependency (the loads through the pointer follow it; both
+    // architectures honour that). The atomic mode's store->load order against `writers`
+    // is the smp_mb() in fence().
+    store_release(&s.active, static_cast<void*>(next));
     s.pending = true;
   }
 
@@ -258,9 +282,13 @@ Status PerCpuLog::harvest(int cpu, DrainFn fn, void* ctx) noexcept {
     Slot& s = slots_[c];
     if (!s.pending) continue;
     Buffer* b = inactive(s);
-    const auto n = static_cast<std::size_t>(__atomic_load_n(&b->count, __ATOMIC_ACQUIRE));
+    // The fence made every committed entry visible (rseq mode: rseq_fence()'s barriers;
+    // atomic mode: the load_acquire of writers == 0), count included. The acquire keeps
+    // the drain's reads of the entries after this read of count.
+    const auto n = static_cast<std::size_t>(load_acquire(&b->count));
     fn(ctx, static_cast<int>(c), b->items(), n);
-    __atomic_store_n(&b->count, 0, __ATOMIC_RELAXED);
+    // Published to writers by the store_release of `active` that hands the buffer back.
+    write_once(b->count, std::uint64_t{0});
     s.pending = false;
   }
   return {};
@@ -276,8 +304,9 @@ std::uint64_t testing::PerCpuLogAccess::inactive_digest(const PerCpuLog& log, in
     h ^= v;
     h *= 1099511628211ull;
   };
-  mix(__atomic_load_n(&b->count, __ATOMIC_RELAXED));
-  for (std::size_t i = 0; i < log.capacity_; ++i) mix(__atomic_load_n(&b->items()[i], __ATOMIC_RELAXED));
+  // Marked loads: a late writer may still be storing (that is what this looks for).
+  mix(read_once(b->count));
+  for (std::size_t i = 0; i < log.capacity_; ++i) mix(read_once(b->items()[i]));
   return h;
 }
 

@@ -1,3 +1,4 @@
+#include <jitpatch/arch.hpp>
 #include <jitpatch/rseq.hpp>
 
 #include <linux/rseq.h>
@@ -35,9 +36,10 @@ void* area() noexcept {
 
 int current_cpu() noexcept {
   if (auto* r = static_cast<struct ::rseq*>(area())) {
-    // The kernel updates cpu_id on return to user space after a migration; a relaxed
-    // single load is what glibc's sched_getcpu() does too when rseq is registered.
-    const auto cpu = __atomic_load_n(&r->cpu_id, __ATOMIC_RELAXED);
+    // The kernel updates cpu_id on return to user space after a migration; a marked
+    // single load with no ordering is what glibc's sched_getcpu() does too when rseq is
+    // registered (the value is a hint: the thread may migrate right after).
+    const auto cpu = read_once(r->cpu_id);
     if (static_cast<std::int32_t>(cpu) >= 0) return static_cast<int>(cpu);
   }
   return ::sched_getcpu();

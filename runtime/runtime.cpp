@@ -9,7 +9,6 @@
 #include <sys/utsname.h>
 #include <unistd.h>
 
-#include <atomic>
 #include <cerrno>
 #include <csignal>
 #include <cstdlib>
@@ -57,40 +56,75 @@ constinit ThreadRecord* g_threads = nullptr;
 constinit ThreadRecord* g_record_pool = nullptr;  // detached records, linked through `next`
 constinit std::size_t g_thread_count = 0;
 constinit std::uint32_t g_broadcast_seq = 0;
-constinit Runtime* g_runtime = nullptr;  // atomic accesses only (read by the handler)
-constinit std::uint64_t g_acks = 0;
-constinit pid_t g_pid = 0;
+// Stored under g_registry_mu with store_release; read with load_acquire by
+// Runtime::current() (also from signal handlers), with read_once under the lock.
+constinit Runtime* g_runtime = nullptr;
+constinit std::uint64_t g_acks = 0;  // statistics (tests): relaxed RMWs
+constinit pid_t g_pid = 0;           // read by the handler: marked accesses
 
 // The signal handler's configuration; written before the handler is installed, and the
 // handler stays installed (chaining) even after the Runtime is gone.
 constinit int g_signo = 0;
 constinit struct sigaction g_prev_action = {};
 
+// This thread's record, or nullptr. Written by the thread itself (attach/detach, under
+// g_registry_mu) and read by its own signal handler, which can interrupt it anywhere:
+// marked accesses, so each is one untorn access the compiler keeps in place.
 thread_local ThreadRecord* t_record __attribute__((tls_model("initial-exec"))) = nullptr;
 
+// The signal broadcast (Runtime::Impl::run_signals() on the broadcaster, on_signal() on
+// each target) is membarrier(2) made by hand; the pairs, in the order they happen:
+//
+//   broadcaster (run_signals)            target (on_signal)
+//   a: smp_mb()
+//      write_once(request, seq)
+//      rt_tgsigqueueinfo() ---signal--->  req = load_acquire(&request)
+//                                         smp_mb(); sync_core()
+//                                         fetch_add_relaxed(&g_acks, 1)
+//      load_acquire(&ack) >= seq  <-----  store_release(&ack, req); futex_wake(&ack)
+//      (else futex_wait(&ack, seen))
+//   c: smp_mb(); sync_core()
+//
+//   - a / the handler's load_acquire of `request`: the broadcaster's accesses before the
+//     call are visible to everything the target does after its handler (MP).
+//   - the handler's smp_mb() + store_release of `ack` / the broadcaster's load_acquire of
+//     `ack` + c: what the target did before the signal is ordered before the
+//     broadcaster's accesses after the call (MP). The handler's smp_mb() is the full
+//     barrier the target "executed during the call".
+//   - the futex: FUTEX_WAIT sleeps only if `ack` still holds the value the waiter saw
+//     (the kernel re-reads it under the futex bucket lock), and the handler wakes after
+//     its store, so no wake-up is lost; the wait also re-checks every millisecond.
+//   - a thread that detaches during a broadcast (ThreadAttachment::detach()) executes the
+//     same smp_mb() + sync_core() itself and then stores `ack` on its own behalf.
+// docs/memory-ordering.md, pairs RT1-RT3, writes these out as litmus scenarios.
+//
 // Runs on the target thread. Async-signal-safe: atomics, a fence, SERIALIZE/ISB, futex.
 void on_signal(int sig, siginfo_t* si, void* uc) {
   const int saved_errno = errno;
+  // g_pid is written before sigaction() installs this handler; no ordering needed.
   const bool ours = si != nullptr && si->si_code == SI_QUEUE &&
                     si->si_value.sival_int == kSignalMagic &&
-                    si->si_pid == __atomic_load_n(&g_pid, __ATOMIC_RELAXED);
-  ThreadRecord* rec = t_record;
+                    si->si_pid == read_once(g_pid);
+  ThreadRecord* rec = read_once(t_record);
   if (!ours) {
     detail::chain_signal(g_prev_action, sig, si, uc);
   } else if (rec != nullptr) {
-    const std::uint32_t req = __atomic_load_n(&rec->request, __ATOMIC_ACQUIRE);
-    // Pairs with the broadcaster's smp_mb() before it sent the signal and after it saw
-    // this ack: everything this thread did before the signal is ordered before the
-    // broadcaster's later accesses, and everything it does after, after the earlier ones
-    // (the membarrier(2) guarantee, made by hand).
+    // Acquire: pairs with run_signals()'s smp_mb() before its write_once of `request`,
+    // so this thread's accesses after the handler see the broadcaster's earlier ones.
+    const std::uint32_t req = load_acquire(&rec->request);
+    // The target's full barrier "during the call": orders everything this thread did
+    // before the signal before the ack below, which run_signals() reads with acquire
+    // before its final smp_mb() (the membarrier(2) guarantee, made by hand).
     smp_mb();
     // The acknowledgement path serializes the core, so the signal strategy also gives
     // serialize_cores() its guarantee. The return through rt_sigreturn would usually be
     // serializing too (IRET on x86, ERET on arm64), but the kernel may return by SYSRET,
     // which is not, so do not rely on it.
     sync_core();
-    __atomic_fetch_add(&g_acks, 1, __ATOMIC_RELAXED);  // before the ack: the count is exact when the broadcast returns
-    __atomic_store_n(&rec->ack, req, __ATOMIC_RELEASE);
+    // Statistics; counted before the ack so the count is exact when the broadcast returns.
+    fetch_add_relaxed(&g_acks, 1);
+    // Release: pairs with run_signals()'s load_acquire of `ack` (then its smp_mb()).
+    store_release(&rec->ack, req);
     sys::futex_wake(&rec->ack, 1);
   }
   // else: our signal reached a thread that detached meanwhile; the broadcaster did not
@@ -195,7 +229,10 @@ Status apply_environment(RuntimeOptions& o) {
 struct Runtime::Impl {
   RuntimeOptions options;
   Capabilities caps;
-  std::atomic<Strategy> current[3] = {};  // an automatic choice may step down at run time
+  // Each operation's strategy as a Strategy's value (a byte: the RMWs take integers).
+  // Marked accesses, relaxed: the value is self-contained (it selects a code path and
+  // publishes nothing), and create() stores it before the Runtime is published.
+  std::uint8_t current[3] = {};  // an automatic choice may step down at run time
   bool automatic[3] = {};
   void* mprotect_page = nullptr;
   std::mutex mprotect_mu;
@@ -203,7 +240,9 @@ struct Runtime::Impl {
   bool handler_installed = false;
   int signo = 0;
 
-  std::atomic<Strategy>& cur(Operation op) { return current[static_cast<int>(op)]; }
+  std::uint8_t* cur(Operation op) { return &current[static_cast<int>(op)]; }
+  Strategy strategy(Operation op) const { return static_cast<Strategy>(read_once(current[static_cast<int>(op)])); }
+  void set_strategy(int i, Strategy s) { write_once(current[i], static_cast<std::uint8_t>(s)); }
 
   void probe();
   void register_membarrier();
@@ -309,7 +348,7 @@ Status Runtime::Impl::run_membarrier(Operation op, int cpu) {
   if (e == ENXIO && flags) return {};
   if (e == EPERM) {
     // EPERM means "not registered" or "seccomp said no". Register once and retry; if that
-    // fails too it is a refusal (REFERENCE 1).
+    // fails too it is a refusal (membarrier(2), ERRORS).
     if (sys::membarrier(register_cmd_for(cmd)) == 0 && sys::membarrier(cmd, flags, cpu_arg) == 0) return {};
     return Status(Errc::refused, errno ? errno : e, "membarrier refused after a registration retry");
   }
@@ -327,8 +366,11 @@ Status Runtime::Impl::run_mprotect() {
   std::lock_guard<std::mutex> g(mprotect_mu);
   if (::mprotect(mprotect_page, static_cast<std::size_t>(::getpagesize()), PROT_READ | PROT_WRITE) != 0)
     return Status(Errc::os_error, errno, "mprotect(RW) of the barrier page");
-  // The write makes the PTE present and dirty so the downgrade below must flush it.
-  __atomic_fetch_add(static_cast<int*>(mprotect_page), 1, __ATOMIC_SEQ_CST);
+  // The write makes the PTE present and dirty so the downgrade below must flush it. Fully
+  // ordered (a LOCK-prefixed RMW): it is also the caller's own full barrier before the
+  // shootdown, the "smp_mb() before" half of the membarrier shape that the remote CPUs'
+  // flush IPIs complete (docs/memory-ordering.md, RT4).
+  (void)fetch_add(static_cast<int*>(mprotect_page), 1);
   if (::mprotect(mprotect_page, static_cast<std::size_t>(::getpagesize()), PROT_NONE) != 0)
     return Status(Errc::os_error, errno, "mprotect(NONE) of the barrier page");
   return {};
@@ -347,12 +389,13 @@ Status Runtime::Impl::run_signals() {
     std::lock_guard<std::mutex> g(g_registry_mu);
     seq = ++g_broadcast_seq;
     const pid_t self = sys::gettid();
-    // Pairs with the handler's smp_mb(): our accesses before the call are ordered before
-    // whatever each target does after it acknowledges.
+    // a: orders our accesses before the call before each `request` store; pairs with
+    // on_signal()'s load_acquire of `request`, so each target sees them once its handler
+    // ran (see the scheme above on_signal()).
     smp_mb();
     for (ThreadRecord* r = g_threads; r; r = r->next) {
       if (r->tid == self) continue;
-      __atomic_store_n(&r->request, seq, __ATOMIC_RELAXED);
+      write_once(r->request, seq);  // ordered by the smp_mb() above
       if (sys::tgsigqueue(r->tid, signo, kSignalMagic) != 0) {
         // ESRCH: the thread exited without detaching; it runs nothing any more, so it
         // needs no barrier.
@@ -368,7 +411,9 @@ Status Runtime::Impl::run_signals() {
   const long deadline = monotonic_ns() + options.ack_timeout.count() * 1000000L;
   for (ThreadRecord* r : targets) {
     for (int spins = 0;; ++spins) {
-      const std::uint32_t a = __atomic_load_n(&r->ack, __ATOMIC_ACQUIRE);
+      // Acquire: pairs with on_signal()'s (or detach()'s) store_release of `ack`, which
+      // follows that thread's smp_mb(). futex_wait() below re-checks the value itself.
+      const std::uint32_t a = load_acquire(&r->ack);
       if (is_acked(a, seq)) break;
       if (spins < 256) {
         cpu_relax();
@@ -381,8 +426,9 @@ Status Runtime::Impl::run_signals() {
       sys::futex_wait(&r->ack, a, &ts);
     }
   }
-  // Pairs with the handler's smp_mb(): what each target did before it acknowledged is
-  // ordered before our accesses after the call. The caller's own core is serialized too.
+  // c: pairs with each handler's smp_mb() (before its ack, read with acquire above): what
+  // each target did before it acknowledged is ordered before our accesses after the
+  // call. The caller's own core is serialized too.
   smp_mb();
   sync_core();
   return {};
@@ -408,17 +454,19 @@ Status Runtime::Impl::run(Operation op, Strategy s, int cpu) {
 }
 
 Status Runtime::Impl::run_current(Operation op, int cpu) {
-  std::atomic<Strategy>& slot = cur(op);
+  std::uint8_t* slot = cur(op);
   for (;;) {
-    const Strategy s = slot.load(std::memory_order_relaxed);
+    const Strategy s = strategy(op);
     Status st = run(op, s, cpu);
     if (st.ok() || !automatic[static_cast<int>(op)]) return st;
     if (st.code() != Errc::refused && st.code() != Errc::unsupported) return st;
     // The kernel stopped honouring this strategy (e.g. a seccomp filter installed after
     // start-up): step down the ladder for good and try again.
     const Strategy next = best(op, s);
-    Strategy expected = s;
-    slot.compare_exchange_strong(expected, next, std::memory_order_relaxed);
+    // Relaxed, like every access to the slot; a failed exchange means another caller
+    // stepped down already (it may have gone further), and the loop re-reads the slot.
+    std::uint8_t expected = static_cast<std::uint8_t>(s);
+    (void)try_cmpxchg_relaxed(slot, &expected, static_cast<std::uint8_t>(next));
   }
 }
 
@@ -439,7 +487,8 @@ Result<std::unique_ptr<Runtime>> Runtime::create(const RuntimeOptions& options_i
     return Status(Errc::invalid_argument, 0, "mprotect only implements process_barrier");
 
   std::lock_guard<std::mutex> g(g_registry_mu);
-  if (__atomic_load_n(&g_runtime, __ATOMIC_ACQUIRE) != nullptr)
+  // Acquire, as in current(); under g_registry_mu, which every store of g_runtime holds.
+  if (load_acquire(&g_runtime) != nullptr)
     return Status(Errc::busy, 0, "a jitpatch::Runtime already exists in this process");
 
   auto impl = std::unique_ptr<Impl>(new (std::nothrow) Impl);
@@ -476,7 +525,7 @@ Result<std::unique_ptr<Runtime>> Runtime::create(const RuntimeOptions& options_i
       if (::sigaction(options.signal, nullptr, &prev) == 0) {
         g_prev_action = prev;
         g_signo = options.signal;
-        __atomic_store_n(&g_pid, ::getpid(), __ATOMIC_RELAXED);
+        write_once(g_pid, ::getpid());  // before the handler exists: no ordering needed
         if (::sigaction(options.signal, &sa, nullptr) != 0) g_signo = 0;
       }
     }
@@ -487,7 +536,7 @@ Result<std::unique_ptr<Runtime>> Runtime::create(const RuntimeOptions& options_i
     const auto op = static_cast<Operation>(i);
     if (wanted[i] == Strategy::automatic) {
       impl->automatic[i] = true;
-      impl->current[i].store(impl->best(op, Strategy::automatic), std::memory_order_relaxed);
+      impl->set_strategy(i, impl->best(op, Strategy::automatic));
     } else {
       if (!impl->usable(op, wanted[i])) {
         if (wanted[i] == Strategy::membarrier)
@@ -497,17 +546,20 @@ Result<std::unique_ptr<Runtime>> Runtime::create(const RuntimeOptions& options_i
                         "forced strategy 'membarrier' is not available here");
         return Status(Errc::unsupported, 0, "forced strategy is not available here");
       }
-      impl->current[i].store(wanted[i], std::memory_order_relaxed);
+      impl->set_strategy(i, wanted[i]);
     }
   }
 
   auto rt = std::unique_ptr<Runtime>(new (std::nothrow) Runtime(std::move(impl)));
   if (!rt) return Status(Errc::out_of_memory);
-  __atomic_store_n(&g_runtime, rt.get(), __ATOMIC_RELEASE);
+  // Release: pairs with current()'s load_acquire; a thread that finds the Runtime sees it
+  // fully built (capabilities, strategies, the mprotect page).
+  store_release(&g_runtime, rt.get());
   return rt;
 }
 
-Runtime* Runtime::current() noexcept { return __atomic_load_n(&g_runtime, __ATOMIC_ACQUIRE); }
+// Acquire: pairs with create()'s store_release. Async-signal-safe.
+Runtime* Runtime::current() noexcept { return load_acquire(&g_runtime); }
 
 Runtime::~Runtime() {
   std::lock_guard<std::mutex> serial(g_broadcast_mu);  // no broadcast is using impl_
@@ -522,14 +574,16 @@ Runtime::~Runtime() {
   }
   g_threads = nullptr;
   g_thread_count = 0;
-  __atomic_store_n(&g_runtime, nullptr, __ATOMIC_RELEASE);
+  // Release like every store of g_runtime (pairs with current()'s load_acquire); a
+  // reader that sees nullptr needs nothing from it.
+  store_release(&g_runtime, static_cast<Runtime*>(nullptr));
   if (impl_ && impl_->mprotect_page) ::munmap(impl_->mprotect_page, static_cast<std::size_t>(::getpagesize()));
 }
 
 const Capabilities& Runtime::capabilities() const noexcept { return impl_->caps; }
 
 Strategy Runtime::strategy(Operation op) const noexcept {
-  return impl_->current[static_cast<int>(op)].load(std::memory_order_relaxed);
+  return impl_->strategy(op);
 }
 
 bool Runtime::can_use(Operation op, Strategy s) const noexcept { return impl_->usable(op, s); }
@@ -540,7 +594,7 @@ Status Runtime::rseq_fence(int cpu) noexcept { return impl_->run_current(Operati
 Status Runtime::run(Operation op, Strategy s, int cpu) noexcept { return impl_->run(op, s, cpu); }
 
 int Runtime::signal_number() const noexcept { return impl_->signo; }
-std::uint64_t testing::RuntimeAccess::signal_acks(const Runtime&) noexcept { return __atomic_load_n(&g_acks, __ATOMIC_RELAXED); }
+std::uint64_t testing::RuntimeAccess::signal_acks(const Runtime&) noexcept { return read_once(g_acks); }
 
 std::size_t Runtime::attached_thread_count() const noexcept {
   std::lock_guard<std::mutex> g(g_registry_mu);
@@ -548,11 +602,11 @@ std::size_t Runtime::attached_thread_count() const noexcept {
 }
 
 Result<ThreadAttachment> Runtime::attach_current_thread() noexcept {
-  if (t_record != nullptr) return Status(Errc::already_attached, 0, "this thread is already attached");
+  if (read_once(t_record) != nullptr) return Status(Errc::already_attached, 0, "this thread is already attached");
   ThreadRecord* rec;
   {
     std::lock_guard<std::mutex> g(g_registry_mu);
-    if (__atomic_load_n(&g_runtime, __ATOMIC_RELAXED) != this)
+    if (read_once(g_runtime) != this)  // under g_registry_mu, which its stores hold
       return Status(Errc::invalid_argument, 0, "this Runtime is being destroyed");
     if (g_record_pool) {
       rec = g_record_pool;
@@ -565,8 +619,9 @@ Result<ThreadAttachment> Runtime::attach_current_thread() noexcept {
     rec->prev = rec->next = nullptr;
     // Seed ack with the current sequence so no earlier broadcast counts as pending (a
     // broadcaster still waiting on this pooled record's previous owner sees it acked).
-    __atomic_store_n(&rec->request, g_broadcast_seq, __ATOMIC_RELAXED);
-    __atomic_store_n(&rec->ack, g_broadcast_seq, __ATOMIC_RELEASE);
+    // The release pairs with run_signals()'s load_acquire of `ack`, as every ack store.
+    write_once(rec->request, g_broadcast_seq);
+    store_release(&rec->ack, g_broadcast_seq);
     rec->next = g_threads;
     if (g_threads) g_threads->prev = rec;
     g_threads = rec;
@@ -574,7 +629,7 @@ Result<ThreadAttachment> Runtime::attach_current_thread() noexcept {
     ++g_thread_count;
     // Published under the lock: a broadcast that finds this record in the list and
     // signals us will find t_record set when the handler runs.
-    t_record = rec;
+    write_once(t_record, rec);
   }
   // A thread that blocks our signal would never acknowledge; attached threads take it.
   if (impl_->handler_installed) {
@@ -602,7 +657,7 @@ ThreadAttachment::~ThreadAttachment() { (void)detach(); }
 Status ThreadAttachment::detach() noexcept {
   auto* rec = static_cast<ThreadRecord*>(record_);
   if (!rec) return {};
-  if (rec != t_record) return Status(Errc::invalid_argument, 0, "detach must run on the attached thread");
+  if (rec != read_once(t_record)) return Status(Errc::invalid_argument, 0, "detach must run on the attached thread");
   {
     std::lock_guard<std::mutex> g(g_registry_mu);
     if (rec->linked) {
@@ -612,14 +667,18 @@ Status ThreadAttachment::detach() noexcept {
       rec->linked = false;
       --g_thread_count;
     }
-    t_record = nullptr;
+    write_once(t_record, static_cast<ThreadRecord*>(nullptr));
     // Acknowledge any broadcast that signalled us and has not been handled yet: this
     // thread executes the barrier here, between the broadcaster's two fences, which is
     // all the broadcast promises. (The signal itself may still arrive; the handler then
-    // finds no record and does nothing.)
+    // finds no record and does nothing.) The smp_mb() plays the handler's: it orders
+    // this thread's earlier accesses before the release store of `ack`, which
+    // run_signals() reads with load_acquire before its final smp_mb(). g_broadcast_seq
+    // is read under g_registry_mu, which every broadcast increments it under, so this
+    // acknowledges every broadcast that can have signalled this record.
     smp_mb();
     sync_core();
-    __atomic_store_n(&rec->ack, g_broadcast_seq, __ATOMIC_RELEASE);
+    store_release(&rec->ack, g_broadcast_seq);
     rec->next = g_record_pool;
     rec->prev = nullptr;
     g_record_pool = rec;

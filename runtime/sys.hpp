@@ -1,5 +1,5 @@
-// The raw system calls the runtime makes, in one place (DESIGN: no raw syscall outside
-// runtime/). Each returns the syscall's result; on failure -1 with errno set.
+// The raw system calls the runtime makes, in one place (the layering rule of
+// docs/design.md: no raw system call outside runtime/). Each returns the syscall's result; on failure -1 with errno set.
 // All are async-signal-safe.
 #pragma once
 

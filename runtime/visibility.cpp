@@ -6,6 +6,7 @@
 //   [gdb-jit]   GDB manual, "JIT Compilation Interface": "JIT Declarations",
 //               "Registering Code", "Unregistering Code"
 //   [elf]       System V gABI, "Object Files" (ELF header, sections, symbol table), <elf.h>
+#include <jitpatch/arch.hpp>
 #include <jitpatch/visibility.hpp>
 
 #include <elf.h>
@@ -15,7 +16,6 @@
 #include <sys/uio.h>
 #include <unistd.h>
 
-#include <atomic>
 #include <cerrno>
 #include <charconv>
 #include <cstdint>
@@ -91,8 +91,9 @@ namespace {
 constinit std::mutex g_gdb_mu;
 
 // jit-<pid>.dump is opened with O_TRUNC: two writers in one process would destroy each
-// other's records, so one CodeVisibility at a time owns it.
-constinit std::atomic<bool> g_jitdump_owned{false};
+// other's records, so one CodeVisibility at a time owns it. Taken with a fully ordered
+// try_cmpxchg (open_jitdump()), given back with store_release (~Impl()).
+constinit bool g_jitdump_owned = false;
 
 #if defined(__x86_64__)
 constexpr std::uint16_t kElfMachine = EM_X86_64;  // 62
@@ -428,7 +429,9 @@ struct CodeVisibility::Impl {
     if (jitdump_marker != MAP_FAILED) ::munmap(jitdump_marker, jitdump_marker_size);
     if (jitdump_fd >= 0) ::close(jitdump_fd);
     if (perf_fd >= 0) ::close(perf_fd);
-    if (jitdump_owner) g_jitdump_owned.store(false, std::memory_order_release);
+    // Release: pairs with the try_cmpxchg in open_jitdump(): the next owner's O_TRUNC
+    // open comes after this owner's last write and close.
+    if (jitdump_owner) store_release(&g_jitdump_owned, false);
   }
 
   Status open_perf_map();
@@ -472,7 +475,9 @@ Status CodeVisibility::Impl::open_perf_map() {
 Status CodeVisibility::Impl::open_jitdump() {
   if (options.jitdump_dir.empty()) return Status(Errc::invalid_argument, 0, "jitdump: empty jitdump_dir");
   bool expected = false;
-  if (!g_jitdump_owned.compare_exchange_strong(expected, true, std::memory_order_acq_rel))
+  // Fully ordered (was acq_rel; not a hot path): its acquire half pairs with ~Impl()'s
+  // store_release, so the previous owner's writes and close are done before we open.
+  if (!try_cmpxchg(&g_jitdump_owned, &expected, true))
     return Status(Errc::busy, 0, "jitdump: another CodeVisibility of this process writes jit-<pid>.dump");
   jitdump_owner = true;
 

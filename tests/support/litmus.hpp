@@ -1,8 +1,9 @@
 // Litmus tests of the asymmetric barrier pairing, with real threads.
 //
-// Store buffering (SB), the shape membarrier(2) exists for (shared/seeds/
-// membarrier-history.txt, the O/X table): the frequent side uses only a compiler barrier,
-// the rare side a process-wide barrier.
+// Store buffering (SB), the shape membarrier(2) exists for (the O/X table in the message
+// of Linux commit 5b25b13a, "sys_membarrier(): system-wide memory barrier (generic,
+// x86)"): the frequent side uses only a compiler barrier, the rare side a process-wide
+// barrier.
 //
 //   fast thread:  x = r;  compiler_barrier();  r1 = y;
 //   slow thread:  y = r;  heavy();             r2 = x;

@@ -12,20 +12,26 @@
 //                    Only for code no other thread is running: while a writer is open its
 //                    pages are not executable, and a thread executing there faults. The
 //                    fallback when memfd or a second mapping is refused, and what the
-//                    aarch64 tests use (qemu-user does not notice writes made through a
-//                    second mapping, see REFERENCE 2).
+//                    aarch64 tests use: qemu-user does not notice code written through a
+//                    second mapping (it finds self-modified code by write-protecting the
+//                    pages it translated, so only writes through those pages invalidate
+//                    its translations: F. Bellard, "QEMU, a Fast and Portable Dynamic
+//                    Translator", USENIX ATC 2005, section 3.6).
 //
 // Freed memory is "dirty": a core may still hold instructions it prefetched from the old
 // code there. Before new code in reused memory is published, serialize_cores() must have
 // run after the free (Intel SDM Vol. 3A 9.1.3, cross-modifying code; on arm64 the
 // context-synchronization event of B2.2.5). PublishBatch does that, once per batch, only
-// when dirty memory is involved.
+// when dirty memory is involved. The ordering pairs of publication (new code vs its
+// first execution, reused memory vs stale instructions) are written out in
+// docs/memory-ordering.md, HP1 and HP2.
 #pragma once
 
 #include <cstddef>
 #include <cstdint>
 #include <memory>
 
+#include <jitpatch/arch.hpp>
 #include <jitpatch/error.hpp>
 
 namespace jitpatch {
@@ -182,12 +188,15 @@ class PublishBatch {
 };
 
 // The last step of publication: make `entry` visible through `*slot`. The store-release
-// orders every earlier write of the code (and the serialization) before the pointer; a
-// thread that loads the pointer (with acquire, or with an address dependency, which every
-// architecture honours for an indirect call) then executes the new bytes.
+// orders every earlier write of the code (and the serialization) before the pointer. It
+// pairs with the executor's load of the slot: a load_acquire, or a read_once whose value
+// the indirect call then uses as its address (an address dependency, which both
+// architectures honour); that thread then executes the new bytes. (On aarch64 the code
+// bytes reach instruction fetch before this store through the DSB ISH of the writer's
+// flush_icache(), in CodeWriter::finish().)
 template <class T>
 inline void publish_entry(T** slot, T* entry) noexcept {
-  __atomic_store_n(slot, entry, __ATOMIC_RELEASE);
+  store_release(slot, entry);
 }
 
 }  // namespace jitpatch

@@ -13,15 +13,22 @@
 // Read-side cost. With an asymmetric process barrier (Runtime::process_barrier() is
 // membarrier, mprotect or signals), lock() and unlock() are a load of the domain's phase
 // word, a store to the reader's own counter and compiler barriers: synchronize() runs
-// process_barrier() where the classic algorithm has the reader fence (the pairing is the
-// seed's "smp_mb() on one side, membarrier on the other", REFERENCE 1). If no process
-// barrier exists, or GraceOptions::symmetric asks for it, the reader fences itself with
-// smp_mb() instead. unlock() also loads a wake-up word (a sleeping synchronize()).
-// Never a lock and never an atomic read-modify-write on the read side.
+// process_barrier() where the classic algorithm has the reader fence. That is the pairing
+// membarrier(2) exists for: a compiler barrier on the frequent side is ordered against
+// membarrier on the rare side, because the kernel makes every running thread of the
+// process execute a full barrier during the call (kernel/sched/membarrier.c; the O/X
+// table of Linux commit 5b25b13a "sys_membarrier(): system-wide memory barrier"). If no
+// process barrier exists, or GraceOptions::symmetric asks for it, the reader fences
+// itself with smp_mb() instead. unlock() also loads a wake-up word (a sleeping
+// synchronize()). Never a lock and never an atomic read-modify-write on the read side.
+// docs/memory-ordering.md (pairs GP1-GP6) writes every pairing out.
 //
 // The algorithm is the two-phase (parity flip) user-space RCU of Desnoyers et al.,
 // "User-Level Implementations of Read-Copy Update" (IEEE TPDS 2012), section 3.2 and 3.5
-// (membarrier variant); QSBR is section 3.4. Written here from the paper.
+// (membarrier variant); QSBR is section 3.4. Written here from the paper. In the comments
+// below, MB(A) is the barrier synchronize() runs before it scans the readers and MB(B)
+// the one after its last scan (GraceDomain::run_grace_period()): process_barrier() in the
+// asymmetric mode, smp_mb() in the symmetric one.
 //
 // A reader handle belongs to the thread that registered it: using it from another thread
 // is a caller bug (not detected). synchronize() from inside the caller's own read-side
@@ -32,7 +39,6 @@
 #include <jitpatch/error.hpp>
 #include <jitpatch/runtime.hpp>
 
-#include <atomic>
 #include <cstddef>
 #include <cstdint>
 #include <functional>
@@ -84,10 +90,11 @@ class GraceReader {
     auto* r = rec_;
     const std::uint64_t tmp = read_once(r->ctr);
     if ((tmp & detail::kGraceNestMask) == 0) {
-      // Outermost: announce the current phase. The barrier after the store pairs with
-      // the process barrier synchronize() runs before it scans the readers: either the
-      // scan sees this store, or this section's loads see every update made before
-      // that synchronize() began.
+      // Outermost: announce the current phase. Store ctr, barrier, loads of the data:
+      // the barrier pairs with MB(A) (caller's unlink, MB(A), scan of ctr) in store
+      // buffering: either the scan sees this store, or this section's loads see every
+      // update made before that synchronize() began. The phase word needs no ordering
+      // of its own: a stale phase is what the two waits per round are for.
       write_once(r->ctr, read_once(*r->phase));
       slave_mb(r);
     } else {
@@ -98,15 +105,17 @@ class GraceReader {
     auto* r = rec_;
     const std::uint64_t tmp = read_once(r->ctr);
     if ((tmp & detail::kGraceNestMask) == detail::kGraceCount) {
-      // Outermost: the barrier before the store keeps the section's loads inside it (it
-      // pairs with the process barrier synchronize() runs after its scan, before the
-      // caller frees). The store is a release: free on x86-64, and it gives
-      // ThreadSanitizer the happens-before edge from this section to the free.
+      // Outermost: the barrier before the store keeps the section's loads inside it: it
+      // pairs with MB(B) (scan sees ctr changed, MB(B), caller frees), which also covers
+      // a scan that reads the next section's relaxed store instead of this one. The
+      // store is a release, paired with the scan's load_acquire of ctr in
+      // wait_for_readers(): free on x86-64, and it gives ThreadSanitizer the
+      // happens-before edge from this section to the free.
       slave_mb(r);
       store_release(&r->ctr, tmp - detail::kGraceCount);
-      // Store of ctr, barrier, load of the wake word: pairs with synchronize()'s store
-      // of the wake word, process barrier, scan of ctr (a sleeping synchronize() is
-      // either woken here or sees this reader gone).
+      // Store of ctr, barrier, load of the wake word: pairs with wait_for_readers()'s
+      // store of the wake word, master_mb(), scan of ctr (store buffering: a sleeping
+      // synchronize() is either woken here or sees this reader gone).
       slave_mb(r);
       if (read_once(*r->wake_word) == -1) [[unlikely]]
         detail::grace_wake(r->domain);
@@ -118,8 +127,11 @@ class GraceReader {
 
   // --- qsbr readers ---------------------------------------------------------------
   // "This thread holds no reference obtained before this call." The acquire load pairs
-  // with synchronize()'s advance of the counter (which follows the update); the release
-  // store keeps this thread's earlier loads before the report.
+  // with run_grace_period()'s store_release of the counter (which follows MB(A) and so
+  // every unlink before the round): later loads see those unlinks. The release store
+  // keeps this thread's earlier loads before the report; it pairs with the scan's
+  // load_acquire of ctr, and MB(B) covers a scan that reads a later report. The barrier
+  // after it is the wake-word pair, as in unlock().
   JITPATCH_ALWAYS_INLINE void quiescent() noexcept {
     auto* r = rec_;
     store_release(&r->ctr, load_acquire(r->phase + 1));
@@ -128,9 +140,12 @@ class GraceReader {
       detail::grace_wake(r->domain);
   }
   // Extended quiescent state (around blocking calls): synchronize() does not wait for
-  // an offline thread. online() announces the thread again; the barrier after the store
-  // pairs with synchronize()'s process barrier before its scan (store ctr / load data
-  // against store data / load ctr: the store-buffering shape).
+  // an offline thread. offline() is unlock()'s sequence: barrier, release store of 0
+  // (pairs with MB(B) and the scan's load_acquire), barrier, wake-word check (pairs with
+  // wait_for_readers()'s wake-word store and master_mb()). online() announces the thread
+  // again; the barrier after the store pairs with MB(A) before the scan (store ctr /
+  // load data against store data / load ctr: the store-buffering shape, as in lock()),
+  // and the acquire load of the counter pairs with run_grace_period()'s release store.
   JITPATCH_ALWAYS_INLINE void offline() noexcept {
     auto* r = rec_;
     slave_mb(r);
@@ -150,6 +165,9 @@ class GraceReader {
 
  private:
   friend class GraceDomain;
+  // The reader's barrier: a compiler barrier in the asymmetric mode (the updater's
+  // process barrier, MB(A)/MB(B) or master_mb(), is the full barrier on this thread),
+  // smp_mb() in the symmetric mode (pairing with the updater's smp_mb()).
   // The asymmetric case is laid out as the fall-through: the read side is a handful of
   // instructions, and three taken branches per section were a measurable share of it.
   JITPATCH_ALWAYS_INLINE static void slave_mb(const detail::GraceReaderRecord* r) noexcept {
@@ -268,7 +286,8 @@ class GraceDomain {
   // Read by every reader: its own cache line. phase_[0]: the phase word readers copy on
   // lock(); phase_[1]: the qsbr counter (starts at 1; 0 means offline).
   alignas(64) std::uint64_t phase_[2] = {detail::kGraceCount, 1};
-  std::int32_t wake_ = 0;  // -1: a synchronize() is (about to be) asleep on it
+  // -1: a synchronize() is (about to be) asleep on it. Futex word; marked accesses only.
+  std::int32_t wake_ = 0;
   alignas(64) Runtime* rt_;
   bool symmetric_;
   std::unique_ptr<Impl> impl_;

@@ -23,12 +23,13 @@
 //   atomic  when glibc registered no rseq area (qemu-user, GLIBC_TUNABLES=
 //           glibc.pthread.rseq=0), or under ThreadSanitizer (which cannot see inside
 //           inline assembly): the writer announces itself in a per-buffer writer count
-//           (seq_cst RMW), re-checks the active pointer, claims an index with a CAS and
-//           stores its entry; the harvester swaps with a seq_cst store and waits until
-//           the old buffer's writer count is 0. The two seq_cst pairs form the
-//           store-buffering pattern: either the harvester sees the writer's count, or
-//           the writer sees the new pointer and backs off. No membarrier needed, no
-//           thread attachment needed, lock-free for writers.
+//           (a fully ordered RMW), re-checks the active pointer, claims an index with a
+//           CAS and stores its entry; the harvester swaps with a release store, executes
+//           smp_mb() and waits until the old buffer's writer count is 0. Store, full
+//           barrier, load on both sides: the store-buffering pattern, so either the
+//           harvester sees the writer's count, or the writer sees the new pointer and
+//           backs off. No membarrier needed, no thread attachment needed, lock-free for
+//           writers. (docs/memory-ordering.md, PC1-PC3, writes the pairs out.)
 // PerCpuMode::automatic picks rseq when it is available (and a Runtime can fence), else
 // atomic; it can be forced either way for tests and benchmarks.
 #pragma once
@@ -171,7 +172,7 @@ class PerCpuCounter {
       }
       // rseq sections and atomics must never mix on one slot (the section's add is not a
       // locked RMW), so rseq mode sends an out-of-range CPU to the extra slot only.
-      __atomic_fetch_add(&slots_[cpus_], n, __ATOMIC_RELAXED);
+      fetch_add_relaxed(&slots_[cpus_], n);  // a counter: atomic, no ordering
       return;
     }
     add_atomic(n);
@@ -273,7 +274,7 @@ class PerCpuLog {
   unsigned cpus() const noexcept { return cpus_; }
   std::size_t capacity() const noexcept { return capacity_; }
   // Fences issued by harvest() (rseq mode: rseq_fence calls; atomic mode: waits).
-  std::uint64_t fences() const noexcept { return __atomic_load_n(&fences_, __ATOMIC_RELAXED); }
+  std::uint64_t fences() const noexcept { return read_once(fences_); }  // statistics
 
  private:
   friend struct testing::PerCpuLogAccess;

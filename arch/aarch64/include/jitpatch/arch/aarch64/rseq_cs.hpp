@@ -1,8 +1,9 @@
 // aarch64 restartable-sequence critical sections (inline assembly).
 //
 // The same four sections and contract as arch/x86_64/.../rseq_cs.hpp (read that header's
-// comment first). aarch64 specifics (REFERENCE 3; glibc's sysdeps/.../aarch64/bits/rseq.h;
-// the kernel's tools/testing/selftests/rseq/rseq-arm64.h is the reference design):
+// comment first). aarch64 specifics (Documentation/userspace-api/rseq.rst; glibc's
+// sysdeps/.../aarch64/bits/rseq.h; the kernel's tools/testing/selftests/rseq/rseq-arm64.h
+// is the reference design):
 //   - the area is at TPIDR_EL0 + __rseq_offset; it is passed in a register.
 //   - the signature is RSEQ_SIG_CODE 0xd428bc00, which is `BRK #0x45e0`: emitted with
 //     `.inst` (an instruction word, little-endian code on every aarch64 Linux target)

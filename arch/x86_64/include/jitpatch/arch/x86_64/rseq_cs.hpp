@@ -11,8 +11,9 @@
 // PRIVATE_EXPEDITED_RSEQ) or the thread is not on `cpu`: nothing was stored, retry with a
 // fresh cpu_id_start. Some return kRefused (1): a condition failed, nothing stored.
 //
-// Layout facts (REFERENCE 3; <linux/rseq.h>; Documentation/userspace-api/rseq.rst; the
-// kernel's tools/testing/selftests/rseq/rseq-x86.h is the reference design):
+// Layout facts (<linux/rseq.h>; Documentation/userspace-api/rseq.rst; glibc's
+// <sys/rseq.h> and its 2.35 NEWS entry for __rseq_offset/__rseq_size; the kernel's
+// tools/testing/selftests/rseq/rseq-x86.h is the reference design):
 //   - struct rseq: cpu_id_start at 0, cpu_id at 4, rseq_cs (u64) at 8 (static_asserted
 //     below). The area is at %fs:__rseq_offset.
 //   - the descriptor is a 32-byte aligned struct rseq_cs {u32 version = 0, u32 flags = 0,
@@ -123,8 +124,10 @@ inline int cmpeq_store(std::intptr_t* v, std::intptr_t expect, std::intptr_t new
   return ret;
 }
 
-// The seed's active-pointer case (param_test -T r): p = *ptr loaded INSIDE the section,
-// then *(intptr_t*)((char*)p + off) += inc on `cpu`. Because the load is inside, a writer
+// The active-pointer case of the kernel's rseq selftest (tools/testing/selftests/rseq/
+// param_test.c, -T r, the membarrier test, with rseq_offset_deref_addv() from the
+// selftest's x86 headers): p = *ptr loaded INSIDE the section, then
+// *(intptr_t*)((char*)p + off) += inc on `cpu`. Because the load is inside, a writer
 // that was in the section when the pointer was swapped is aborted by the fence and
 // restarts with the new pointer: after the fence nobody writes through the old one.
 inline int deref_add(std::intptr_t* const* ptr, std::ptrdiff_t off, std::intptr_t inc, int cpu) noexcept {
