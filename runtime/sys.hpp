@@ -8,7 +8,10 @@
 #include <cstdint>
 #include <ctime>
 
-namespace jitpatch::sys {
+#include <jitpatch/export.hpp>
+
+namespace jitpatch {
+namespace JITPATCH_HIDDEN sys {
 
 // membarrier(2): cmd, flags, cpu_id (kernel 5.10+ takes the cpu_id argument).
 long membarrier(unsigned cmd, unsigned flags = 0, int cpu_id = 0) noexcept;
@@ -23,4 +26,5 @@ int futex_wait(std::uint32_t* word, std::uint32_t expected, const timespec* rel)
 // FUTEX_WAKE_PRIVATE; returns the number woken.
 int futex_wake(std::uint32_t* word, int count) noexcept;
 
-}  // namespace jitpatch::sys
+}  // namespace sys
+}  // namespace jitpatch

@@ -2,6 +2,7 @@
 // (and the library's own files) include this, through the jitpatch_testing target.
 #pragma once
 
+#include <jitpatch/export.hpp>
 #include <jitpatch/percpu.hpp>
 #include <jitpatch/runtime.hpp>
 
@@ -11,7 +12,7 @@ namespace jitpatch::testing {
 
 struct RuntimeAccess {
   // Signals the signal-broadcast handler received and acknowledged, process-wide.
-  static std::uint64_t signal_acks(const Runtime& rt) noexcept;
+  JITPATCH_HIDDEN static std::uint64_t signal_acks(const Runtime& rt) noexcept;
 };
 
 struct PerCpuLogAccess {
@@ -19,7 +20,7 @@ struct PerCpuLogAccess {
   // capacity), read with relaxed loads. After a harvest's fence it must never change
   // until the next swap: a late commit or a late speculative entry store would. 0 for a
   // bad cpu.
-  static std::uint64_t inactive_digest(const PerCpuLog& log, int cpu) noexcept;
+  JITPATCH_HIDDEN static std::uint64_t inactive_digest(const PerCpuLog& log, int cpu) noexcept;
 };
 
 }  // namespace jitpatch::testing
