@@ -156,8 +156,9 @@ Result<SafepointAttachment> Safepoints::attach_current_thread() noexcept {
     r->rt_attachment = std::move(rt_att);
     r->adopted = false;
     r->hs_head = r->hs_tail = nullptr;
-    __atomic_store_n(&r->hs_pending, 0, __ATOMIC_RELAXED);
-    __atomic_store_n(&r->last_site, nullptr, __ATOMIC_RELAXED);
+    // Under reg_mu, as every queueing is: no ordering needed.
+    write_once(r->hs_pending, std::uint32_t{0});
+    write_once(r->last_site, static_cast<const void*>(nullptr));
     r->prev = nullptr;
     r->next = s.threads;
     if (s.threads) s.threads->prev = r;
@@ -236,7 +237,8 @@ Status SafepointAttachment::detach() noexcept {
       --s.count;
     }
     s.disarm_page(r);
-    __atomic_store_n(r->pw(), 0, __ATOMIC_RELAXED);
+    // Under reg_mu, which every armer holds, and unlinked: no arming can follow.
+    write_once(*r->pw(), std::uint64_t{0});
     r->set_qsbr(nullptr);
     reader = std::move(r->reader);
     rt_att = std::move(r->rt_attachment);
@@ -267,11 +269,12 @@ SafepointStats Safepoints::stats() const noexcept {
     std::lock_guard<std::mutex> g(s.stats_mu);
     out = s.stats;
   }
-  out.slow_paths = __atomic_load_n(&s.slow_paths, __ATOMIC_RELAXED);
-  out.page_faults = __atomic_load_n(&s.page_faults, __ATOMIC_RELAXED);
-  out.handshakes = __atomic_load_n(&s.handshakes, __ATOMIC_RELAXED);
-  out.handshakes_by_requester = __atomic_load_n(&s.by_requester, __ATOMIC_RELAXED);
-  out.patch_arms = __atomic_load_n(&s.stats_patch_arms, __ATOMIC_RELAXED);
+  // Statistics only: each counter on its own, no ordering between them.
+  out.slow_paths = read_once(s.slow_paths);
+  out.page_faults = read_once(s.page_faults);
+  out.handshakes = read_once(s.handshakes);
+  out.handshakes_by_requester = read_once(s.by_requester);
+  out.patch_arms = read_once(s.stats_patch_arms);
   return out;
 }
 
@@ -279,11 +282,12 @@ void Safepoints::reset_stats() noexcept {
   Impl& s = *impl_;
   std::lock_guard<std::mutex> g(s.stats_mu);
   s.stats = SafepointStats{};
-  __atomic_store_n(&s.slow_paths, 0, __ATOMIC_RELAXED);
-  __atomic_store_n(&s.page_faults, 0, __ATOMIC_RELAXED);
-  __atomic_store_n(&s.handshakes, 0, __ATOMIC_RELAXED);
-  __atomic_store_n(&s.by_requester, 0, __ATOMIC_RELAXED);
-  __atomic_store_n(&s.stats_patch_arms, 0, __ATOMIC_RELAXED);
+  // Statistics only; a concurrent increment may land on either side of the reset.
+  write_once(s.slow_paths, std::uint64_t{0});
+  write_once(s.page_faults, std::uint64_t{0});
+  write_once(s.handshakes, std::uint64_t{0});
+  write_once(s.by_requester, std::uint64_t{0});
+  write_once(s.stats_patch_arms, std::uint64_t{0});
 }
 
 std::vector<LateThread> Safepoints::late_threads() const {

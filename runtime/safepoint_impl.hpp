@@ -4,20 +4,27 @@
 // (safepoint_page.cpp) share. Patched polls are armed through PollArmer, which the jit
 // layer implements (jit/safepoint_polls.cpp).
 //
-// Ordering summary (each pair is named where it is used):
-//   arming:      request (stop_seq odd / handshake queued) ; RMW-release OR into poll word
-//                ; barrier B ; load-acquire of the state
-//   transition:  store state=managed ; barrier b ; load poll word
-//   B/b:         asymmetric: process_barrier() / compiler barrier (membarrier's pairing)
-//                symmetric:  smp_mb() / smp_mb()
-//   disarming:   the owner's acq_rel exchange of its poll word with 0 synchronizes with
-//                the arming OR it read, so the request behind it is visible afterwards.
-//   safe states: the owner's store-release of native/blocked/parked pairs with the
-//                coordinator's load-acquire: the owner's managed-code writes are visible.
-//   release:     the coordinator's store-release of stop_seq (even) pairs with the parked
-//                thread's load-acquire: fn's writes are visible to the resumed thread.
+// Ordering summary. The pairs are catalogued, with scenarios, in docs/memory-ordering.md
+// section 11 (SP1-SP12); each is also named where it is used.
+//   arming (SP1):  request (stop_seq odd / handshake queued) ; fetch_or_release into the
+//                  poll word ; barrier B ; load_acquire of the state. Against the
+//                  mutator's store state=managed ; barrier b ; load of the poll word.
+//   B/b:           asymmetric: process_barrier() / compiler barrier (the membarrier(2)
+//                  pairing, see the scenarios at the top of the kernel's
+//                  kernel/sched/membarrier.c); symmetric: smp_mb() / smp_mb().
+//   disarming (SP3): the owner's fully ordered xchg of its poll word with 0 reads the
+//                  arming fetch_or_release (or a later one), so the request stored before
+//                  that arming is visible to the re-checks after the xchg.
+//   safe states (SP4): the owner's store_release of native/blocked/parked pairs with the
+//                  coordinator's load_acquire (state()): its managed-code writes are visible.
+//   release (SP5): the coordinator's store_release of stop_seq (even) pairs with the parked
+//                  thread's load_acquire: fn's writes are visible to the resumed thread.
+//   handshakes (SP6, SP7): hs_pending (release RMWs / the slow path's load_acquire) and
+//                  HsOp::done (store_release / the requester's load_acquire).
+//   sleeping (SP8): notify() / wait_until(), a store-buffering pair on progress/sleepers.
 #pragma once
 
+#include <jitpatch/export.hpp>
 #include <jitpatch/grace.hpp>
 #include <jitpatch/safepoint.hpp>
 
@@ -56,13 +63,13 @@ inline constexpr std::uint64_t kArmed = 1;
 struct HsOp {
   FnT fn;
   HsOp* next = nullptr;
-  std::uint32_t done = 0;  // store-release by the executor; the requester's load-acquire
+  std::uint32_t done = 0;  // store_release by the executor (run_ops), load_acquire by the requester (SP7)
 };
 
 // Set while this thread runs a handshake operation (nested requests are refused), and
 // while it coordinates a stop (nested requests run at once). Defined in safepoint.cpp.
-extern thread_local SafepointsImpl* t_in_stop;
-extern thread_local bool t_in_op;
+extern JITPATCH_HIDDEN thread_local SafepointsImpl* t_in_stop;
+extern JITPATCH_HIDDEN thread_local bool t_in_op;
 
 }  // namespace sp_internal
 
@@ -75,8 +82,14 @@ struct SafepointRecord : SafepointThread {
     symmetric_ = symmetric;
     tid_ = tid;
     qsbr_ = qsbr;
-    __atomic_store_n(&poll_word_, 0, __ATOMIC_RELAXED);
-    __atomic_store_n(&state_, static_cast<std::uint32_t>(ThreadState::native), __ATOMIC_RELEASE);
+    // Under reg_mu, which publishes the record to coordinators; armers arm only under
+    // reg_mu too, so nothing races with this reset.
+    write_once(poll_word_, std::uint64_t{0});
+    // Release, though the registry lock already publishes the record. Pairs with
+    // state()'s load_acquire, which a handshake requester may still run on this record
+    // after dropping reg_mu (handshake_impl()'s late list, if the thread detached and
+    // the record was reused): it then sees the reset poll word with the new `native`.
+    store_release(&state_, static_cast<std::uint32_t>(ThreadState::native));
   }
   void set_qsbr(GraceReader* r) noexcept { qsbr_ = r; }
   GraceReader* qsbr() const noexcept { return qsbr_; }
@@ -85,11 +98,11 @@ struct SafepointRecord : SafepointThread {
   alignas(64) std::mutex hs_mu;  // one executor of this thread's operations at a time
   sp_internal::HsOp* hs_head = nullptr;       // guarded by hs_mu
   sp_internal::HsOp* hs_tail = nullptr;
-  std::uint32_t hs_pending = 0;  // atomic: queued operations
+  std::uint32_t hs_pending = 0;  // queued operations: release RMWs, the slow path's load_acquire (SP6)
   std::mutex page_mu;            // (page_armed, page protection) change together
   bool page_armed = false;
-  std::uint32_t parked_seq = 0;     // the stop_seq it parked in (written before `parked`)
-  const void* last_site = nullptr;  // atomic
+  std::uint32_t parked_seq = 0;     // the stop_seq it parked in (store_release before `parked`, SP2)
+  const void* last_site = nullptr;  // read_once/write_once: diagnostics (late_threads())
   SafepointRecord* next = nullptr;  // registry (guarded by reg_mu)
   SafepointRecord* prev = nullptr;
   bool linked = false;
@@ -116,7 +129,8 @@ struct Safepoints::Impl {
   alignas(64) std::uint32_t progress = 0;  // bumped when a thread becomes safe or finishes work
   std::uint32_t sleepers = 0;               // coordinators/requesters asleep on `progress`
 
-  // Counters (relaxed atomics) and the per-stop figures (stats_mu).
+  // Counters (fetch_add_relaxed / read_once: statistics only, they order nothing) and the
+  // per-stop figures (stats_mu).
   std::uint64_t slow_paths = 0, page_faults = 0, handshakes = 0, by_requester = 0;
   mutable std::mutex stats_mu;
   SafepointStats stats;
@@ -129,11 +143,24 @@ struct Safepoints::Impl {
   unsigned poll_arms = 0;
 
   // --- helpers ---------------------------------------------------------------------
+  // SP8, the futex sleep/wake: store buffering between
+  //   notify():      [the caller's store_release of the state or of HsOp::done]
+  //                  fetch_add(&progress)  (fully ordered: smp_mb before and after)
+  //                  read_once(sleepers)
+  //   wait_until():  fetch_add(&sleepers)  (fully ordered)
+  //                  v = load_acquire(&progress) ; pred() ; futex_wait(&progress, v)
+  // The two smp_mb()s after the RMWs forbid both loads reading the old value: either
+  // notify() sees the sleeper and wakes it, or wait_until()'s load reads the bump, and
+  // then (acquire) pred() sees what the notifier stored before it; a bump that lands
+  // after the load makes futex_wait()'s compare fail (futex(2), FUTEX_WAIT: the load,
+  // the compare and the blocking are atomic and totally ordered against other futex
+  // operations on the same word, so a wake after the bump finds the waiter queued).
   void notify() noexcept {
-    // seq_cst RMW then load: pairs with the sleeper's increment of `sleepers` then load of
-    // `progress` (Dekker): either we see the sleeper, or its futex compare sees our bump.
-    __atomic_fetch_add(&progress, 1, __ATOMIC_SEQ_CST);
-    if (__atomic_load_n(&sleepers, __ATOMIC_SEQ_CST) != 0) sys::futex_wake(&progress, INT_MAX);
+    // Fully ordered: the smp_mb() before it orders the caller's state/done store before
+    // the bump; the one after it orders the bump before the load of `sleepers`. Pairs with
+    // wait_until()'s fetch_add of `sleepers` and load_acquire of `progress`.
+    fetch_add(&progress, 1);
+    if (read_once(sleepers) != 0) sys::futex_wake(&progress, INT_MAX);
   }
 
   // Spin, then sleep on `progress` in bounded slices, until pred() or the deadline.
@@ -151,19 +178,30 @@ struct Safepoints::Impl {
       if (pred()) return true;
       const std::uint64_t now = sp_internal::now_ns();
       if (now >= deadline) return pred();
-      __atomic_fetch_add(&sleepers, 1, __ATOMIC_SEQ_CST);
-      const std::uint32_t v = __atomic_load_n(&progress, __ATOMIC_SEQ_CST);
+      // SP8 (see notify()): fully ordered, so the increment is ordered before the load of
+      // `progress`; pairs with notify()'s fetch_add of `progress` and read of `sleepers`.
+      fetch_add(&sleepers, 1);
+      // Acquire, not read_once: if this reads a notifier's bump, the state it stored
+      // before the bump must be visible to pred()'s load below, which a relaxed load here
+      // would not order after it on arm64.
+      const std::uint32_t v = load_acquire(&progress);
       if (!pred()) {
-        // Bounded: a transition that missed the poll word (symmetric mode: no fence in
-        // enter_native) costs at most one slice.
+        // Bounded: a leave_managed() that missed the armed poll word (it has no barrier
+        // between its store and its look, SP9) costs at most one slice.
         const std::uint64_t slice = std::min<std::uint64_t>(deadline - now, 1000000);
         timespec ts{0, static_cast<long>(slice)};
         sys::futex_wait(&progress, v, &ts);
       }
-      __atomic_fetch_sub(&sleepers, 1, __ATOMIC_SEQ_CST);
+      // Fully ordered, more than needed: only whether a notify() issues a spare
+      // futex_wake depends on when this becomes visible.
+      fetch_sub(&sleepers, 1);
     }
   }
 
+  // Barrier B of SP1: orders the armings before the coordinator's loads of the states.
+  // Pairs with b in SafepointThread::enter_managed() and in safepoint_slow()'s return to
+  // managed (asymmetric: b is a compiler barrier, and process_barrier() runs a full
+  // barrier on every thread of the process; symmetric: both are smp_mb()).
   Status barrier() noexcept {
     if (symmetric) {
       smp_mb();
@@ -185,7 +223,7 @@ struct Safepoints::Impl {
     bool serialized = false;
     const Status st = armer->arm(&serialized);
     if (!st.ok()) *err = st;
-    if (serialized) __atomic_fetch_add(&stats_patch_arms, 1, __ATOMIC_RELAXED);
+    if (serialized) fetch_add_relaxed(&stats_patch_arms, 1);  // statistics only
     return st.ok() && serialized;
   }
   void disarm_patched() noexcept {
@@ -231,8 +269,8 @@ struct CallerSafe {
 
 // Page polls (safepoint_page.cpp): the SIGSEGV handler, installed for the one Safepoints
 // object with page polls at a time.
-Status install_page_polls(SafepointsImpl* s) noexcept;
-void uninstall_page_polls(SafepointsImpl* s) noexcept;
+JITPATCH_HIDDEN Status install_page_polls(SafepointsImpl* s) noexcept;
+JITPATCH_HIDDEN void uninstall_page_polls(SafepointsImpl* s) noexcept;
 
 }  // namespace sp_internal
 

@@ -17,8 +17,9 @@ namespace jitpatch {
 namespace {
 
 // The Safepoints with page polls (one at a time). Written under g_segv_mu, read by the
-// handler: the store-release in install_page_polls() pairs with the handler's
-// load-acquire, so a handler that sees the object sees it fully constructed.
+// handler: the store_release in install_page_polls() pairs with the handler's
+// load_acquire, so a handler that sees the object sees it fully constructed
+// (docs/memory-ordering.md, section 13).
 constinit SafepointsImpl* g_page_sp = nullptr;
 constinit struct sigaction g_prev_segv = {};
 constinit std::mutex g_segv_mu;
@@ -26,7 +27,8 @@ constinit std::mutex g_segv_mu;
 void on_segv(int sig, siginfo_t* si, void* uc) {
   const int saved_errno = errno;
   SafepointThread* t = detail::t_safepoint_thread;
-  SafepointsImpl* sp = __atomic_load_n(&g_page_sp, __ATOMIC_ACQUIRE);
+  // Pairs with install_page_polls()'s store_release (async-signal-safe: one load).
+  SafepointsImpl* sp = load_acquire(&g_page_sp);
   std::byte* page = t ? t->poll_page() : nullptr;
   auto* addr = static_cast<std::byte*>(si ? si->si_addr : nullptr);
   if (sp && page && addr >= page && addr < page + sp->page_size && sp_internal::impl_of(t) == sp) {
@@ -40,7 +42,7 @@ void on_segv(int sig, siginfo_t* si, void* uc) {
 #else
     pc = reinterpret_cast<const void*>(ctx->uc_mcontext.pc);
 #endif
-    __atomic_fetch_add(&sp->page_faults, 1, __ATOMIC_RELAXED);
+    fetch_add_relaxed(&sp->page_faults, 1);  // statistics only
     detail::safepoint_slow(t, pc);
     errno = saved_errno;
     return;
@@ -55,7 +57,7 @@ namespace sp_internal {
 
 Status install_page_polls(SafepointsImpl* s) noexcept {
   std::lock_guard<std::mutex> g(g_segv_mu);
-  if (__atomic_load_n(&g_page_sp, __ATOMIC_RELAXED) != nullptr)
+  if (read_once(g_page_sp) != nullptr)  // writers hold g_segv_mu: no ordering needed
     return Status(Errc::busy, 0, "another Safepoints object uses page polls");
   // Installed for the life of this object and chained to whatever was installed
   // before: faults that are not poll faults go there.
@@ -63,19 +65,24 @@ Status install_page_polls(SafepointsImpl* s) noexcept {
   sa.sa_sigaction = on_segv;
   sa.sa_flags = SA_SIGINFO | SA_RESTART | SA_ONSTACK;
   sigemptyset(&sa.sa_mask);
+  // The handler to chain to is recorded before ours is installed: a fault that is not a
+  // poll fault, taken the moment ours is in place, must find it (not a zeroed action,
+  // which would be SIG_DFL and kill the process). A handler left installed by an earlier
+  // instance (someone chained on top of it) is not its own predecessor.
   struct sigaction prev = {};
-  if (::sigaction(SIGSEGV, &sa, &prev) != 0) return Status(Errc::os_error, errno, "sigaction(SIGSEGV)");
-  // A handler left installed by an earlier instance (someone chained on top of it) is
-  // not its own predecessor.
+  if (::sigaction(SIGSEGV, nullptr, &prev) != 0) return Status(Errc::os_error, errno, "sigaction(SIGSEGV)");
   if (!((prev.sa_flags & SA_SIGINFO) && prev.sa_sigaction == on_segv)) g_prev_segv = prev;
-  __atomic_store_n(&g_page_sp, s, __ATOMIC_RELEASE);
+  if (::sigaction(SIGSEGV, &sa, nullptr) != 0) return Status(Errc::os_error, errno, "sigaction(SIGSEGV)");
+  // Pairs with on_segv()'s load_acquire: the object is complete before the pointer.
+  store_release(&g_page_sp, s);
   return {};
 }
 
 void uninstall_page_polls(SafepointsImpl* s) noexcept {
   std::lock_guard<std::mutex> g(g_segv_mu);
-  if (__atomic_load_n(&g_page_sp, __ATOMIC_RELAXED) != s) return;
-  __atomic_store_n(&g_page_sp, nullptr, __ATOMIC_RELEASE);
+  if (read_once(g_page_sp) != s) return;  // writers hold g_segv_mu
+  // Release kept, though a handler that reads nullptr touches nothing of ours.
+  store_release(&g_page_sp, static_cast<SafepointsImpl*>(nullptr));
   // Put the previous handler back unless someone installed theirs on top of ours (then
   // ours stays, chaining, with no Safepoints to recognize polls for).
   struct sigaction cur = {};

@@ -20,40 +20,62 @@ void detail::safepoint_notify(SafepointThread* t) noexcept { impl_of(t)->notify(
 void detail::safepoint_slow(SafepointThread* t, const void* site) noexcept {
   auto* r = static_cast<SafepointRecord*>(t);
   SafepointsImpl& s = *impl_of(t);
-  __atomic_store_n(&r->last_site, site, __ATOMIC_RELAXED);
-  __atomic_fetch_add(&s.slow_paths, 1, __ATOMIC_RELAXED);
+  write_once(r->last_site, site);      // diagnostics only (late_threads())
+  fetch_add_relaxed(&s.slow_paths, 1);  // statistics only
   // Called from managed (a poll, or enter_managed after its store and barrier). The
   // thread holds no reference from before this point: a quiescent state.
   GraceReader* q = r->qsbr();
   for (;;) {
     // Disarm, then look at every kind of request: a request made after the exchange
     // armed the word again and is seen at the next poll.
-    __atomic_exchange_n(r->pw(), 0, __ATOMIC_ACQ_REL);
+    // SP3: pairs with the requesters' fetch_or_release of the poll word (stop_impl(),
+    // handshake_impl()): reading an arming makes the request stored before it (stop_seq
+    // odd, hs_pending) visible to the loads below. Fully ordered, which is more than
+    // SP3's acquire (the slow path is not a hot path): on a later iteration its smp_mb()
+    // before it also does b's job for the store of `managed`.
+    xchg(r->pw(), 0);
     s.disarm_page(r);
-    const std::uint32_t seq = __atomic_load_n(&s.stop_seq, __ATOMIC_ACQUIRE);
+    // Pairs with stop_impl()'s store_release of stop_seq: odd, the request (visible
+    // through the xchg, SP3); even, the release of a stop, whose fn's writes this
+    // thread then sees before it returns to managed code (SP5).
+    const std::uint32_t seq = load_acquire(&s.stop_seq);
     if (seq & 1u) {
       if (q) q->offline();
-      __atomic_store_n(&r->parked_seq, seq, __ATOMIC_RELAXED);
-      // Pairs with the coordinator's load-acquire of the state (and publishes parked_seq).
-      __atomic_store_n(r->st(), static_cast<std::uint32_t>(ThreadState::parked), __ATOMIC_RELEASE);
+      // Pairs with stop_impl()'s load_acquire of parked_seq (SP2): a coordinator that
+      // trusts this thread by parked_seq also sees its managed-code writes, even if the
+      // state it read was an older `parked` and not the store below.
+      store_release(&r->parked_seq, seq);
+      // SP4: pairs with the coordinator's load_acquire of the state (state()): the
+      // managed-code writes, and parked_seq, are visible to a coordinator that sees it.
+      store_release(r->st(), static_cast<std::uint32_t>(ThreadState::parked));
       s.notify();
-      // Woken by the release (store-release of stop_seq, then futex_wake).
-      while (__atomic_load_n(&s.stop_seq, __ATOMIC_ACQUIRE) == seq) sys::futex_wait(&s.stop_seq, seq, nullptr);
-      // parked -> managed is a native -> managed transition: store, barrier, re-check
-      // (the loop's exchange): the next stop may have armed already.
-      __atomic_store_n(r->st(), static_cast<std::uint32_t>(ThreadState::managed), __ATOMIC_RELAXED);
+      // SP5: pairs with stop_impl()'s store_release of stop_seq at the release, which it
+      // follows with futex_wake(); futex_wait() sleeps only while stop_seq is still seq.
+      while (load_acquire(&s.stop_seq) == seq) sys::futex_wait(&s.stop_seq, seq, nullptr);
+      // parked -> managed is a native -> managed transition: store, barrier b, re-check
+      // (the loop's xchg): the next stop may have armed already.
+      write_once(*r->st(), static_cast<std::uint32_t>(ThreadState::managed));
+      // b of SP1: orders the store of `managed` before the xchg's read of the poll word;
+      // pairs with the coordinator's barrier B (Impl::barrier(), or the patched arming's
+      // serialize_cores()).
       if (r->symmetric()) smp_mb();
       else compiler_barrier();
       if (q) q->online();
       continue;
     }
-    if (__atomic_load_n(&r->hs_pending, __ATOMIC_ACQUIRE) != 0) {
-      __atomic_store_n(r->st(), static_cast<std::uint32_t>(ThreadState::in_handshake), __ATOMIC_RELEASE);
+    // SP6: pairs with handshake_impl()'s fetch_add_release (the queueing, visible through
+    // the xchg, SP3) and with run_ops()'s fetch_sub_release: reading 0 after a requester
+    // ran the operations on this thread's behalf makes their effects visible.
+    if (load_acquire(&r->hs_pending) != 0) {
+      // Not a safe state: nobody acts on seeing it. Release all the same, like every
+      // store that leaves managed code (SP4).
+      store_release(r->st(), static_cast<std::uint32_t>(ThreadState::in_handshake));
       {
         std::lock_guard<std::mutex> g(r->hs_mu);
         s.run_ops(r, false);
       }
-      __atomic_store_n(r->st(), static_cast<std::uint32_t>(ThreadState::managed), __ATOMIC_RELAXED);
+      write_once(*r->st(), static_cast<std::uint32_t>(ThreadState::managed));
+      // b of SP1, as after parking: the store of `managed` before the xchg's read.
       if (r->symmetric()) smp_mb();
       else compiler_barrier();
       continue;
@@ -104,36 +126,42 @@ Status Safepoints::stop_impl(detail::FnRef<void()> fn) noexcept {
   std::lock_guard<std::mutex> rg(s.reg_mu);
   const std::uint64_t t0 = now_ns();
   const std::uint64_t deadline = t0 + static_cast<std::uint64_t>(s.opt.timeout.count()) * 1000000ull;
-  const std::uint32_t seq = __atomic_load_n(&s.stop_seq, __ATOMIC_RELAXED);
-  // The request, then the arming: a thread that disarms by the exchange and reads this
-  // arming sees stop_seq odd (release/acquire through the poll word).
-  __atomic_store_n(&s.stop_seq, seq + 1, __ATOMIC_RELEASE);
+  // Only coordinators write stop_seq, one at a time (coord_mu): this reads our own value.
+  const std::uint32_t seq = read_once(s.stop_seq);
+  // The request, then the arming: a thread that disarms by the xchg and reads this
+  // arming sees stop_seq odd (SP3: the arming's release orders this store before it).
+  // The release also pairs with safepoint_slow()'s load_acquire of stop_seq.
+  store_release(&s.stop_seq, seq + 1);
   std::vector<SafepointRecord*> targets;
   try {
     targets.reserve(s.count);
   } catch (...) {
-    __atomic_store_n(&s.stop_seq, seq + 2, __ATOMIC_RELEASE);
+    // Released without a stop. A thread in its slow path for another reason (a
+    // handshake, a stale arming) may have read the odd value and parked: wake it, as
+    // the normal release does (SP5).
+    store_release(&s.stop_seq, seq + 2);
+    sys::futex_wake(&s.stop_seq, INT_MAX);
     return Status(Errc::out_of_memory, 0, "stop_the_world");
   }
   for (SafepointRecord* r = s.threads; r; r = r->next) {
     if (r == me) continue;
     targets.push_back(r);
-    __atomic_fetch_or(r->pw(), kArmed, __ATOMIC_RELEASE);
+    // SP1/SP3: the arming. Release: the request (stop_seq odd) is visible to the owner
+    // whose xchg in safepoint_slow() reads it; B below orders it before the state loads.
+    fetch_or_release(r->pw(), kArmed);
   }
   Status err;
-  // Barrier B: after it, the state each thread shows is final in the sense of the
-  // header comment (a thread that becomes managed later sees its poll word armed).
-  // A committed patch batch ended with serialize_cores(), which is also a process barrier.
+  // Barrier B (SP1) is what makes a *safe* state trustworthy: a thread seen native after
+  // it cannot run managed code without seeing its poll word armed. A committed patch
+  // batch ended with serialize_cores(), which is also a process barrier, so it is B
+  // already (SP11). A thread seen parked *in this stop* needs no barrier (SP2): its
+  // xchg read this arming, and it re-checks on its way out, after the release. So:
+  // first wait for the threads that are running (they see the armed word at their next
+  // poll; the arming RMW is visible to them within the coherence latency), and pay for
+  // the barrier only if some thread was found in another safe state (native, blocked,
+  // or still parked from the previous stop). With every mutator running managed code,
+  // that saves a membarrier round per stop.
   const bool patched = s.arm_patched(&err);
-  // Barrier B is what makes a *safe* state trustworthy: a thread seen native after it
-  // cannot run managed code without seeing its poll word armed. A thread seen parked *in
-  // this stop* needs no barrier: its exchange read this arming, and it re-checks on its
-  // way out, after the release. So: first wait for the threads that are running (they
-  // see the armed word at their next poll; the arming RMW is visible to them within
-  // the coherence latency), and pay for the barrier only if some thread was found in
-  // another safe state (native, blocked, or still parked from the previous stop). With
-  // every mutator running managed code, that saves a membarrier round per stop.
-  // A committed patch batch ended with serialize_cores(), which is a barrier B already.
   bool fenced = patched;
   std::vector<std::uint64_t> safe_at(targets.size(), 0);
   std::vector<std::uint8_t> trusted(targets.size(), 0);
@@ -150,8 +178,11 @@ Status Safepoints::stop_impl(detail::FnRef<void()> fn) noexcept {
         return;
       }
       safe_at[i] = now_ns();
-      trusted[i] = fenced || (r->state() == ThreadState::parked &&
-                              __atomic_load_n(&r->parked_seq, __ATOMIC_RELAXED) == seq + 1);
+      // SP2: a thread parked in this stop (parked_seq == seq + 1) read the arming itself
+      // and stays in its slow path until the release: no B needed. The load_acquire
+      // pairs with safepoint_slow()'s store_release of parked_seq, so fn also sees the
+      // thread's managed-code writes when the state load above read an older `parked`.
+      trusted[i] = fenced || (r->state() == ThreadState::parked && load_acquire(&r->parked_seq) == seq + 1);
     }
   };
   if (err.ok()) {
@@ -159,6 +190,7 @@ Status Safepoints::stop_impl(detail::FnRef<void()> fn) noexcept {
     bool all_trusted = true;
     for (std::uint8_t t : trusted) all_trusted &= t != 0;
     if (!timed_out && !all_trusted) {
+      // Barrier B (SP1), only now: every state read after it is trusted.
       err = s.barrier();
       fenced = true;
       if (err.ok()) wait_all(true);
@@ -170,7 +202,7 @@ Status Safepoints::stop_impl(detail::FnRef<void()> fn) noexcept {
     for (SafepointRecord* r : targets) {
       const ThreadState st = r->state();
       if (!is_safe(st))
-        late.push_back(LateThread{r->tid(), st, __atomic_load_n(&r->last_site, __ATOMIC_RELAXED)});
+        late.push_back(LateThread{r->tid(), st, read_once(r->last_site)});  // diagnostics
     }
     std::lock_guard<std::mutex> g(s.stats_mu);
     s.late = std::move(late);
@@ -182,8 +214,9 @@ Status Safepoints::stop_impl(detail::FnRef<void()> fn) noexcept {
     fn();
     t_in_stop = nullptr;
   }
-  // Release: pairs with the parked threads' load-acquire of stop_seq.
-  __atomic_store_n(&s.stop_seq, seq + 2, __ATOMIC_RELEASE);
+  // Release (SP5): pairs with the parked threads' load_acquire of stop_seq in
+  // safepoint_slow(): fn's writes are visible to every thread that resumes.
+  store_release(&s.stop_seq, seq + 2);
   sys::futex_wake(&s.stop_seq, INT_MAX);
   if (patched || (s.opt.poll_kinds & patched_poll)) s.disarm_patched();
   const std::uint64_t t2 = now_ns();

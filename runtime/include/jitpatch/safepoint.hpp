@@ -22,9 +22,13 @@
 // then a barrier, then loads the thread's poll word: the store-buffering shape against
 // the coordinator's "arm the poll word, barrier, load the state". In the asymmetric mode
 // the mutator's barrier is a compiler barrier and the coordinator's is
-// Runtime::process_barrier() (membarrier: the seed's pairing, REFERENCE 1 and 4); in the
-// symmetric mode both are smp_mb(). Either the coordinator sees the thread managed (and
-// waits for it to park), or the thread sees its poll word armed (and parks itself).
+// Runtime::process_barrier(), which makes every running thread of the process execute a
+// full barrier during the call and so pairs with a compiler barrier on the other side
+// (membarrier(2), MEMBARRIER_CMD_PRIVATE_EXPEDITED; the scenarios at the top of the
+// kernel's kernel/sched/membarrier.c). In the symmetric mode both are smp_mb(). Either
+// the coordinator sees the thread managed (and waits for it to park), or the thread sees
+// its poll word armed (and parks itself). Every ordering pair of this API is written out
+// in docs/memory-ordering.md, section 11 (SP1 is this one).
 //
 // Polls (the code sequences for JITs are in jitpatch/safepoint_polls.hpp):
 //   poll word     a load of the thread's own word + test + branch to the slow path.
@@ -208,7 +212,8 @@ class alignas(64) SafepointThread {
   // The calling thread's record, or nullptr. One initial-exec TLS load.
   static SafepointThread* current() noexcept { return detail::t_safepoint_thread; }
 
-  // Owner only. The poll: a load and a branch while nothing is pending.
+  // Owner only. The poll: a load and a branch while nothing is pending. No ordering:
+  // the slow path's xchg of the word is what synchronizes with the request (SP3).
   JITPATCH_ALWAYS_INLINE void poll() noexcept {
     if (read_once(poll_word_) != 0) [[unlikely]]
       detail::safepoint_slow(this, __builtin_return_address(0));
@@ -221,16 +226,23 @@ class alignas(64) SafepointThread {
   // native/blocked -> managed: store, barrier, check (see the header comment).
   JITPATCH_ALWAYS_INLINE void enter_managed() noexcept {
     write_once(state_, static_cast<std::uint32_t>(ThreadState::managed));
+    // Barrier b of SP1: the store of `managed` before the load of the poll word. Pairs
+    // with the coordinator's barrier B between its arming and its load of the state
+    // (Safepoints' process_barrier(), which covers a compiler barrier here, or smp_mb()).
     if (symmetric_) smp_mb();
     else compiler_barrier();
+    // Relaxed: b orders it; an armed word sends the thread to the slow path, whose xchg
+    // synchronizes with the request (SP3).
     if (read_once(poll_word_) != 0) [[unlikely]]
       detail::safepoint_slow(this, __builtin_return_address(0));
     else if (qsbr_) [[unlikely]]
       online_slow();
   }
 
+  // Acquire: pairs with the owner's release store of a safe state (leave_managed(), the
+  // slow path's `parked`): what it did in managed code is visible to the caller (SP4).
   ThreadState state() const noexcept { return static_cast<ThreadState>(load_acquire(&state_)); }
-  bool armed() const noexcept { return read_once(poll_word_) != 0; }
+  bool armed() const noexcept { return read_once(poll_word_) != 0; }  // a hint: no ordering
   pid_t tid() const noexcept { return tid_; }
   Safepoints& safepoints() const noexcept { return *owner_; }
   std::byte* poll_page() const noexcept { return poll_page_; }
@@ -242,9 +254,12 @@ class alignas(64) SafepointThread {
   JITPATCH_ALWAYS_INLINE void leave_managed(ThreadState s) noexcept {
     if (qsbr_) [[unlikely]]
       offline_slow();
-    // Pairs with the coordinator's load_acquire of the state: what this thread did in
-    // managed code happens before what the coordinator does once it sees it safe.
+    // SP4: pairs with the coordinator's load_acquire of the state (state()): what this
+    // thread did in managed code happens before what the coordinator does once it sees
+    // it safe.
     store_release(&state_, static_cast<std::uint32_t>(s));
+    // A hint (SP9), deliberately without a barrier after the store (it would cost every
+    // transition): a miss only leaves a sleeping coordinator to its bounded slice.
     if (read_once(poll_word_) != 0) [[unlikely]]
       detail::safepoint_notify(this);
   }
