@@ -182,7 +182,12 @@ bool PerCpuLog::append_atomic(std::uint64_t value) noexcept {
     // is visible to its load, and it waits for us, or its store is visible to our
     // re-check, and we back off without touching the entries.
     (void)fetch_add(&b->writers, 1);
-    if (read_once(s.active) != b) {  // ordered after the increment by the fetch_add
+    // Acquire, not just ordered after the increment: between our two loads the buffer may
+    // have been swapped out, drained and swapped back in (ABA). Then this load reads the
+    // later harvest()'s store_release of `active`, and the acquire makes that drain's
+    // reads of the entries happen before our store below (a relaxed load would leave
+    // only a control dependency, which the C++ model, and ThreadSanitizer, do not count).
+    if (load_acquire(&s.active) != b) {
       // Release, as the exit below: keeps the release sequence harvest() reads through.
       (void)fetch_sub_release(&b->writers, 1);
       continue;
