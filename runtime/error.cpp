@@ -1,6 +1,14 @@
 #include <jitpatch/error.hpp>
 #include <jitpatch/runtime.hpp>
 
+#include <jitpatch/internal/fatal.hpp>
+
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstdarg>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <string>
 
@@ -74,3 +82,21 @@ bool parse_strategy(const char* text, Strategy* out) noexcept {
 }
 
 }  // namespace jitpatch
+
+namespace jitpatch::detail {
+
+void fatal(const char* fmt, ...) noexcept {
+  char buf[1024];
+  int n = std::snprintf(buf, sizeof buf, "jitpatch: fatal: ");
+  va_list ap;
+  va_start(ap, fmt);
+  const int m = std::vsnprintf(buf + n, sizeof buf - static_cast<std::size_t>(n) - 1, fmt, ap);
+  va_end(ap);
+  n += m < 0 ? 0 : std::min(m, static_cast<int>(sizeof buf) - n - 2);
+  buf[n++] = '\n';
+  // One write: the message is not interleaved with other threads' output.
+  (void)!::write(STDERR_FILENO, buf, static_cast<std::size_t>(n));
+  std::abort();
+}
+
+}  // namespace jitpatch::detail

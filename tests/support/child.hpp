@@ -5,6 +5,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <csignal>
 #include <cstdio>
 #include <cstring>
 #include <functional>
@@ -47,6 +48,38 @@ inline std::string run_in_child(const std::function<std::string()>& body) {
   if (WIFSIGNALED(status)) return out + " [child killed by signal " + std::to_string(WTERMSIG(status)) + "]";
   if (WEXITSTATUS(status) != 0 && out.empty()) return "child exited with " + std::to_string(WEXITSTATUS(status));
   return out;
+}
+
+}  // namespace jitpatch::test
+
+namespace jitpatch::test {
+
+// Runs `body` in a forked child that must die of SIGABRT with `expected` in what it wrote
+// to stderr: the library's "abort with a message" for broken preconditions. Returns ""
+// when it did, else what happened instead (exit status, signal, the stderr seen).
+inline std::string expect_abort(const std::function<void()>& body, const std::string& expected) {
+  int fds[2];
+  if (::pipe(fds) != 0) return "pipe failed";
+  std::fflush(nullptr);
+  pid_t pid = ::fork();
+  if (pid < 0) return "fork failed";
+  if (pid == 0) {
+    ::close(fds[0]);
+    ::dup2(fds[1], STDERR_FILENO);
+    body();
+    ::_exit(0);  // returned: no abort
+  }
+  ::close(fds[1]);
+  std::string err;
+  char buf[512];
+  for (ssize_t n; (n = ::read(fds[0], buf, sizeof buf)) > 0;) err.append(buf, static_cast<size_t>(n));
+  ::close(fds[0]);
+  int status = 0;
+  ::waitpid(pid, &status, 0);
+  if (!WIFSIGNALED(status)) return "child did not abort (exit status " + std::to_string(WEXITSTATUS(status)) + "); stderr: " + err;
+  if (WTERMSIG(status) != SIGABRT) return "child died of signal " + std::to_string(WTERMSIG(status)) + ", not SIGABRT; stderr: " + err;
+  if (err.find(expected) == std::string::npos) return "abort message lacks \"" + expected + "\"; stderr: " + err;
+  return "";
 }
 
 }  // namespace jitpatch::test
