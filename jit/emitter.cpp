@@ -4,6 +4,7 @@
 #include <jitpatch/emitter.hpp>
 
 #include <jitpatch/grace.hpp>
+#include <jitpatch/internal/fatal.hpp>
 #include <jitpatch/visibility.hpp>
 
 #if defined(__x86_64__)
@@ -71,9 +72,22 @@ struct Emitter::Slab {
 };
 const std::size_t Emitter::Slab::kHeader = (sizeof(Emitter::Slab) + alignof(CodeBlob) - 1) / alignof(CodeBlob) * alignof(CodeBlob);
 
+void detail::stale_blob_ref(const CodeBlob* blob) noexcept {
+  if (!blob) detail::fatal("an empty BlobRef was dereferenced (a failed emit's handle, or a default-constructed one)");
+  detail::fatal("a stale BlobRef was dereferenced: its function was freed (the descriptor at %p may now describe "
+                "another function); keep a handle only while the function is live or retired",
+                static_cast<const void*>(blob));
+}
+
 // Blobs still live keep their heap memory until the heap goes; only the descriptors (in
 // slabs_) go with the emitter.
 Emitter::~Emitter() {
+  // Blobs a grace domain will free through this emitter after it is gone: a use after
+  // free later, on the reclaiming thread. Say so now, naming both objects.
+  if (pending_grace_ != 0)
+    detail::fatal("Emitter %p destroyed while a GraceDomain still holds %zu of its retired blobs (retire_code): "
+                  "destroy the GraceDomain, or wait for its barrier(), before the Emitter",
+                  static_cast<const void*>(this), pending_grace_);
   // The newest slab is constructed up to fresh_; every older one entirely.
   for (Slab* s = slabs_; s;) {
     Slab* prev = s->prev;
@@ -170,7 +184,7 @@ class HolderLease {
 };
 }  // namespace
 
-Result<CodeBlob*> Emitter::emit_impl(std::string_view name, Status (*thunk)(void*, EmitContext&), void* body,
+Result<BlobRef> Emitter::emit_impl(std::string_view name, Status (*thunk)(void*, EmitContext&), void* body,
                                      const EmitOptions& options) {
   HolderLease lease;
   asmjit::CodeHolder& code = *lease;
@@ -200,7 +214,7 @@ Result<CodeBlob*> Emitter::emit_impl(std::string_view name, Status (*thunk)(void
   CodeWriter w;
   auto range = heap_->allocate_writer(estimate, options.alignment, &w);
   if (!range.ok()) return range.status();
-  auto undo = [&](Status st) -> Result<CodeBlob*> {
+  auto undo = [&](Status st) -> Result<BlobRef> {
     (void)w.finish();
     (void)heap_->free(range->rx);
     return st;
@@ -254,6 +268,7 @@ Result<CodeBlob*> Emitter::emit_impl(std::string_view name, Status (*thunk)(void
     if (Status st = heap_->make_clean(range->dirty_seq); !st) return undo(st);
   }
   CodeBlob* blob;
+  std::uint64_t gen;
   {
     // One critical section: take a descriptor, fill it, link it. Nobody holds a pointer
     // to it until emit() returns, so registering it with the registry and the tools
@@ -308,6 +323,8 @@ Result<CodeBlob*> Emitter::emit_impl(std::string_view name, Status (*thunk)(void
     // these stores before it (pairs with find()'s smp_rmb()).
     store_release(&blob->state_, BlobState::live);
     blob->owner_ = this;
+    blob->pending_grace_ = false;
+    gen = blob->generation_;
     blob->prev_ = nullptr;
     blob->next_ = live_;
     if (live_) live_->prev_ = blob;
@@ -316,7 +333,7 @@ Result<CodeBlob*> Emitter::emit_impl(std::string_view name, Status (*thunk)(void
   }
   if (registry_) {
     if (Status st = registry_->add(blob->begin(), blob->end(), blob); !st) {
-      (void)free(blob);
+      (void)free_blob(blob);
       return st;
     }
   }
@@ -324,19 +341,48 @@ Result<CodeBlob*> Emitter::emit_impl(std::string_view name, Status (*thunk)(void
     // Tools name what is executable; a failure to tell them is not a failure to emit, but
     // it is not silent either: the caller gets the error and the blob is not published.
     if (Status st = visibility_->on_load(CodeInfo{blob->begin(), blob->size(), blob->name_.c_str()}); !st) {
-      (void)free(blob);
+      (void)free_blob(blob);
       return st;
     }
   }
-  return blob;
+  return BlobRef(blob, gen);
 }
 
-Status Emitter::free(CodeBlob* blob) noexcept {
+bool Emitter::owns_unfreed(const BlobRef& b) const noexcept {
+  // Under mu_: the generation cannot change meanwhile (only free_blob() bumps it, under
+  // mu_), so a match means this exact function, live or retired.
+  return b.p_ && b.p_->owner_ == this && b.p_->generation_ == b.gen_ && b.p_->state() != BlobState::freed;
+}
+
+BlobRef Emitter::ref(const CodeBlob* blob) const noexcept {
+  std::lock_guard<std::mutex> g(mu_);
+  if (!blob || blob->owner_ != this || blob->state() == BlobState::freed) return {};
+  return BlobRef(const_cast<CodeBlob*>(blob), blob->generation_);
+}
+
+Status Emitter::free(BlobRef ref) noexcept { return free_blob(ref.p_, &ref); }
+
+Status Emitter::free_blob(CodeBlob* blob, const BlobRef* ref) noexcept {
   std::byte* rx;
   {
+    // The checks and the free in one critical section: two threads freeing one handle
+    // cannot both pass (the second sees the generation moved on).
     std::lock_guard<std::mutex> g(mu_);
-    if (!blob || blob->owner_ != this || blob->state() == BlobState::freed)
-      return Status(Errc::invalid_argument, 0, "free: not a live or retired blob of this emitter");
+    if (ref) {
+      if (!owns_unfreed(*ref))
+        return Status(Errc::invalid_argument, 0,
+                      ref->p_ ? "free: a stale handle (freed already) or a blob of another emitter" : "free: an empty handle");
+      if (blob->pending_grace_)
+        return Status(Errc::invalid_argument, 0, "free: retire_code() gave this blob to a grace domain, which frees it");
+    } else if (blob->state() == BlobState::freed) {
+      return Status(Errc::invalid_argument, 0, "free: freed already");
+    }
+    if (blob->pending_grace_) {
+      blob->pending_grace_ = false;
+      --pending_grace_;
+    }
+    // Every BlobRef to this function is stale from here on (read_once in valid()).
+    write_once(blob->generation_, blob->generation_ + 1);
     if (blob->prev_) blob->prev_->next_ = blob->next_;
     else live_ = blob->next_;
     if (blob->next_) blob->next_->prev_ = blob->prev_;
@@ -355,10 +401,11 @@ Status Emitter::free(CodeBlob* blob) noexcept {
   return heap_->free(rx);
 }
 
-Status Emitter::retire(CodeBlob* blob) noexcept {
+Status Emitter::retire(BlobRef ref) noexcept {
   std::lock_guard<std::mutex> g(mu_);
-  if (!blob || blob->owner_ != this || blob->state() != BlobState::live)
-    return Status(Errc::invalid_argument, 0, "retire: not a live blob of this emitter");
+  if (!owns_unfreed(ref) || ref.p_->state() != BlobState::live)
+    return Status(Errc::invalid_argument, 0, "retire: not a live blob of this emitter (empty, stale, or retired already)");
+  CodeBlob* blob = ref.p_;
   // Pairs with the load_acquire in CodeBlob::state(): Patcher::plan() refuses retired
   // code from here on. The release orders the caller's earlier accesses (its unlinking of
   // the blob) before the state a lock-free reader checks.
@@ -378,9 +425,26 @@ void Emitter::set_code_scan_hook(std::function<bool(const CodeBlob&)> still_refe
   scan_hook_.swap(h);
 }
 
-Status retire_code(GraceDomain& domain, Emitter& emitter, CodeBlob* blob) noexcept {
-  if (!blob) return Status(Errc::invalid_argument, 0, "retire_code: null blob");
-  if (Status st = emitter.retire(blob); !st.ok()) return st;
+Result<CodeBlob*> Emitter::hand_to_grace(const BlobRef& ref) noexcept {
+  std::lock_guard<std::mutex> g(mu_);
+  if (!owns_unfreed(ref) || ref.p_->state() != BlobState::live)
+    return Status(Errc::invalid_argument, 0, "retire_code: not a live blob of this emitter (empty, stale, or retired already)");
+  // Pairs with the load_acquire in CodeBlob::state(), as in retire().
+  store_release(&ref.p_->state_, BlobState::retired);
+  ref.p_->pending_grace_ = true;
+  ++pending_grace_;
+  return ref.p_;
+}
+
+void Emitter::take_back_from_grace(CodeBlob* blob) noexcept {
+  std::lock_guard<std::mutex> g(mu_);
+  blob->pending_grace_ = false;
+  --pending_grace_;
+}
+
+Status retire_code(GraceDomain& domain, Emitter& emitter, BlobRef ref) noexcept {
+  auto blob = emitter.hand_to_grace(ref);
+  if (!blob.ok()) return blob.status();
   // After the grace period: the hook (copied out under the lock, called without it) may
   // keep the blob for another round; at the domain's destruction it is freed regardless.
   auto after_grace = [](void* ctx, void* p, bool final) -> bool {
@@ -394,10 +458,14 @@ Status retire_code(GraceDomain& domain, Emitter& emitter, CodeBlob* blob) noexce
       }
       if (hook && (*hook)(*b)) return false;
     }
-    (void)em->free(b);
+    (void)em->free_blob(b);
     return true;
   };
-  return domain.retire_deferrable(blob, after_grace, &emitter);
+  Status st = domain.retire_deferrable(*blob, after_grace, &emitter);
+  // Not queued: the blob stays with the caller, retired (the Patcher refuses it), and
+  // free() may release it.
+  if (!st.ok()) emitter.take_back_from_grace(*blob);
+  return st;
 }
 
 }  // namespace jitpatch

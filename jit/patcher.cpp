@@ -261,7 +261,7 @@ Result<std::byte*> Patcher::veneer_for(std::uint64_t target) noexcept {
   });
   if (!b.ok()) return b.status();
   try {
-    veneers_.emplace(target, *b);
+    veneers_.emplace(target, b->get());
   } catch (...) {
     (void)emitter_->free(*b);
     return Status(Errc::out_of_memory);

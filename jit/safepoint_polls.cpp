@@ -13,7 +13,7 @@ namespace jitpatch {
 namespace {
 constexpr const char* kPollSiteName = "safepoint.poll";
 constexpr const char* kStubCallName = "safepoint.stub_call";
-Result<CodeBlob*> emit_safepoint_stub(Emitter& emitter, void (*entry)(const void* site) noexcept) noexcept;
+Result<BlobRef> emit_safepoint_stub(Emitter& emitter, void (*entry)(const void* site) noexcept) noexcept;
 }  // namespace
 
 PollEmitter::PollEmitter(EmitContext& cx, const SafepointPolls& polls) noexcept
@@ -121,7 +121,7 @@ namespace {
 
 // A stub that saves the caller-saved state, calls entry(return address) and returns with
 // every register but the ones documented in safepoint_polls.hpp as it was.
-Result<CodeBlob*> emit_safepoint_stub(Emitter& emitter, void (*entry)(const void* site) noexcept) noexcept {
+Result<BlobRef> emit_safepoint_stub(Emitter& emitter, void (*entry)(const void* site) noexcept) noexcept {
   const auto target = reinterpret_cast<std::uint64_t>(entry);
   return emitter.emit("jitpatch.safepoint_stub", [target](EmitContext& cx) {
     auto& a = cx.a;
@@ -210,7 +210,7 @@ Result<std::unique_ptr<SafepointPolls>> SafepointPolls::create(Safepoints& sp, E
   return polls;
 }
 
-SafepointPolls::SafepointPolls(Safepoints& sp, Emitter& emitter, Patcher* patcher, CodeBlob* stub) noexcept
+SafepointPolls::SafepointPolls(Safepoints& sp, Emitter& emitter, Patcher* patcher, BlobRef stub) noexcept
     : sp_(&sp), emitter_(&emitter), patcher_(patcher), stub_blob_(stub) {}
 
 SafepointPolls::~SafepointPolls() {

@@ -280,14 +280,14 @@ Result<std::unique_ptr<CodeHeap>> make_heap(Runtime& rt, HeapStrategy s) {
   return CodeHeap::create(rt, o);
 }
 
-Result<CodeBlob*> emit_constant(Emitter& em, int v) {
+Result<BlobRef> emit_constant(Emitter& em, int v) {
   return em.emit("const", [v](EmitContext& cx) {
     cx.a.mov(asmjit::x86::eax, v);
     cx.a.ret();
   });
 }
 
-Result<CodeBlob*> emit_caller(Emitter& em, const void* target) {
+Result<BlobRef> emit_caller(Emitter& em, const void* target) {
   return em.emit("caller", [target](EmitContext& cx) {
     cx.a.push(asmjit::x86::rbx);  // keeps rsp 16-byte aligned at the call
     cx.call_site(target, "call");

@@ -128,7 +128,7 @@ Rep jitpatch_fresh(Runtime& rt, std::size_t n, bool batched) {
   if (!heap) return Rep{heap.status()};
   Slots slots;
   slots.reset(n);
-  std::vector<CodeBlob*> blobs(n);
+  std::vector<BlobRef> blobs(n);
   {
     Emitter em(**heap);
     const EmitOptions eo{.alignment = 16, .publish = !batched};
@@ -143,7 +143,7 @@ Rep jitpatch_fresh(Runtime& rt, std::size_t n, bool batched) {
     }
     if (batched) {
       PublishBatch batch(**heap);
-      for (CodeBlob* b : blobs) batch.add(b->range());
+      for (BlobRef b : blobs) batch.add(b->range());
       if (Status st = batch.commit(); !st) return Rep{st};
       for (std::size_t i = 0; i < n; ++i) slots.publish(i, blobs[i]->entry());
     }
@@ -174,7 +174,7 @@ Rep jitpatch_dirty(Runtime& rt, std::size_t n, Dirty mode) {
   if (!heap) return Rep{heap.status()};
   Slots slots;
   slots.reset(n);
-  std::vector<CodeBlob*> blobs(n);
+  std::vector<BlobRef> blobs(n);
   {
     Emitter em(**heap);
     for (std::size_t i = 0; i < n; ++i) {
@@ -208,7 +208,7 @@ Rep jitpatch_dirty(Runtime& rt, std::size_t n, Dirty mode) {
     }
     if (batched) {
       PublishBatch batch(**heap);
-      for (CodeBlob* b : blobs) batch.add(b->range());
+      for (BlobRef b : blobs) batch.add(b->range());
       if (Status st = batch.commit(); !st) return Rep{st};
       for (std::size_t i = 0; i < n; ++i) slots.publish(i, blobs[i]->entry());
     }

@@ -77,7 +77,7 @@ using LoopFn = std::uint64_t(SafepointThread*, std::uint64_t*, std::uint64_t);
 //               the worst case for a poll, a tight loop doing nothing else.
 enum class Shape { memory, throughput };
 
-Result<CodeBlob*> emit_loop(Emitter& em, const SafepointPolls& polls, Kind kind, Shape shape = Shape::memory) {
+Result<BlobRef> emit_loop(Emitter& em, const SafepointPolls& polls, Kind kind, Shape shape = Shape::memory) {
   return em.emit("bench_loop", [&](EmitContext& cx) -> Status {
     PollEmitter pe(cx, polls);
     auto& a = cx.a;

@@ -81,7 +81,7 @@ constexpr std::uint32_t kInlineBudget = 16384;  // IR ops of nested loops per un
 }  // namespace
 
 struct CallerSite {
-  CodeBlob* blob;
+  BlobRef blob;
   std::uint32_t unit;  // the loop the blob was compiled for
   std::string name;
 };
@@ -144,16 +144,17 @@ class JitImpl final : public Jit {
   void worker();
   void drain_sync();
   void process(const Req& r);
-  CodeBlob* emit_unit(std::uint32_t id, bool inline_all);
-  void install(std::uint32_t id, CodeBlob* blob, CodeBlob* old);
+  BlobRef emit_unit(std::uint32_t id, bool inline_all);
+  void install(std::uint32_t id, BlobRef blob, BlobRef old);
   void plan(std::uint32_t id, bool all, std::vector<std::uint8_t>& inl, bool& frame, std::uint32_t& budget);
 
   Engine& e_;
   Machine& m_;
-  std::unique_ptr<CodeHeap> heap_;
-  CodeRegistry registry_;
-  std::unique_ptr<jitpatch::Emitter> em_;
-  std::unique_ptr<Patcher> patcher_;
+  // The parts of jit_ (below: it must be destroyed before what the scan hook reads).
+  CodeHeap* heap_ = nullptr;
+  jitpatch::Emitter* em_ = nullptr;
+  Patcher* patcher_ = nullptr;
+  GraceDomain* grace_ = nullptr;
   int (*enter_fn_)(Ctx*, void*) = nullptr;
   bool sync_ = false;
   bool all_ = false;  // tier=jit: inline every nested loop
@@ -162,11 +163,11 @@ class JitImpl final : public Jit {
 
   // Compiler-side state: touched by the compiling thread only (the worker, or the
   // interpreting thread with --sync-compile).
-  std::vector<CodeBlob*> unit_;        // per loop: its current unit blob
+  std::vector<BlobRef> unit_;          // per loop: its current unit blob
   std::vector<void*> stub_;            // per loop
   std::vector<std::vector<CallerSite>> callers_;  // per loop: sites calling its stub/code
   std::vector<std::uint8_t> recompile_queued_;
-  std::vector<CodeBlob*> listing_order_;
+  std::vector<BlobRef> listing_order_;
   Stats cstats_;  // compile-side counters, merged in finish()
 
   std::mutex mu_;
@@ -192,8 +193,10 @@ class JitImpl final : public Jit {
   std::mutex frames_mu_;  // published_ and pins_
   std::vector<std::uintptr_t> published_;
   std::vector<std::pair<const CodeBlob*, std::uintptr_t>> pins_;
-  // After everything the hook and the reclaimer use (destroyed first: it drains).
-  std::unique_ptr<GraceDomain> grace_;
+  // Heap, registry, emitter, patcher and grace domain, torn down in the right order.
+  // After everything the hook and the reclaimer use (destroyed first: its grace domain
+  // drains), before the reader (destroyed before its domain).
+  std::unique_ptr<jitpatch::Jit> jit_;
   GraceReader reader_;
 };
 
@@ -239,41 +242,31 @@ __attribute__((noinline, no_sanitize("address"))) std::size_t JitImpl::push_fram
 // JitImpl
 
 bool JitImpl::init(std::string* error) {
-  CodeHeapOptions ho;
-  ho.reserve = 64u << 20;
+  JitOptions jo;
+  jo.heap.reserve = 64u << 20;
 #if defined(__aarch64__)
   // qemu-user only notices code written at the executing address (docs/limits.md, "qemu-user"), so the
   // aarch64 build uses the protection-flip heap, as the aarch64 tests do; override with
   // JITPATCH_HEAP=dual_mapping on real hardware.
-  ho.strategy = HeapStrategy::protection_flip;
+  jo.heap.strategy = HeapStrategy::protection_flip;
 #endif
-  auto h = CodeHeap::create(*e_.rt, ho);
-  if (!h.ok()) {
-    *error = "code heap: " + h.status().message();
+  if (m_.opt.retire_capacity) jo.grace.retire_capacity = m_.opt.retire_capacity;
+  auto j = jitpatch::Jit::create(*e_.rt, jo);
+  if (!j.ok()) {
+    *error = "jit: " + j.status().message();
     return false;
   }
-  heap_ = std::move(h).value();
+  jit_ = std::move(j).value();
+  heap_ = &jit_->heap();
+  em_ = &jit_->emitter();
+  patcher_ = &jit_->patcher();
+  grace_ = &jit_->grace();
   // A protection-flip heap makes a page non-executable while it is written: only safe
   // when no other thread runs code meanwhile, so compilation moves to the interpreting
   // thread.
   all_ = m_.opt.tier == Tier::jit;
   sync_ = all_ || m_.opt.sync_compile || heap_->strategy() == HeapStrategy::protection_flip;
   m_.opt.sync_compile = sync_;
-  em_ = std::make_unique<jitpatch::Emitter>(*heap_, &registry_);
-  auto p = Patcher::create(*em_);
-  if (!p.ok()) {
-    *error = "patcher: " + p.status().message();
-    return false;
-  }
-  patcher_ = std::move(p).value();
-  GraceOptions go;
-  if (m_.opt.retire_capacity) go.retire_capacity = m_.opt.retire_capacity;
-  auto g = GraceDomain::create(*e_.rt, go);
-  if (!g.ok()) {
-    *error = "grace domain: " + g.status().message();
-    return false;
-  }
-  grace_ = std::move(g).value();
   em_->set_code_scan_hook([this](const CodeBlob& b) {
     const auto lo = reinterpret_cast<std::uintptr_t>(b.begin()), hi = reinterpret_cast<std::uintptr_t>(b.end());
     std::lock_guard<std::mutex> lk(frames_mu_);
@@ -305,7 +298,7 @@ bool JitImpl::init(std::string* error) {
   c.in_fn = reinterpret_cast<void*>(&rt_in);
   c.bridge_fn = reinterpret_cast<void*>(&rt_bridge);
   const std::size_t n = prog().loops.size();
-  unit_.assign(n, nullptr);
+  unit_.assign(n, BlobRef{});
   stub_.assign(n, nullptr);
   callers_.assign(n, {});
   recompile_queued_.assign(n, 0);
@@ -363,7 +356,7 @@ void JitImpl::plan(std::uint32_t id, bool all, std::vector<std::uint8_t>& inl, b
   }
 }
 
-CodeBlob* JitImpl::emit_unit(std::uint32_t id, bool all) {
+BlobRef JitImpl::emit_unit(std::uint32_t id, bool all) {
   std::vector<std::uint8_t> inl(prog().loops.size(), 0);
   bool frame = false;
   std::uint32_t budget = kInlineBudget;
@@ -384,7 +377,7 @@ CodeBlob* JitImpl::emit_unit(std::uint32_t id, bool all) {
     std::fprintf(stderr, "jitpatch-bf: compiling loop %u failed: %s; no further compilation\n", id,
                  b.status().message().c_str());
     broken_ = true;
-    return nullptr;
+    return {};
   }
   for (auto& [loop, name] : calls) callers_[loop].push_back({*b, id, name});
   ++cstats_.loops_compiled;
@@ -394,7 +387,7 @@ CodeBlob* JitImpl::emit_unit(std::uint32_t id, bool all) {
   return *b;
 }
 
-void JitImpl::install(std::uint32_t id, CodeBlob* blob, CodeBlob* old) {
+void JitImpl::install(std::uint32_t id, BlobRef blob, BlobRef old) {
   void* entry = blob->entry();
   // The Emitter flushed the icache and published (serializing if the memory was reused);
   // the store-release pairs with the interpreter's load-acquire of the code pointer.
@@ -428,12 +421,12 @@ void JitImpl::install(std::uint32_t id, CodeBlob* blob, CodeBlob* old) {
     // still run (a frame of it below a stub call) through sites no longer retargeted:
     // pin what they and its entry reach now (each loop's code pointer is what every live
     // site for that loop aims at), so those units outlive it even if replaced later.
-    std::vector<std::pair<const CodeBlob*, std::uintptr_t>> pins{{old, reinterpret_cast<std::uintptr_t>(entry)}};
+    std::vector<std::pair<const CodeBlob*, std::uintptr_t>> pins{{old.get(), reinterpret_cast<std::uintptr_t>(entry)}};
     for (std::size_t l = 0; l < callers_.size(); ++l) {
       for (const CallerSite& s : callers_[l]) {
         if (s.blob != old) continue;
         if (void* c = m_.loops[l].code.load(std::memory_order_relaxed))
-          pins.emplace_back(old, reinterpret_cast<std::uintptr_t>(c));
+          pins.emplace_back(old.get(), reinterpret_cast<std::uintptr_t>(c));
       }
       std::erase_if(callers_[l], [old](const CallerSite& s) { return s.blob == old; });
     }
@@ -476,15 +469,15 @@ void JitImpl::process(const Req& r) {
   const double t0 = now_ns();
   if (broken_) return;
   if (r.recompile) {
-    CodeBlob* old = unit_[r.loop];
+    BlobRef old = unit_[r.loop];
     if (old) {
-      if (CodeBlob* b = emit_unit(r.loop, false)) {
+      if (BlobRef b = emit_unit(r.loop, false)) {
         ++cstats_.recompiles;
         install(r.loop, b, old);
       }
     }
   } else if (!unit_[r.loop]) {
-    if (CodeBlob* b = emit_unit(r.loop, all_)) install(r.loop, b, nullptr);
+    if (BlobRef b = emit_unit(r.loop, all_)) install(r.loop, b, {});
   }
   cstats_.ns_compile += now_ns() - t0;
 }
@@ -532,7 +525,7 @@ bool JitImpl::compile_outermost() {
   const double t0 = now_ns();
   for (std::uint32_t id = 0; id < prog().loops.size(); ++id) {
     if (prog().loops[id].depth != 0) continue;
-    CodeBlob* b = emit_unit(id, true);
+    BlobRef b = emit_unit(id, true);
     if (!b) {
       m_.error = "compiling loop " + std::to_string(id) + " failed";
       return false;
@@ -559,7 +552,7 @@ void JitImpl::finish() {
   if (thread_.joinable()) thread_.join();
   // The joined worker's writes are visible now (thread join synchronizes-with).
   if (m_.opt.disasm) {
-    for (CodeBlob* b : listing_order_) {
+    for (BlobRef b : listing_order_) {
       auto l = listing(*b);
       std::fprintf(m_.opt.disasm_out, "%s\n", l.ok() ? l->c_str() : l.status().message().c_str());
     }

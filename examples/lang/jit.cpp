@@ -32,9 +32,7 @@ class JitImpl final : public Jit {
  public:
   explicit JitImpl(Program& p) : p_(p) {}
   ~JitImpl() override {
-    patcher_.reset();
-    em_.reset();  // frees every blob
-    heap_.reset();
+    jit_.reset();  // the whole code cache, in order
     (void)main_.detach();
   }
 
@@ -46,33 +44,24 @@ class JitImpl final : public Jit {
     }
     rt_ = std::move(rt).value();
     if (auto a = rt_->attach_current_thread(); a.ok()) main_ = std::move(a).value();
-    CodeHeapOptions ho;
-    ho.reserve = 64u << 20;
+    JitOptions jo;
+    jo.heap.reserve = 64u << 20;
 #if defined(__aarch64__)
     // qemu-user only notices code written at the executing address (docs/limits.md, "qemu-user"): the
     // aarch64 build uses the protection-flip heap, as jitpatch-bf does, and so runs one
     // thread (JITPATCH_HEAP=dual_mapping on real hardware lifts that).
-    ho.strategy = HeapStrategy::protection_flip;
-    if (const char* h = std::getenv("JITPATCH_HEAP"); h && std::string(h) == "dual_mapping")
-      ho.strategy = HeapStrategy::dual_mapping;
+    jo.heap.strategy = HeapStrategy::protection_flip;
 #endif
-    auto h = CodeHeap::create(*rt_, ho);
-    if (!h.ok()) {
-      *error = "code heap: " + h.status().message();
+    auto j = jitpatch::Jit::create(*rt_, jo);
+    if (!j.ok()) {
+      *error = "jit: " + j.status().message();
       return false;
     }
-    heap_ = std::move(h).value();
-    em_ = std::make_unique<Emitter>(*heap_, &registry_);
-    auto pt = Patcher::create(*em_);
-    if (!pt.ok()) {
-      *error = "patcher: " + pt.status().message();
-      return false;
-    }
-    patcher_ = std::move(pt).value();
+    jit_ = std::move(j).value();
     return true;
   }
 
-  bool threads_ok() const override { return heap_->strategy() != HeapStrategy::protection_flip; }
+  bool threads_ok() const override { return jit_->heap().strategy() != HeapStrategy::protection_flip; }
 
   void attach_thread() override {
     auto a = rt_->attach_current_thread();
@@ -86,7 +75,7 @@ class JitImpl final : public Jit {
     if (it != stubs_.end()) return it->second;
     // The interpreter's entry for f: lang_enter(t, fp, f) counts the call, compiles when
     // hot, and runs the code or interprets.
-    auto b = em_->emit("stub:" + f->name, [&](EmitContext& cx) {
+    auto b = jit_->emit("stub:" + f->name, [&](EmitContext& cx) {
       auto& a = cx.a;
 #if defined(__x86_64__)
       using namespace asmjit::x86;
@@ -121,9 +110,9 @@ class JitImpl final : public Jit {
     // ic_mu held from reading the caches' state into the new code until its sites are
     // registered: a miss meanwhile would patch a site list without the new blob's.
     std::lock_guard<std::mutex> ig(p_.ic_mu);
-    auto b = em_->emit(f->name, [&](EmitContext& cx) { gen(cx, f, targets); });
+    auto b = jit_->emit(f->name, [&](EmitContext& cx) { gen(cx, f, targets); });
     if (!b.ok()) internal(("compiling " + f->name).c_str(), b.status());
-    CodeBlob* blob = *b;
+    BlobRef blob = *b;
     blobs_.push_back(blob);
     for (std::size_t i = 0; i < f->code.size(); ++i) {
       const Ins& x = f->code[i];
@@ -139,7 +128,7 @@ class JitImpl final : public Jit {
     // one batch, one serialization, while other threads may be executing those calls.
     auto& sites = callers_[f];
     if (!sites.empty()) {
-      PatchBatch batch(*patcher_);
+      PatchBatch batch = jit_->batch();
       for (const PatchSite* s : sites) batch.retarget(*s, blob->entry());
       if (Status st = batch.commit(); !st) internal("retargeting calls", st);
       retargets_ += sites.size();
@@ -154,7 +143,7 @@ class JitImpl final : public Jit {
   // With Program::ic_mu held (lang_getp/lang_setp after a miss).
   void ic_update(IcSite& s, std::uint64_t key, bool mega) override {
     if (!s.jit_slot) return;
-    PatchBatch batch(*patcher_);
+    PatchBatch batch = jit_->batch();
     if (mega) {
       // Megamorphic: the toggle at the head of the access jumps straight to the runtime
       // call; the data slot is no longer consulted.
@@ -170,13 +159,13 @@ class JitImpl final : public Jit {
   void report(std::FILE* out, bool disasm, bool stats) override {
     if (disasm) {
       std::lock_guard<std::mutex> g(compile_mu_);
-      for (CodeBlob* b : blobs_) {
+      for (BlobRef b : blobs_) {
         auto l = listing(*b);
         std::fprintf(out, "%s\n", l.ok() ? l->c_str() : l.status().message().c_str());
       }
     }
     if (stats) {
-      const PatcherStats ps = patcher_->stats();
+      const PatcherStats ps = jit_->patcher().stats();
       std::fprintf(out,
                    "  functions compiled    %zu\n"
                    "  call sites retargeted %zu\n"
@@ -185,7 +174,7 @@ class JitImpl final : public Jit {
                    "  patch batches         %llu (%llu serializations)\n"
                    "  code heap             %s\n",
                    compiled_, retargets_, slot_patches_, mega_patches_, static_cast<unsigned long long>(ps.batches),
-                   static_cast<unsigned long long>(ps.serializations), heap_strategy_name(heap_->strategy()));
+                   static_cast<unsigned long long>(ps.serializations), heap_strategy_name(jit_->heap().strategy()));
     }
   }
 
@@ -199,14 +188,11 @@ class JitImpl final : public Jit {
   Program& p_;
   std::unique_ptr<Runtime> rt_;
   ThreadAttachment main_;
-  std::unique_ptr<CodeHeap> heap_;
-  CodeRegistry registry_;
-  std::unique_ptr<Emitter> em_;
-  std::unique_ptr<Patcher> patcher_;
+  std::unique_ptr<jitpatch::Jit> jit_;
   std::mutex stub_mu_, compile_mu_;
   std::unordered_map<Fn*, void*> stubs_;
   std::unordered_map<Fn*, std::vector<const PatchSite*>> callers_;  // compile_mu_
-  std::vector<CodeBlob*> blobs_;
+  std::vector<BlobRef> blobs_;
   std::size_t compiled_ = 0, retargets_ = 0;
   std::size_t slot_patches_ = 0, mega_patches_ = 0;  // Program::ic_mu
 };

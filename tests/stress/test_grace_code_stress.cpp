@@ -48,7 +48,7 @@ TEST_CASE("grace stress: retired code is never freed under an executor", "[grace
     REQUIRE(b.ok());
     return *b;
   };
-  CodeBlob* live = version(0);
+  BlobRef live = version(0);
   current.store(live->as<Pair()>(), std::memory_order_release);
 
   std::atomic<bool> stop{false};
@@ -77,7 +77,7 @@ TEST_CASE("grace stress: retired code is never freed under an executor", "[grace
   const int versions = JITPATCH_TSAN ? 300 : 3000;
   std::string wx;
   for (int v = 1; v <= versions; ++v) {
-    CodeBlob* next = version(v);
+    BlobRef next = version(v);
     current.store(next->as<Pair()>(), std::memory_order_release);
     REQUIRE(retire_code(d, *fx.em, live).ok());
     live = next;

@@ -102,12 +102,12 @@ Outcome hammer(Runtime& rt, int executors, IntFn* fn, int lo, int hi, long round
 
 TEST_CASE("stress: call and jump sites retargeted under executors", "[stress][patch]") {
   test::PatchFixture f;
-  std::vector<CodeBlob*> targets;
+  std::vector<BlobRef> targets;
   for (int v = 1; v <= 4; ++v) targets.push_back(f.constant(v));
-  CodeBlob* c = f.caller(targets[0]->entry());
-  CodeBlob* j = f.jumper(targets[0]->entry());
+  BlobRef c = f.caller(targets[0]->entry());
+  BlobRef j = f.jumper(targets[0]->entry());
   for (int executors : {1, 2}) {
-    for (CodeBlob* blob : {c, j}) {
+    for (BlobRef blob : {c, j}) {
       const PatchSite& s = blob->sites().front();
       INFO(site_kind_name(s.kind) << " site, " << executors << " executor(s)");
       auto o = hammer(*f.rt, executors, blob->as<IntFn>(), 1, 4, patch_rounds() / 2,
@@ -121,7 +121,7 @@ TEST_CASE("stress: call and jump sites retargeted under executors", "[stress][pa
 
 TEST_CASE("stress: toggles, data slots and entry redirects under executors", "[stress][patch]") {
   test::PatchFixture f;
-  CodeBlob* t = f.toggled();
+  BlobRef t = f.toggled();
   const PatchSite& key = *t->site("key");
   auto o1 = hammer(*f.rt, 2, t->as<IntFn>(), 1, 2, patch_rounds(),
                    [&](long i) { return f.patcher->set_toggle(key, i % 2 == 0); });
@@ -129,7 +129,7 @@ TEST_CASE("stress: toggles, data slots and entry redirects under executors", "[s
   CHECK(o1.wrong == 0);
 
   // A far jump through a data slot, rewritten among four targets.
-  std::vector<CodeBlob*> targets;
+  std::vector<BlobRef> targets;
   for (int v = 1; v <= 4; ++v) targets.push_back(f.constant(v));
   auto far = f.em->emit("far", [&](EmitContext& cx) { cx.far_jump_site(targets[0]->entry(), "far"); });
   REQUIRE(far.ok());
@@ -143,7 +143,7 @@ TEST_CASE("stress: toggles, data slots and entry redirects under executors", "[s
   // Entry redirection: callers hold the old pointer while its entry is redirected.
   EmitOptions eo;
   eo.redirectable_entry = true;
-  CodeBlob* v1 = f.constant(1, eo);
+  BlobRef v1 = f.constant(1, eo);
   auto o3 = hammer(*f.rt, 2, v1->as<IntFn>(), 1, 4, patch_rounds(), [&](long i) {
     if (i % 4 == 0) return f.patcher->restore_entry(*v1);
     return f.patcher->redirect_entry(*v1, targets[static_cast<std::size_t>(i % 4)]->entry());
@@ -154,16 +154,16 @@ TEST_CASE("stress: toggles, data slots and entry redirects under executors", "[s
 
 TEST_CASE("stress: large batches under executors", "[stress][patch]") {
   test::PatchFixture f;
-  CodeBlob* a = f.constant(1);
-  CodeBlob* b = f.constant(2);
-  std::vector<CodeBlob*> callers;
+  BlobRef a = f.constant(1);
+  BlobRef b = f.constant(2);
+  std::vector<BlobRef> callers;
   for (int i = 0; i < 64; ++i) callers.push_back(f.caller(a->entry()));
   std::atomic<int> which{0};
   // Executors call a changing caller, so every site is live while it is patched.
   IntFn* first = callers[0]->as<IntFn>();
   auto o = hammer(*f.rt, 2, first, 1, 2, patch_rounds() / 64, [&](long i) {
     PatchBatch batch(*f.patcher);
-    for (CodeBlob* c : callers) batch.retarget(*c->site("call"), (i % 2) ? a->entry() : b->entry());
+    for (BlobRef c : callers) batch.retarget(*c->site("call"), (i % 2) ? a->entry() : b->entry());
     Status st = batch.commit();
     if (st.ok() && batch.rounds() != 1) return Status(Errc::invalid_argument, 0, "a batch used more than one round");
     which.store(static_cast<int>(i));
@@ -180,9 +180,9 @@ TEST_CASE("stress: patching with the signal fallback for serialize_cores", "[str
   test::PatchFixture f;
   ::unsetenv("JITPATCH_FORCE");
   REQUIRE(f.rt->strategy(Operation::serialize_cores) == Strategy::signals);
-  std::vector<CodeBlob*> targets;
+  std::vector<BlobRef> targets;
   for (int v = 1; v <= 4; ++v) targets.push_back(f.constant(v));
-  CodeBlob* c = f.caller(targets[0]->entry());
+  BlobRef c = f.caller(targets[0]->entry());
   const PatchSite& s = *c->site("call");
   auto o = hammer(*f.rt, 2, c->as<IntFn>(), 1, 4, patch_rounds() / 10,
                   [&](long i) { return f.patcher->retarget(s, targets[static_cast<std::size_t>(i % 4)]->entry()); });
@@ -198,7 +198,7 @@ std::vector<std::uint8_t> mov_eax(int v) {
 
 TEST_CASE("stress: breakpoint protocol with a thread parked on the trap", "[stress][patch]") {
   test::PatchFixture f;
-  CodeBlob* c = f.constant(1);
+  BlobRef c = f.constant(1);
   // After round 1 (traps written and serialized) wait until an executor sits in the
   // SIGTRAP handler, so the rest of the protocol runs with a thread parked on the trap.
   struct Hook {
@@ -242,7 +242,7 @@ TEST_CASE("stress: breakpoint protocol with a thread parked on the trap", "[stre
 
 TEST_CASE("stress: breakpoint replacements under executors", "[stress][patch]") {
   test::PatchFixture f;
-  CodeBlob* c = f.constant(1);
+  BlobRef c = f.constant(1);
   auto o = hammer(*f.rt, 2, c->as<IntFn>(), 1, 4, patch_rounds() / 10, [&](long i) {
     PatchBatch b(*f.patcher);
     auto bytes = mov_eax(static_cast<int>(i % 4) + 1);

@@ -42,7 +42,7 @@ struct PatchFixture {
   }
 
   // int f() { return v; }
-  CodeBlob* constant(int v, const EmitOptions& o = {}) {
+  BlobRef constant(int v, const EmitOptions& o = {}) {
     auto b = em->emit("const", [v](EmitContext& cx) {
 #if defined(__x86_64__)
       cx.a.mov(asmjit::x86::eax, v);
@@ -58,7 +58,7 @@ struct PatchFixture {
   }
 
   // int f() { return target(); } through a patchable call site.
-  CodeBlob* caller(const void* target) {
+  BlobRef caller(const void* target) {
     auto b = em->emit("caller", [target](EmitContext& cx) {
 #if defined(__x86_64__)
       cx.a.push(asmjit::x86::rbx);  // 16-byte stack alignment at the call
@@ -78,14 +78,14 @@ struct PatchFixture {
   }
 
   // int f() { goto target; } through a patchable jump site (a tail call).
-  CodeBlob* jumper(const void* target) {
+  BlobRef jumper(const void* target) {
     auto b = em->emit("jumper", [target](EmitContext& cx) { cx.jump_site(target, "jump"); });
     REQUIRE(b.ok());
     return *b;
   }
 
   // int f() { if (key) return 2; return 1; } with a static-key toggle.
-  CodeBlob* toggled() {
+  BlobRef toggled() {
     auto b = em->emit("toggled", [](EmitContext& cx) {
       auto on = cx.new_label();
       cx.toggle_site(on, "key");
@@ -108,7 +108,7 @@ struct PatchFixture {
   }
 
   // long f() { return slot; } reading a patchable data slot.
-  CodeBlob* slot_reader(std::uint64_t initial) {
+  BlobRef slot_reader(std::uint64_t initial) {
     auto b = em->emit("slot_reader", [initial](EmitContext& cx) {
       auto slot = cx.data_slot(initial, "slot");
 #if defined(__x86_64__)

@@ -54,7 +54,7 @@ inline Status emit_poll(PollEmitter& pe, Poll kind,
   return pe.status();
 }
 
-inline Result<CodeBlob*> emit_loop(Emitter& em, const SafepointPolls& polls, Poll kind) {
+inline Result<BlobRef> emit_loop(Emitter& em, const SafepointPolls& polls, Poll kind) {
   return em.emit("sp_loop", [&](EmitContext& cx) -> Status {
     PollEmitter pe(cx, polls);
     auto& a = cx.a;
@@ -89,7 +89,7 @@ inline Result<CodeBlob*> emit_loop(Emitter& em, const SafepointPolls& polls, Pol
   });
 }
 
-inline Result<CodeBlob*> emit_regs(Emitter& em, const SafepointPolls& polls, Poll kind) {
+inline Result<BlobRef> emit_regs(Emitter& em, const SafepointPolls& polls, Poll kind) {
   return em.emit("sp_regs", [&](EmitContext& cx) -> Status {
     PollEmitter pe(cx, polls);
     auto& a = cx.a;

@@ -48,7 +48,7 @@ void add_const(EmitContext& cx, int k) {
 TEST_CASE("emitter: emitted functions run and return the right values", "[unit][emit]") {
   Fixture f;
   Emitter em(*f.heap);
-  std::vector<CodeBlob*> blobs;
+  std::vector<BlobRef> blobs;
   for (int k = 0; k < 20; ++k) {
     auto b = em.emit("add_" + std::to_string(k), [k](EmitContext& cx) { add_const(cx, k); });
     INFO(b.status().message());
@@ -69,7 +69,7 @@ TEST_CASE("emitter: a body may emit another blob; errors leave the next emit cle
   Fixture f;
   Emitter em(*f.heap);
   // The nested emit runs while the outer one holds this thread's cached CodeHolder.
-  CodeBlob* inner = nullptr;
+  BlobRef inner;
   auto outer = em.emit("outer", [&](EmitContext& cx) {
     auto b = em.emit("inner", [](EmitContext& icx) { add_const(icx, 5); });
     REQUIRE(b.ok());
@@ -216,7 +216,7 @@ TEST_CASE("emitter: free, reuse, and double free", "[unit][emit]") {
   Emitter em(*f.heap);
   auto a = em.emit("a", [](EmitContext& cx) { add_const(cx, 1); });
   REQUIRE(a.ok());
-  CodeBlob* blob = *a;
+  BlobRef blob = *a;
   std::byte* where = blob->begin();
   REQUIRE(em.free(blob).ok());
   CHECK(em.free(blob).code() == Errc::invalid_argument);
@@ -233,14 +233,14 @@ TEST_CASE("emitter: free, reuse, and double free", "[unit][emit]") {
 TEST_CASE("emitter: batch publication with one serialization", "[unit][emit]") {
   Fixture f;
   Emitter em(*f.heap);
-  std::vector<CodeBlob*> old;
+  std::vector<BlobRef> old;
   for (int k = 0; k < 10; ++k) old.push_back(*em.emit("old", [k](EmitContext& cx) { add_const(cx, k); }));
-  for (CodeBlob* b : old) REQUIRE(em.free(b).ok());
+  for (BlobRef b : old) REQUIRE(em.free(b).ok());
   const auto ser = f.heap->stats().serializations;
   PublishBatch batch(*f.heap);
   EmitOptions o;
   o.publish = false;
-  std::vector<CodeBlob*> fresh;
+  std::vector<BlobRef> fresh;
   for (int k = 0; k < 10; ++k) {
     auto b = em.emit("new", [k](EmitContext& cx) { add_const(cx, 10 * k); }, o);
     REQUIRE(b.ok());
@@ -310,8 +310,8 @@ TEST_CASE("emitter: blobs are registered for PC lookup and made visible to tools
   Emitter em(*f.heap, &reg, vis->get());
   auto a = em.emit("looked_up", [](EmitContext& cx) { add_const(cx, 1); });
   REQUIRE(a.ok());
-  CHECK(reg.find((*a)->begin()) == *a);
-  CHECK(reg.find((*a)->end() - 1) == *a);
+  CHECK(reg.find((*a)->begin()) == a->get());
+  CHECK(reg.find((*a)->end() - 1) == a->get());
   CHECK((*vis)->loaded_count() == 1);
   std::byte* where = (*a)->begin();
   REQUIRE(em.free(*a).ok());

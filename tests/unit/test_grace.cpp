@@ -322,8 +322,8 @@ TEST_CASE("grace: a deferrable entry is kept while its callback says so, and rec
 TEST_CASE("grace: retire_code frees a blob after a grace period; the scan hook defers it", "[grace]") {
   test::PatchFixture fx;
   auto d = make_domain(*fx.rt);
-  CodeBlob* a = fx.constant(11);
-  CodeBlob* b = fx.constant(22);
+  BlobRef a = fx.constant(11);
+  BlobRef b = fx.constant(22);
   CHECK(a->as<int()>()() == 11);
   const auto live = fx.em->live_blobs();
 
@@ -331,14 +331,14 @@ TEST_CASE("grace: retire_code frees a blob after a grace period; the scan hook d
   // return address into it), then lets it go.
   std::atomic<int> hook_calls{0};
   fx.em->set_code_scan_hook([&](const CodeBlob& blob) {
-    if (&blob != b) return false;
+    if (&blob != b.get()) return false;
     return hook_calls.fetch_add(1) < 3;
   });
   REQUIRE(retire_code(*d, *fx.em, a).ok());
   CHECK(a->state() == BlobState::retired);
   // Retiring twice, or a null blob, is refused.
   CHECK(retire_code(*d, *fx.em, a).code() == Errc::invalid_argument);
-  CHECK(retire_code(*d, *fx.em, nullptr).code() == Errc::invalid_argument);
+  CHECK(retire_code(*d, *fx.em, BlobRef{}).code() == Errc::invalid_argument);
   REQUIRE(retire_code(*d, *fx.em, b).ok());
   REQUIRE(d->barrier().ok());
   CHECK(hook_calls.load() == 4);
@@ -348,7 +348,7 @@ TEST_CASE("grace: retire_code frees a blob after a grace period; the scan hook d
   // The freed memory is dirty: the next publication serializes cores.
   CHECK(fx.heap->stats().dirty_bytes > 0);
   const auto before = fx.heap->stats().serializations;
-  CodeBlob* c = fx.constant(33);
+  BlobRef c = fx.constant(33);
   CHECK(c->as<int()>()() == 33);
   CHECK(fx.heap->stats().serializations == before + 1);
 }
@@ -382,7 +382,7 @@ TEST_CASE("grace: destroying a domain whose scan hook never lets a blob go does 
     ::alarm(20);
     test::PatchFixture fx;
     const auto live = fx.em->live_blobs();
-    CodeBlob* b = fx.constant(5);
+    BlobRef b = fx.constant(5);
     {
       auto d = GraceDomain::create(*fx.rt);
       if (!d.ok()) return "domain";

@@ -17,8 +17,8 @@ extern "C" __attribute__((noinline)) int jitpatch_test_native_target() { return 
 
 TEST_CASE("patch: call sites are laid out for a single aligned store", "[unit][patch]") {
   test::PatchFixture f;
-  CodeBlob* t = f.constant(1);
-  CodeBlob* c = f.caller(t->entry());
+  BlobRef t = f.constant(1);
+  BlobRef c = f.caller(t->entry());
   const PatchSite* s = c->site("call");
   REQUIRE(s != nullptr);
   CHECK(s->kind == SiteKind::call);
@@ -34,9 +34,9 @@ TEST_CASE("patch: call sites are laid out for a single aligned store", "[unit][p
 
 TEST_CASE("patch: retarget a call site among several targets", "[unit][patch]") {
   test::PatchFixture f;
-  std::vector<CodeBlob*> targets;
+  std::vector<BlobRef> targets;
   for (int v = 1; v <= 4; ++v) targets.push_back(f.constant(v));
-  CodeBlob* c = f.caller(targets[0]->entry());
+  BlobRef c = f.caller(targets[0]->entry());
   const PatchSite& s = *c->site("call");
   for (int round = 0; round < 3; ++round)
     for (int v = 1; v <= 4; ++v) {
@@ -48,9 +48,9 @@ TEST_CASE("patch: retarget a call site among several targets", "[unit][patch]") 
 
 TEST_CASE("patch: retarget a jump site", "[unit][patch]") {
   test::PatchFixture f;
-  CodeBlob* a = f.constant(10);
-  CodeBlob* b = f.constant(20);
-  CodeBlob* j = f.jumper(a->entry());
+  BlobRef a = f.constant(10);
+  BlobRef b = f.constant(20);
+  BlobRef j = f.jumper(a->entry());
   CHECK(j->as<IntFn>()() == 10);
   REQUIRE(f.patcher->retarget(*j->site("jump"), b->entry()).ok());
   CHECK(j->as<IntFn>()() == 20);
@@ -58,7 +58,7 @@ TEST_CASE("patch: retarget a jump site", "[unit][patch]") {
 
 TEST_CASE("patch: toggles flip between fall-through and jump", "[unit][patch]") {
   test::PatchFixture f;
-  CodeBlob* t = f.toggled();
+  BlobRef t = f.toggled();
   const PatchSite& key = *t->site("key");
   CHECK(key.kind == SiteKind::toggle);
 #if defined(__x86_64__)
@@ -76,7 +76,7 @@ TEST_CASE("patch: toggles flip between fall-through and jump", "[unit][patch]") 
 
 TEST_CASE("patch: data slots and far jumps through them", "[unit][patch]") {
   test::PatchFixture f;
-  CodeBlob* r = f.slot_reader(5);
+  BlobRef r = f.slot_reader(5);
   const PatchSite& slot = *r->site("slot");
   CHECK(reinterpret_cast<std::uintptr_t>(slot.address) % 8 == 0);
   using LongFn = long();
@@ -84,7 +84,7 @@ TEST_CASE("patch: data slots and far jumps through them", "[unit][patch]") {
   REQUIRE(f.patcher->write_slot(slot, 0x123456789abcdefull).ok());
   CHECK(r->as<LongFn>()() == 0x123456789abcdefl);
 
-  CodeBlob* a = f.constant(1);
+  BlobRef a = f.constant(1);
   auto far = f.em->emit("far", [&](EmitContext& cx) { cx.far_jump_site(a->entry(), "far"); });
   REQUIRE(far.ok());
   CHECK((*far)->as<IntFn>()() == 1);
@@ -98,10 +98,10 @@ TEST_CASE("patch: entry redirection reaches callers holding the old pointer", "[
   test::PatchFixture f;
   EmitOptions o;
   o.redirectable_entry = true;
-  CodeBlob* v1 = f.constant(1, o);
-  CodeBlob* v2 = f.constant(2);
+  BlobRef v1 = f.constant(1, o);
+  BlobRef v2 = f.constant(2);
   IntFn* old_pointer = v1->as<IntFn>();
-  CodeBlob* c = f.caller(v1->entry());  // a direct caller too
+  BlobRef c = f.caller(v1->entry());  // a direct caller too
   CHECK(old_pointer() == 1);
   CHECK(c->as<IntFn>()() == 1);
   REQUIRE(f.patcher->redirect_entry(*v1, v2->entry()).ok());
@@ -115,8 +115,8 @@ TEST_CASE("patch: entry redirection reaches callers holding the old pointer", "[
 
 TEST_CASE("patch: a target out of direct reach goes through a veneer", "[unit][patch]") {
   test::PatchFixture f;
-  CodeBlob* a = f.constant(1);
-  CodeBlob* c = f.caller(a->entry());
+  BlobRef a = f.constant(1);
+  BlobRef c = f.caller(a->entry());
   const void* native = reinterpret_cast<const void*>(&jitpatch_test_native_target);
   REQUIRE(f.patcher->retarget(*c->site("call"), native).ok());
   CHECK(c->as<IntFn>()() == 777);
@@ -130,7 +130,7 @@ TEST_CASE("patch: a target out of direct reach goes through a veneer", "[unit][p
 #endif
   CHECK(f.patcher->stats().veneers == (far ? 1u : 0u));
   // The same target again reuses the veneer.
-  CodeBlob* c2 = f.caller(a->entry());
+  BlobRef c2 = f.caller(a->entry());
   REQUIRE(f.patcher->retarget(*c2->site("call"), native).ok());
   CHECK(c2->as<IntFn>()() == 777);
   CHECK(f.patcher->stats().veneers == (far ? 1u : 0u));
@@ -138,17 +138,17 @@ TEST_CASE("patch: a target out of direct reach goes through a veneer", "[unit][p
 
 TEST_CASE("patch: batches use one serialization round whatever their size", "[unit][patch]") {
   test::PatchFixture f;
-  CodeBlob* a = f.constant(1);
-  CodeBlob* b = f.constant(2);
-  std::vector<CodeBlob*> callers;
+  BlobRef a = f.constant(1);
+  BlobRef b = f.constant(2);
+  std::vector<BlobRef> callers;
   for (int i = 0; i < 100; ++i) callers.push_back(f.caller(a->entry()));
   const auto before = f.patcher->stats().serializations;
   PatchBatch batch(*f.patcher);
-  for (CodeBlob* c : callers) batch.retarget(*c->site("call"), b->entry());
+  for (BlobRef c : callers) batch.retarget(*c->site("call"), b->entry());
   REQUIRE(batch.commit().ok());
   CHECK(batch.rounds() == 1);
   CHECK(f.patcher->stats().serializations == before + 1);
-  for (CodeBlob* c : callers) CHECK(c->as<IntFn>()() == 2);
+  for (BlobRef c : callers) CHECK(c->as<IntFn>()() == 2);
   PatchBatch empty(*f.patcher);
   CHECK(empty.commit().ok());
   CHECK(empty.rounds() == 0);
@@ -156,10 +156,10 @@ TEST_CASE("patch: batches use one serialization round whatever their size", "[un
 
 TEST_CASE("patch: bad input gives documented errors and writes nothing", "[unit][patch]") {
   test::PatchFixture f;
-  CodeBlob* a = f.constant(1);
-  CodeBlob* b = f.constant(2);
-  CodeBlob* c = f.caller(a->entry());
-  CodeBlob* t = f.toggled();
+  BlobRef a = f.constant(1);
+  BlobRef b = f.constant(2);
+  BlobRef c = f.caller(a->entry());
+  BlobRef t = f.toggled();
   const PatchSite& call = *c->site("call");
 
   SECTION("wrong site kind") {
@@ -187,7 +187,7 @@ TEST_CASE("patch: bad input gives documented errors and writes nothing", "[unit]
     Status st = f.patcher->retarget(copy, b->entry());
     CHECK(st.code() == Errc::invalid_argument);
     CHECK(std::string(st.context()).find("live code") != std::string::npos);
-    c = nullptr;
+    c = BlobRef{};
   }
   SECTION("an invalid patch in a batch writes none of the valid ones") {
     PatchBatch batch(*f.patcher);
@@ -197,13 +197,13 @@ TEST_CASE("patch: bad input gives documented errors and writes nothing", "[unit]
     CHECK(c->as<IntFn>()() == 1);  // the valid retarget was not applied
   }
   SECTION("patching while another batch runs: try_commit reports busy, commit waits") {
-    std::vector<CodeBlob*> callers;
+    std::vector<BlobRef> callers;
     for (int i = 0; i < 200; ++i) callers.push_back(f.caller(a->entry()));
     std::atomic<bool> go{false}, done{false};
     std::thread big([&] {
       PatchBatch batch(*f.patcher);
       for (int round = 0; round < 500; ++round)
-        for (CodeBlob* cc : callers) batch.retarget(*cc->site("call"), (round % 2) ? a->entry() : b->entry());
+        for (BlobRef cc : callers) batch.retarget(*cc->site("call"), (round % 2) ? a->entry() : b->entry());
       go = true;
       CHECK(batch.commit().ok());
       done = true;
@@ -255,7 +255,7 @@ std::vector<std::uint8_t> mov_ret_value(int v) {
 
 TEST_CASE("patch: the breakpoint protocol replaces arbitrary instructions in 3 rounds", "[unit][patch]") {
   test::PatchFixture f;
-  CodeBlob* c = f.constant(1);
+  BlobRef c = f.constant(1);
   CHECK(c->as<IntFn>()() == 1);
   const auto before = f.patcher->stats().serializations;
   for (int v : {2, 30000, 7}) {  // fits a64 movz's 16 bits too
@@ -270,7 +270,7 @@ TEST_CASE("patch: the breakpoint protocol replaces arbitrary instructions in 3 r
   CHECK(f.patcher->stats().serializations == before + 9);
 
   // A mixed batch: atomic patches ride in the first round; still 3 rounds in all.
-  CodeBlob* t = f.toggled();
+  BlobRef t = f.toggled();
   PatchBatch mixed(*f.patcher);
   auto bytes = mov_ret_value(42);
   mixed.replace(c->entry(), bytes.data(), bytes.size());
@@ -283,7 +283,7 @@ TEST_CASE("patch: the breakpoint protocol replaces arbitrary instructions in 3 r
 
 TEST_CASE("patch: breakpoint replacements are validated", "[unit][patch]") {
   test::PatchFixture f;
-  CodeBlob* c = f.constant(1);
+  BlobRef c = f.constant(1);
   auto good = mov_ret_value(5);
   SECTION("not ending on an instruction boundary of the old code") {
     PatchBatch b(*f.patcher);

@@ -102,6 +102,7 @@ class CodeBlob {
 
  private:
   friend class Emitter;
+  friend class BlobRef;
   std::string name_;
   CodeRange range_{};
   std::size_t code_size_ = 0;
@@ -110,10 +111,56 @@ class CodeBlob {
   // Written only by the owning Emitter, under its mutex, with store_release; read with
   // load_acquire (state()), also without that mutex.
   BlobState state_ = BlobState::live;
+  // Bumped (write_once, under the Emitter's mutex) each time the descriptor is freed: a
+  // BlobRef made before no longer matches (read_once in BlobRef::valid()).
+  std::uint64_t generation_ = 0;
+  bool pending_grace_ = false;  // retired through retire_code(): its grace domain frees it
   // The owning emitter's intrusive list of live blobs.
   const Emitter* owner_ = nullptr;
   CodeBlob* prev_ = nullptr;
   CodeBlob* next_ = nullptr;
+};
+
+namespace detail {
+[[noreturn]] void stale_blob_ref(const CodeBlob* blob) noexcept;
+}  // namespace detail
+
+// A handle to a published function: the CodeBlob and the generation of its descriptor
+// when the handle was made. The Emitter recycles descriptors, so a raw CodeBlob* to a
+// freed function may come to describe another one; a BlobRef cannot: once its function is
+// freed it is stale. Dereferencing an empty or stale BlobRef aborts with a message (every
+// build: a load and a compare), and Emitter::free()/retire() and retire_code() refuse it
+// with Errc::invalid_argument. Copyable, 16 bytes. Valid while its Emitter exists.
+//
+// valid() on one thread while another frees the function is a race the caller must not
+// have (as with any handle): it answers for the moment it looks.
+class BlobRef {
+ public:
+  BlobRef() noexcept = default;
+  // Live or retired (not freed yet).
+  bool valid() const noexcept { return p_ && read_once(p_->generation_) == gen_; }
+  explicit operator bool() const noexcept { return valid(); }
+  // The blob, or nullptr when empty or stale.
+  CodeBlob* get() const noexcept { return valid() ? p_ : nullptr; }
+  CodeBlob* operator->() const noexcept { return checked(); }
+  CodeBlob& operator*() const noexcept { return *checked(); }
+  // The entry point as a function pointer (checked like ->).
+  template <class Sig>
+  Sig* as() const noexcept {
+    return checked()->template as<Sig>();
+  }
+  friend bool operator==(const BlobRef& a, const BlobRef& b) noexcept { return a.p_ == b.p_ && a.gen_ == b.gen_; }
+
+ private:
+  friend class Emitter;
+  BlobRef(CodeBlob* p, std::uint64_t gen) noexcept : p_(p), gen_(gen) {}
+  CodeBlob* checked() const noexcept {
+    if (!valid()) [[unlikely]]
+      detail::stale_blob_ref(p_);
+    return p_;
+  }
+  CodeBlob* p_ = nullptr;
+  std::uint64_t gen_ = 0;
 };
 
 // Handed to the emit callable: the assembler, plus patch-site and entry declarations.
@@ -193,8 +240,12 @@ class Emitter {
 
   // Assemble with `body` (void(EmitContext&) or Status(EmitContext&)) and publish.
   // Thread-safe (each call assembles into its own CodeHolder).
+  //
+  // Destroy an Emitter after everything that uses it: the Patchers and SafepointPolls
+  // made with it, and the grace domains still holding blobs retire_code() gave them
+  // (otherwise the destructor aborts with a message naming them).
   template <class F>
-  Result<CodeBlob*> emit(std::string_view name, F&& body, const EmitOptions& options = {}) {
+  Result<BlobRef> emit(std::string_view name, F&& body, const EmitOptions& options = {}) {
     // A non-owning callable reference: no std::function construction on this path.
     auto thunk = [](void* f, EmitContext& cx) -> Status {
       auto& fn = *static_cast<std::remove_reference_t<F>*>(f);
@@ -209,15 +260,18 @@ class Emitter {
   }
 
   // Free a blob's memory now and destroy it. The caller guarantees no thread runs it or
-  // will (the reclamation layer's retire() provides that guarantee with a grace period).
-  // Errc::invalid_argument for a blob of another emitter, or one freed already (freed
-  // descriptors are recycled: a stale pointer to a recycled one is caught by the heap's
-  // own check only if the memory is free).
-  Status free(CodeBlob* blob) noexcept;
-  // Mark a live blob retired (retire_code() frees it after a grace period).
-  // It stays mapped, registered and visible to profilers until freed. Errc::invalid_argument
-  // for a blob of another emitter or one not live.
-  Status retire(CodeBlob* blob) noexcept;
+  // will (retire_code() provides that guarantee with a grace period). Errc::invalid_argument
+  // for an empty or stale handle (freed already), a blob of another emitter, or one that
+  // retire_code() handed to a grace domain (the domain frees it).
+  Status free(BlobRef blob) noexcept;
+  // Mark a live blob retired: the Patcher refuses it from now on. It stays mapped,
+  // registered and visible to profilers until freed (by free(), or by retire_code(), which
+  // does both). Errc::invalid_argument for an empty or stale handle, a blob of another
+  // emitter, or one not live.
+  Status retire(BlobRef blob) noexcept;
+  // A handle for a blob of this emitter that is live or retired (for instance one found
+  // by CodeRegistry::find()); an empty handle otherwise.
+  BlobRef ref(const CodeBlob* blob) const noexcept;
 
   // What retire_code() asks after each grace period before it frees a blob of this
   // emitter: true ("still referenced", e.g. the VM's stack scan found a frame of it)
@@ -230,8 +284,8 @@ class Emitter {
   std::size_t live_blobs() const noexcept;
 
  private:
-  friend Status retire_code(GraceDomain& domain, Emitter& emitter, CodeBlob* blob) noexcept;
-  Result<CodeBlob*> emit_impl(std::string_view name, Status (*thunk)(void*, EmitContext&), void* body,
+  friend Status retire_code(GraceDomain& domain, Emitter& emitter, BlobRef blob) noexcept;
+  Result<BlobRef> emit_impl(std::string_view name, Status (*thunk)(void*, EmitContext&), void* body,
                               const EmitOptions& options);
   CodeHeap* heap_;
   CodeRegistry* registry_;
@@ -249,7 +303,16 @@ class Emitter {
   std::byte* fresh_end_ = nullptr;
   std::size_t slab_count_ = 0;
   std::size_t live_count_ = 0;
+  std::size_t pending_grace_ = 0;  // blobs retire_code() handed to grace domains, not freed yet
   std::shared_ptr<const std::function<bool(const CodeBlob&)>> scan_hook_;  // guarded by mu_
+  // Frees `blob`: checked against `ref` (free()), or known to be ours and unfreed (the
+  // grace callback, emit's failure paths: ref == nullptr).
+  Status free_blob(CodeBlob* blob, const BlobRef* ref = nullptr) noexcept;
+  bool owns_unfreed(const BlobRef& b) const noexcept;  // mu_ held
+  // retire_code(): mark a live blob retired and owed to a grace domain (or undo that when
+  // the domain refused it).
+  Result<CodeBlob*> hand_to_grace(const BlobRef& ref) noexcept;
+  void take_back_from_grace(CodeBlob* blob) noexcept;
 };
 
 // Code retirement: marks `blob` retired now and frees it through `emitter` after a grace
@@ -263,9 +326,10 @@ class Emitter {
 // install the emitter's code scan hook (set_code_scan_hook), which keeps a blob the VM
 // still finds for another grace period.
 //
-// `domain` must be destroyed before `emitter` (it frees what is still pending through
-// it). Errc::invalid_argument for a null blob or one that is not a live blob of
+// `domain` must be destroyed (or its barrier() must have returned) before `emitter`: it
+// frees what is still pending through it, and ~Emitter aborts while blobs are pending.
+// Errc::invalid_argument for an empty or stale handle or one that is not a live blob of
 // `emitter`. Thread-safe.
-Status retire_code(GraceDomain& domain, Emitter& emitter, CodeBlob* blob) noexcept;
+Status retire_code(GraceDomain& domain, Emitter& emitter, BlobRef blob) noexcept;
 
 }  // namespace jitpatch

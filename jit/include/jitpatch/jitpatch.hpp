@@ -6,6 +6,7 @@
 
 #include <jitpatch/code_registry.hpp>
 #include <jitpatch/emitter.hpp>
+#include <jitpatch/jit.hpp>
 #include <jitpatch/listing.hpp>
 #include <jitpatch/patch.hpp>
 #include <jitpatch/safepoint_polls.hpp>

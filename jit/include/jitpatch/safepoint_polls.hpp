@@ -81,14 +81,14 @@ class SafepointPolls final : public PollArmer {
   std::size_t poll_site_count() const noexcept;
 
  private:
-  SafepointPolls(Safepoints& sp, Emitter& emitter, Patcher* patcher, CodeBlob* stub) noexcept;
+  SafepointPolls(Safepoints& sp, Emitter& emitter, Patcher* patcher, BlobRef stub) noexcept;
   Status arm(bool* serialized) noexcept override;
   void disarm() noexcept override;
   Status commit(const std::vector<const PatchSite*>& sites, bool on) noexcept;
   Safepoints* sp_;
   Emitter* emitter_;
   Patcher* patcher_;
-  CodeBlob* stub_blob_;
+  BlobRef stub_blob_;
   mutable std::mutex mu_;  // sites_ and armed_
   std::vector<const PatchSite*> sites_;
   bool armed_ = false;  // between arm() and disarm()
