@@ -14,6 +14,7 @@
 #endif
 
 #include <algorithm>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <new>
@@ -82,6 +83,26 @@ void detail::stale_blob_ref(const CodeBlob* blob) noexcept {
 // Blobs still live keep their heap memory until the heap goes; only the descriptors (in
 // slabs_) go with the emitter.
 Emitter::~Emitter() {
+  // A Patcher or SafepointPolls made with this emitter keeps a pointer to it and uses it
+  // on its next veneer, stub or patch: a use after free later, far from the cause. Say so
+  // now, naming them. (The lock only orders this read after their registrations; a user
+  // destroyed concurrently with this destructor is a race of the caller.)
+  {
+    std::unique_lock<std::mutex> g(mu_);
+    if (user_count_ != 0) {
+      char names[256] = {};
+      std::size_t at = 0;
+      int listed = 0;
+      for (const User* u = users_; u && listed < 4; u = u->next, ++listed) {
+        const int n = std::snprintf(names + at, sizeof names - at, "%s%s %p", listed ? ", " : "", u->kind, u->object);
+        if (n < 0 || static_cast<std::size_t>(n) >= sizeof names - at) break;
+        at += static_cast<std::size_t>(n);
+      }
+      detail::fatal("Emitter %p destroyed while %zu object(s) made with it still use it (%s%s): destroy every "
+                    "Patcher and SafepointPolls made with an Emitter before the Emitter",
+                    static_cast<const void*>(this), user_count_, names, user_count_ > 4 ? ", ..." : "");
+    }
+  }
   // Blobs a grace domain will free through this emitter after it is gone: a use after
   // free later, on the reclaiming thread. Say so now, naming both objects.
   if (pending_grace_ != 0)
@@ -411,6 +432,31 @@ Status Emitter::retire(BlobRef ref) noexcept {
   // the blob) before the state a lock-free reader checks.
   store_release(&blob->state_, BlobState::retired);
   return {};
+}
+
+void Emitter::add_user(User* u, const char* kind, const void* object) noexcept {
+  std::lock_guard<std::mutex> g(mu_);
+  u->kind = kind;
+  u->object = object;
+  u->prev = nullptr;
+  u->next = users_;
+  if (users_) users_->prev = u;
+  users_ = u;
+  ++user_count_;
+}
+
+void Emitter::remove_user(User* u) noexcept {
+  std::lock_guard<std::mutex> g(mu_);
+  if (u->prev) u->prev->next = u->next;
+  else users_ = u->next;
+  if (u->next) u->next->prev = u->prev;
+  u->prev = u->next = nullptr;
+  --user_count_;
+}
+
+std::size_t Emitter::users() const noexcept {
+  std::lock_guard<std::mutex> g(mu_);
+  return user_count_;
 }
 
 std::size_t Emitter::live_blobs() const noexcept {

@@ -1,6 +1,8 @@
 // jitpatch::Jit: the parts of the common case, created in dependency order.
 #include <jitpatch/jit.hpp>
 
+#include <jitpatch/internal/runtime_deps.hpp>
+
 #include <new>
 
 namespace jitpatch {
@@ -41,7 +43,13 @@ Result<std::unique_ptr<Jit>> Jit::create(Runtime& rt, const JitOptions& options)
   return j;
 }
 
-// The members' declaration order is the teardown order, reversed (jit.hpp).
-Jit::~Jit() = default;
+// The Jit keeps the Runtime (runtime()) besides its parts, which register themselves:
+// counted as a user of it too, so that destroying the Runtime first names the Jit
+// (runtime_deps.hpp).
+Jit::Jit(Runtime& rt) noexcept : rt_(&rt) { detail::runtime_add_dependent(rt, "Jit"); }
+
+// The members' declaration order is the teardown order, reversed (jit.hpp); they go after
+// this body.
+Jit::~Jit() { detail::runtime_remove_dependent(*rt_, "Jit"); }
 
 }  // namespace jitpatch

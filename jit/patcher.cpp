@@ -10,14 +10,23 @@
 #include <jitpatch/internal/signal_chain.hpp>
 
 #include <capstone/capstone.h>
+#include <fcntl.h>
 #include <sched.h>
 #include <ucontext.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cerrno>
+#include <cinttypes>
 #include <csignal>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
+#include <iterator>
 #include <new>
+#include <string>
+#include <utility>
+#include <vector>
 
 #if defined(__x86_64__)
 #include <jitpatch/arch/x86_64/insn.hpp>
@@ -205,21 +214,145 @@ bool whole_instructions(const std::uint8_t* code, std::size_t n, std::uint64_t a
 
 std::uint64_t addr(const void* p) { return reinterpret_cast<std::uint64_t>(p); }
 
-// Records why a site failed, with what is there now, and returns the error.
-Status reject(const char* reason, const std::byte* site) {
-  t_detail = reason;
-  t_detail += "\n";
-  // A window around the site: the start may cut an instruction, the site line is marked.
-  auto text = disassemble(site, 16, addr(site), host_isa(), {{addr(site), "<- site"}});
-  if (text.ok()) t_detail += text.value();
+// The detail is best effort: a failed allocation leaves it shorter, never throws.
+void set_detail(const char* reason) noexcept {
+  try {
+    t_detail = reason;
+  } catch (...) {
+  }
+}
+void append_detail(const char* label, std::uint64_t address) noexcept {
+  char line[64];
+  std::snprintf(line, sizeof line, "\n%s: 0x%016" PRIx64, label, address);
+  try {
+    t_detail += line;
+  } catch (...) {
+  }
+}
+
+// Records why an address was refused and names it. Reads nothing at the address: it is
+// not (known to be) live code, so it may be unmapped, or memory of the heap that is not
+// backed.
+Status reject_address(const char* reason, const void* at) noexcept {
+  set_detail(reason);
+  append_detail("address", addr(at));
   return Status(Errc::invalid_argument, 0, reason);
 }
+
+// Records why a site failed, with what is there now, and returns the error. Only for a
+// site the caller found inside `blob`, a live blob of the patcher's heap: the listing
+// stays inside the blob.
+Status reject(const char* reason, const std::byte* site, const CodeBlob* blob) noexcept {
+  if (!blob || !blob->contains(site)) return reject_address(reason, site);
+  set_detail(reason);
+  try {
+    t_detail += "\n";
+    // A window from the site to at most 16 bytes on, cut at the blob's end; the site line
+    // is marked.
+    const auto n = std::min<std::size_t>(16, static_cast<std::size_t>(blob->end() - site));
+    auto text = disassemble(site, n, addr(site), host_isa(), {{addr(site), "<- site"}});
+    if (text.ok()) t_detail += text.value();
+  } catch (...) {
+  }
+  return Status(Errc::invalid_argument, 0, reason);
+}
+
+// The target checks (PatcherOptions::check_targets). Above these bounds no user-space
+// address exists: x86-64 user space ends at 2^47 with 4-level paging and at 2^56 with
+// 5-level paging (Intel SDM Vol. 1 3.3.7.1, canonical addressing); aarch64 Linux user
+// space ends at 2^48, or 2^52 with 52-bit VAs (Documentation/arch/arm64/memory.rst). The
+// larger bound is taken; the executable-memory check then decides.
+#if defined(__x86_64__)
+constexpr std::uint64_t kUserTop = std::uint64_t{1} << 56;
+#else
+constexpr std::uint64_t kUserTop = std::uint64_t{1} << 52;
+#endif
+
+// The executable mappings of the process, from /proc/self/maps (proc(5)): every line
+// "begin-end perms ..." whose perms have 'x'. Sorted, as the file is.
+Status read_exec_ranges(std::vector<std::pair<std::uintptr_t, std::uintptr_t>>& out) noexcept {
+  const int fd = ::open("/proc/self/maps", O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return Status(Errc::os_error, errno, "open(/proc/self/maps) to check a patch target");
+  std::string text;
+  int read_errno = 0;
+  try {
+    char buf[4096];
+    for (;;) {
+      const ssize_t n = ::read(fd, buf, sizeof buf);
+      if (n < 0 && errno == EINTR) continue;
+      if (n < 0) read_errno = errno;
+      if (n <= 0) break;
+      text.append(buf, static_cast<std::size_t>(n));
+    }
+  } catch (...) {
+    ::close(fd);
+    return Status(Errc::out_of_memory, 0, "reading /proc/self/maps to check a patch target");
+  }
+  ::close(fd);
+  if (read_errno != 0) return Status(Errc::os_error, read_errno, "read(/proc/self/maps) to check a patch target");
+  try {
+    std::vector<std::pair<std::uintptr_t, std::uintptr_t>> fresh;
+    const char* p = text.c_str();
+    while (*p) {
+      char* e = nullptr;
+      const std::uintptr_t b = std::strtoull(p, &e, 16);
+      if (e != p && *e == '-') {
+        const char* q = e + 1;
+        const std::uintptr_t end = std::strtoull(q, &e, 16);
+        if (e != q && e[0] == ' ' && e[1] && e[2] && e[3] == 'x' && b < end) fresh.emplace_back(b, end);
+      }
+      const char* nl = std::strchr(p, '\n');
+      if (!nl) break;
+      p = nl + 1;
+    }
+    out = std::move(fresh);
+  } catch (...) {
+    return Status(Errc::out_of_memory, 0, "reading /proc/self/maps to check a patch target");
+  }
+  return {};
+}
+
+bool in_ranges(const std::vector<std::pair<std::uintptr_t, std::uintptr_t>>& ranges, std::uint64_t a) {
+  // The first range that begins above a; the one before it is the only candidate.
+  auto it = std::upper_bound(ranges.begin(), ranges.end(), a,
+                             [](std::uint64_t v, const std::pair<std::uintptr_t, std::uintptr_t>& r) { return v < r.first; });
+  return it != ranges.begin() && a < std::prev(it)->second;
+}
+
+// A live blob of `heap` holding `site`, or nullptr. Reads only the registry and the blob
+// descriptor.
+const CodeBlob* live_blob_at(const std::byte* site, const CodeRegistry& registry, const CodeHeap& heap) noexcept {
+  const CodeBlob* blob = registry.find(site);
+  if (!blob || blob->state() != BlobState::live || !heap.contains(site)) return nullptr;
+  return blob;
+}
+
+// reject() with a listing if `site` is in live code of `heap`, reject_address() if not.
+Status reject_at(const char* reason, const std::byte* site, const CodeRegistry& registry,
+                 const CodeHeap& heap) noexcept {
+  if (const CodeBlob* blob = live_blob_at(site, registry, heap)) return reject(reason, site, blob);
+  return reject_address(reason, site);
+}
+
+constexpr const char* kFlipRefusal =
+    "protection-flip heap: patching while other threads are attached to the Runtime may fault them; "
+    "use the dual-mapped heap";
 }  // namespace
 
-Patcher::Patcher(Emitter& emitter, bool validate) noexcept
-    : emitter_(&emitter), heap_(&emitter.heap()), registry_(emitter.registry()), validate_(validate) {}
+Patcher::Patcher(Emitter& emitter, const PatcherOptions& options, bool validate) noexcept
+    : emitter_(&emitter),
+      heap_(&emitter.heap()),
+      registry_(emitter.registry()),
+      validate_(validate),
+      check_targets_(options.check_targets),
+      allow_flip_threads_(options.allow_flip_with_attached_threads) {
+  emitter.add_user(&user_, "Patcher", this);
+}
 
-Patcher::~Patcher() { forget_heap(heap_->rx_begin()); }
+Patcher::~Patcher() {
+  forget_heap(heap_->rx_begin());
+  emitter_->remove_user(&user_);
+}
 
 Result<std::unique_ptr<Patcher>> Patcher::create(Emitter& emitter, const PatcherOptions& options) noexcept {
   if (!emitter.registry())
@@ -228,7 +361,7 @@ Result<std::unique_ptr<Patcher>> Patcher::create(Emitter& emitter, const Patcher
 #ifndef NDEBUG
   validate = true;  // debug builds always validate
 #endif
-  auto p = std::unique_ptr<Patcher>(new (std::nothrow) Patcher(emitter, validate));
+  auto p = std::unique_ptr<Patcher>(new (std::nothrow) Patcher(emitter, options, validate));
   if (!p) return Status(Errc::out_of_memory);
   if (Status st = install_trap_handler(emitter.heap().rx_begin(), emitter.heap().rx_end()); !st) return st;
   return p;
@@ -270,39 +403,135 @@ Result<std::byte*> Patcher::veneer_for(std::uint64_t target) noexcept {
   return (*b)->entry();
 }
 
+// The live blob holding [r.site, r.site + len), established before anything at the site
+// is read: the site is in the registry, in a live blob, in this patcher's heap (a registry
+// may be shared by emitters of several heaps; the stores go through this heap), and the
+// len bytes the patch reads or writes lie inside the blob.
+Result<const CodeBlob*> Patcher::live_range(const Request& r, std::size_t len) noexcept {
+  std::byte* site = r.site;
+  // Patching retired or freed code is an error, always (this check is cheap and guards
+  // memory safety, so it does not depend on validate_).
+  const CodeBlob* blob = registry_->find(site);
+  if (!blob || blob->state() != BlobState::live)
+    return reject_address("site is not in live code (freed, retired or unknown)", site);
+  if (!heap_->contains(site) || !heap_->contains(site + (len - 1)))
+    return reject_address("site is in live code of another code heap than the patcher's", site);
+  if (!blob->contains(site + (len - 1))) return reject("the site's bytes run past the end of its blob", site, blob);
+  return blob;
+}
+
+// A call/jump/toggle/entry target must be a canonical user-space address in executable
+// memory (PatcherOptions::check_targets): a branch to anywhere else can only fault.
+Status Patcher::check_target(const Request& r, std::uint64_t target) noexcept {
+  if (!check_targets_) return {};
+  using Op = Request::Op;
+  const bool entry = r.kind == SiteKind::entry, toggle = r.op == Op::toggle_on;
+  const char* bad_address = entry    ? "redirect_entry: the target is not a canonical user-space address"
+                            : toggle ? "set_toggle: the site's target is not a canonical user-space address"
+                                     : "retarget: the target is not a canonical user-space address";
+  const char* not_code = entry    ? "redirect_entry: the target is not in executable memory (the code heap or an executable mapping)"
+                         : toggle ? "set_toggle: the site's target is not in executable memory (the code heap or an executable mapping)"
+                                  : "retarget: the target is not in executable memory (the code heap or an executable mapping)";
+  const char* reason = nullptr;
+  if (target >= kUserTop) {
+    reason = bad_address;
+  } else {
+    Result<bool> x = executable(target);
+    if (!x.ok()) {
+      try {
+        t_detail = x.status().message();
+      } catch (...) {
+      }
+      return x.status();
+    }
+    if (!x.value()) reason = not_code;
+  }
+  if (!reason) return {};
+  set_detail(reason);
+  append_detail("target", target);
+  append_detail("site", addr(r.site));
+  return Status(Errc::invalid_argument, 0, reason);
+}
+
+// The heap's RX range first (no system call: the common case), then the cached list of
+// executable mappings, then the list read again (the target may be in a mapping made
+// since). An error if the list cannot be read.
+Result<bool> Patcher::executable(std::uint64_t target) noexcept {
+  if (heap_->contains(reinterpret_cast<const void*>(target))) return true;
+  if (in_ranges(exec_ranges_, target)) return true;
+  if (Status st = read_exec_ranges(exec_ranges_); !st) return st;
+  return in_ranges(exec_ranges_, target);
+}
+
+// On a protection-flip heap, a thread running code on a page being written faults: the
+// heap maps the page RW, not executable, while it writes (CodeHeap, mprotect(2)). The
+// Runtime's attached threads are the ones the embedder said run code the Runtime must
+// reach (Safepoints and GraceDomain readers attach there too): refuse while any other
+// than the caller is attached. The count is a snapshot: a thread attaching during the
+// commit is not seen.
+Status Patcher::check_flip_heap() noexcept {
+  if (allow_flip_threads_ || heap_->strategy() != HeapStrategy::protection_flip) return {};
+  const Runtime& rt = heap_->runtime();
+  const std::size_t n = rt.attached_thread_count();
+  const std::size_t others = n - (n != 0 && rt.current_thread_attached() ? 1 : 0);
+  if (others == 0) return {};
+  set_detail(kFlipRefusal);
+  char line[256];
+  std::snprintf(line, sizeof line,
+                "\n%zu thread(s) attached to the Runtime besides the caller "
+                "(PatcherOptions::allow_flip_with_attached_threads: none of them runs this heap's code)",
+                others);
+  try {
+    t_detail += line;
+  } catch (...) {
+  }
+  return Status(Errc::unavailable, 0, kFlipRefusal);
+}
+
 Status Patcher::plan(const Request& r, Planned* out) noexcept {
   std::byte* site = r.site;
-  // The site must be in live code: patching retired or freed code is an error, always
-  // (this check is cheap and guards memory safety, so it does not depend on validate_).
-  const CodeBlob* blob = registry_->find(site);
-  if (!blob || blob->state() != BlobState::live) return reject("site is not in live code (freed, retired or unknown)", site);
-
   using Op = Request::Op;
   const bool slot_op = r.op == Op::write_slot;
-  if (slot_op != (r.kind == SiteKind::data_slot)) return reject("operation does not match the site kind", site);
+  if (r.error) return reject_at(r.error, site, *registry_, *heap_);
+  // The bytes the patch reads or writes at the site: nothing there is read before
+  // live_range() found them in live code of this heap.
+#if defined(__x86_64__)
+  const std::size_t len = slot_op ? 8 : 5;
+#else
+  const std::size_t len = slot_op ? 8 : 4;
+#endif
+  auto found = live_range(r, len);
+  if (!found.ok()) return found.status();
+  const CodeBlob* blob = found.value();
+
+  if (slot_op != (r.kind == SiteKind::data_slot)) return reject("operation does not match the site kind", site, blob);
   if (r.op == Op::retarget && r.kind != SiteKind::call && r.kind != SiteKind::jump)
-    return reject("retarget needs a call or jump site", site);
+    return reject("retarget needs a call or jump site", site, blob);
   if ((r.op == Op::toggle_on || r.op == Op::toggle_off) && r.kind != SiteKind::toggle && r.kind != SiteKind::entry)
-    return reject("toggling needs a toggle or entry site", site);
+    return reject("toggling needs a toggle or entry site", site, blob);
+  if (r.op != Op::retarget && r.op != Op::toggle_on && r.op != Op::toggle_off && !slot_op)
+    return reject("operation does not match the site kind", site, blob);
 
   if (slot_op) {
-    if (addr(site) % 8 != 0) return reject("data slot is not 8-byte aligned", site);
+    if (addr(site) % 8 != 0) return reject("data slot is not 8-byte aligned", site, blob);
     *out = Planned{site, r.value, 8};
     return {};
   }
 
   std::uint64_t target = r.value;
+  if (r.op != Op::toggle_off)
+    if (Status st = check_target(r, target); !st) return st;
 #if defined(__x86_64__)
   namespace isa = arch::x86_64;
   const auto* bytes = reinterpret_cast<const std::uint8_t*>(site);
   if (r.op == Op::retarget) {
     const std::uint8_t opcode = r.kind == SiteKind::call ? isa::kCallRel32Opcode : isa::kJmpRel32Opcode;
-    if (validate_) {
-      if (bytes[0] != opcode)
-        return reject(r.kind == SiteKind::call ? "site does not hold a call rel32" : "site does not hold a jmp rel32", site);
-      if (!isa::rel32_displacement_atomic(addr(site)))
-        return reject("the rel32 displacement is not 4-byte aligned: no single atomic store covers it", site);
-    }
+    if (validate_ && bytes[0] != opcode)
+      return reject(r.kind == SiteKind::call ? "site does not hold a call rel32" : "site does not hold a jmp rel32", site,
+                    blob);
+    // Always checked (cheap): the one store must be naturally aligned to be atomic.
+    if (!isa::rel32_displacement_atomic(addr(site)))
+      return reject("the rel32 displacement is not 4-byte aligned: no single atomic store covers it", site, blob);
     if (!isa::rel32_in_reach(addr(site), target)) {
       auto v = veneer_for(target);
       if (!v.ok()) return v.status();
@@ -312,17 +541,16 @@ Status Patcher::plan(const Request& r, Planned* out) noexcept {
     const auto enc = r.kind == SiteKind::call ? isa::encode_call_rel32(insn, addr(site), target)
                                               : isa::encode_jmp_rel32(insn, addr(site), target);
     if (enc != isa::InsnStatus::ok)
-      return reject("target out of reach even through a veneer", site);
+      return reject("target out of reach even through a veneer", site, blob);
     *out = Planned{site + 1, isa::load_le32(insn + 1), 4};
     return {};
   }
   // Toggle / entry: NOP5 <-> jmp rel32 inside one aligned 8-byte word.
-  if (validate_) {
-    if (!isa::is_nop5(bytes) && bytes[0] != isa::kJmpRel32Opcode)
-      return reject("toggle site holds neither the 5-byte NOP nor a jmp rel32", site);
-    if (!isa::fits_aligned_8(addr(site), 5))
-      return reject("toggle site crosses an aligned 8-byte word: no single atomic store covers it", site);
-  }
+  if (validate_ && !isa::is_nop5(bytes) && bytes[0] != isa::kJmpRel32Opcode)
+    return reject("toggle site holds neither the 5-byte NOP nor a jmp rel32", site, blob);
+  // Always checked (cheap): one aligned 8-byte store must cover the 5 bytes.
+  if (!isa::fits_aligned_8(addr(site), 5))
+    return reject("toggle site crosses an aligned 8-byte word: no single atomic store covers it", site, blob);
   std::uint8_t insn[5];
   if (r.op == Op::toggle_on) {
     if (!isa::rel32_in_reach(addr(site), target)) {
@@ -331,7 +559,7 @@ Status Patcher::plan(const Request& r, Planned* out) noexcept {
       target = addr(*v);
     }
     if (isa::encode_jmp_rel32(insn, addr(site), target) != isa::InsnStatus::ok)
-      return reject("target out of reach even through a veneer", site);
+      return reject("target out of reach even through a veneer", site, blob);
   } else {
     (void)isa::encode_nop5(insn);
   }
@@ -344,6 +572,8 @@ Status Patcher::plan(const Request& r, Planned* out) noexcept {
   return {};
 #else
   namespace isa = arch::aarch64;
+  // Always checked (cheap): the one store must be naturally aligned to be atomic.
+  if (addr(site) % 4 != 0) return reject("site is not 4-byte aligned: not an instruction", site, blob);
   // One untorn read of the instruction. No ordering needed: this thread holds
   // commit_mu_, under which this Patcher writes all its code.
   const std::uint32_t old = read_once(*reinterpret_cast<const std::uint32_t*>(site));
@@ -356,15 +586,15 @@ Status Patcher::plan(const Request& r, Planned* out) noexcept {
     }
     const auto st = r.kind == SiteKind::call ? isa::encode_bl(&insn, addr(site), target)
                                              : isa::encode_b(&insn, addr(site), target);
-    if (st != isa::InsnStatus::ok) return reject("target out of reach even through a veneer", site);
+    if (st != isa::InsnStatus::ok) return reject("target out of reach even through a veneer", site, blob);
   }
   if (validate_) {
-    if (r.kind == SiteKind::call && !isa::decode_bl(old, addr(site))) return reject("site does not hold a BL", site);
-    if (r.kind == SiteKind::jump && !isa::decode_b(old, addr(site))) return reject("site does not hold a B", site);
+    if (r.kind == SiteKind::call && !isa::decode_bl(old, addr(site))) return reject("site does not hold a BL", site, blob);
+    if (r.kind == SiteKind::jump && !isa::decode_b(old, addr(site))) return reject("site does not hold a B", site, blob);
     if ((r.kind == SiteKind::toggle || r.kind == SiteKind::entry) && !isa::is_nop(old) && !isa::decode_b(old, addr(site)))
-      return reject("toggle site holds neither NOP nor B", site);
+      return reject("toggle site holds neither NOP nor B", site, blob);
     if (!isa::concurrent_modification_allowed(old, insn))
-      return reject("Arm ARM B2.2.5 does not allow this concurrent modification", site);
+      return reject("Arm ARM B2.2.5 does not allow this concurrent modification", site, blob);
   }
   *out = Planned{site, insn, 4};
   return {};
@@ -372,11 +602,25 @@ Status Patcher::plan(const Request& r, Planned* out) noexcept {
 }
 
 Status Patcher::commit(const std::vector<Request>& requests, bool wait) noexcept {
+  // Every operation that can fail starts with an empty detail: after a success it is empty.
+  t_detail.clear();
+  Status st = commit_locked(requests, wait);
+  if (!st && t_detail.empty()) {
+    // Failures that did not explain themselves (busy, out of memory, the OS): their status.
+    try {
+      t_detail = st.message();
+    } catch (...) {
+    }
+  }
+  return st;
+}
+
+Status Patcher::commit_locked(const std::vector<Request>& requests, bool wait) noexcept {
   if (requests.empty()) return {};
   std::unique_lock<std::mutex> lock(commit_mu_, std::defer_lock);
   if (wait) lock.lock();
   else if (!lock.try_lock()) return Status(Errc::busy, 0, "another patch batch is being committed");
-  t_detail.clear();
+  if (Status st = check_flip_heap(); !st) return st;
 
   // 1. Validate and plan everything; write nothing if anything is wrong.
   std::vector<Planned> plan_list;
@@ -443,14 +687,14 @@ Status Patcher::write_slot(const PatchSite& site, std::uint64_t value) noexcept 
   b.write_slot(site, value);
   return b.commit();
 }
+// (The checks of a blob without a redirectable entry, or not live, are in the batch: the
+// request carries the error and commit() reports it, clearing the detail first.)
 Status Patcher::redirect_entry(const CodeBlob& blob, const void* target) noexcept {
-  if (!entry_site_of(blob)) return Status(Errc::invalid_argument, 0, "blob was not emitted with a redirectable entry");
   PatchBatch b(*this);
   b.redirect_entry(blob, target);
   return b.commit();
 }
 Status Patcher::restore_entry(const CodeBlob& blob) noexcept {
-  if (!entry_site_of(blob)) return Status(Errc::invalid_argument, 0, "blob was not emitted with a redirectable entry");
   PatchBatch b(*this);
   b.restore_entry(blob);
   return b.commit();
@@ -458,21 +702,23 @@ Status Patcher::restore_entry(const CodeBlob& blob) noexcept {
 
 Status Patcher::validate_replace(const Request& r) noexcept {
   std::byte* at = r.site;
-  if (r.length == 0 || r.length > 16) return reject("replace: 1 to 16 bytes", at);
-  const CodeBlob* blob = registry_->find(at);
-  if (!blob || blob->state() != BlobState::live) return reject("site is not in live code (freed, retired or unknown)", at);
-  if (!blob->contains(at + r.length - 1)) return reject("replace: the bytes run past the end of the blob", at);
+  if (r.error) return reject_at(r.error, at, *registry_, *heap_);
+  if (r.length == 0 || r.length > 16) return reject_at("replace: 1 to 16 bytes", at, *registry_, *heap_);
+  // Nothing at `at` is read before it is known to be live code of this heap.
+  auto found = live_range(r, r.length);
+  if (!found.ok()) return found.status();
+  const CodeBlob* blob = found.value();
 #if defined(__aarch64__)
-  if (addr(at) % 4 != 0 || r.length % 4 != 0) return reject("replace: whole 4-byte instructions, 4-byte aligned", at);
+  if (addr(at) % 4 != 0 || r.length % 4 != 0) return reject("replace: whole 4-byte instructions, 4-byte aligned", at, blob);
 #endif
   // Validation of the bytes themselves is always on for this protocol: a region that is
   // not whole instructions would leave a torn one behind.
   std::uint8_t old_bytes[16];
   std::memcpy(old_bytes, at, r.length);
   if (!whole_instructions(old_bytes, r.length, addr(at)))
-    return reject("replace: the region does not end on an instruction boundary of the old code", at);
+    return reject("replace: the region does not end on an instruction boundary of the old code", at, blob);
   if (!whole_instructions(r.bytes, r.length, addr(at)))
-    return reject("replace: the new bytes are not whole instructions", at);
+    return reject("replace: the new bytes are not whole instructions", at, blob);
   return {};
 }
 
@@ -504,7 +750,7 @@ Status Patcher::commit_breakpoint(const std::vector<Request>& requests, std::vec
     std::sort(sites.begin(), sites.end(), [](const Site& a, const Site& b) { return a.at < b.at; });
     for (std::size_t i = 1; i < sites.size(); ++i)
       if (sites[i - 1].at + sites[i - 1].r->length > sites[i].at)
-        return reject("replace: two replacements in one batch overlap", sites[i].at);
+        return reject_at("replace: two replacements in one batch overlap", sites[i].at, *registry_, *heap_);
     std::vector<std::byte*> table;
     for (const Site& s : sites) table.push_back(s.at);
     if (table.capacity() > 0) retired_trap_tables_.push_back(std::move(trap_sites_));
@@ -592,8 +838,12 @@ Status Patcher::commit_breakpoint(const std::vector<Request>& requests, std::vec
 
 void PatchBatch::replace(std::byte* at, const void* bytes, std::size_t n) {
   Patcher::Request r{Patcher::Request::Op::replace, SiteKind::other, at, 0};
-  r.length = static_cast<std::uint8_t>(n > 16 ? 0 : n);  // 0: rejected at commit
-  if (n <= 16) std::memcpy(r.bytes, bytes, n);
+  if (n == 0 || n > 16) r.error = "replace: 1 to 16 bytes";
+  else if (!bytes) r.error = "replace: the new bytes are a null pointer";
+  else {
+    r.length = static_cast<std::uint8_t>(n);
+    std::memcpy(r.bytes, bytes, n);
+  }
   requests_.push_back(r);
 }
 
@@ -607,18 +857,23 @@ void PatchBatch::set_toggle(const PatchSite& site, bool on) {
 void PatchBatch::write_slot(const PatchSite& site, std::uint64_t value) {
   requests_.push_back({Patcher::Request::Op::write_slot, site.kind, site.address, value});
 }
-void PatchBatch::redirect_entry(const CodeBlob& blob, const void* target) {
-  if (const PatchSite* s = entry_site_of(blob))
-    requests_.push_back({Patcher::Request::Op::toggle_on, SiteKind::entry, s->address, addr(target)});
-  else  // planned as an invalid request so commit() reports it
-    requests_.push_back({Patcher::Request::Op::toggle_on, SiteKind::other, blob.entry(), addr(target)});
+// The entry request for `blob`, or one carrying the reason it cannot be made; commit()
+// reports that. A blob that is not live is not looked into (a freed descriptor's sites
+// may be reused by the next emission).
+void PatchBatch::add_entry(const CodeBlob& blob, bool on, const void* target) {
+  Patcher::Request r{on ? Patcher::Request::Op::toggle_on : Patcher::Request::Op::toggle_off, SiteKind::entry,
+                     blob.entry(), on ? addr(target) : 0};
+  if (blob.state() != BlobState::live) {
+    r.error = "redirect/restore_entry: the blob is not live (retired or freed)";
+  } else if (const PatchSite* s = entry_site_of(blob)) {
+    r.site = s->address;
+  } else {
+    r.error = "blob was not emitted with a redirectable entry";
+  }
+  requests_.push_back(r);
 }
-void PatchBatch::restore_entry(const CodeBlob& blob) {
-  if (const PatchSite* s = entry_site_of(blob))
-    requests_.push_back({Patcher::Request::Op::toggle_off, SiteKind::entry, s->address, 0});
-  else
-    requests_.push_back({Patcher::Request::Op::toggle_off, SiteKind::other, blob.entry(), 0});
-}
+void PatchBatch::redirect_entry(const CodeBlob& blob, const void* target) { add_entry(blob, true, target); }
+void PatchBatch::restore_entry(const CodeBlob& blob) { add_entry(blob, false, nullptr); }
 
 unsigned PatchBatch::rounds_needed() const noexcept {
   if (requests_.empty()) return 0;

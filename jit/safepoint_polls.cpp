@@ -211,12 +211,15 @@ Result<std::unique_ptr<SafepointPolls>> SafepointPolls::create(Safepoints& sp, E
 }
 
 SafepointPolls::SafepointPolls(Safepoints& sp, Emitter& emitter, Patcher* patcher, BlobRef stub) noexcept
-    : sp_(&sp), emitter_(&emitter), patcher_(patcher), stub_blob_(stub) {}
+    : sp_(&sp), emitter_(&emitter), patcher_(patcher), stub_blob_(stub) {
+  emitter.add_user(&user_, "SafepointPolls", this);
+}
 
 SafepointPolls::~SafepointPolls() {
   // Disarms the polls if a request has them armed. The stub stays allocated until its
   // emitter goes: JIT code that still runs may call it.
   if (patcher_) (void)sp_->set_poll_armer(nullptr);
+  emitter_->remove_user(&user_);
 }
 
 const void* SafepointPolls::stub() const noexcept { return stub_blob_->entry(); }

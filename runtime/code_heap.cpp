@@ -17,6 +17,15 @@
 #include <new>
 #include <set>
 
+#include <jitpatch/internal/fatal.hpp>
+#include <jitpatch/internal/runtime_deps.hpp>
+
+#if defined(__x86_64__)
+#include <jitpatch/arch/x86_64/insn.hpp>
+#elif defined(__aarch64__)
+#include <jitpatch/arch/aarch64/insn.hpp>
+#endif
+
 #include "node_pool.hpp"
 #include "sys.hpp"
 
@@ -36,6 +45,34 @@ constexpr std::size_t kMaxReserve = std::size_t(1) << 31;  // rel32 reach
 
 std::size_t round_up(std::size_t v, std::size_t a) { return (v + a - 1) & ~(a - 1); }
 std::size_t page_size() { return static_cast<std::size_t>(::getpagesize()); }
+
+// Debug builds fill freed code with trap instructions (CodeHeap::Impl::fill_traps()), so a
+// stale call into freed code stops at once instead of running whatever is there.
+#ifdef NDEBUG
+constexpr bool kFillFreedWithTraps = false;
+#else
+constexpr bool kFillFreedWithTraps = true;
+#endif
+
+// Writes trap instructions over [dst, dst + size) (whole 16-byte granules, so whole
+// 4-byte words on aarch64). Plain stores: the memory is freed, nothing may read it as
+// data, and an executor that still fetches from it is the bug this exists to catch; any
+// mix of old and new bytes it fetches meanwhile is no worse than the old code.
+//   x86-64: INT3, the one-byte 0xCC (Intel SDM Vol. 2A, "INT n/INTO/INT3/INT1 - Call to
+//     Interrupt Procedure"): a #BP trap wherever a stale jump lands, since every byte of
+//     the range is one; Linux delivers SIGTRAP.
+//   aarch64: BRK #0, 0xd4200000 (Arm ARM, DDI 0487, C6.2 "Alphabetical list of A64 base
+//     instructions", BRK: a Breakpoint Instruction exception; Linux delivers SIGTRAP for
+//     one taken at EL0). BRK rather than UDF (SIGILL): the same signal as on x86-64.
+//     Its immediate, 0, is not the patcher's (#0x4a50), so a debugger tells them apart.
+void write_traps(std::byte* dst, std::size_t size) {
+#if defined(__x86_64__)
+  std::memset(dst, arch::x86_64::kInt3, size);
+#elif defined(__aarch64__)
+  constexpr std::uint32_t brk0 = arch::aarch64::brk(0);
+  for (std::size_t i = 0; i + 4 <= size; i += 4) std::memcpy(dst + i, &brk0, 4);
+#endif
+}
 
 }  // namespace
 
@@ -125,6 +162,38 @@ struct CodeHeap::Impl {
   std::mutex serialize_mu;
 
   std::mutex flip_mu;  // protection flip: one open writer at a time
+  // Writers opened and not yet finished: ~CodeHeap() aborts while any is open (its
+  // finish() would use the freed heap). A counter only: relaxed RMWs (fetch_add_relaxed
+  // in open_writer(), fetch_sub_relaxed in end_write()), ordered by nothing; the
+  // destructor's read_once relies on the caller's own ordering of "finished, then
+  // destroyed", which it needs anyway.
+  std::size_t open_writers = 0;
+
+  ~Impl() {
+    if (rx) ::munmap(rx, capacity);
+    if (rw) ::munmap(rw, capacity);
+    if (fd >= 0) ::close(fd);
+    if (start_bits) ::munmap(start_bits, 2 * bitmap_bytes);
+  }
+
+  // Debug builds: traps over a range being freed, through the RW alias or (protection
+  // flip; the caller holds flip_mu) with the pages flipped RW around the stores, then
+  // flush_icache() so instruction fetch sees them. Best effort: a failed mprotect leaves
+  // the old bytes (the free itself succeeds).
+  void fill_traps(std::size_t off, std::size_t size) {
+    std::byte* const code = rx + off;
+    if (strategy == HeapStrategy::dual_mapping) {
+      write_traps(rw + off, size);
+    } else {
+      const auto ps = page_size();
+      auto* pb = reinterpret_cast<std::byte*>(reinterpret_cast<std::uintptr_t>(code) & ~(ps - 1));
+      const std::size_t len = round_up(static_cast<std::size_t>(code + size - pb), ps);
+      if (::mprotect(pb, len, PROT_READ | PROT_WRITE) != 0) return;
+      write_traps(code, size);
+      (void)::mprotect(pb, len, PROT_READ | PROT_EXEC);
+    }
+    flush_icache(code, code + size);
+  }
 
   void insert_free(std::size_t off, std::size_t size, std::uint64_t seq) {
     free_by_offset.emplace(off, Free{size, seq});
@@ -200,7 +269,10 @@ Status CodeHeap::Impl::reserve_flip(std::size_t size) {
   return {};
 }
 
-CodeHeap::CodeHeap(std::unique_ptr<Impl> impl) noexcept : impl_(std::move(impl)) {}
+// A created heap counts as a user of its Runtime until it is destroyed (runtime_deps.hpp).
+CodeHeap::CodeHeap(std::unique_ptr<Impl> impl) noexcept : impl_(std::move(impl)) {
+  detail::runtime_add_dependent(*impl_->rt, "CodeHeap");
+}
 
 Result<std::unique_ptr<CodeHeap>> CodeHeap::create(Runtime& rt, const CodeHeapOptions& options_in) noexcept {
   CodeHeapOptions options = options_in;
@@ -228,6 +300,7 @@ Result<std::unique_ptr<CodeHeap>> CodeHeap::create(Runtime& rt, const CodeHeapOp
       st = impl->reserve_dual(size);
       if (!st && st.code() == Errc::unsupported) st = impl->reserve_flip(size);
       break;
+    default: return Status(Errc::invalid_argument, 0, "no such code heap strategy");
   }
   if (!st) return st;
   {
@@ -257,12 +330,15 @@ Result<std::unique_ptr<CodeHeap>> CodeHeap::create(Runtime& rt, const CodeHeapOp
   return heap;
 }
 
+// The mappings go with the Impl (also when create() fails half-way).
 CodeHeap::~CodeHeap() {
   if (!impl_) return;
-  if (impl_->rx) ::munmap(impl_->rx, impl_->capacity);
-  if (impl_->rw) ::munmap(impl_->rw, impl_->capacity);
-  if (impl_->fd >= 0) ::close(impl_->fd);
-  if (impl_->start_bits) ::munmap(impl_->start_bits, 2 * impl_->bitmap_bytes);
+  // A writer still open would flip pages of (protection flip) or flush the unmapped
+  // region in its finish(): a crash in someone else's code, later.
+  if (const std::size_t n = read_once(impl_->open_writers); n != 0)
+    detail::fatal("CodeHeap destroyed while %zu CodeWriter%s still open: finish() or destroy %s first", n,
+                  n == 1 ? " is" : "s are", n == 1 ? "it" : "them");
+  detail::runtime_remove_dependent(*impl_->rt, "CodeHeap");
 }
 
 Result<CodeRange> CodeHeap::allocate(std::size_t size, std::size_t alignment) noexcept {
@@ -337,12 +413,20 @@ Result<CodeRange> CodeHeap::allocate_locked(std::size_t size, std::size_t alignm
 Status CodeHeap::free(const void* p) noexcept {
   Impl& h = *impl_;
   if (!contains(p)) return Status(Errc::invalid_argument, 0, "free: address is not in this code heap");
+  // Debug builds write traps over the range (below). With protection flip that is a write
+  // like any other: it takes the one-writer lock, before mu (the order of a thread that
+  // allocates while its writer is open).
+  std::unique_lock<std::mutex> flip(h.flip_mu, std::defer_lock);
+  if (kFillFreedWithTraps && h.strategy == HeapStrategy::protection_flip) flip.lock();
   std::lock_guard<std::mutex> g(h.mu);
   std::size_t off = h.offset_of(p);
   if (off % kGranule != 0 || !Impl::test(h.start_bits, off / kGranule))
     return Status(Errc::invalid_argument, 0, "free: not the start of a live allocation (unknown or already freed)");
   const std::size_t last = Impl::next_set(h.end_bits, off / kGranule, h.capacity / kGranule);
   std::size_t size = (last + 1) * kGranule - off;
+  // Under mu, while the range is still allocated: no allocate() can hand it out (and have
+  // new code written into it) before the traps are in.
+  if (kFillFreedWithTraps) h.fill_traps(off, size);
   Impl::clear(h.start_bits, off / kGranule);
   Impl::clear(h.end_bits, last);
   --h.live_count;
@@ -427,6 +511,7 @@ Result<CodeWriter> CodeHeap::write(void* p, std::size_t size) noexcept {
 }
 
 Result<CodeRange> CodeHeap::allocate_writer(std::size_t size, std::size_t alignment, CodeWriter* writer) noexcept {
+  if (!writer) return Status(Errc::invalid_argument, 0, "allocate_writer: null writer");
   Result<CodeRange> r = [&] {
     std::lock_guard<std::mutex> g(impl_->mu);
     return allocate_locked(size, alignment);
@@ -463,11 +548,13 @@ Result<CodeWriter> CodeHeap::open_writer(std::byte* b, std::size_t size) noexcep
     }
     w.data_ = b;
   }
+  fetch_add_relaxed(&h.open_writers, std::size_t{1});  // a count (see open_writers)
   return w;
 }
 
 Status CodeHeap::end_write(CodeWriter& w) noexcept {
   Impl& h = *impl_;
+  fetch_sub_relaxed(&h.open_writers, std::size_t{1});  // a count (see open_writers)
   Status st;
   if (h.strategy == HeapStrategy::protection_flip) {
     const auto ps = page_size();

@@ -71,7 +71,7 @@ const char* operation_name(Operation op) noexcept {
 bool parse_strategy(const char* text, Strategy* out) noexcept {
   static constexpr Strategy all[] = {Strategy::automatic, Strategy::membarrier, Strategy::mprotect,
                                      Strategy::signals, Strategy::none};
-  if (!text) return false;
+  if (!text || !out) return false;
   for (Strategy s : all) {
     if (std::strcmp(text, strategy_name(s)) == 0) {
       *out = s;
@@ -97,6 +97,20 @@ void fatal(const char* fmt, ...) noexcept {
   // One write: the message is not interleaved with other threads' output.
   (void)!::write(STDERR_FILENO, buf, static_cast<std::size_t>(n));
   std::abort();
+}
+
+// Result's checked accessors land here on an error Result. The message is formatted
+// without allocating (Status::message() builds a std::string): the caller may be out of
+// memory, which is often why the Result holds an error.
+void bad_result_access(const Status& error) noexcept {
+  const int e = error.sys_errno();
+  const char* desc = e != 0 ? ::strerrordesc_np(e) : nullptr;
+  const char* ename = e != 0 ? ::strerrorname_np(e) : nullptr;
+  char num[16] = "";
+  if (e != 0 && !ename) std::snprintf(num, sizeof num, "%d", e);
+  fatal("Result::value() on an error: %s%s%s%s%s%s%s%s", error.name(), error.context() ? ": " : "",
+        error.context() ? error.context() : "", e != 0 ? ": " : "", e != 0 ? (desc ? desc : "unknown error") : "",
+        e != 0 ? " (" : "", e != 0 ? (ename ? ename : num) : "", e != 0 ? ")" : "");
 }
 
 }  // namespace jitpatch::detail

@@ -1,6 +1,6 @@
 // GraceDomain: the update side of the membarrier RCU described in grace.hpp.
 //
-// Ordering summary (each pair is named where it is used; docs/memory-ordering.md, GP1-GP6,
+// Ordering summary (each pair is named where it is used; docs/memory-ordering.md, GP1-GP7,
 // writes them out as litmus scenarios):
 //   reader lock():   store ctr            ; barrier ; loads of the data
 //   synchronize():   caller's unlink      ; MB(A)   ; scan ctr      (store-buffering: MB(A)
@@ -16,6 +16,9 @@
 // MEMBARRIER_CMD_PRIVATE_EXPEDITED: membarrier(2), and the ordering scenarios at the top of
 // the kernel's kernel/sched/membarrier.c), which is exactly what the reader side left out.
 #include <jitpatch/grace.hpp>
+#include <jitpatch/internal/fatal.hpp>
+
+#include <jitpatch/internal/runtime_deps.hpp>
 
 #include "sys.hpp"
 
@@ -23,6 +26,7 @@
 #include <cerrno>
 #include <chrono>
 #include <condition_variable>
+#include <cstdio>
 #include <mutex>
 #include <new>
 #include <thread>
@@ -71,7 +75,20 @@ struct GraceDomain::Impl {
   std::uint64_t next_gen = 1;
   std::uint64_t completed_gen = 0;
   bool round_running = false;
-  Status last_status{};
+  Status last_status{};  // of the last round that completed (an abandoned one sets nothing)
+  // Untimed callers inside wait_for_round() (waiting, or running the round): while there
+  // are any, timed callers do not start rounds (wait_for_round(), "Progress").
+  std::size_t untimed_waiting = 0;
+
+  // Quiescent nudges (add_quiescent_nudge()). nudge_mu is held while they run, so
+  // remove_quiescent_nudge() returns only after a call in progress has returned. Only
+  // the one round running calls them (wait_for_readers()).
+  struct Nudge {
+    void (*fn)(void*);
+    void* ctx;
+  };
+  std::mutex nudge_mu;
+  std::vector<Nudge> nudges;
 
   // Retired callbacks.
   std::mutex q_mu;
@@ -85,7 +102,7 @@ struct GraceDomain::Impl {
 
   // Statistics: relaxed RMWs (fetch_add_relaxed) and read_once; they order nothing.
   std::uint64_t grace_periods = 0, shared = 0, sleeps = 0, retired = 0, reclaimed = 0, inline_reclaims = 0,
-                deferred = 0;
+                deferred = 0, timeouts = 0, abandoned = 0, nudge_calls = 0;
 
   GraceOptions options;
 
@@ -96,7 +113,8 @@ struct GraceDomain::Impl {
     return m;
   }
 
-  Status reclaim_queue(GraceDomain& d, std::unique_lock<std::mutex>& lk);
+  Status reclaim_queue(GraceDomain& d, std::unique_lock<std::mutex>& lk,
+                       const std::chrono::steady_clock::time_point* deadline = nullptr);
 };
 
 namespace detail {
@@ -106,15 +124,17 @@ void grace_wake(GraceDomain* d) noexcept { d->wake(); }
 // Takes the whole queue (the caller holds q_mu through `lk`), runs one grace period
 // without the lock, runs the callbacks, and puts back what must wait longer: entries
 // whose deferrable callback asked for another grace period, or everything if the grace
-// period failed.
-Status GraceDomain::Impl::reclaim_queue(GraceDomain& d, std::unique_lock<std::mutex>& lk) {
+// period failed or was not over by `deadline` (a timed barrier()): a callback runs only
+// after a synchronize() that returned ok.
+Status GraceDomain::Impl::reclaim_queue(GraceDomain& d, std::unique_lock<std::mutex>& lk,
+                                        const std::chrono::steady_clock::time_point* deadline) {
   std::vector<Item> batch;
   batch.swap(queue);
   if (batch.empty()) return {};
   const std::uint64_t first = batch.front().seq;
   inflight_min.push_back(first);
   lk.unlock();
-  const Status st = d.synchronize();
+  const Status st = d.synchronize_impl(deadline);
   std::vector<Item> keep;
   if (st.ok()) {
     for (auto& it : batch)
@@ -161,6 +181,9 @@ GraceDomain::GraceDomain(Runtime& rt, const GraceOptions& options)
       symmetric_(options.symmetric || rt.strategy(Operation::process_barrier) == Strategy::none),
       impl_(std::make_unique<Impl>()) {
   impl_->options = options;
+  // A user of the Runtime from here to the end of ~GraceDomain(), which still runs a
+  // grace period through it (runtime_deps.hpp); also when create() fails after this.
+  detail::runtime_add_dependent(rt, "GraceDomain");
 }
 
 Result<std::unique_ptr<GraceDomain>> GraceDomain::create(Runtime& rt, const GraceOptions& options) noexcept {
@@ -196,7 +219,45 @@ Result<std::unique_ptr<GraceDomain>> GraceDomain::create(Runtime& rt, const Grac
   return d;
 }
 
+// Readers (and nudges) must be gone before their domain; finding one is a caller bug that
+// cannot be reported as a value, and going on would hang (the drain waits for the
+// readers) or corrupt memory (their unregistration writes into the freed registry).
+void GraceDomain::check_unused_at_destruction() noexcept {
+  auto& im = *impl_;
+  std::size_t readers = 0;
+  char tids[256] = "";
+  {
+    std::lock_guard<std::mutex> g(im.reg_mu);
+    readers = im.readers;
+    std::size_t len = 0, listed = 0;
+    for (auto* r = im.head; r; r = r->next) {
+      if (listed == 16) {
+        (void)std::snprintf(tids + len, sizeof tids - len, ", ...");
+        break;
+      }
+      const int n = std::snprintf(tids + len, sizeof tids - len, "%s%d", listed ? ", " : "", r->tid);
+      if (n < 0 || static_cast<std::size_t>(n) >= sizeof tids - len) break;
+      len += static_cast<std::size_t>(n);
+      ++listed;
+    }
+  }
+  if (readers != 0)
+    detail::fatal("GraceDomain destroyed with %zu registered reader%s (tid%s %s): destroy every GraceReader of "
+                  "the domain, and detach every thread of a Safepoints created with it, before the domain",
+                  readers, readers == 1 ? "" : "s", readers == 1 ? "" : "s", tids);
+  std::size_t nudges = 0;
+  {
+    std::lock_guard<std::mutex> g(im.nudge_mu);
+    nudges = im.nudges.size();
+  }
+  if (nudges != 0)
+    detail::fatal("GraceDomain destroyed with %zu quiescent nudge%s installed: destroy the Safepoints created "
+                  "with SafepointOptions::grace = this domain (or remove_quiescent_nudge()) before the domain",
+                  nudges, nudges == 1 ? "" : "s");
+}
+
 GraceDomain::~GraceDomain() {
+  check_unused_at_destruction();
   auto& im = *impl_;
   if (im.reclaimer.joinable()) {
     {
@@ -215,19 +276,12 @@ GraceDomain::~GraceDomain() {
     rest.swap(im.queue);
   }
   if (!rest.empty()) {
-    // Readers are gone by now (they must not outlive their domain), so nothing can still
-    // reference these even if this last round fails.
+    // Readers are gone (checked above), so nothing can still reference these even if
+    // this last round fails.
     (void)synchronize();
     for (auto& it : rest) (void)run_item(it, true);
   }
-  // Readers must be gone before their domain (documented); unlink any left so their
-  // records are at least not reachable from a dead registry.
-  std::lock_guard<std::mutex> g(im.reg_mu);
-  for (auto* r = im.head; r;) {
-    auto* n = r->next;
-    r->next = r->prev = nullptr;
-    r = n;
-  }
+  detail::runtime_remove_dependent(*rt_, "GraceDomain");  // after the last use of rt_
 }
 
 Result<GraceReader> GraceDomain::register_reader(ReaderKind kind) noexcept {
@@ -308,31 +362,39 @@ Status GraceDomain::master_mb() noexcept {
   return rt_->process_barrier();
 }
 
-// Readers still inside a section (or, for qsbr, not yet quiescent) that the current
-// round must wait for.
-void GraceDomain::wait_for_readers(bool second_phase) noexcept {
+// Waits for the readers the current round must wait for: those still inside a section
+// of the other phase (critical_section), and in the second wait also the online qsbr
+// readers that have not reported since the counter advanced. Returns false, leaving the
+// wake word 0, when `deadline` (if any) passes first: the caller abandons the round
+// (wait_for_round()).
+bool GraceDomain::wait_for_readers(bool second_phase, const Clock::time_point* deadline) noexcept {
   auto& im = *impl_;
   const int me = my_tid();
-  auto any_active = [&]() {
+  constexpr unsigned kSectionPending = 1, kQsbrPending = 2;
+  auto pending = [&]() -> unsigned {
+    unsigned m = 0;
     std::lock_guard<std::mutex> g(im.reg_mu);
     const std::uint64_t phase = read_once(phase_[0]);
     const std::uint64_t qs = read_once(phase_[1]);
-    for (auto* r = im.head; r; r = r->next) {
+    for (auto* r = im.head; r && m != (kSectionPending | kQsbrPending); r = r->next) {
       if (r->tid == me) continue;  // the caller: checked not to be in a section
       // Acquire: pairs with the reader's release store of ctr (gives TSan and weak
       // architectures the edge from the reader's section to what follows the round).
       const std::uint64_t c = load_acquire(&r->ctr);
       if (r->qsbr) {
-        if (second_phase && c != 0 && c != qs) return true;
+        if (second_phase && c != 0 && c != qs) m |= kQsbrPending;
       } else if ((c & detail::kGraceNestMask) != 0 && ((c ^ phase) & detail::kGracePhase) != 0) {
-        return true;
+        m |= kSectionPending;
       }
     }
-    return false;
+    return m;
   };
   unsigned spins = 0;
+  bool nudged = false;
+  Clock::time_point last_nudge{};
   for (;;) {
-    if (!any_active()) return;
+    const unsigned m = pending();
+    if (m == 0) return true;
     if (spins < im.options.spin_before_sleep) {
       // No sched_yield() here: on a busy machine it hands the CPU to a spinning reader
       // for a whole time slice (milliseconds), while the futex sleep below is ended by
@@ -340,6 +402,18 @@ void GraceDomain::wait_for_readers(bool second_phase) noexcept {
       ++spins;
       cpu_relax();
       continue;
+    }
+    const Clock::time_point now = Clock::now();
+    if (deadline && now >= *deadline) return false;
+    // Online qsbr readers that report only when asked (a safepoint poll takes the slow
+    // path only when armed): ask, once now and then at most once a millisecond, before
+    // each sleep, while they still have not reported. The counter advance of this round
+    // happened before (program order, and the nudge's arming is a release: SP13), so a
+    // report the nudge brings about carries the new value.
+    if ((m & kQsbrPending) && (!nudged || now - last_nudge >= std::chrono::milliseconds(1))) {
+      nudge_readers();
+      nudged = true;
+      last_nudge = now;
     }
     // Sleep. Store wake word, barrier, scan ctr: pairs with the reader's store ctr,
     // slave_mb(), load wake word (grace.hpp unlock(), quiescent(), offline()), store
@@ -349,20 +423,35 @@ void GraceDomain::wait_for_readers(bool second_phase) noexcept {
     // If the process barrier fails, an smp_mb() still orders our side; the reader's side
     // is then unordered (a compiler barrier), and the 10 ms timeout bounds the wait.
     if (!master_mb().ok()) smp_mb();
-    if (!any_active()) {
+    if (pending() == 0) {
       write_once(wake_, 0);
-      return;
+      return true;
     }
     fetch_add_relaxed(&im.sleeps, 1);
-    const timespec ten_ms{0, 10'000'000};
+    // A slice of at most 10 ms, and not past the deadline (checked above: > 0 left).
+    std::chrono::nanoseconds slice = std::chrono::milliseconds(10);
+    if (deadline) slice = std::min(slice, std::chrono::duration_cast<std::chrono::nanoseconds>(*deadline - now));
+    const timespec ts{0, static_cast<long>(slice.count())};
     // FUTEX_WAIT sleeps only while wake_ is still -1: a reader's wake() that cleared it
     // after our scan makes this return at once.
-    (void)sys::futex_wait(reinterpret_cast<std::uint32_t*>(&wake_), static_cast<std::uint32_t>(-1), &ten_ms);
+    (void)sys::futex_wait(reinterpret_cast<std::uint32_t*>(&wake_), static_cast<std::uint32_t>(-1), &ts);
     write_once(wake_, 0);
   }
 }
 
-Status GraceDomain::run_grace_period() noexcept {
+void GraceDomain::nudge_readers() noexcept {
+  auto& im = *impl_;
+  std::lock_guard<std::mutex> g(im.nudge_mu);
+  if (im.nudges.empty()) return;
+  for (const auto& n : im.nudges) n.fn(n.ctx);
+  fetch_add_relaxed(&im.nudge_calls, 1);  // statistics only
+}
+
+// One round (run by one thread at a time: wait_for_round()). With a deadline it may be
+// given up at either wait; *abandoned then says so, and the round must not count as a
+// grace period (wait_for_round() explains why giving up is safe).
+Status GraceDomain::run_grace_period(const Clock::time_point* deadline, bool* abandoned) noexcept {
+  *abandoned = false;
   // MB(A): the callers' unlinks before the scans (see the summary at the top). Pairs with
   // the slave_mb() after the ctr store in GraceReader::lock() and online() (store
   // buffering), and with the process barrier it stands in for on the reader's side.
@@ -371,7 +460,11 @@ Status GraceDomain::run_grace_period() noexcept {
   // after that round's scan look "current" to it; waiting for the old phase first, then
   // flipping and waiting again, catches them (the two-phase argument of Desnoyers et al.,
   // section 3.2).
-  wait_for_readers(false);
+  if (!wait_for_readers(false, deadline)) {
+    *abandoned = true;
+    fetch_add_relaxed(&impl_->abandoned, 1);  // statistics only
+    return {};
+  }
   // Updater-side only, no pair on the readers: keeps the first wait's loads of ctr before
   // the flip. liburcu has the same smp_mb() here (urcu.c, synchronize_rcu(): "not
   // formally required, but makes the model easier to understand"); without it the
@@ -388,7 +481,14 @@ Status GraceDomain::run_grace_period() noexcept {
   // second wait's loads of ctr (store->load, which the release store does not give), so
   // the second wait cannot keep finding readers that started after it.
   smp_mb();
-  wait_for_readers(true);
+  if (!wait_for_readers(true, deadline)) {
+    // Given up after the flip: the phase word and the counter stay advanced, which is a
+    // state every complete round leaves too; no MB(B), since nothing is freed on the
+    // strength of this round.
+    *abandoned = true;
+    fetch_add_relaxed(&impl_->abandoned, 1);  // statistics only
+    return {};
+  }
   // MB(B): every reader's section loads complete before the callers free. Pairs with the
   // slave_mb() before the release store of ctr in unlock()/offline(): it covers a scan
   // that read a later, relaxed ctr store (the reader's next lock()), not the release.
@@ -439,37 +539,118 @@ class GraceDomain::CallerScope {
   bool in_section_ = false;
 };
 
-Status GraceDomain::synchronize() noexcept {
+Status GraceDomain::synchronize_impl(const Clock::time_point* deadline) noexcept {
   CallerScope caller(*this);
   if (caller.in_section())
     return Status(Errc::invalid_argument, 0, "synchronize() inside the caller's own read-side section");
-  return wait_for_round();
+  return wait_for_round(deadline);
 }
 
-Status GraceDomain::wait_for_round() noexcept {
+Status GraceDomain::synchronize() noexcept { return synchronize_impl(nullptr); }
+
+Status GraceDomain::synchronize(Clock::time_point deadline) noexcept {
+  Status st = synchronize_impl(&deadline);
+  if (st == Errc::timeout) fetch_add_relaxed(&impl_->timeouts, 1);  // statistics only
+  return st;
+}
+
+namespace {
+// now + timeout, saturating (a timeout of years must not wrap into the past).
+std::chrono::steady_clock::time_point deadline_after(std::chrono::steady_clock::duration timeout) noexcept {
+  using C = std::chrono::steady_clock;
+  const C::time_point now = C::now();
+  if (timeout <= C::duration::zero()) return now;
+  if (timeout >= C::time_point::max() - now) return C::time_point::max();
+  return now + timeout;
+}
+}  // namespace
+
+Status GraceDomain::synchronize(Clock::duration timeout) noexcept { return synchronize(deadline_after(timeout)); }
+
+// Rounds, shared between callers, and rounds given up at a deadline.
+//
+// A round with generation g starts when next_gen goes g -> g+1 under wq_mu, and one runs
+// at a time (round_running). A caller that read next_gen == g at entry is satisfied by
+// the completion of any round >= g: such a round started, and ran its MB(A), after the
+// caller's entry (wq_mu orders the two), so it covers the caller's unlinks.
+//
+// A caller with a deadline that is only waiting for someone else's round returns
+// Errc::timeout at the deadline and touches nothing. One that is running the round when
+// its deadline passes with readers still holding it gives the round up (abandons it):
+// run_grace_period() returns at once, round_running is cleared and the other callers are
+// woken, and completed_gen and last_status are left as they were. Why the others still
+// get a correct grace period, and nothing is freed early (the two-phase argument of
+// Desnoyers et al., "User-Level Implementations of Read-Copy Update", section 3.2;
+// docs/memory-ordering.md GP3 and GP7):
+//   1. Nobody is told that an abandoned round completed. completed_gen is written only by
+//      a round that ran through MB(B), so a caller that needed round g keeps waiting and
+//      is satisfied only by a complete round g' > g, which started after g, hence after
+//      that caller's entry: the rule above holds unchanged. Callbacks run only after a
+//      synchronize() that returned ok (reclaim_queue()).
+//   2. A complete round needs nothing from the rounds before it. Let P be the phase it
+//      reads after its MB(A) (the phase word is written only by the round running). A
+//      section S that began before that MB(A) either already sees the caller's unlinks
+//      (GP1: nothing to wait for) or its ctr store is seen by every scan after MB(A),
+//      with a nonzero count and some phase bit q, until S ends. If q != P the first
+//      wait waits for S; if q == P S passes it, the round flips to P' != P, and the
+//      second wait, which waits for sections whose phase is not P', waits for S. Which
+//      q S carries, current or stale, does not enter the argument, and so neither does
+//      how often abandoned rounds flipped the phase word before this one: a round starts
+//      from whatever parity it finds. For qsbr readers the round advances the counter
+//      after its MB(A) and waits for reports (or offline) of the new value; a report of
+//      an older value, an abandoned round's included, counts as none.
+//   3. What an abandoned round leaves behind is a state complete rounds leave too: the
+//      phase word flipped (or not) and the counter advanced (or not); the wake word is 0
+//      (wait_for_readers() resets it before it returns). The runner clears round_running
+//      under wq_mu after its last write to phase_, so the next runner's round starts
+//      after it (the mutex orders them, and its MB(A) follows).
+// Progress: each wait waits only for sections of the parity the round is leaving, so new
+// readers cannot starve it. Timed callers must not starve the untimed ones (the
+// reclaimer among them) either: a timed caller that keeps calling with short deadlines
+// would otherwise win the race for the next round each time the untimed caller is woken,
+// and give that round up too. So a timed caller starts a round only while no untimed
+// caller is waiting for one (untimed_waiting); otherwise it waits for theirs, up to its
+// deadline. An untimed caller is woken by every round's end, starts the next round
+// itself, and carries it through.
+Status GraceDomain::wait_for_round(const Clock::time_point* deadline) noexcept {
   auto& im = *impl_;
   std::unique_lock<std::mutex> lk(im.wq_mu);
   const std::uint64_t my_gen = im.next_gen;
   bool ran = false;
+  if (!deadline) ++im.untimed_waiting;
+  // Every return: an untimed caller leaves the count; the last one wakes the timed
+  // callers that held back for it, so one of them can start a round.
+  auto leave = [&](Status st) {
+    if (!deadline && --im.untimed_waiting == 0 && !im.round_running) im.wq_cv.notify_all();
+    return st;
+  };
   for (;;) {
     if (im.completed_gen >= my_gen) {
       if (!ran) fetch_add_relaxed(&im.shared, 1);
-      return im.last_status;
+      return leave(im.last_status);
     }
-    if (!im.round_running) {
+    if (!im.round_running && (!deadline || im.untimed_waiting == 0)) {
+      // Also with the deadline passed: a round that needs no waiting completes at once.
       im.round_running = true;
       const std::uint64_t gen = im.next_gen++;
       lk.unlock();
-      Status st = run_grace_period();
+      bool abandoned = false;
+      Status st = run_grace_period(deadline, &abandoned);
       lk.lock();
+      im.round_running = false;
+      im.wq_cv.notify_all();
+      if (abandoned)
+        return leave(Status(Errc::timeout, 0, "synchronize: readers still held the grace period at the deadline"));
       im.completed_gen = gen;
       im.last_status = st;
-      im.round_running = false;
       ran = true;
-      im.wq_cv.notify_all();
       continue;
     }
-    im.wq_cv.wait(lk);
+    if (!deadline) {
+      im.wq_cv.wait(lk);
+    } else if (im.wq_cv.wait_until(lk, *deadline) == std::cv_status::timeout && im.completed_gen < my_gen) {
+      return leave(Status(Errc::timeout, 0, "synchronize: the grace period was not over at the deadline"));
+    }
   }
 }
 
@@ -511,7 +692,23 @@ Status GraceDomain::retire_deferrable(void* p, bool (*fn)(void* ctx, void* p, bo
   return enqueue(&it);
 }
 
+// Untimed: the 30 s bound on waiting for the reclaimer, and an untimed grace period when
+// this caller reclaims (no background reclaimer), as before timed calls existed.
 Status GraceDomain::barrier() noexcept {
+  Status st = barrier_impl(Clock::now() + std::chrono::seconds(30), false);
+  if (st == Errc::timeout) fetch_add_relaxed(&impl_->timeouts, 1);  // statistics only
+  return st;
+}
+
+Status GraceDomain::barrier(Clock::time_point deadline) noexcept {
+  Status st = barrier_impl(deadline, true);
+  if (st == Errc::timeout) fetch_add_relaxed(&impl_->timeouts, 1);  // statistics only
+  return st;
+}
+
+Status GraceDomain::barrier(Clock::duration timeout) noexcept { return barrier(deadline_after(timeout)); }
+
+Status GraceDomain::barrier_impl(Clock::time_point deadline, bool timed_grace_period) noexcept {
   CallerScope caller(*this);
   if (caller.in_section())
     return Status(Errc::invalid_argument, 0, "barrier() inside the caller's own read-side section");
@@ -520,21 +717,47 @@ Status GraceDomain::barrier() noexcept {
   const std::uint64_t upto = im.next_seq;  // everything retired before: seq < upto
   // A failing process barrier, or a deferrable callback that never lets its entry go,
   // would keep this waiting: bound it and say which.
-  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(30);
   while (im.oldest_pending_locked() < upto) {
     if (!im.options.background_reclaimer && !im.queue.empty()) {
-      // No reclaimer: this caller reclaims.
-      if (Status st = im.reclaim_queue(*this, lk); !st.ok()) return st;
+      // No reclaimer: this caller reclaims. A grace period not over by the deadline puts
+      // the batch back unreclaimed (reclaim_queue()).
+      if (Status st = im.reclaim_queue(*this, lk, timed_grace_period ? &deadline : nullptr); !st.ok()) return st;
       if (im.oldest_pending_locked() < upto && im.inflight_min.empty())
         return Status(Errc::busy, 0, "barrier: a deferrable callback keeps deferring its entry");
       continue;
     }
     if (im.options.background_reclaimer) im.q_cv.notify_one();
     if (im.done_cv.wait_until(lk, deadline) == std::cv_status::timeout && im.oldest_pending_locked() < upto)
-      return Status(Errc::timeout, 0,
-                    "barrier: retired entries not reclaimed (process barrier failing, or a deferrable callback keeps deferring)");
+      return timed_grace_period
+                 ? Status(Errc::timeout, 0, "barrier: retired entries not reclaimed by the deadline")
+                 : Status(Errc::timeout, 0,
+                          "barrier: retired entries not reclaimed (process barrier failing, or a deferrable callback keeps deferring)");
   }
   return {};
+}
+
+Status GraceDomain::add_quiescent_nudge(void (*fn)(void* ctx), void* ctx) noexcept {
+  if (!fn) return Status(Errc::invalid_argument, 0, "add_quiescent_nudge: null function");
+  auto& im = *impl_;
+  std::lock_guard<std::mutex> g(im.nudge_mu);
+  try {
+    im.nudges.push_back(Impl::Nudge{fn, ctx});
+  } catch (const std::bad_alloc&) {
+    return Status(Errc::out_of_memory, 0, "add_quiescent_nudge");
+  }
+  return {};
+}
+
+Status GraceDomain::remove_quiescent_nudge(void (*fn)(void* ctx), void* ctx) noexcept {
+  auto& im = *impl_;
+  // Held by nudge_readers() while nudges run: a call in progress returns first.
+  std::lock_guard<std::mutex> g(im.nudge_mu);
+  for (auto it = im.nudges.begin(); it != im.nudges.end(); ++it)
+    if (it->fn == fn && it->ctx == ctx) {
+      im.nudges.erase(it);
+      return {};
+    }
+  return Status(Errc::invalid_argument, 0, "remove_quiescent_nudge: not installed");
 }
 
 GraceStats GraceDomain::stats() const noexcept {
@@ -548,6 +771,9 @@ GraceStats GraceDomain::stats() const noexcept {
   s.reclaimed = read_once(im.reclaimed);
   s.inline_reclaims = read_once(im.inline_reclaims);
   s.deferred = read_once(im.deferred);
+  s.timeouts = read_once(im.timeouts);
+  s.abandoned = read_once(im.abandoned);
+  s.nudges = read_once(im.nudge_calls);
   return s;
 }
 

@@ -1,5 +1,6 @@
 #include <jitpatch/percpu.hpp>
 
+#include <jitpatch/internal/runtime_deps.hpp>
 #include <jitpatch/internal/runtime_testing.hpp>
 
 #include <sched.h>
@@ -138,6 +139,10 @@ Result<std::unique_ptr<PerCpuLog>> PerCpuLog::create(const PerCpuLogOptions& opt
   log->capacity_ = options.capacity;
   log->wait_timeout_ = options.wait_timeout;
   log->rt_ = rt;
+  // rseq mode fences through the Runtime in every harvest(): a user of it until
+  // ~PerCpuLog() (runtime_deps.hpp), also when create() fails below. Atomic mode never
+  // calls it, so it does not count.
+  if (log->rseq_) detail::runtime_add_dependent(*rt, "PerCpuLog");
   auto slots = PerCpu<Slot>::create(log->cpus_);
   if (!slots) return slots.status();
   log->slots_ = std::move(slots.value());
@@ -159,6 +164,7 @@ Result<std::unique_ptr<PerCpuLog>> PerCpuLog::create(const PerCpuLogOptions& opt
 PerCpuLog::~PerCpuLog() {
   for (unsigned c = 0; c < slots_.size(); ++c)
     for (Buffer* b : slots_[c].buffers) detail::percpu_free(b);
+  if (rseq_) detail::runtime_remove_dependent(*rt_, "PerCpuLog");
 }
 
 // Harvester only (under mu_, or tests with no harvest running): `active` is written only

@@ -10,13 +10,17 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <climits>
 #include <csignal>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <mutex>
 #include <new>
 #include <vector>
 
+#include <jitpatch/internal/fatal.hpp>
+#include <jitpatch/internal/runtime_deps.hpp>
 #include <jitpatch/internal/signal_chain.hpp>
 #include <jitpatch/internal/runtime_testing.hpp>
 
@@ -133,6 +137,9 @@ void on_signal(int sig, siginfo_t* si, void* uc) {
   errno = saved_errno;
 }
 
+// An Operation argument that names one of the three (a cast integer may not).
+bool valid_operation(Operation op) { return static_cast<unsigned>(op) <= static_cast<unsigned>(Operation::rseq_fence); }
+
 bool is_acked(std::uint32_t ack, std::uint32_t seq) { return static_cast<std::int32_t>(ack - seq) >= 0; }
 
 long monotonic_ns() {
@@ -240,12 +247,23 @@ struct Runtime::Impl {
   bool handler_installed = false;
   int signo = 0;
 
+  // The objects that use this Runtime, counted by kind (runtime_deps.hpp); ~Runtime()
+  // aborts while any count is nonzero. Guarded by deps_mu.
+  static constexpr int kDepKinds = 8;
+  struct Dependents {
+    const char* kind = nullptr;
+    std::size_t count = 0;
+  };
+  std::mutex deps_mu;
+  Dependents deps[kDepKinds];
+
   std::uint8_t* cur(Operation op) { return &current[static_cast<int>(op)]; }
   Strategy strategy(Operation op) const { return static_cast<Strategy>(read_once(current[static_cast<int>(op)])); }
   void set_strategy(int i, Strategy s) { write_once(current[i], static_cast<std::uint8_t>(s)); }
 
   void probe();
   void register_membarrier();
+  void check_no_dependents();
   bool usable(Operation op, Strategy s) const;
   Strategy best(Operation op, Strategy at_or_below) const;
   Status run_membarrier(Operation op, int cpu);
@@ -408,7 +426,10 @@ Status Runtime::Impl::run_signals() {
   // Wait without the registry lock: targets may attach/detach meanwhile. A target that
   // detaches acknowledges on its own behalf (detach executes the barrier itself), and its
   // record stays valid memory (records are pooled, never freed).
-  const long deadline = monotonic_ns() + options.ack_timeout.count() * 1000000L;
+  // ack_timeout is positive (create() checks); saturate instead of overflowing.
+  const long now = monotonic_ns();
+  const long ms = static_cast<long>(options.ack_timeout.count());
+  const long deadline = ms > (LONG_MAX - now) / 1000000L ? LONG_MAX : now + ms * 1000000L;
   for (ThreadRecord* r : targets) {
     for (int spins = 0;; ++spins) {
       // Acquire: pairs with on_signal()'s (or detach()'s) store_release of `ack`, which
@@ -435,6 +456,7 @@ Status Runtime::Impl::run_signals() {
 }
 
 Status Runtime::Impl::run(Operation op, Strategy s, int cpu) {
+  if (!valid_operation(op)) return Status(Errc::invalid_argument, 0, "no such operation");
   if (op == Operation::rseq_fence && (cpu < Runtime::all_cpus || (caps.cpus_configured && cpu >= static_cast<int>(caps.cpus_configured))))
     return Status(Errc::invalid_argument, 0, "rseq_fence: no such CPU");
   switch (s) {
@@ -450,7 +472,8 @@ Status Runtime::Impl::run(Operation op, Strategy s, int cpu) {
     case Strategy::none: return Status(Errc::unavailable, 0, "no strategy left for this operation");
     case Strategy::automatic: break;
   }
-  return Status(Errc::invalid_argument, 0, "strategy 'auto' is not runnable");
+  if (s == Strategy::automatic) return Status(Errc::invalid_argument, 0, "strategy 'auto' is not runnable");
+  return Status(Errc::invalid_argument, 0, "no such strategy");
 }
 
 Status Runtime::Impl::run_current(Operation op, int cpu) {
@@ -485,6 +508,11 @@ Result<std::unique_ptr<Runtime>> Runtime::create(const RuntimeOptions& options_i
   const Strategy wanted[3] = {options.process_barrier, options.serialize_cores, options.rseq_fence};
   if (wanted[1] == Strategy::mprotect || wanted[2] == Strategy::mprotect)
     return Status(Errc::invalid_argument, 0, "mprotect only implements process_barrier");
+  for (Strategy w : wanted) {
+    if (static_cast<unsigned>(w) > static_cast<unsigned>(Strategy::none))
+      return Status(Errc::invalid_argument, 0, "no such strategy");
+  }
+  if (options.ack_timeout.count() <= 0) return Status(Errc::invalid_argument, 0, "ack_timeout must be positive");
 
   std::lock_guard<std::mutex> g(g_registry_mu);
   // Acquire, as in current(); under g_registry_mu, which every store of g_runtime holds.
@@ -562,31 +590,95 @@ Result<std::unique_ptr<Runtime>> Runtime::create(const RuntimeOptions& options_i
 Runtime* Runtime::current() noexcept { return load_acquire(&g_runtime); }
 
 Runtime::~Runtime() {
+  if (impl_) impl_->check_no_dependents();
   std::lock_guard<std::mutex> serial(g_broadcast_mu);  // no broadcast is using impl_
   std::lock_guard<std::mutex> g(g_registry_mu);
-  // Threads still attached keep their records (their attachments return them to the
-  // pool); they just stop being part of any broadcast.
-  for (ThreadRecord* r = g_threads; r;) {
-    ThreadRecord* n = r->next;
-    r->linked = false;
-    r->prev = r->next = nullptr;
-    r = n;
-  }
-  g_threads = nullptr;
-  g_thread_count = 0;
+  // Threads still attached stay in the registry, which belongs to the process, not to
+  // this object: their attachments detach as usual later, and a Runtime created after
+  // this one covers them (attach_current_thread() finds them attached). Nothing in a
+  // ThreadRecord points to the Runtime.
   // Release like every store of g_runtime (pairs with current()'s load_acquire); a
   // reader that sees nullptr needs nothing from it.
   store_release(&g_runtime, static_cast<Runtime*>(nullptr));
   if (impl_ && impl_->mprotect_page) ::munmap(impl_->mprotect_page, static_cast<std::size_t>(::getpagesize()));
 }
 
+// --- dependents (runtime_deps.hpp) -------------------------------------------------------
+
+void Runtime::Impl::check_no_dependents() {
+  std::lock_guard<std::mutex> g(deps_mu);
+  std::size_t total = 0;
+  int kinds = 0;
+  for (const Dependents& d : deps) {
+    if (d.count == 0) continue;
+    total += d.count;
+    ++kinds;
+  }
+  if (total == 0) return;
+  // "1 CodeHeap, 2 GraceDomains and 1 Safepoints"
+  char list[512];
+  std::size_t n = 0;
+  int listed = 0;
+  for (const Dependents& d : deps) {
+    if (d.count == 0) continue;
+    const std::size_t len = std::strlen(d.kind);
+    const bool plural = d.count > 1 && len > 0 && d.kind[len - 1] != 's';
+    const char* sep = listed == 0 ? "" : listed == kinds - 1 ? " and " : ", ";
+    const int w = std::snprintf(list + n, sizeof list - n, "%s%zu %s%s", sep, d.count, d.kind, plural ? "s" : "");
+    if (w < 0 || static_cast<std::size_t>(w) >= sizeof list - n) break;
+    n += static_cast<std::size_t>(w);
+    ++listed;
+  }
+  detail::fatal("Runtime destroyed while %s still %s it: destroy %s first", list, total == 1 ? "uses" : "use",
+                total == 1 ? "it" : "them");
+}
+
+namespace detail {
+
+struct RuntimeDepsAccess {
+  using Impl = Runtime::Impl;
+
+  static void add(Runtime& rt, const char* kind) noexcept {
+    Impl& im = *rt.impl_;
+    std::lock_guard<std::mutex> g(im.deps_mu);
+    Impl::Dependents* free_slot = nullptr;
+    for (Impl::Dependents& d : im.deps) {
+      if (d.kind && std::strcmp(d.kind, kind) == 0) {
+        ++d.count;
+        return;
+      }
+      if (!d.kind && !free_slot) free_slot = &d;
+    }
+    if (!free_slot) fatal("runtime_add_dependent(%s): more than %d kinds of dependents", kind, Impl::kDepKinds);
+    free_slot->kind = kind;
+    free_slot->count = 1;
+  }
+
+  static void remove(Runtime& rt, const char* kind) noexcept {
+    Impl& im = *rt.impl_;
+    std::lock_guard<std::mutex> g(im.deps_mu);
+    for (Impl::Dependents& d : im.deps) {
+      if (d.kind && std::strcmp(d.kind, kind) == 0 && d.count > 0) {
+        --d.count;
+        return;
+      }
+    }
+    fatal("runtime_remove_dependent(%s): no %s is registered with this Runtime", kind, kind);
+  }
+};
+
+void runtime_add_dependent(Runtime& rt, const char* kind) noexcept { RuntimeDepsAccess::add(rt, kind); }
+void runtime_remove_dependent(Runtime& rt, const char* kind) noexcept { RuntimeDepsAccess::remove(rt, kind); }
+
+}  // namespace detail
+
 const Capabilities& Runtime::capabilities() const noexcept { return impl_->caps; }
 
 Strategy Runtime::strategy(Operation op) const noexcept {
-  return impl_->strategy(op);
+  return valid_operation(op) ? impl_->strategy(op) : Strategy::none;
 }
 
-bool Runtime::can_use(Operation op, Strategy s) const noexcept { return impl_->usable(op, s); }
+bool Runtime::can_use(Operation op, Strategy s) const noexcept { return valid_operation(op) && impl_->usable(op, s); }
 
 Status Runtime::process_barrier() noexcept { return impl_->run_current(Operation::process_barrier, all_cpus); }
 Status Runtime::serialize_cores() noexcept { return impl_->run_current(Operation::serialize_cores, all_cpus); }
@@ -600,6 +692,10 @@ std::size_t Runtime::attached_thread_count() const noexcept {
   std::lock_guard<std::mutex> g(g_registry_mu);
   return g_thread_count;
 }
+
+// Only the thread itself writes its t_record (attach/detach): its own read needs no
+// ordering.
+bool Runtime::current_thread_attached() const noexcept { return read_once(t_record) != nullptr; }
 
 Result<ThreadAttachment> Runtime::attach_current_thread() noexcept {
   if (read_once(t_record) != nullptr) return Status(Errc::already_attached, 0, "this thread is already attached");
@@ -643,16 +739,30 @@ Result<ThreadAttachment> Runtime::attach_current_thread() noexcept {
 
 ThreadAttachment::ThreadAttachment(ThreadAttachment&& o) noexcept : record_(o.record_) { o.record_ = nullptr; }
 
+namespace {
+// Ending an attachment on another thread cannot detach it (only the thread can take itself
+// out of the registry, RT3), and dropping it would leave the thread attached with nobody
+// to detach it: the record would stay in every later broadcast. A destructor has no error
+// to return, so it says so and aborts.
+[[noreturn]] void ended_on_wrong_thread(const void* record, const char* what) noexcept {
+  detail::fatal("ThreadAttachment of thread %d %s on thread %d: end it (destroy it or call detach()) on the "
+                "thread it attached",
+                static_cast<const ThreadRecord*>(record)->tid, what, static_cast<int>(sys::gettid()));
+}
+}  // namespace
+
 ThreadAttachment& ThreadAttachment::operator=(ThreadAttachment&& o) noexcept {
   if (this != &o) {
-    (void)detach();
+    if (!detach().ok()) ended_on_wrong_thread(record_, "assigned over");
     record_ = o.record_;
     o.record_ = nullptr;
   }
   return *this;
 }
 
-ThreadAttachment::~ThreadAttachment() { (void)detach(); }
+ThreadAttachment::~ThreadAttachment() {
+  if (!detach().ok()) ended_on_wrong_thread(record_, "destroyed");
+}
 
 Status ThreadAttachment::detach() noexcept {
   auto* rec = static_cast<ThreadRecord*>(record_);

@@ -6,8 +6,12 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <cstdio>
 #include <new>
 #include <vector>
+
+#include <jitpatch/internal/fatal.hpp>
+#include <jitpatch/internal/runtime_deps.hpp>
 
 #include "safepoint_impl.hpp"
 
@@ -20,6 +24,7 @@ thread_local constinit SafepointThread* t_safepoint_thread __attribute__((tls_mo
 namespace sp_internal {
 thread_local SafepointsImpl* t_in_stop = nullptr;
 thread_local bool t_in_op = false;
+thread_local SafepointsImpl* t_reg_held = nullptr;
 }  // namespace sp_internal
 
 using namespace sp_internal;
@@ -89,18 +94,74 @@ Result<std::unique_ptr<Safepoints>> Safepoints::create(Runtime& rt, const Safepo
       return st;
     }
   }
+  // Created: a user of the Runtime until the destructor (runtime_deps.hpp).
+  detail::runtime_add_dependent(rt, "Safepoints");
+  sp->impl_->registered_with_runtime = true;
+  if (options.grace) {
+    // QSBR on safepoints: a managed thread reports only in its slow path, which it takes
+    // only when its poll word is armed; the domain's nudge arms it when a grace period
+    // waits for such a thread (nudge_quiescent(), safepoint_stop.cpp).
+    if (Status st = options.grace->add_quiescent_nudge(&Impl::nudge_quiescent_fn, sp->impl_.get()); !st.ok())
+      return st;
+    sp->impl_->nudge_installed = true;
+  }
   return sp;
 }
 
+// Destroying the registry while something still uses it would leave that something with
+// freed memory: an attached thread's SafepointThread (its next poll, transition or
+// detach), the jit layer's PollArmer (its destructor calls set_poll_armer(nullptr)), a
+// coordinator inside stop_the_world. Those are caller bugs a destructor cannot return,
+// so it aborts and says which.
 Safepoints::~Safepoints() {
   auto& s = *impl_;
+  if (t_in_stop == &s) detail::fatal("Safepoints destroyed inside its own stop_the_world function");
+  if (t_in_op) detail::fatal("Safepoints destroyed inside a handshake operation");
+  {
+    // A stop or handshake_all in progress on another thread holds coord_mu until it
+    // returns, and uses this object until then.
+    std::unique_lock<std::mutex> busy(s.coord_mu, std::try_to_lock);
+    if (!busy.owns_lock())
+      detail::fatal("Safepoints destroyed while a stop_the_world or handshake_all is in progress");
+  }
+  {
+    std::lock_guard<std::mutex> g(s.reg_mu);
+    if (s.count != 0) {
+      // "2 threads are still attached (tids 4711, 4712 adopted)"
+      char tids[256];
+      std::size_t n = 0;
+      bool any_adopted = false;
+      for (SafepointRecord* r = s.threads; r; r = r->next) {
+        if (sizeof tids - n < 32) {
+          std::snprintf(tids + n, sizeof tids - n, ", ...");
+          break;
+        }
+        const int w = std::snprintf(tids + n, sizeof tids - n, "%s%d%s", n ? ", " : "", static_cast<int>(r->tid()),
+                                    r->adopted ? " adopted" : "");
+        if (w > 0) n += static_cast<std::size_t>(w);
+        any_adopted |= r->adopted;
+      }
+      detail::fatal("Safepoints destroyed while %zu thread%s still attached (tids %s): detach them first%s", s.count,
+                    s.count == 1 ? " is" : "s are", tids,
+                    any_adopted ? " (an adopted thread stays attached until it exits)" : "");
+    }
+  }
+  {
+    std::lock_guard<std::mutex> g(s.armer_mu);
+    if (s.armer)
+      detail::fatal("Safepoints destroyed while a PollArmer is still installed (the jit layer's SafepointPolls): "
+                    "destroy it, or set_poll_armer(nullptr), first");
+  }
+  // Without reg_mu held: removal waits for a nudge in progress, which may be
+  // trying reg_mu itself (it only tries: no deadlock either way).
+  if (s.nudge_installed) (void)s.opt.grace->remove_quiescent_nudge(&Impl::nudge_quiescent_fn, &s);
   uninstall_page_polls(&s);
   std::lock_guard<std::mutex> g(s.reg_mu);
   for (SafepointRecord* r : s.all) {
-    if (r->linked) continue;  // still attached: a caller bug; leave it (see the header)
     if (r->page()) ::munmap(r->page(), s.page_size);
     delete r;
   }
+  if (s.registered_with_runtime) detail::runtime_remove_dependent(*s.rt, "Safepoints");
 }
 
 Runtime& Safepoints::runtime() const noexcept { return *impl_->rt; }
@@ -223,7 +284,7 @@ Status SafepointAttachment::detach() noexcept {
   GraceReader reader;
   ThreadAttachment rt_att;
   {
-    std::lock_guard<std::mutex> g(s.reg_mu);
+    RegistryLock g(s);  // caller code (the pending operations) runs under it
     // Nobody can queue an operation now (requesters queue under reg_mu): run the rest.
     {
       std::lock_guard<std::mutex> h(r->hs_mu);
@@ -258,7 +319,7 @@ void Safepoints::for_each_impl(FnT fn) {
     for (SafepointRecord* r = s.threads; r; r = r->next) fn(*r);
     return;
   }
-  std::lock_guard<std::mutex> g(s.reg_mu);
+  RegistryLock g(s);
   for (SafepointRecord* r = s.threads; r; r = r->next) fn(*r);
 }
 

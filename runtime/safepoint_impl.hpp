@@ -5,7 +5,7 @@
 // layer implements (jit/safepoint_polls.cpp).
 //
 // Ordering summary. The pairs are catalogued, with scenarios, in docs/memory-ordering.md
-// section 11 (SP1-SP12); each is also named where it is used.
+// section 11 (SP1-SP13); each is also named where it is used.
 //   arming (SP1):  request (stop_seq odd / handshake queued) ; fetch_or_release into the
 //                  poll word ; barrier B ; load_acquire of the state. Against the
 //                  mutator's store state=managed ; barrier b ; load of the poll word.
@@ -22,6 +22,10 @@
 //   handshakes (SP6, SP7): hs_pending (release RMWs / the slow path's load_acquire) and
 //                  HsOp::done (store_release / the requester's load_acquire).
 //   sleeping (SP8): notify() / wait_until(), a store-buffering pair on progress/sleepers.
+//   QSBR nudge (SP13): the grace domain's counter advance ; fetch_or_release into the
+//                  poll word (nudge_quiescent()). Against the owner's xchg of the word ;
+//                  quiescent()'s load_acquire of the counter: the report carries the
+//                  advanced counter.
 #pragma once
 
 #include <jitpatch/export.hpp>
@@ -70,6 +74,10 @@ struct HsOp {
 // while it coordinates a stop (nested requests run at once). Defined in safepoint.cpp.
 extern JITPATCH_HIDDEN thread_local SafepointsImpl* t_in_stop;
 extern JITPATCH_HIDDEN thread_local bool t_in_op;
+// The Safepoints whose reg_mu this thread holds where caller code may run under it
+// (RegistryLock below): the QSBR nudge then arms under that lock instead of trying it,
+// which std::mutex does not allow its owner.
+extern JITPATCH_HIDDEN thread_local SafepointsImpl* t_reg_held;
 
 }  // namespace sp_internal
 
@@ -114,6 +122,7 @@ struct SafepointRecord : SafepointThread {
 struct Safepoints::Impl {
   Runtime* rt = nullptr;
   Safepoints* self = nullptr;
+  bool registered_with_runtime = false;  // create() completed: ~Safepoints() unregisters
   SafepointOptions opt;
   bool symmetric = false;
   std::size_t page_size = 4096;
@@ -235,6 +244,14 @@ struct Safepoints::Impl {
   }
   std::uint64_t stats_patch_arms = 0;
 
+  // QSBR (opt.grace): the GraceDomain's quiescent nudge, installed by create() and
+  // removed by the destructor (safepoint_stop.cpp). Sends every managed thread through
+  // its slow path, which reports quiescent(); never blocks on reg_mu (it tries it, or
+  // uses it when this thread holds it: RegistryLock), never waits for a thread.
+  bool nudge_installed = false;
+  void nudge_quiescent() noexcept;
+  static void nudge_quiescent_fn(void* self) noexcept { static_cast<Safepoints::Impl*>(self)->nudge_quiescent(); }
+
   void run_ops(SafepointRecord* r, bool by_req) noexcept;
   void record_stop(std::uint64_t ttsp, std::uint64_t at, pid_t slow_tid, std::uint64_t slow_ns, std::size_t n) noexcept;
 };
@@ -248,6 +265,21 @@ inline SafepointRecord* self_in(SafepointsImpl& s) noexcept {
   auto* t = detail::t_safepoint_thread;
   return t && impl_of(t) == &s ? static_cast<SafepointRecord*>(t) : nullptr;
 }
+
+// reg_mu around code that may run caller code: a stop (its fn), for_each_thread() (its
+// fn), detach() (pending handshake operations). Records the ownership in t_reg_held for
+// the QSBR nudge (nudge_quiescent()), restoring the previous value on the way out.
+class RegistryLock {
+ public:
+  explicit RegistryLock(SafepointsImpl& s) noexcept : g_(s.reg_mu), prev_(t_reg_held) { t_reg_held = &s; }
+  ~RegistryLock() { t_reg_held = prev_; }  // before g_ unlocks
+  RegistryLock(const RegistryLock&) = delete;
+  RegistryLock& operator=(const RegistryLock&) = delete;
+
+ private:
+  std::lock_guard<std::mutex> g_;
+  SafepointsImpl* prev_;
+};
 
 // An attached caller waits as `blocked` (safe) and comes back through the checked
 // transition. Restores only what it changed.

@@ -85,6 +85,55 @@ void detail::safepoint_slow(SafepointThread* t, const void* site) noexcept {
   if (q) q->quiescent();
 }
 
+// --- the QSBR nudge ---------------------------------------------------------------------
+
+// With SafepointOptions::grace a managed thread is an online qsbr reader that reports
+// only in its slow path, and polls take the slow path only when armed: without stops or
+// handshakes it would hold every grace period up. GraceDomain calls this (its quiescent
+// nudge) when online qsbr readers have not reported after its spin phase, and again at
+// most once a millisecond while they still have not, on the thread running the round,
+// holding the domain's nudge lock and nothing else of the domain. It arms the poll word
+// (and, with page polls, the poll page) of every managed thread; each then disarms in
+// its slow path, finds no stop or handshake pending, and reports quiescent() on the way
+// out (the loop above ends with it). Nothing here waits:
+//   - reg_mu is only tried. A stop holds it for its whole duration, and the caller may be
+//     a thread that stop waits for (an attached mutator in synchronize() is still
+//     managed): a blocking lock would hold that stop up to its timeout, and the stop
+//     would hold the round up. While the stop runs, it sends every managed thread through
+//     the slow path itself (parked is offline), and the round's next nudge tries again.
+//     attach/detach/handshake queueing hold it briefly; the next nudge retries.
+//   - A thread that holds reg_mu itself where caller code runs (t_reg_held: its own stop's
+//     fn, a for_each_thread() fn, the operations detach() runs) arms under that lock:
+//     std::mutex may not be tried by its owner. In its own stop every other thread is
+//     safe, so there is nothing to arm.
+//   - No barrier and no waiting for the threads: a thread seen native/blocked/parked
+//     (a hint) is offline, and one that goes managed afterwards comes online with the
+//     counter it then reads; if that read is stale, the grace domain's scan finds it not
+//     reported and the next nudge sees it managed.
+//   - arm_page() takes the thread's page_mu, which others hold only around one
+//     mprotect().
+// Lock order: the domain's nudge lock, then reg_mu (tried), then page_mu. A thread that
+// holds reg_mu and runs a round takes the nudge lock after it, the other way round, which
+// is why reg_mu is never waited for here.
+// The arming is a release (SP13): it follows the domain's counter advance in this
+// thread's program order, and the owner's xchg that reads it (fully ordered) orders
+// quiescent()'s load_acquire of the counter after it, so the report carries the new
+// value and counts for the round that nudged.
+void SafepointsImpl::nudge_quiescent() noexcept {
+  std::unique_lock<std::mutex> g(reg_mu, std::defer_lock);
+  if (t_reg_held != this && !g.try_lock()) return;
+  SafepointRecord* me = self_in(*this);
+  for (SafepointRecord* r = threads; r; r = r->next) {
+    if (r == me) continue;  // the caller is offline for its wait (GraceDomain::CallerScope)
+    // Acquire (state()), more than needed: the state is only a hint here.
+    if (r->state() != ThreadState::managed) continue;
+    // SP13: pairs with safepoint_slow()'s xchg of the poll word (see above). Under
+    // reg_mu, as every arming: the record is linked and cannot be reset meanwhile.
+    fetch_or_release(r->pw(), kArmed);
+    if (opt.poll_kinds & page_poll) arm_page(r);
+  }
+}
+
 // --- stop the world ---------------------------------------------------------------------
 
 void SafepointsImpl::record_stop(std::uint64_t ttsp, std::uint64_t at, pid_t slow_tid, std::uint64_t slow_ns,
@@ -123,7 +172,7 @@ Status Safepoints::stop_impl(detail::FnRef<void()> fn) noexcept {
   CallerSafe safe(me);
 
   std::lock_guard<std::mutex> cg(s.coord_mu);
-  std::lock_guard<std::mutex> rg(s.reg_mu);
+  RegistryLock rg(s);
   const std::uint64_t t0 = now_ns();
   const std::uint64_t deadline = t0 + static_cast<std::uint64_t>(s.opt.timeout.count()) * 1000000ull;
   // Only coordinators write stop_seq, one at a time (coord_mu): this reads our own value.

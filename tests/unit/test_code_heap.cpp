@@ -215,7 +215,7 @@ TEST_CASE("code heap: reused memory is dirty until one serialization per batch",
   CHECK(heap->stats().serializations == before + 1);
 }
 
-TEST_CASE("code heap: freed memory at the top stays dirty; never-used memory above it is clean", "[unit][heap]") {
+TEST_CASE("code heap: freed memory at the top stays dirty, never-used memory above it is clean", "[unit][heap]") {
   auto rt = make_runtime();
   auto heap = make_heap(*rt, 64 << 10);
   auto a = heap->allocate(64);

@@ -65,7 +65,7 @@ TEST_CASE("emitter: emitted functions run and return the right values", "[unit][
   CHECK(test::writable_and_executable() == "");
 }
 
-TEST_CASE("emitter: a body may emit another blob; errors leave the next emit clean", "[unit][emit]") {
+TEST_CASE("emitter: a body may emit another blob, errors leave the next emit clean", "[unit][emit]") {
   Fixture f;
   Emitter em(*f.heap);
   // The nested emit runs while the outer one holds this thread's cached CodeHolder.

@@ -220,7 +220,7 @@ TEST_CASE("grace: concurrent synchronize calls share rounds", "[grace]") {
   CHECK(s.grace_periods <= static_cast<std::uint64_t>(kThreads * kCalls));
 }
 
-TEST_CASE("grace: retire runs deleters after a grace period; barrier waits for them", "[grace]") {
+TEST_CASE("grace: retire runs deleters after a grace period, barrier waits for them", "[grace]") {
   auto rt = make_runtime();
   for (bool background : {true, false}) {
     GraceOptions o;
@@ -319,7 +319,7 @@ TEST_CASE("grace: a deferrable entry is kept while its callback says so, and rec
   CHECK(b.final_seen);
 }
 
-TEST_CASE("grace: retire_code frees a blob after a grace period; the scan hook defers it", "[grace]") {
+TEST_CASE("grace: retire_code frees a blob after a grace period, the scan hook defers it", "[grace]") {
   test::PatchFixture fx;
   auto d = make_domain(*fx.rt);
   BlobRef a = fx.constant(11);

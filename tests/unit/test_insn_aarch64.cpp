@@ -257,7 +257,7 @@ TEST_CASE("aarch64 BR encode, decode and agree with Capstone", "[unit][arch]") {
   CHECK_FALSE(a64::decode_br(a64::kNop).has_value());
 }
 
-TEST_CASE("aarch64 far-branch veneer: LDR x16, slot; BR x16", "[unit][arch]") {
+TEST_CASE("aarch64 far-branch veneer: LDR x16, slot, then BR x16", "[unit][arch]") {
   REQUIRE(cs().ok());
   // Veneer at 0x5000: ldr x16, #slot ; br x16 ; slot (8-aligned) at 0x5008.
   const std::uint64_t veneer = 0x5000;

@@ -688,7 +688,7 @@ TEST_CASE("safepoint: QSBR grace periods ride on safepoints", "[unit][safepoint]
   delete current.load();
 }
 
-TEST_CASE("safepoint: detaching a parked thread from elsewhere is refused; it detaches itself after the stop",
+TEST_CASE("safepoint: detaching a parked thread from elsewhere is refused, it detaches itself after the stop",
           "[unit][safepoint]") {
   auto rt = make_runtime();
   auto sp = make_sp(*rt);

@@ -530,7 +530,7 @@ TEST_CASE("visibility: bad input is invalid_argument and changes nothing", "[uni
   CHECK(v.loaded_count() == 2);
 }
 
-TEST_CASE("visibility: the environment turns sinks on and off; bad values are refused", "[unit]") {
+TEST_CASE("visibility: the environment turns sinks on and off, bad values are refused", "[unit]") {
   TempDir dir;
   {
     EnvGuard g("JITPATCH_GDB", "1");

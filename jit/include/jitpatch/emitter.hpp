@@ -243,7 +243,9 @@ class Emitter {
   //
   // Destroy an Emitter after everything that uses it: the Patchers and SafepointPolls
   // made with it, and the grace domains still holding blobs retire_code() gave them
-  // (otherwise the destructor aborts with a message naming them).
+  // (otherwise the destructor aborts with a message naming them: a Patcher or
+  // SafepointPolls left behind would use the destroyed Emitter on its next patch or
+  // arming).
   template <class F>
   Result<BlobRef> emit(std::string_view name, F&& body, const EmitOptions& options = {}) {
     // A non-owning callable reference: no std::function construction on this path.
@@ -282,9 +284,25 @@ class Emitter {
   CodeHeap& heap() const noexcept { return *heap_; }
   CodeRegistry* registry() const noexcept { return registry_; }
   std::size_t live_blobs() const noexcept;
+  // The objects made with this emitter that hold it (Patchers, SafepointPolls) and still
+  // exist. The destructor aborts unless it is 0.
+  std::size_t users() const noexcept;
 
  private:
   friend Status retire_code(GraceDomain& domain, Emitter& emitter, BlobRef blob) noexcept;
+  friend class Patcher;
+  friend class SafepointPolls;
+  // One object that holds this emitter (a member of it), linked in users_ for the
+  // object's lifetime: add_user() in its constructor, remove_user() in its destructor.
+  // Creation and destruction only, never on an emit or patch path.
+  struct User {
+    const char* kind = nullptr;  // "Patcher", "SafepointPolls"
+    const void* object = nullptr;
+    User* prev = nullptr;
+    User* next = nullptr;
+  };
+  void add_user(User* u, const char* kind, const void* object) noexcept;
+  void remove_user(User* u) noexcept;
   Result<BlobRef> emit_impl(std::string_view name, Status (*thunk)(void*, EmitContext&), void* body,
                               const EmitOptions& options);
   CodeHeap* heap_;
@@ -304,6 +322,8 @@ class Emitter {
   std::size_t slab_count_ = 0;
   std::size_t live_count_ = 0;
   std::size_t pending_grace_ = 0;  // blobs retire_code() handed to grace domains, not freed yet
+  User* users_ = nullptr;          // guarded by mu_
+  std::size_t user_count_ = 0;     // guarded by mu_
   std::shared_ptr<const std::function<bool(const CodeBlob&)>> scan_hook_;  // guarded by mu_
   // Frees `blob`: checked against `ref` (free()), or known to be ours and unfreed (the
   // grace callback, emit's failure paths: ref == nullptr).

@@ -46,13 +46,16 @@ struct JitOptions {
   bool safepoints = false;
   SafepointOptions safepoint{};
   // QSBR rides on the safepoints: every attached thread is a qsbr reader of the Jit's
-  // grace domain (SafepointOptions::grace is set to it). Needs `safepoints`.
+  // grace domain (SafepointOptions::grace is set to it), and its grace periods end by
+  // themselves (the Safepoints' quiescent nudge arms the polls of managed threads; no
+  // stop or handshake is needed). Needs `safepoints`.
   bool qsbr_on_safepoints = false;
 };
 
 class Jit {
  public:
-  // `rt` must outlive the Jit. Errors: whatever creating a part returns (the heap's
+  // `rt` must outlive the Jit (destroying it first aborts with a message naming the Jit:
+  // docs/runtime.md). Errors: whatever creating a part returns (the heap's
   // reservation, a bad environment value, a second jitdump writer, ...), and
   // Errc::invalid_argument for qsbr_on_safepoints without safepoints.
   static Result<std::unique_ptr<Jit>> create(Runtime& rt, const JitOptions& options = {}) noexcept;
@@ -96,7 +99,7 @@ class Jit {
   SafepointPolls* safepoint_polls() const noexcept { return polls_.get(); }
 
  private:
-  explicit Jit(Runtime& rt) noexcept : rt_(&rt) {}
+  explicit Jit(Runtime& rt) noexcept;  // registers with rt (its destructor unregisters)
   Runtime* rt_;
   // Declaration order is construction order; destruction runs in reverse.
   std::unique_ptr<CodeHeap> heap_;

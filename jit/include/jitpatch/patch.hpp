@@ -20,11 +20,15 @@
 // through a veneer (a far jump through a data slot, emitted once per target and reused);
 // nothing is ever encoded as a silently wrong branch.
 //
-// Validation (default on; always on in debug builds): before writing, the patcher checks
-// that the site lies in a live blob, decodes the bytes there, and checks they are the
-// instruction the site kind expects, in the alignment the protocol needs. A failure
-// writes nothing, returns Errc::invalid_argument naming the reason, and leaves the site's
-// disassembly in last_error_detail().
+// Checks, always on: the site must lie, with the bytes the patch reads or writes, inside a
+// live blob of the CodeRegistry and inside this patcher's heap (nothing at a site is read
+// before that), the operation must match the site kind, the stores must have the
+// alignment the protocol needs, and a call/jump/toggle/entry target must be a canonical
+// user-space address in executable memory (PatcherOptions::check_targets). Validation
+// (default on; always on in debug builds) also decodes the bytes at the site and checks
+// they are the instruction the site kind expects. A failure writes nothing and returns
+// Errc::invalid_argument naming the reason; last_error_detail() says why, with the site's
+// disassembly when the site is in live code (never for an address it rejected).
 //
 // The breakpoint protocol (PatchBatch::replace), for rewriting up to 16 bytes of arbitrary
 // instructions in place, the kernel's text_poke_bp sequence: write a trap (x86 INT3,
@@ -40,7 +44,10 @@
 // other instructions there is only safe when no other thread runs the code.
 //
 // Patching requires the dual-mapped heap when other threads run the code (the
-// protection-flip heap makes the page non-executable while it writes).
+// protection-flip heap makes the page non-executable while it writes): on a
+// protection-flip heap a commit is refused (Errc::unavailable) while threads other than
+// the caller are attached to the Runtime, unless
+// PatcherOptions::allow_flip_with_attached_threads says none of them runs the code.
 #pragma once
 
 #include <cstddef>
@@ -49,6 +56,7 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include <jitpatch/emitter.hpp>
@@ -61,6 +69,19 @@ class CodeRegistry;
 struct PatcherOptions {
   // Decode and check every site before writing it. Forced on when NDEBUG is not defined.
   bool validate = true;
+  // Check every call/jump retarget, toggle and entry-redirect target before writing: a
+  // canonical user-space address inside executable memory, that is this heap's RX range
+  // or an executable mapping of the process (/proc/self/maps, read on the first target
+  // outside the heap and again whenever a target is not in the cached list).
+  // Errc::invalid_argument otherwise. Data-slot values (write_slot, far jumps) are data
+  // and never checked. Turn it off only for targets that become executable later.
+  bool check_targets = true;
+  // Protection-flip heaps only: commit even while threads other than the caller are
+  // attached to the Runtime. By default such a commit is refused (Errc::unavailable),
+  // because the heap makes the code non-executable while it writes and a thread running
+  // it would fault. Set it when the other attached threads never run this heap's code
+  // while a patch is committed (helper threads attached only for the signal fallback).
+  bool allow_flip_with_attached_threads = false;
 };
 
 struct PatcherStats {
@@ -92,7 +113,10 @@ class Patcher {
   Status redirect_entry(const CodeBlob& blob, const void* target) noexcept;
   Status restore_entry(const CodeBlob& blob) noexcept;
 
-  // Why the last failed call on this thread failed, with the site's disassembly.
+  // The detail of the last failed call on this thread; empty after a successful one.
+  // Every Patcher call and PatchBatch::commit()/try_commit() clears it when it starts.
+  // A rejected site in live code comes with the site's disassembly; an address that is
+  // not in live code is named, never read.
   static const std::string& last_error_detail() noexcept;
   // Threads currently parked in the SIGTRAP handler, waiting for a breakpoint batch.
   static int trap_waiters() noexcept;
@@ -115,31 +139,48 @@ class Patcher {
     std::uint64_t value;  // target address or slot value
     std::uint8_t bytes[16] = {};  // replace: the new bytes
     std::uint8_t length = 0;
+    const char* error = nullptr;  // a misuse found while the batch was built: reported by commit()
   };
   Status validate_replace(const Request& r) noexcept;
+  Result<const CodeBlob*> live_range(const Request& r, std::size_t len) noexcept;
+  Status check_target(const Request& r, std::uint64_t target) noexcept;
+  Result<bool> executable(std::uint64_t target) noexcept;
+  Status check_flip_heap() noexcept;
   Status commit_breakpoint(const std::vector<Request>& requests, std::vector<Planned>& atomic) noexcept;
   Status write_bytes(std::byte* at, const std::uint8_t* bytes, std::size_t n) noexcept;
   void (*round_hook_)(int, void*) = nullptr;
   void* round_hook_arg_ = nullptr;
   std::vector<std::byte*> trap_sites_;            // the current breakpoint batch's sites, sorted
   std::vector<std::vector<std::byte*>> retired_trap_tables_;  // kept: a handler may still read one
-  Patcher(Emitter& emitter, bool validate) noexcept;
+  Patcher(Emitter& emitter, const PatcherOptions& options, bool validate) noexcept;
   Status plan(const Request& r, Planned* out) noexcept;
   Status commit(const std::vector<Request>& requests, bool wait) noexcept;
+  Status commit_locked(const std::vector<Request>& requests, bool wait) noexcept;
   Result<std::byte*> veneer_for(std::uint64_t target) noexcept;
 
   Emitter* emitter_;
+  Emitter::User user_;  // in emitter_'s users from construction to destruction
   CodeHeap* heap_;
   CodeRegistry* registry_;
   bool validate_;
+  bool check_targets_;
+  bool allow_flip_threads_;
   std::mutex commit_mu_;   // one batch at a time
+  // Executable mappings of the process outside the heap, [begin, end) sorted, from
+  // /proc/self/maps: read lazily and again on a miss. Guarded by commit_mu_.
+  std::vector<std::pair<std::uintptr_t, std::uintptr_t>> exec_ranges_;
   std::mutex veneer_mu_;
   std::map<std::uint64_t, CodeBlob*> veneers_;
   PatcherStats stats_;
 };
 
 // Many patches, one serialization round, whatever their number. Build it on one thread;
-// commit() validates everything first and writes nothing if any patch is invalid.
+// commit() validates everything first and writes nothing if any patch is invalid. The
+// adding calls cannot fail: a misuse they see (replace() with no bytes, n == 0 or
+// n > 16; redirect_entry()/restore_entry() of a blob that is not live or has no
+// redirectable entry) is kept in the batch and reported by commit() as
+// Errc::invalid_argument. A committed batch keeps its patches: committing it again
+// applies them again, checked again.
 class PatchBatch {
  public:
   explicit PatchBatch(Patcher& patcher) noexcept : patcher_(&patcher) {}
@@ -164,6 +205,7 @@ class PatchBatch {
  private:
   friend class Patcher;
   unsigned rounds_needed() const noexcept;
+  void add_entry(const CodeBlob& blob, bool on, const void* target);
   Patcher* patcher_;
   std::vector<Patcher::Request> requests_;
   unsigned rounds_ = 0;

@@ -51,7 +51,8 @@ class Patcher;
 // serialize_cores(), which doubles as the request's process barrier), and the last one
 // to end disarms them in another.
 //
-// Lifetime: `sp`, `emitter` and `patcher` must outlive this object. Destroy it before
+// Lifetime: `sp`, `emitter` and `patcher` must outlive this object (the Emitter's
+// destructor aborts, naming this object, if it still exists). Destroy it before
 // the Safepoints (it removes itself as the armer). The stub is freed with its emitter,
 // not with this object, since JIT code that still runs may call it. Thread-safe.
 class SafepointPolls final : public PollArmer {
@@ -87,6 +88,7 @@ class SafepointPolls final : public PollArmer {
   Status commit(const std::vector<const PatchSite*>& sites, bool on) noexcept;
   Safepoints* sp_;
   Emitter* emitter_;
+  Emitter::User user_;  // in emitter_'s users from construction to destruction
   Patcher* patcher_;
   BlobRef stub_blob_;
   mutable std::mutex mu_;  // sites_ and armed_

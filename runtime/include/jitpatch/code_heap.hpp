@@ -104,7 +104,11 @@ class CodeHeap {
  public:
   // Reserves the region. Errc::invalid_argument for a bad option; Errc::unsupported if the
   // forced strategy is refused here; Errc::out_of_memory if the reservation fails.
+  // `rt` must outlive the heap (destroying it first aborts with a message naming the
+  // CodeHeap, in every build).
   static Result<std::unique_ptr<CodeHeap>> create(Runtime& rt, const CodeHeapOptions& options = {}) noexcept;
+  // Every CodeWriter must be finished first: destroying the heap with one open aborts
+  // with a message saying so, in every build.
   ~CodeHeap();
   CodeHeap(const CodeHeap&) = delete;
   CodeHeap& operator=(const CodeHeap&) = delete;
@@ -115,7 +119,11 @@ class CodeHeap {
   Result<CodeRange> allocate(std::size_t size, std::size_t alignment = 16) noexcept;
   // Free an allocation by its start address. Errc::invalid_argument for an address that
   // is not the start of a live allocation (unknown, interior, or already freed); the heap
-  // is unchanged then. The memory becomes dirty. Thread-safe.
+  // is unchanged then. The memory becomes dirty. Debug builds (NDEBUG not defined) fill
+  // the freed range with traps (x86-64 INT3, aarch64 BRK #0) through the same W^X path as
+  // a writer, so a stale call into it gets SIGTRAP; with protection flip that takes the
+  // one-writer lock, so do not call it while holding an open writer of this heap.
+  // Thread-safe.
   Status free(const void* rx) noexcept;
 
   // Open a writer over [rx, rx + size), which must lie inside one live allocation.

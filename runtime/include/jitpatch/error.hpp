@@ -57,8 +57,18 @@ class [[nodiscard]] Status {
   const char* context_ = nullptr;
 };
 
-// A value or the Status saying why there is none. Minimal on purpose (no exceptions:
-// value() on an error is a caller bug and is checked in debug builds only).
+namespace detail {
+// Called by Result's checked accessors on an error Result: writes
+// "jitpatch: fatal: Result::value() on an error: <status message>" to stderr and aborts.
+// Out of line and cold, so the check at each call site is one compare and a not-taken
+// branch. Part of the API only because inline code calls it; not for direct use.
+[[noreturn]] __attribute__((cold)) void bad_result_access(const Status& error) noexcept;
+}  // namespace detail
+
+// A value or the Status saying why there is none. Minimal on purpose, and without
+// exceptions: value(), operator* and operator-> on an error Result are a caller bug and are
+// checked in every build (the process aborts with the Status's message, see
+// detail::bad_result_access()). Test ok() first, or use value_or().
 template <class T>
 class [[nodiscard]] Result {
  public:
@@ -87,13 +97,37 @@ class [[nodiscard]] Result {
   bool ok() const noexcept { return has_; }
   explicit operator bool() const noexcept { return has_; }
   const Status& status() const noexcept { return status_; }
-  T& value() & noexcept { return *ptr(); }
-  const T& value() const& noexcept { return *ptr(); }
-  T&& value() && noexcept { return std::move(*ptr()); }
-  T* operator->() noexcept { return ptr(); }
-  T& operator*() noexcept { return *ptr(); }
+  // Checked: abort with the Status's message when there is no value.
+  T& value() & noexcept { return *checked(); }
+  const T& value() const& noexcept { return *checked(); }
+  T&& value() && noexcept { return std::move(*checked()); }
+  T* operator->() noexcept { return checked(); }
+  const T* operator->() const noexcept { return checked(); }
+  T& operator*() & noexcept { return *checked(); }
+  const T& operator*() const& noexcept { return *checked(); }
+  T&& operator*() && noexcept { return std::move(*checked()); }
+  // The value, or `fallback` when there is none (never aborts).
+  T value_or(T fallback) const& noexcept(std::is_nothrow_copy_constructible_v<T> &&
+                                         std::is_nothrow_move_constructible_v<T>)
+    requires std::is_copy_constructible_v<T>
+  {
+    return has_ ? *ptr() : std::move(fallback);
+  }
+  T value_or(T fallback) && noexcept(std::is_nothrow_move_constructible_v<T>) {
+    return has_ ? std::move(*ptr()) : std::move(fallback);
+  }
 
  private:
+  T* checked() noexcept {
+    if (!has_) [[unlikely]]
+      detail::bad_result_access(status_);
+    return ptr();
+  }
+  const T* checked() const noexcept {
+    if (!has_) [[unlikely]]
+      detail::bad_result_access(status_);
+    return ptr();
+  }
   T* ptr() noexcept { return std::launder(reinterpret_cast<T*>(&storage_)); }
   const T* ptr() const noexcept { return std::launder(reinterpret_cast<const T*>(&storage_)); }
   void reset() noexcept {

@@ -21,7 +21,7 @@
 // process barrier exists, or GraceOptions::symmetric asks for it, the reader fences
 // itself with smp_mb() instead. unlock() also loads a wake-up word (a sleeping
 // synchronize()). Never a lock and never an atomic read-modify-write on the read side.
-// docs/memory-ordering.md (pairs GP1-GP6) writes every pairing out.
+// docs/memory-ordering.md (pairs GP1-GP7) writes every pairing out.
 //
 // The algorithm is the two-phase (parity flip) user-space RCU of Desnoyers et al.,
 // "User-Level Implementations of Read-Copy Update" (IEEE TPDS 2012), section 3.2 and 3.5
@@ -32,13 +32,16 @@
 //
 // A reader handle belongs to the thread that registered it: using it from another thread
 // is a caller bug (not detected). synchronize() from inside the caller's own read-side
-// section would wait forever: it returns Errc::invalid_argument instead.
+// section would wait forever: it returns Errc::invalid_argument instead. A reader that
+// never leaves its section (or a qsbr reader that never reports) holds every grace
+// period up: synchronize(deadline) and barrier(deadline) give up with Errc::timeout.
 #pragma once
 
 #include <jitpatch/arch.hpp>
 #include <jitpatch/error.hpp>
 #include <jitpatch/runtime.hpp>
 
+#include <chrono>
 #include <cstddef>
 #include <cstdint>
 #include <functional>
@@ -217,15 +220,24 @@ struct GraceStats {
   std::uint64_t reclaimed = 0;
   std::uint64_t inline_reclaims = 0;   // retire() calls that hit the capacity and synchronized
   std::uint64_t deferred = 0;          // deferrable entries kept for another grace period
+  std::uint64_t timeouts = 0;          // timed synchronize()/barrier() calls that returned Errc::timeout
+  std::uint64_t abandoned = 0;         // rounds given up at their runner's deadline (none completed)
+  std::uint64_t nudges = 0;            // quiescent nudges issued (add_quiescent_nudge())
 };
 
 class GraceDomain {
  public:
-  // `rt` provides process_barrier(); it must outlive the domain.
+  // `rt` provides process_barrier(); it must outlive the domain (destroying it first
+  // aborts with a message naming the GraceDomain, in every build).
   static Result<std::unique_ptr<GraceDomain>> create(Runtime& rt, const GraceOptions& options = {}) noexcept;
   // Drains: every retired callback runs (after a grace period) first; deferrable ones
   // with final = true. Destroy readers before their domain, and the domain before
-  // whatever its callbacks use (the emitters whose code it retires).
+  // whatever its callbacks use (the emitters whose code it retires). Destroying it while
+  // readers are still registered (a GraceReader alive on some thread, or a thread still
+  // attached to a Safepoints riding on it) or with a quiescent nudge installed (a
+  // Safepoints created with this domain still exists) aborts with a message naming the
+  // readers' count and tids (detail::fatal): the drain would wait for those readers, and
+  // their later unregistration would write into the freed domain.
   ~GraceDomain();
   GraceDomain(const GraceDomain&) = delete;
   GraceDomain& operator=(const GraceDomain&) = delete;
@@ -245,6 +257,18 @@ class GraceDomain {
   // section; the process barrier's error if it fails (then nothing is guaranteed and
   // retired memory stays queued).
   Status synchronize() noexcept;
+  // The same, but gives up at `deadline`: Errc::timeout when readers still hold the
+  // grace period then (nothing is guaranteed; memory unlinked before the call must not
+  // be freed yet). A round that needs no waiting succeeds even with a deadline in the
+  // past. Giving up leaves the domain consistent: other callers, with later deadlines or
+  // none, and the reclaimer still get full grace periods (the round this caller ran is
+  // abandoned and theirs starts afresh: grace.cpp, wait_for_round()). While an untimed
+  // caller (the reclaimer, synchronize() without a deadline) waits for a round, timed
+  // callers leave running it to that caller and wait for its round, up to their
+  // deadline, so they cannot starve it. The timeout overload is measured on
+  // steady_clock from the call.
+  Status synchronize(std::chrono::steady_clock::time_point deadline) noexcept;
+  Status synchronize(std::chrono::steady_clock::duration timeout) noexcept;
 
   // Deferred reclamation: deleter(p) runs after a grace period that began after this
   // call. When `retire_capacity` entries are pending, the caller synchronizes and
@@ -257,7 +281,35 @@ class GraceDomain {
   }
   // Returns when every callback retired before the call has run. Like synchronize(): a
   // qsbr caller is offline while it waits; refused inside the caller's own section.
+  // Gives up after 30 s with Errc::timeout when entries stay pending (a failing process
+  // barrier, a callback that keeps deferring; with the background reclaimer, also
+  // readers that hold the grace period); without the reclaimer its grace period is
+  // untimed, like synchronize().
   Status barrier() noexcept;
+  // The same with the caller's deadline for all of it (the grace period this caller may
+  // run without a background reclaimer included): Errc::timeout at the deadline. The
+  // entries not yet reclaimed stay queued; nothing is reclaimed before its grace period.
+  Status barrier(std::chrono::steady_clock::time_point deadline) noexcept;
+  Status barrier(std::chrono::steady_clock::duration timeout) noexcept;
+
+  // --- driving QSBR readers ---------------------------------------------------------
+  // A qsbr reader reports only where its thread passes a quiescent point; a thread that
+  // passes one only when asked (a safepoint poll that takes the slow path only when its
+  // poll word is armed) would hold grace periods up until something else asks. A nudge
+  // asks: when online qsbr readers have not reported after the spin phase of a round,
+  // the round calls fn(ctx) of every installed nudge, then again at most once a
+  // millisecond (before each futex sleep of at most 10 ms) while they still have not.
+  // fn runs on the thread running the round (a synchronize() or barrier() caller, the
+  // reclaimer, the destructor), with no lock of this domain held except the one that
+  // serializes nudges against add/remove. It must not throw, must not wait for other
+  // threads or for a lock such a thread may hold while it waits for this round, and must
+  // not call into this domain. Safepoints installs one when created with
+  // SafepointOptions::grace (it arms the poll words of managed threads: safepoint.hpp).
+  // Errc::invalid_argument for a null fn, Errc::out_of_memory. remove waits until a call
+  // in progress has returned; Errc::invalid_argument if (fn, ctx) is not installed. The
+  // domain must not be destroyed with a nudge installed (it aborts).
+  Status add_quiescent_nudge(void (*fn)(void* ctx), void* ctx) noexcept;
+  Status remove_quiescent_nudge(void (*fn)(void* ctx), void* ctx) noexcept;
 
   // Deferred reclamation that may be put off again: fn(ctx, p, false) runs after a grace
   // period that began after this call; returning false ("still in use") keeps p for
@@ -275,11 +327,16 @@ class GraceDomain {
   friend void detail::grace_wake(GraceDomain*) noexcept;
   Status enqueue(void* item) noexcept;
   explicit GraceDomain(Runtime& rt, const GraceOptions& options);
+  using Clock = std::chrono::steady_clock;
   Status master_mb() noexcept;
-  Status run_grace_period() noexcept;
-  Status wait_for_round() noexcept;
+  Status run_grace_period(const Clock::time_point* deadline, bool* abandoned) noexcept;
+  Status wait_for_round(const Clock::time_point* deadline) noexcept;
+  Status synchronize_impl(const Clock::time_point* deadline) noexcept;
+  Status barrier_impl(Clock::time_point deadline, bool timed_grace_period) noexcept;
   class CallerScope;
-  void wait_for_readers(bool qsbr_too) noexcept;
+  bool wait_for_readers(bool qsbr_too, const Clock::time_point* deadline) noexcept;
+  void nudge_readers() noexcept;
+  void check_unused_at_destruction() noexcept;
   void unregister(detail::GraceReaderRecord* rec) noexcept;
   void wake() noexcept;
 

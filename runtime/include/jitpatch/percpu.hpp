@@ -225,7 +225,8 @@ struct PerCpuLogSlot {
 // then calls fn(cpu, items, n) once per selected CPU with that CPU's now-inactive buffer,
 // which no writer can touch any more, and empties it. Writers never wait for harvests.
 //
-// Must not outlive the Runtime it was created with (rseq mode).
+// Must not outlive the Runtime it was created with (rseq mode): destroying that Runtime
+// first aborts with a message naming the PerCpuLog (docs/runtime.md).
 class PerCpuLog {
  public:
   using DrainFn = void (*)(void* ctx, int cpu, const std::uint64_t* items, std::size_t n);

@@ -40,6 +40,9 @@ namespace jitpatch {
 namespace testing {
 struct RuntimeAccess;  // test hooks: jitpatch/internal/runtime_testing.hpp (not installed)
 }  // namespace testing
+namespace detail {
+struct RuntimeDepsAccess;  // dependents' registration: jitpatch/internal/runtime_deps.hpp (not installed)
+}  // namespace detail
 
 
 enum class Strategy : std::uint8_t {
@@ -110,14 +113,20 @@ struct RuntimeOptions {
   // JITPATCH_FORCE / JITPATCH_SIGNAL override the fields above when set.
   bool use_environment = true;
   // How long the signal strategy waits for a thread's acknowledgement before it reports
-  // Errc::timeout (a thread blocking the signal, or stopped under a debugger).
+  // Errc::timeout (a thread blocking the signal, or stopped under a debugger). Must be
+  // positive (create(): Errc::invalid_argument); very large values saturate.
   std::chrono::milliseconds ack_timeout{5000};
 };
 
 class Runtime;
 
 // RAII attachment of the calling thread to a Runtime's thread registry. Move-only; must
-// be destroyed on the thread that created it (detaching another thread is refused).
+// be destroyed on the thread that created it: detach() on another thread is refused
+// (Errc::invalid_argument), and destroying (or move-assigning over) an attachment that is
+// still attached on another thread aborts with a message, since the thread would stay in
+// the registry with nobody left to detach it. The registry belongs to the process: an
+// attachment that outlives its Runtime stays valid, detaches as usual, and a Runtime
+// created later covers the thread.
 class ThreadAttachment {
  public:
   ThreadAttachment() noexcept = default;
@@ -141,11 +150,17 @@ class Runtime {
  public:
   // Probe, register, install the signal handler. Errc::busy if a Runtime already exists
   // in this process; Errc::unsupported/refused if a forced strategy cannot work here;
-  // Errc::invalid_argument for a bad option or environment value. Thread-safe.
+  // Errc::invalid_argument for a bad option or environment value (a strategy or
+  // signal that does not exist, a non-positive ack_timeout). Thread-safe.
   static Result<std::unique_ptr<Runtime>> create(const RuntimeOptions& options = {}) noexcept;
   // The live Runtime, or nullptr. Async-signal-safe.
   static Runtime* current() noexcept;
 
+  // Destroy the Runtime after every object that uses it (CodeHeap, GraceDomain,
+  // Safepoints, ...): destroying it first aborts with a message naming what is still
+  // alive ("Runtime destroyed while 1 CodeHeap still uses it: destroy it first"), in
+  // every build. Threads still attached stay in the process's registry (see
+  // ThreadAttachment).
   ~Runtime();
   Runtime(const Runtime&) = delete;
   Runtime& operator=(const Runtime&) = delete;
@@ -154,7 +169,8 @@ class Runtime {
   // The strategy in use now. An automatic choice can step down the ladder at run time
   // if the kernel starts refusing (seccomp installed later): this reports the current one.
   Strategy strategy(Operation op) const noexcept;
-  // Whether `s` can perform `op` here (registered, supported on this arch, ...).
+  // Whether `s` can perform `op` here (registered, supported on this arch, ...). For an
+  // `op` that is not an Operation, strategy() reports none and can_use() false.
   bool can_use(Operation op, Strategy s) const noexcept;
 
   // The three operations, with the current strategy. Thread-safe; not async-signal-safe.
@@ -166,23 +182,29 @@ class Runtime {
   Status rseq_fence(int cpu = all_cpus) noexcept;
 
   // The same with an explicit strategy (benchmarks, the doctor, tests). No stepping down.
+  // Errc::invalid_argument for an `op` or `s` that does not exist, or `automatic`.
   Status run(Operation op, Strategy s, int cpu = all_cpus) noexcept;
 
   // Attach the calling thread (registry of the signal strategy, and of later layers).
   // Errc::already_attached if it is. Thread-safe.
   Result<ThreadAttachment> attach_current_thread() noexcept;
   std::size_t attached_thread_count() const noexcept;
+  // Whether the calling thread is attached (to this Runtime: there is one per process).
+  // Lock-free, async-signal-safe.
+  bool current_thread_attached() const noexcept;
   int signal_number() const noexcept;
 
  private:
   friend struct testing::RuntimeAccess;
+  friend struct detail::RuntimeDepsAccess;
   struct Impl;
   explicit Runtime(std::unique_ptr<Impl> impl) noexcept;
   std::unique_ptr<Impl> impl_;
   friend class ThreadAttachment;
 };
 
-// Parse "membarrier", "mprotect", "signals", "none", "auto". False on anything else.
+// Parse "membarrier", "mprotect", "signals", "none", "auto". False on anything else, and
+// when `text` or `out` is null.
 bool parse_strategy(const char* text, Strategy* out) noexcept;
 
 }  // namespace jitpatch

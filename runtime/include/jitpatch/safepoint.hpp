@@ -78,7 +78,17 @@
 //
 // QSBR: with SafepointOptions::grace, every attached thread registers a qsbr reader of
 // that GraceDomain: the slow path reports quiescent(), native/blocked/parked are offline,
-// managed is online. Code retirement then rides on safepoints.
+// managed is online. Code retirement then rides on safepoints, and its grace periods end
+// by themselves: create() installs a quiescent nudge in the domain
+// (GraceDomain::add_quiescent_nudge(); the destructor removes it), which a round waiting
+// for managed threads' reports calls; it arms the poll word (and, with page polls, the
+// poll page) of every managed thread, whose slow path then finds nothing pending and
+// reports quiescent() on its way out. The nudge never waits: it only tries the registry
+// lock (a stop holds it throughout, and drives the slow paths itself), or arms under it
+// when the calling thread holds it (its own stop's fn, a for_each_thread() fn, the
+// operations detach() runs). It does not arm patched polls. Do not wait for a grace
+// period inside a for_each_thread() fn or a handshake operation: while that thread
+// holds the registry lock, a round run by another thread cannot nudge.
 //
 // Thread-safety: everything on Safepoints is thread-safe. The SafepointThread methods are
 // for the owning thread only (the free functions in jitpatch::safepoint check that).
@@ -323,11 +333,16 @@ class PollArmer {
 class Safepoints {
  public:
   // `rt` must outlive this object (and so must options.grace). Installs the SIGSEGV
-  // handler when page polls are enabled (chaining to the previous one). Errc::busy if
-  // page polls are asked for while another Safepoints with page polls exists.
+  // handler when page polls are enabled (chaining to the previous one), and the QSBR
+  // nudge in options.grace (see above). Errc::busy if page polls are asked for while
+  // another Safepoints with page polls exists.
   static Result<std::unique_ptr<Safepoints>> create(Runtime& rt, const SafepointOptions& options = {}) noexcept;
-  // Every thread must have detached first (attached records are leaked and a warning
-  // is not possible here: a caller bug, like destroying a mutex that is locked).
+  // Every thread must have detached first, and the PollArmer (the jit layer's
+  // SafepointPolls) must be gone; no stop or handshake_all may be in progress, and it
+  // must not be destroyed from inside one. Otherwise it aborts with a message saying
+  // which, in every build ("Safepoints destroyed while 2 threads are still attached (tids
+  // ...): detach them first"): the attached threads would use freed memory at their
+  // next poll, transition or detach. An adopted thread stays attached until it exits.
   ~Safepoints();
   Safepoints(const Safepoints&) = delete;
   Safepoints& operator=(const Safepoints&) = delete;
