@@ -69,8 +69,16 @@ TEST_CASE("jit: one object emits, patches and retires code", "[unit][jit]") {
   REQUIRE(b.commit().ok());
   CHECK(caller->as<int()>()() == 2);
   const std::size_t live = jit.emitter().live_blobs();
-  REQUIRE(jit.retire(*v1).ok());
-  CHECK(v1->valid());  // retired, not freed yet
+  {
+    // A reader inside its section holds the grace period, so the background reclaimer
+    // cannot free v1 before the check.
+    auto reader = jit.grace().register_reader();
+    REQUIRE(reader.ok());
+    reader->lock();
+    REQUIRE(jit.retire(*v1).ok());
+    CHECK(v1->valid());  // retired, not freed yet
+    reader->unlock();
+  }
   REQUIRE(jit.grace().barrier().ok());
   CHECK_FALSE(v1->valid());
   CHECK(jit.emitter().live_blobs() == live - 1);
