@@ -13,14 +13,16 @@ Result<std::unique_ptr<Jit>> Jit::create(Runtime& rt, const JitOptions& options)
   std::unique_ptr<Jit> j(new (std::nothrow) Jit(rt));
   if (!j) return Status(Errc::out_of_memory, 0, "Jit::create");
   // On any failure below, the parts made so far go in reverse order with `j`.
+  // Visibility first: a live gdb sink makes an automatic heap protection_flip, the
+  // strategy a debugger can write breakpoints into (CodeVisibility::gdb_expected()).
+  auto vis = CodeVisibility::create(options.visibility);
+  if (!vis.ok()) return vis.status();
+  j->visibility_ = std::move(vis).value();
   auto heap = CodeHeap::create(rt, options.heap);
   if (!heap.ok()) return heap.status();
   j->heap_ = std::move(heap).value();
   j->registry_.reset(new (std::nothrow) CodeRegistry);
   if (!j->registry_) return Status(Errc::out_of_memory, 0, "Jit::create");
-  auto vis = CodeVisibility::create(options.visibility);
-  if (!vis.ok()) return vis.status();
-  j->visibility_ = std::move(vis).value();
   j->emitter_.reset(new (std::nothrow) Emitter(*j->heap_, j->registry_.get(), j->visibility_.get()));
   if (!j->emitter_) return Status(Errc::out_of_memory, 0, "Jit::create");
   auto patcher = Patcher::create(*j->emitter_, options.patcher);

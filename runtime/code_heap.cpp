@@ -3,6 +3,7 @@
 #include <jitpatch/arch.hpp>
 #include <jitpatch/code_heap.hpp>
 #include <jitpatch/runtime.hpp>
+#include <jitpatch/visibility.hpp>
 
 #include <sys/mman.h>
 #include <unistd.h>
@@ -91,7 +92,7 @@ struct CodeHeap::Impl {
   std::size_t capacity = 0;
   std::byte* rx = nullptr;
   std::byte* rw = nullptr;  // dual mapping only
-  int fd = -1;
+  int fd = -1;  // dual mapping through the memfd fallback only
 
   mutable std::mutex mu;                 // allocator state below
   struct Free {
@@ -214,11 +215,93 @@ struct CodeHeap::Impl {
   std::size_t top_dirty_end = 0;
   std::uint64_t top_seq = 0;
 
-  Status reserve_dual(std::size_t size);
+  Status reserve_dual(std::size_t size);  // shared anonymous memory, else a memfd
+  Status reserve_dual_anonymous(std::size_t size);
+  Status reserve_dual_memfd(std::size_t size);
   Status reserve_flip(std::size_t size);
 };
 
+// The dual mapping: one shared memory object mapped twice, RX where code runs and RW
+// elsewhere, where the runtime writes.
+//
+// The object is shared anonymous memory, its second view made with mremap(old_size = 0),
+// which for a shareable mapping "creates a new mapping of the same pages" (mremap(2)). It
+// is not a memfd because of profilers. The kernel names a mapping after its file, and a
+// memfd's reads "/memfd:jitpatch-code (deleted)" (/proc/PID/maps, and perf's MMAP2
+// records). perf resolves samples in a mapping through /tmp/perf-<pid>.map only when that
+// name says anonymous memory: map__new() in linux tools/perf/util/map.c substitutes the
+// perf map for an executable mapping for which is_anon_memory() ("//anon", or a name that
+// starts with "/dev/zero" or "/anon_hugepage"; tools/perf/util/map.h) or
+// is_no_dso_memory() ("[stack", "/SYSV", "[heap]") holds. For a memfd neither does, so
+// `perf report` showed every JIT sample as "memfd:jitpatch-code (deleted)" at a raw
+// offset, perf map or not. No memfd name can fix that (it is always "/memfd:" + name), and
+// prctl(PR_SET_VMA_ANON_NAME) does not apply: it names anonymous mappings only (prctl(2)).
+// Shared anonymous memory reads "/dev/zero (deleted)": anonymous to perf.
+//
+// The memfd remains the fallback (qemu-user refuses mremap with old_size 0: ENOMEM); perf
+// then resolves JIT samples through jitdump only.
+//
+// Neither flavour lets a debugger insert a software breakpoint into the RX view: a ptrace
+// or /proc/PID/mem write to a mapping that is not writable must copy the page (FOLL_FORCE
+// breaks copy-on-write), and the kernel refuses that in a shared mapping (mm/gup.c
+// check_vma_flags(); Linux commit cda540ace6a1, "mm: get_user_pages(write,force) refuse
+// to COW in shared areas"): gdb's write of INT3 fails with EIO. A private RX view
+// (MAP_PRIVATE) would not work either: once a debugger wrote one of its pages, that page
+// would stop seeing what the runtime writes through the alias. So when gdb is expected,
+// the automatic choice is protection flip (create()).
+namespace {
+
+// Where to ask for the RW alias: well away from the RX range (the kernel would otherwise
+// put it right next to it), so that a stray write running off the end of a neighbouring
+// mapping does not land in it, and knowing the RX address does not give away the RW one.
+// Below the RX range by the region size plus a random number of pages.
+void* alias_hint(void* x, std::size_t size) {
+  unsigned rnd = static_cast<unsigned>(reinterpret_cast<std::uintptr_t>(&size) >> 4) ^
+                 static_cast<unsigned>(::getpid()) * 2654435761u;
+  const std::uintptr_t gap = size + (std::uintptr_t(rnd % 65536) + 256) * page_size() * 16;
+  return reinterpret_cast<std::uintptr_t>(x) > gap + (std::uintptr_t(1) << 32) ? static_cast<std::byte*>(x) - gap
+                                                                                 : nullptr;
+}
+
+}  // namespace
+
 Status CodeHeap::Impl::reserve_dual(std::size_t size) {
+  if (Status st = reserve_dual_anonymous(size); st) return st;
+  return reserve_dual_memfd(size);
+}
+
+Status CodeHeap::Impl::reserve_dual_anonymous(std::size_t size) {
+  void* x = ::mmap(nullptr, size, PROT_READ | PROT_EXEC, MAP_SHARED | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  if (x == MAP_FAILED) return Status(Errc::unsupported, errno, "mapping the code heap RX (shared anonymous)");
+  // The alias replaces a placeholder reserved at the hint (MREMAP_FIXED), so the hint is
+  // honoured as mmap() would honour it.
+  void* place = ::mmap(alias_hint(x, size), size, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  if (place == MAP_FAILED) {
+    int e = errno;
+    ::munmap(x, size);
+    return Status(Errc::unsupported, e, "reserving room for the code heap's RW alias");
+  }
+  void* w = ::mremap(x, 0, size, MREMAP_MAYMOVE | MREMAP_FIXED, place);
+  if (w == MAP_FAILED) {
+    int e = errno;
+    ::munmap(place, size);
+    ::munmap(x, size);
+    return Status(Errc::unsupported, e, "mremap: the code heap's RW alias");
+  }
+  // The new view starts with the protection of the one it copies, RX: never W+X, then RW.
+  if (::mprotect(w, size, PROT_READ | PROT_WRITE) != 0) {
+    int e = errno;
+    ::munmap(w, size);
+    ::munmap(x, size);
+    return Status(Errc::unsupported, e, "mprotect of the code heap's RW alias");
+  }
+  rx = static_cast<std::byte*>(x);
+  rw = static_cast<std::byte*>(w);
+  strategy = HeapStrategy::dual_mapping;
+  return {};
+}
+
+Status CodeHeap::Impl::reserve_dual_memfd(std::size_t size) {
   // MFD_EXEC (kernel 6.3+) says this memfd is meant to be executable; with
   // vm.memfd_noexec=1 a memfd without it cannot be mapped executable. Older kernels reject
   // the unknown flag with EINVAL: retry without it.
@@ -237,17 +320,7 @@ Status CodeHeap::Impl::reserve_dual(std::size_t size) {
     ::close(f);
     return Status(Errc::unsupported, e, "mapping the code heap RX");
   }
-  // Place the RW alias well away from the RX range (the kernel would otherwise put it
-  // right next to it): a stray write running off the end of a neighbouring mapping must
-  // not land in it, and knowing the RX address must not give away the RW one. The hint is
-  // below the RX range by the region size plus a random number of pages.
-  unsigned rnd = static_cast<unsigned>(reinterpret_cast<std::uintptr_t>(&size) >> 4) ^
-                 static_cast<unsigned>(::getpid()) * 2654435761u;
-  const std::uintptr_t gap = size + (std::uintptr_t(rnd % 65536) + 256) * page_size() * 16;
-  void* hint = reinterpret_cast<std::uintptr_t>(x) > gap + (std::uintptr_t(1) << 32)
-                   ? static_cast<std::byte*>(x) - gap
-                   : nullptr;
-  void* w = ::mmap(hint, size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_NORESERVE, f, 0);
+  void* w = ::mmap(alias_hint(x, size), size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_NORESERVE, f, 0);
   if (w == MAP_FAILED) {
     int e = errno;
     ::munmap(x, size);
@@ -297,6 +370,12 @@ Result<std::unique_ptr<CodeHeap>> CodeHeap::create(Runtime& rt, const CodeHeapOp
     case HeapStrategy::dual_mapping: st = impl->reserve_dual(size); break;
     case HeapStrategy::protection_flip: st = impl->reserve_flip(size); break;
     case HeapStrategy::automatic:
+      // gdb cannot insert breakpoints into a dual mapping (reserve_dual()): when it is
+      // expected, protection flip, where it can.
+      if (CodeVisibility::gdb_expected(options.use_environment)) {
+        st = impl->reserve_flip(size);
+        break;
+      }
       st = impl->reserve_dual(size);
       if (!st && st.code() == Errc::unsupported) st = impl->reserve_flip(size);
       break;

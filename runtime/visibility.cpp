@@ -95,6 +95,11 @@ constinit std::mutex g_gdb_mu;
 // try_cmpxchg (open_jitdump()), given back with store_release (~Impl()).
 constinit bool g_jitdump_owned = false;
 
+// Live CodeVisibility objects with the gdb sink on (CodeVisibility::gdb_expected()).
+// Counted with relaxed RMWs and read with read_once: it orders nothing, it is a fact a
+// heap created later reads; a heap created concurrently on another thread may miss it.
+constinit std::size_t g_gdb_sinks = 0;
+
 #if defined(__x86_64__)
 constexpr std::uint16_t kElfMachine = EM_X86_64;  // 62
 #elif defined(__aarch64__)
@@ -412,6 +417,7 @@ struct CodeVisibility::Impl {
   std::size_t jitdump_marker_size = 0;
   std::uint64_t next_code_index = 0;
   BlobMap blobs;
+  bool counted_gdb = false;  // counted in g_gdb_sinks
 
   ~Impl() {
     // No other thread may use the object while it is destroyed, but gdb registration
@@ -432,6 +438,7 @@ struct CodeVisibility::Impl {
     // Release: pairs with the try_cmpxchg in open_jitdump(): the next owner's O_TRUNC
     // open comes after this owner's last write and close.
     if (jitdump_owner) store_release(&g_jitdump_owned, false);
+    if (counted_gdb) fetch_sub_relaxed(&g_gdb_sinks, std::size_t{1});  // orders nothing: see g_gdb_sinks
   }
 
   Status open_perf_map();
@@ -601,7 +608,12 @@ Result<std::unique_ptr<CodeVisibility>> CodeVisibility::create(Options options) 
       if (Status st = impl->open_perf_map(); !st) return st;
     if (impl->options.jitdump)
       if (Status st = impl->open_jitdump(); !st) return st;
-    return std::unique_ptr<CodeVisibility>(new CodeVisibility(std::move(impl)));
+    auto vis = std::unique_ptr<CodeVisibility>(new CodeVisibility(std::move(impl)));
+    if (vis->impl_->options.gdb) {
+      fetch_add_relaxed(&g_gdb_sinks, std::size_t{1});  // orders nothing: see g_gdb_sinks
+      vis->impl_->counted_gdb = true;
+    }
+    return vis;
   } catch (const std::bad_alloc&) {
     return Status(Errc::out_of_memory, 0, "CodeVisibility::create");
   }
@@ -613,6 +625,13 @@ CodeVisibility::~CodeVisibility() = default;
 const CodeVisibility::Options& CodeVisibility::options() const noexcept { return impl_->options; }
 const std::string& CodeVisibility::perf_map_path() const noexcept { return impl_->perf_map_path; }
 const std::string& CodeVisibility::jitdump_path() const noexcept { return impl_->jitdump_path; }
+
+bool CodeVisibility::gdb_expected(bool use_environment) noexcept {
+  if (read_once(g_gdb_sinks) != 0) return true;  // orders nothing: see g_gdb_sinks
+  if (!use_environment) return false;
+  const char* v = std::getenv("JITPATCH_GDB");
+  return v != nullptr && std::strcmp(v, "1") == 0;
+}
 
 std::size_t CodeVisibility::loaded_count() const noexcept {
   std::lock_guard<std::mutex> lock(impl_->mu);

@@ -8,16 +8,25 @@
 //                                     before the call: gdb must know the new address.
 //   jitpatch-gdb-target gdb-unload    register then unregister (on_unload) before the
 //                                     call: gdb must no longer name the function.
+//   jitpatch-gdb-target gdb-break     JIT a function without a trap, register it with gdb
+//                                     and call it: `break jit_function_hot` must fire.
 //   jitpatch-gdb-target perf-map      spin ~0.3 s in a JITed loop, perf map only.
 //   jitpatch-gdb-target jitdump DIR   the same with jitdump only (DIR/jit-<pid>.dump).
 //   jitpatch-gdb-target jitdump-move DIR   load, move, then spin at the new address only:
 //                                     samples resolve only through JIT_CODE_MOVE.
 //
-// Prints "pid N" first so a test can find the process's files.
-#include <jitpatch/arch.hpp>
+// The code lives in a jitpatch CodeHeap with the default options (HeapStrategy::automatic,
+// JITPATCH_HEAP honoured), written through CodeHeap::write() and published with a
+// PublishBatch: the heap users get, not a private mapping of the test's own.
+//
+// Prints "pid N" and "heap STRATEGY" first, so a test can find the process's files and
+// check which heap it ran on, then "code ADDR in BEGIN-END PERMS NAME": the code's address
+// and the /proc/self/maps line of the mapping that holds it (NAME "" for private
+// anonymous memory), which tells whether perf will read the perf map for it.
+#include <jitpatch/code_heap.hpp>
+#include <jitpatch/runtime.hpp>
 #include <jitpatch/visibility.hpp>
 
-#include <sys/mman.h>
 #include <unistd.h>
 
 #include <cstdint>
@@ -25,6 +34,8 @@
 #include <cstring>
 #include <ctime>
 #include <string>
+
+#include "../support/maps.hpp"
 
 namespace {
 
@@ -45,20 +56,62 @@ constexpr unsigned char kSpin[] = {0xfd, 0x7b, 0xbf, 0xa9, 0xfd, 0x03, 0x00, 0x9
 #error "jitpatch supports x86-64 and aarch64 only"
 #endif
 
-// W^X: written while RW, then RX; never writable and executable at once.
-void* map_code(const unsigned char* bytes, std::size_t n) {
-  void* p = ::mmap(nullptr, 4096, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-  if (p == MAP_FAILED) return nullptr;
-  std::memcpy(p, bytes, n);
-  if (::mprotect(p, 4096, PROT_READ | PROT_EXEC) != 0) return nullptr;
-  jitpatch::flush_icache(p, static_cast<char*>(p) + n);
-  return p;
+int fail(const char* what, const jitpatch::Status& st) {
+  std::fprintf(stderr, "jitpatch-gdb-target: %s: %s\n", what, st.message().c_str());
+  return 1;
+}
+
+// Allocates, writes through the heap's writer (the RW alias, or the page flipped RW),
+// publishes. nullptr (after a message) on failure.
+void* put_code(jitpatch::CodeHeap& heap, const unsigned char* bytes, std::size_t n) {
+  auto range = heap.allocate(n);
+  if (!range.ok()) {
+    fail("allocate", range.status());
+    return nullptr;
+  }
+  {
+    auto w = heap.write(range->rx, n);
+    if (!w.ok()) {
+      fail("write", w.status());
+      return nullptr;
+    }
+    std::memcpy(w->data(), bytes, n);
+    if (auto st = w->finish(); !st) {
+      fail("finish", st);
+      return nullptr;
+    }
+  }
+  jitpatch::PublishBatch batch(heap);
+  batch.add(*range);
+  if (auto st = batch.commit(); !st) {
+    fail("publish", st);
+    return nullptr;
+  }
+  return range->rx;
+}
+
+void print_mapping(const void* code) {
+  const auto a = reinterpret_cast<unsigned long>(code);
+  for (const jitpatch::test::Mapping& m : jitpatch::test::read_maps())
+    if (a >= m.begin && a < m.end) {
+      std::printf("code 0x%lx in %lx-%lx %s \"%s\"\n", a, m.begin, m.end, m.perms.c_str(), m.path.c_str());
+      std::fflush(stdout);
+      return;
+    }
+  std::printf("code 0x%lx in no mapping\n", a);
+  std::fflush(stdout);
 }
 
 // Not inlined, so the backtrace has a named native frame below the JIT one.
 __attribute__((noinline)) void call_jit(void* code) {
   reinterpret_cast<void (*)()>(code)();
   asm volatile("" ::: "memory");  // keep the call from becoming a tail call
+}
+
+// One short call of the spinning function, from a named native frame.
+__attribute__((noinline)) void call_hot(void* code) {
+  reinterpret_cast<void (*)(std::uint32_t)>(code)(1000);
+  asm volatile("" ::: "memory");
 }
 
 __attribute__((noinline)) void spin(void* code) {
@@ -71,11 +124,6 @@ __attribute__((noinline)) void spin(void* code) {
   } while ((now.tv_sec - start.tv_sec) * 1000000000L + (now.tv_nsec - start.tv_nsec) < 300000000L);
 }
 
-int fail(const char* what, const jitpatch::Status& st) {
-  std::fprintf(stderr, "jitpatch-gdb-target: %s: %s\n", what, st.message().c_str());
-  return 1;
-}
-
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -83,6 +131,7 @@ int main(int argc, char** argv) {
   std::printf("pid %d\n", static_cast<int>(::getpid()));
   std::fflush(stdout);
 
+  // The CodeVisibility first, then the heap (docs/emitting.md, "CodeVisibility").
   jitpatch::CodeVisibility::Options o;
   o.use_environment = false;
   const bool gdb_mode = mode.rfind("gdb", 0) == 0;
@@ -93,42 +142,50 @@ int main(int argc, char** argv) {
     o.jitdump = true;
     o.jitdump_dir = argv[2];
   } else {
-    std::fprintf(stderr, "usage: %s gdb|gdb-move|gdb-unload|perf-map|jitdump DIR|jitdump-move DIR\n", argv[0]);
+    std::fprintf(stderr, "usage: %s gdb|gdb-move|gdb-unload|gdb-break|perf-map|jitdump DIR|jitdump-move DIR\n",
+                 argv[0]);
     return 2;
   }
   auto vis = jitpatch::CodeVisibility::create(o);
   if (!vis.ok()) return fail("create", vis.status());
 
-  const unsigned char* bytes = gdb_mode ? kTrap : kSpin;
-  const std::size_t size = gdb_mode ? sizeof kTrap : sizeof kSpin;
-  const char* name = gdb_mode ? "jit_function_under_test" : "jit_function_hot";
-  void* code = map_code(bytes, size);
-  if (code == nullptr) {
-    std::perror("mmap/mprotect");
-    return 1;
-  }
+  auto rt = jitpatch::Runtime::create();
+  if (!rt.ok()) return fail("Runtime::create", rt.status());
+  auto heap = jitpatch::CodeHeap::create(**rt);  // default options
+  if (!heap.ok()) return fail("CodeHeap::create", heap.status());
+  std::printf("heap %s\n", jitpatch::heap_strategy_name((*heap)->strategy()));
+  std::fflush(stdout);
+
+  // gdb-break: a function that does not trap, so only gdb's breakpoint can stop it.
+  const bool trap = gdb_mode && mode != "gdb-break";
+  const unsigned char* bytes = trap ? kTrap : kSpin;
+  const std::size_t size = trap ? sizeof kTrap : sizeof kSpin;
+  const char* name = trap ? "jit_function_under_test" : "jit_function_hot";
+  void* code = put_code(**heap, bytes, size);
+  if (code == nullptr) return 1;
   if (auto st = (*vis)->on_load({code, size, name}); !st) return fail("on_load", st);
 
   if (mode == "gdb-move" || mode == "jitdump-move") {
-    void* moved = map_code(bytes, size);
-    if (moved == nullptr) {
-      std::perror("mmap/mprotect");
-      return 1;
-    }
+    void* moved = put_code(**heap, bytes, size);
+    if (moved == nullptr) return 1;
     if (auto st = (*vis)->on_move(code, {moved, size, name}); !st) return fail("on_move", st);
-    ::munmap(code, 4096);
+    // Nothing runs the old copy: it may go at once.
+    if (auto st = (*heap)->free(code); !st) return fail("free", st);
     code = moved;
     std::printf("moved to %p\n", code);
   }
+  print_mapping(code);
   if (mode == "gdb-unload") {
     if (auto st = (*vis)->on_unload(code); !st) return fail("on_unload", st);
   }
 
-  if (gdb_mode) call_jit(code);  // stops here under gdb (SIGTRAP)
+  if (trap) call_jit(code);  // stops here under gdb (SIGTRAP)
+  else if (mode == "gdb-break") call_hot(code);  // gdb's breakpoint stops it here
   else spin(code);
 
   if (mode != "gdb-unload")
     if (auto st = (*vis)->on_unload(code); !st) return fail("on_unload", st);
+  if (auto st = (*heap)->free(code); !st) return fail("free", st);
   std::printf("done\n");
   return 0;
 }

@@ -39,7 +39,9 @@ struct JitOptions {
   GraceOptions grace{};
   // Perf map / jitdump / GDB JIT interface. The environment (JITPATCH_PERF_MAP,
   // JITPATCH_JITDUMP, JITPATCH_GDB) turns sinks on unless visibility.use_environment is
-  // false; with every sink off no files are opened.
+  // false; with every sink off no files are opened. With the gdb sink on, an automatic
+  // heap is protection_flip: gdb can break in it, other threads' code cannot be patched
+  // (docs/code-heap.md).
   CodeVisibility::Options visibility{};
   // Create Safepoints (with the options below) and their SafepointPolls: the shared poll
   // stub, and with PollKinds::patched_poll the patched polls armed through the patcher.
@@ -62,7 +64,7 @@ class Jit {
   // Tears down in reverse order of creation: the safepoint polls and safepoints (every
   // thread must have detached: otherwise an abort says so), the grace domain (which runs
   // every pending retirement first), the patcher, the emitter (blobs still live keep
-  // their memory until the heap goes), visibility, the registry, the heap.
+  // their memory until the heap goes), the registry, the heap, visibility.
   ~Jit();
   Jit(const Jit&) = delete;
   Jit& operator=(const Jit&) = delete;
@@ -101,10 +103,12 @@ class Jit {
  private:
   explicit Jit(Runtime& rt) noexcept;  // registers with rt (its destructor unregisters)
   Runtime* rt_;
-  // Declaration order is construction order; destruction runs in reverse.
+  // Declaration order is construction order; destruction runs in reverse. Visibility
+  // comes before the heap: with the gdb sink on, an automatic heap is then one gdb can
+  // put breakpoints in (CodeVisibility::gdb_expected()).
+  std::unique_ptr<CodeVisibility> visibility_;
   std::unique_ptr<CodeHeap> heap_;
   std::unique_ptr<CodeRegistry> registry_;
-  std::unique_ptr<CodeVisibility> visibility_;
   std::unique_ptr<Emitter> emitter_;
   std::unique_ptr<Patcher> patcher_;
   std::unique_ptr<GraceDomain> grace_;

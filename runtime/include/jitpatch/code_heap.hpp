@@ -6,12 +6,19 @@
 // rel32 reaches +-2 GiB, aarch64 B/BL +-128 MiB.
 //
 // Strategies (CodeHeapOptions::strategy, or JITPATCH_HEAP=dual_mapping|protection_flip):
-//   dual_mapping     a memfd mapped twice: RX where code runs, RW alias elsewhere where the
-//                    runtime writes. Code can be rewritten while other threads run it.
+//   dual_mapping     shared memory mapped twice: RX where code runs, RW alias elsewhere
+//                    where the runtime writes. Code can be rewritten while other threads
+//                    run it. The memory is shared anonymous memory (the alias made with
+//                    mremap), which perf takes for anonymous memory and so resolves
+//                    through the perf map; a memfd where mremap cannot alias it. No
+//                    debugger can write a software breakpoint into it (the kernel refuses
+//                    to copy a page of a shared mapping on a forced write).
 //   protection_flip  a single mapping flipped RW while a writer is open, RX otherwise.
 //                    Only for code no other thread is running: while a writer is open its
 //                    pages are not executable, and a thread executing there faults. The
-//                    fallback when memfd or a second mapping is refused, and what the
+//                    fallback when the second mapping is refused, the automatic choice
+//                    while gdb is expected (CodeVisibility::gdb_expected(): a live gdb
+//                    sink, or JITPATCH_GDB=1 with use_environment), and what the
 //                    aarch64 tests use: qemu-user does not notice code written through a
 //                    second mapping (it finds self-modified code by write-protecting the
 //                    pages it translated, so only writes through those pages invalidate
@@ -46,7 +53,8 @@ struct CodeHeapOptions {
   // architecture. Physical memory is used only as code is written.
   std::size_t reserve = 0;
   HeapStrategy strategy = HeapStrategy::automatic;
-  // JITPATCH_HEAP overrides `strategy` when set.
+  // JITPATCH_HEAP overrides `strategy` when set; JITPATCH_GDB=1 makes `automatic` pick
+  // protection_flip (as a live gdb sink of CodeVisibility does whatever this says).
   bool use_environment = true;
 };
 

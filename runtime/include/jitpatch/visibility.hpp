@@ -16,6 +16,9 @@
 //              in-memory ELF object per blob with a function symbol covering it, linked
 //              into __jit_debug_descriptor, announced through __jit_debug_register_code.
 //              gdb then names JIT frames in backtraces and can break on them.
+//              Breakpoints need code a debugger can write: while a gdb sink is alive (or
+//              JITPATCH_GDB=1), CodeHeap::create() with HeapStrategy::automatic takes
+//              protection_flip (gdb_expected(); docs/emitting.md says why).
 //
 // Environment (read by create() unless Options::use_environment is false; "1" turns a
 // sink on, "0" off, overriding Options; anything else is Errc::invalid_argument):
@@ -104,6 +107,14 @@ class CodeVisibility {
   const std::string& jitdump_path() const noexcept;
   // Blobs currently loaded through this object.
   std::size_t loaded_count() const noexcept;
+
+  // Whether gdb is expected to debug this process's JIT code: a CodeVisibility with the
+  // gdb sink is alive, or (with `use_environment`) JITPATCH_GDB=1. CodeHeap::create() asks
+  // this for HeapStrategy::automatic and then takes protection_flip: the kernel refuses a
+  // debugger's breakpoint write into a dual-mapped heap's code. So create the
+  // CodeVisibility before the heap. Thread-safe, async-signal-safe with use_environment
+  // false.
+  static bool gdb_expected(bool use_environment = true) noexcept;
 
  private:
   struct Impl;
