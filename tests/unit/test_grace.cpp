@@ -334,12 +334,20 @@ TEST_CASE("grace: retire_code frees a blob after a grace period, the scan hook d
     if (&blob != b.get()) return false;
     return hook_calls.fetch_add(1) < 3;
   });
-  REQUIRE(retire_code(*d, *fx.em, a).ok());
-  CHECK(a->state() == BlobState::retired);
-  // Retiring twice, or a null blob, is refused.
-  CHECK(retire_code(*d, *fx.em, a).code() == Errc::invalid_argument);
-  CHECK(retire_code(*d, *fx.em, BlobRef{}).code() == Errc::invalid_argument);
-  REQUIRE(retire_code(*d, *fx.em, b).ok());
+  {
+    // A reader in its section holds the grace period: the background reclaimer cannot
+    // free `a` before the checks below look at it.
+    auto reader = d->register_reader();
+    REQUIRE(reader.ok());
+    reader->lock();
+    REQUIRE(retire_code(*d, *fx.em, a).ok());
+    CHECK(a->state() == BlobState::retired);
+    // Retiring twice, or a null blob, is refused.
+    CHECK(retire_code(*d, *fx.em, a).code() == Errc::invalid_argument);
+    CHECK(retire_code(*d, *fx.em, BlobRef{}).code() == Errc::invalid_argument);
+    REQUIRE(retire_code(*d, *fx.em, b).ok());
+    reader->unlock();
+  }
   REQUIRE(d->barrier().ok());
   CHECK(hook_calls.load() == 4);
   CHECK(fx.em->live_blobs() == live - 2);
