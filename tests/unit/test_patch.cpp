@@ -1,8 +1,10 @@
 #include <catch2/catch.hpp>
 
 #include <jitpatch/jitpatch.hpp>
+#include <jitpatch/internal/jit_testing.hpp>
 
 #include <atomic>
+#include <chrono>
 #include <csignal>
 #include <cstring>
 #include <thread>
@@ -154,6 +156,20 @@ TEST_CASE("patch: batches use one serialization round whatever their size", "[un
   CHECK(empty.rounds() == 0);
 }
 
+namespace {
+// The bytes of `int f() { return v; }`'s first instruction, and its length.
+std::vector<std::uint8_t> mov_ret_value(int v) {
+#if defined(__x86_64__)
+  return {0xB8, std::uint8_t(v), std::uint8_t(v >> 8), std::uint8_t(v >> 16), std::uint8_t(v >> 24)};  // mov eax, imm32
+#else
+  const std::uint32_t w = 0x52800000u | ((static_cast<std::uint32_t>(v) & 0xffffu) << 5);  // movz w0, #v
+  std::vector<std::uint8_t> b(4);
+  std::memcpy(b.data(), &w, 4);
+  return b;
+#endif
+}
+}  // namespace
+
 TEST_CASE("patch: bad input gives documented errors and writes nothing", "[unit][patch]") {
   test::PatchFixture f;
   BlobRef a = f.constant(1);
@@ -197,34 +213,49 @@ TEST_CASE("patch: bad input gives documented errors and writes nothing", "[unit]
     CHECK(c->as<IntFn>()() == 1);  // the valid retarget was not applied
   }
   SECTION("patching while another batch runs: try_commit reports busy, commit waits") {
-    std::vector<BlobRef> callers;
-    for (int i = 0; i < 200; ++i) callers.push_back(f.caller(a->entry()));
-    std::atomic<bool> go{false}, done{false};
+    // A breakpoint batch parks in its round hook (after round 1, inside commit) until
+    // this thread has seen try_commit() report busy: no reliance on the batch being long.
+    struct Gate {
+      std::atomic<bool> in_commit{false}, release{false};
+      static void after_round(int round, void* arg) {
+        auto* g = static_cast<Gate*>(arg);
+        if (round != 1) return;
+        g->in_commit = true;
+        const auto cap = std::chrono::steady_clock::now() + std::chrono::seconds(60);
+        while (!g->release && std::chrono::steady_clock::now() < cap) std::this_thread::yield();
+      }
+    } gate;
+    testing::PatcherAccess::set_round_hook(*f.patcher, &Gate::after_round, &gate);
+    BlobRef d = f.constant(7);
+    const auto bytes = mov_ret_value(8);
+    int d_after_wait = 0;
     std::thread big([&] {
       PatchBatch batch(*f.patcher);
-      for (int round = 0; round < 500; ++round)
-        for (BlobRef cc : callers) batch.retarget(*cc->site("call"), (round % 2) ? a->entry() : b->entry());
-      go = true;
+      batch.replace(d->entry(), bytes.data(), bytes.size());
       CHECK(batch.commit().ok());
-      done = true;
     });
-    while (!go) std::this_thread::yield();
-    int busy = 0, ok = 0, other = 0;
-    while (!done) {
-      PatchBatch small(*f.patcher);
-      small.retarget(call, b->entry());
-      Status st = small.try_commit();
-      if (st.ok()) ++ok;
-      else if (st.code() == Errc::busy) ++busy;
-      else ++other;
-    }
+    while (!gate.in_commit) std::this_thread::yield();
+    PatchBatch small(*f.patcher);
+    small.retarget(call, b->entry());
+    CHECK(small.try_commit().code() == Errc::busy);
+    // The waiter's commit may reach the patcher's lock before or after the release below;
+    // either way it must succeed, and finish after the big batch.
+    std::atomic<bool> waiter_started{false};
+    std::thread waiter([&] {
+      waiter_started = true;
+      PatchBatch waiting(*f.patcher);
+      waiting.retarget(call, b->entry());
+      CHECK(waiting.commit().ok());  // waits for the big batch instead of failing
+      d_after_wait = d->as<IntFn>()();  // the big batch was whole before this commit ran
+    });
+    while (!waiter_started) std::this_thread::yield();
+    gate.release = true;
     big.join();
-    CHECK(other == 0);
-    PatchBatch waiting(*f.patcher);
-    waiting.retarget(call, a->entry());
-    CHECK(waiting.commit().ok());
-    CHECK(c->as<IntFn>()() == 1);
-    WARN("try_commit during a large batch: " << busy << " busy, " << ok << " ok");
+    waiter.join();
+    testing::PatcherAccess::set_round_hook(*f.patcher, nullptr, nullptr);
+    CHECK(d_after_wait == 8);
+    CHECK(d->as<IntFn>()() == 8);
+    CHECK(c->as<IntFn>()() == 2);
   }
   // The process keeps running and the patcher stays usable.
   if (c) {
@@ -239,19 +270,6 @@ TEST_CASE("patch: a patcher needs a registry", "[unit][patch]") {
   CHECK(Patcher::create(bare).status().code() == Errc::invalid_argument);
 }
 
-namespace {
-// The bytes of `int f() { return v; }`'s first instruction, and its length.
-std::vector<std::uint8_t> mov_ret_value(int v) {
-#if defined(__x86_64__)
-  return {0xB8, std::uint8_t(v), std::uint8_t(v >> 8), std::uint8_t(v >> 16), std::uint8_t(v >> 24)};  // mov eax, imm32
-#else
-  const std::uint32_t w = 0x52800000u | ((static_cast<std::uint32_t>(v) & 0xffffu) << 5);  // movz w0, #v
-  std::vector<std::uint8_t> b(4);
-  std::memcpy(b.data(), &w, 4);
-  return b;
-#endif
-}
-}  // namespace
 
 TEST_CASE("patch: the breakpoint protocol replaces arbitrary instructions in 3 rounds", "[unit][patch]") {
   test::PatchFixture f;
