@@ -3,6 +3,7 @@
 #include <cstring>
 #include <map>
 #include <set>
+#include <unordered_map>
 
 #include "lang.hpp"
 
@@ -14,17 +15,82 @@ Shapes::Shapes() {
   root_->id = 1;
 }
 
+namespace {
+std::uint32_t name_hash(std::int32_t name) {
+  return static_cast<std::uint32_t>(name) * 2654435761u;  // Knuth's multiplicative hash
+}
+}  // namespace
+
+int Chain::find(std::int32_t name, std::uint32_t count) const {
+  const PropTable* t = table.load(std::memory_order_acquire);
+  const std::uint64_t want = static_cast<std::uint64_t>(static_cast<std::uint32_t>(name)) + 1;
+  for (std::uint32_t i = name_hash(name) & t->mask;; i = (i + 1) & t->mask) {
+    const std::uint64_t e = t->e[i].load(std::memory_order_acquire);
+    if (e == 0) return -1;
+    // A name appears once in a chain; at or past `count` it belongs to a longer shape.
+    if (e >> 32 == want) return static_cast<std::uint32_t>(e) < count ? static_cast<int>(static_cast<std::uint32_t>(e)) : -1;
+  }
+}
+
+// With mu_ held. The table stays at most half full; growing rehashes into a new table
+// (amortized O(1) per name) and publishes it; readers may still probe the old one, which
+// is kept (at most as large as the new one together with all older ones).
+void Shapes::insert(Chain* c, std::int32_t name) {
+  const PropTable* t = c->table.load(std::memory_order_relaxed);
+  const std::size_t n = c->names.size();
+  auto put = [](const PropTable* tb, std::int32_t nm, std::uint32_t idx) {
+    const std::uint64_t e = (static_cast<std::uint64_t>(static_cast<std::uint32_t>(nm)) + 1) << 32 | idx;
+    for (std::uint32_t i = name_hash(nm) & tb->mask;; i = (i + 1) & tb->mask) {
+      if (tb->e[i].load(std::memory_order_relaxed) == 0) {
+        tb->e[i].store(e, std::memory_order_release);
+        return;
+      }
+    }
+  };
+  if (!t || (n + 1) * 2 > std::size_t{t->mask} + 1) {
+    const std::size_t cap = t ? (std::size_t{t->mask} + 1) * 2 : 8;
+    auto nt = std::make_unique<PropTable>();
+    nt->mask = static_cast<std::uint32_t>(cap - 1);
+    nt->e = std::make_unique<std::atomic<std::uint64_t>[]>(cap);
+    for (std::size_t i = 0; i < cap; ++i) nt->e[i].store(0, std::memory_order_relaxed);
+    for (std::size_t i = 0; i < n; ++i) put(nt.get(), c->names[i], static_cast<std::uint32_t>(i));
+    bytes_ += cap * 8;
+    t = nt.get();
+    c->tables.push_back(std::move(nt));
+    c->table.store(t, std::memory_order_release);
+  }
+  put(t, name, static_cast<std::uint32_t>(n));
+  c->names.push_back(name);
+  bytes_ += sizeof(std::int32_t);
+}
+
 Shape* Shapes::add(Shape* from, std::int32_t name) {
   std::lock_guard<std::mutex> g(mu_);
   auto it = from->transitions.find(name);
   if (it != from->transitions.end()) return it->second;
+  // sizeof a shape and its transition-map node, roughly; a copied prefix below.
+  const std::size_t shape_bytes = sizeof(Shape) + 64;
+  const bool extend = from->chain && from->chain->names.size() == from->count;
+  const std::size_t copy_bytes = extend ? 0 : (std::size_t{from->count} + 1) * 28 + sizeof(Chain);
+  if (bytes_ + shape_bytes + copy_bytes > limit_ || all_.size() >= 0xfffffff0u) return nullptr;
+  Chain* c = from->chain;
+  if (!extend) {
+    // `from` is not the end of its chain (or is the empty shape): a new chain with a copy
+    // of its names. Only a branch in the transition tree pays this.
+    chains_.push_back(std::make_unique<Chain>());
+    c = chains_.back().get();
+    bytes_ += sizeof(Chain);
+    for (std::uint32_t i = 0; i < from->count; ++i) insert(c, from->chain->names[i]);
+  }
+  insert(c, name);
   auto s = std::make_unique<Shape>();
   s->id = static_cast<std::uint32_t>(all_.size() + 1);
-  s->names = from->names;
-  s->names.push_back(name);
+  s->count = from->count + 1;
+  s->chain = c;
   Shape* r = s.get();
   all_.push_back(std::move(s));
   from->transitions.emplace(name, r);
+  bytes_ += shape_bytes;
   return r;
 }
 
@@ -33,9 +99,14 @@ std::size_t Shapes::count() {
   return all_.size();
 }
 
+std::size_t Shapes::bytes() {
+  std::lock_guard<std::mutex> g(mu_);
+  return bytes_;
+}
+
 namespace {
 
-enum class T { End, Int, Ident, Let, Fn, If, Else, While, Return, Print, Nil, Punct };
+enum class T { End, Int, Ident, Let, Fn, If, Else, While, Return, Print, Nil, True, False, Punct };
 
 struct Tok {
   T t;
@@ -64,7 +135,8 @@ std::vector<Tok> lex(const std::string& src) {
   };
   static const std::map<std::string, T> kw = {{"let", T::Let},   {"fn", T::Fn},         {"if", T::If},
                                               {"else", T::Else}, {"while", T::While},   {"return", T::Return},
-                                              {"print", T::Print}, {"nil", T::Nil}};
+                                              {"print", T::Print}, {"nil", T::Nil},  {"true", T::True},
+                                              {"false", T::False}};
   while (i < src.size()) {
     const unsigned char c = static_cast<unsigned char>(src[i]);
     if (std::isspace(c)) {
@@ -95,7 +167,7 @@ std::vector<Tok> lex(const std::string& src) {
       auto k = kw.find(t.s);
       t.t = k == kw.end() ? T::Ident : k->second;
     } else {
-      static const char* two[] = {"==", "!=", "<=", ">="};
+      static const char* two[] = {"==", "!=", "<=", ">=", "&&", "||"};
       bool done = false;
       for (const char* p : two) {
         if (src.compare(i, 2, p) == 0) {
@@ -107,7 +179,7 @@ std::vector<Tok> lex(const std::string& src) {
         }
       }
       if (!done) {
-        if (!std::strchr("+-*/%<>=(){},;.", c) || c == 0)
+        if (!std::strchr("+-*/%<>=(){},;.![]:", c) || c == 0)
           throw SyntaxError{std::isprint(c) ? std::string("unexpected character '") + static_cast<char>(c) + "'"
                                             : "unexpected byte " + std::to_string(c),
                             line, col};
@@ -126,6 +198,9 @@ struct PendingCall {
   std::size_t at;
   std::string name;
 };
+
+// Built-in functions: their names cannot be declared with `fn`.
+bool builtin(const std::string& n) { return n == "array" || n == "len"; }
 
 class Parser {
  public:
@@ -177,12 +252,13 @@ class Parser {
     i.fn = f_;
     i.depth = depth_;
     switch (op) {
-      case Op::Const: case Op::LoadL: case Op::LoadG: case Op::NewObj: ++depth_; break;
+      case Op::Const: case Op::LoadL: case Op::LoadG: case Op::NewObj: case Op::Dup: case Op::NewArr: ++depth_; break;
       case Op::StoreL: case Op::StoreG: case Op::DefG: case Op::Pop: case Op::JmpF: case Op::Ret: case Op::Print:
       case Op::Add: case Op::Sub: case Op::Mul: case Op::Div: case Op::Mod: case Op::Lt: case Op::Le:
-      case Op::Gt: case Op::Ge: case Op::Eq: case Op::Ne: --depth_; break;
+      case Op::Gt: case Op::Ge: case Op::Eq: case Op::Ne: case Op::ArrInit: case Op::GetI: --depth_; break;
       case Op::SetP: depth_ -= 2; break;
-      default: break;  // Jmp, GetP, Err; Call adjusts itself
+      case Op::SetI: depth_ -= 3; break;
+      default: break;  // Jmp, GetP, Not, Len, Err; Call, CallM and MkArr adjust themselves
     }
     if (depth_ > f_->maxstack) f_->maxstack = depth_;
     if (f_->nlocals + f_->maxstack > kMaxFrame) error("function too large", at);
@@ -190,17 +266,16 @@ class Parser {
     return f_->code.back();
   }
   std::int32_t here() const { return static_cast<std::int32_t>(f_->code.size()); }
+  // Hash maps, not linear searches: a program with N distinct names must not cost O(N^2).
   std::int32_t name_id(const std::string& s) {
-    for (std::size_t i = 0; i < p_.names.size(); ++i)
-      if (p_.names[i] == s) return static_cast<std::int32_t>(i);
-    p_.names.push_back(s);
-    return static_cast<std::int32_t>(p_.names.size() - 1);
+    auto [it, added] = name_ids_.emplace(s, static_cast<std::int32_t>(p_.names.size()));
+    if (added) p_.names.push_back(s);
+    return it->second;
   }
   std::int32_t global_id(const std::string& s) {
-    for (std::size_t i = 0; i < p_.globals.size(); ++i)
-      if (p_.globals[i] == s) return static_cast<std::int32_t>(i);
-    p_.globals.push_back(s);
-    return static_cast<std::int32_t>(p_.globals.size() - 1);
+    auto [it, added] = global_ids_.emplace(s, static_cast<std::int32_t>(p_.globals.size()));
+    if (added) p_.globals.push_back(s);
+    return it->second;
   }
   int local(const std::string& s) const {
     auto it = locals_.find(s);
@@ -213,9 +288,10 @@ class Parser {
     if (f_ != p_.fns[0].get()) error("functions must be declared at the top level", kw);
     const Tok nt = peek();
     const std::string name = ident("a function name");
-    for (auto& f : p_.fns)
-      if (f->name == name) error("function '" + name + "' is already defined", nt);
+    if (builtin(name)) error("'" + name + "' is a built-in function", nt);
+    if (fn_by_name_.count(name)) error("function '" + name + "' is already defined", nt);
     auto fn = std::make_unique<Fn>();
+    fn_by_name_[name] = fn.get();
     fn->name = name;
     fn->line = nt.line;
     fn->col = nt.col;
@@ -247,7 +323,10 @@ class Parser {
     depth_ = saved_depth;
   }
 
-  // The parser recurses on nesting: deep nesting is an error, not a stack overflow.
+  // The parser recurses on nesting (blocks, parentheses, unary operators, literals,
+  // arguments, indices): every recursive path goes through a Nest, so deep nesting is an
+  // error, not a stack overflow. Sequences (statements, `else if` links, operator chains,
+  // `.f` and `[i]` suffixes) are loops and cost no stack.
   struct Nest {
     Parser& p;
     Nest(Parser& ps, const Tok& at) : p(ps) {
@@ -283,6 +362,7 @@ class Parser {
       }
     }
     emit(define ? Op::DefG : Op::StoreG, at).a = global_id(name);
+    globals_.push_back({f_, f_->code.size() - 1, name});
   }
 
   void stmt() {
@@ -299,25 +379,31 @@ class Parser {
         return;
       }
       case T::If: {
-        next();
-        expect("(");
-        expr();
-        expect(")");
-        Ins& jf = emit(Op::JmpF, t);
-        const std::size_t jfi = f_->code.size() - 1;
-        (void)jf;
-        block();
-        if (peek().t == T::Else) {
+        // `if ... else if ... else if ...` is a loop over the links, not a recursion: a
+        // chain of any length costs no stack, and every link is at the same nesting level
+        // (its blocks go through block(), which applies the nesting limit).
+        std::vector<std::size_t> ends;  // each link's jump past the whole chain
+        for (;;) {
+          const Tok it = next();  // 'if'
+          expect("(");
+          expr();
+          expect(")");
+          emit(Op::JmpF, it);
+          const std::size_t jfi = f_->code.size() - 1;
+          block();
+          if (peek().t != T::Else) {
+            f_->code[jfi].a = here();
+            break;
+          }
           const Tok& et = next();
           emit(Op::Jmp, et);
-          const std::size_t ji = f_->code.size() - 1;
+          ends.push_back(f_->code.size() - 1);
           f_->code[jfi].a = here();
-          if (peek().t == T::If) stmt();
-          else block();
-          f_->code[ji].a = here();
-        } else {
-          f_->code[jfi].a = here();
+          if (peek().t == T::If) continue;
+          block();
+          break;
         }
+        for (std::size_t j : ends) f_->code[j].a = here();
         return;
       }
       case T::While: {
@@ -361,13 +447,34 @@ class Parser {
     if (is("=")) {
       const Tok eq = next();
       Ins last = f_->code.back();
+      // The last instruction is the target only if no jump of the expression (&&, ||)
+      // lands after it: `x || y.f = 1` must not turn y's read into a write.
+      for (std::size_t i = start; i < f_->code.size(); ++i) {
+        const Ins& j = f_->code[i];
+        if ((j.op == Op::Jmp || j.op == Op::JmpF) && static_cast<std::size_t>(j.a) == f_->code.size())
+          error("cannot assign to this expression", eq);
+      }
       if (f_->code.size() == start + 1 && (last.op == Op::LoadL || last.op == Op::LoadG)) {
         f_->code.pop_back();
+        if (last.op == Op::LoadG) globals_.pop_back();  // the load's record (see resolve)
         --depth_;
         expr();
         expect(";");
-        if (last.op == Op::LoadL) emit(Op::StoreL, st).a = last.a;
-        else emit(Op::StoreG, st).a = last.a;
+        if (last.op == Op::LoadL) {
+          emit(Op::StoreL, st).a = last.a;
+        } else {
+          emit(Op::StoreG, st).a = last.a;
+          globals_.push_back({f_, f_->code.size() - 1, p_.globals[static_cast<std::size_t>(last.a)]});
+        }
+        return;
+      }
+      if (f_->code.size() > start && last.op == Op::GetI) {
+        // a[i] = e: the array and the index stay on the stack.
+        f_->code.pop_back();
+        ++depth_;
+        expr();
+        expect(";");
+        emit(Op::SetI, Tok{T::Punct, {}, 0, last.line, last.col});
         return;
       }
       if (f_->code.size() > start && last.op == Op::GetP) {
@@ -389,7 +496,36 @@ class Parser {
 
   void expr() {
     Nest n(*this, peek());
+    logic_or();
+  }
+  // a || b: a if a is true, else b; a && b: a if a is false, else b (b is not evaluated
+  // when a decides). The value is an operand, not 1/0, so `x || default` works.
+  void logic_or() {
+    logic_and();
+    while (is("||")) {
+      const Tok t = next();
+      emit(Op::Dup, t);
+      emit(Op::JmpF, t);
+      const std::size_t jf = f_->code.size() - 1;
+      emit(Op::Jmp, t);
+      const std::size_t j = f_->code.size() - 1;
+      f_->code[jf].a = here();
+      emit(Op::Pop, t);
+      logic_and();
+      f_->code[j].a = here();
+    }
+  }
+  void logic_and() {
     equality();
+    while (is("&&")) {
+      const Tok t = next();
+      emit(Op::Dup, t);
+      emit(Op::JmpF, t);
+      const std::size_t jf = f_->code.size() - 1;
+      emit(Op::Pop, t);
+      equality();
+      f_->code[jf].a = here();
+    }
   }
   void equality() {
     comparison();
@@ -432,53 +568,41 @@ class Parser {
       emit(Op::Sub, t);
       return;
     }
+    if (is("!")) {
+      Nest n(*this, peek());
+      const Tok t = next();
+      unary();
+      emit(Op::Not, t);
+      return;
+    }
     postfix();
   }
   void postfix() {
     primary();
-    while (is(".")) {
-      next();
-      const Tok nt = peek();
-      const std::string name = ident("a property name");
-      Ins& g = emit(Op::GetP, nt);
-      g.a = name_id(name);
-      g.b = ic();
-    }
-  }
-  void primary() {
-    const Tok t = next();
-    switch (t.t) {
-      case T::Int: emit(Op::Const, t).k = static_cast<std::int64_t>(from_int(t.v)); return;
-      case T::Nil: emit(Op::Const, t).k = static_cast<std::int64_t>(kNil); return;
-      case T::Ident: {
+    for (;;) {
+      if (is(".")) {
+        next();
+        const Tok nt = peek();
+        const std::string name = ident("a property name");
         if (is("(")) {
-          call(t);
-          return;
+          method_call(nt);
+          continue;
         }
-        const int l = top() ? -1 : local(t.s);
-        if (l >= 0) emit(Op::LoadL, t).a = l;
-        else emit(Op::LoadG, t).a = global_id(t.s);
+        Ins& g = emit(Op::GetP, nt);
+        g.a = name_id(name);
+        g.b = ic();
+      } else if (is("[")) {
+        const Tok bt = next();
+        expr();
+        expect("]");
+        emit(Op::GetI, bt);
+      } else {
         return;
       }
-      case T::Punct:
-        if (t.s == "(") {
-          expr();
-          expect(")");
-          return;
-        }
-        if (t.s == "{") {
-          expect("}");
-          emit(Op::NewObj, t);
-          return;
-        }
-        break;
-      default: break;
     }
-    error("expected an expression but found " + show(t), t);
   }
-
-  void call(const Tok& nt) {
-    next();  // (
+  // Arguments up to ')' (the '(' already read); returns how many.
+  std::uint32_t args() {
     std::uint32_t n = 0;
     if (!is(")")) {
       for (;;) {
@@ -489,6 +613,116 @@ class Parser {
       }
     }
     expect(")");
+    return n;
+  }
+  // o.m(args): the receiver is on the stack; it becomes the callee's first parameter.
+  // CallM uses the slot above the arguments for the method value (see the JIT).
+  void method_call(const Tok& nt) {
+    next();  // (
+    const std::uint32_t n = args();
+    if (depth_ + 1 > f_->maxstack) f_->maxstack = depth_ + 1;
+    if (f_->nlocals + f_->maxstack > kMaxFrame) error("function too large", nt);
+    Ins& c = emit(Op::CallM, nt);
+    c.a = name_id(nt.s);
+    c.b = ic();
+    c.k = n;
+    depth_ -= n;  // receiver and arguments -> the result
+  }
+  void primary() {
+    const Tok t = next();
+    switch (t.t) {
+      case T::Int: emit(Op::Const, t).k = static_cast<std::int64_t>(from_int(t.v)); return;
+      case T::Nil: emit(Op::Const, t).k = static_cast<std::int64_t>(kNil); return;
+      case T::True: emit(Op::Const, t).k = static_cast<std::int64_t>(from_int(1)); return;
+      case T::False: emit(Op::Const, t).k = static_cast<std::int64_t>(from_int(0)); return;
+      case T::Ident: {
+        if (is("(")) {
+          if (builtin(t.s)) builtin_call(t);
+          else call(t);
+          return;
+        }
+        const int l = top() ? -1 : local(t.s);
+        if (l >= 0) {
+          emit(Op::LoadL, t).a = l;
+        } else {
+          emit(Op::LoadG, t).a = global_id(t.s);
+          globals_.push_back({f_, f_->code.size() - 1, t.s});  // a function name? (resolve)
+        }
+        return;
+      }
+      case T::Punct:
+        if (t.s == "(") {
+          expr();
+          expect(")");
+          return;
+        }
+        if (t.s == "{") {
+          object_literal(t);
+          return;
+        }
+        if (t.s == "[") {
+          array_literal(t);
+          return;
+        }
+        break;
+      default: break;
+    }
+    error("expected an expression but found " + show(t), t);
+  }
+  // {a: e1, b: e2}: a new object, then each property added in order (Dup keeps the object
+  // on the stack across each SetP), so literals with the same keys share shapes.
+  void object_literal(const Tok& t) {
+    emit(Op::NewObj, t);
+    std::set<std::string> seen;
+    while (!is("}")) {
+      const Tok kt = peek();
+      const std::string key = ident("a property name");
+      if (!seen.insert(key).second) error("duplicate property '" + key + "' in an object literal", kt);
+      expect(":");
+      emit(Op::Dup, kt);
+      expr();
+      Ins& s = emit(Op::SetP, kt);
+      s.a = name_id(key);
+      s.b = ic();
+      if (!is(",")) break;
+      next();
+    }
+    expect("}");
+  }
+  // [e1, e2]: the array first, then each element stored into it, so the stack stays
+  // shallow however long the literal is.
+  void array_literal(const Tok& t) {
+    emit(Op::NewArr, t);
+    const std::size_t at = f_->code.size() - 1;
+    std::int32_t n = 0;
+    while (!is("]")) {
+      const Tok et = peek();
+      expr();
+      emit(Op::ArrInit, et).a = n++;
+      if (!is(",")) break;
+      next();
+    }
+    expect("]");
+    f_->code[at].a = n;
+  }
+  void builtin_call(const Tok& nt) {
+    next();  // (
+    const std::uint32_t n = args();
+    const bool arr = nt.s == "array";
+    if (arr ? (n < 1 || n > 2) : n != 1)
+      error("function '" + nt.s + "' takes " + (arr ? "1 or 2 arguments" : "1 argument") + " but was called with " +
+                std::to_string(n),
+            nt);
+    depth_ -= n;
+    Ins& c = emit(arr ? Op::MkArr : Op::Len, nt);
+    c.depth = depth_ + n;
+    c.a = static_cast<std::int32_t>(n);
+    ++depth_;
+  }
+
+  void call(const Tok& nt) {
+    next();  // (
+    const std::uint32_t n = args();
     depth_ -= n;
     Ins& c = emit(Op::Call, nt);
     c.depth = depth_ + n;  // operand depth before the call (the arguments pushed)
@@ -499,11 +733,20 @@ class Parser {
   }
 
   void resolve() {
+    // A global name that names a function is that function as a value (a constant).
+    // Functions may be declared after their use, hence here. Assigning to it is an error.
+    for (const PendingCall& g : globals_) {
+      auto it = fn_by_name_.find(g.name);
+      if (it == fn_by_name_.end()) continue;
+      Ins& x = g.fn->code[g.at];
+      if (x.op != Op::LoadG) throw SyntaxError{"cannot assign to function '" + g.name + "'", x.line, x.col};
+      x.op = Op::Const;
+      x.k = static_cast<std::int64_t>(reinterpret_cast<Value>(&it->second->ref));
+    }
     for (const PendingCall& pc : calls_) {
       Ins& c = pc.fn->code[pc.at];
-      Fn* callee = nullptr;
-      for (auto& f : p_.fns)
-        if (f->name == pc.name && f.get() != p_.fns[0].get()) callee = f.get();
+      auto it = fn_by_name_.find(pc.name);
+      Fn* callee = it == fn_by_name_.end() ? nullptr : it->second;
       std::string msg;
       if (!callee) msg = "undefined function '" + pc.name + "'";
       else if (callee->nparams != static_cast<std::uint32_t>(c.a))
@@ -527,6 +770,9 @@ class Parser {
   int nest_ = 0;
   std::map<std::string, int> locals_;
   std::vector<PendingCall> calls_;
+  std::vector<PendingCall> globals_;  // global loads and stores, checked against function names
+  std::unordered_map<std::string, Fn*> fn_by_name_;
+  std::unordered_map<std::string, std::int32_t> name_ids_, global_ids_;
 };
 
 }  // namespace
@@ -547,7 +793,8 @@ std::unique_ptr<Program> compile(const std::string& source, std::string* error) 
 std::string dump(const Program& p) {
   static const char* names[] = {"const", "loadl", "storel", "loadg", "storeg", "defg", "pop", "add", "sub",
                                 "mul",   "div",   "mod",    "lt",    "le",     "gt",   "ge",  "eq",  "ne",
-                                "jmp",   "jmpf",  "call",   "ret",   "newobj", "getp", "setp", "print", "err"};
+                                "jmp",   "jmpf",  "call",   "ret",   "newobj", "getp", "setp", "print", "err",
+                                "dup",   "not",   "newarr", "arrinit", "geti", "seti", "mkarr", "len", "callm"};
   std::string s;
   for (auto& f : p.fns) {
     s += "fn " + f->name + " params=" + std::to_string(f->nparams) + " locals=" + std::to_string(f->nlocals) +

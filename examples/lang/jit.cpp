@@ -3,6 +3,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <string>
+#include <string_view>
 #include <unordered_map>
 
 #include <jitpatch/jitpatch.hpp>
@@ -22,6 +23,11 @@ using namespace jitpatch;
   ::_exit(3);
 }
 
+// Method calls (CallM) have an inline cache in the compiled code on both architectures.
+// false: compile them as a call into the runtime (call_method), whose lookup uses the
+// site's interpreter-side cache key, and emit no patch sites for them.
+constexpr bool kInlineCallM = true;
+
 struct Slow {
   asmjit::Label at, resume;
   const Ins* ins;
@@ -36,7 +42,7 @@ class JitImpl final : public Jit {
     (void)main_.detach();
   }
 
-  bool init(std::string* error) {
+  bool init(const Options& opt, std::string* error) {
     auto rt = Runtime::create();
     if (!rt.ok()) {
       *error = rt.status().message();
@@ -45,7 +51,7 @@ class JitImpl final : public Jit {
     rt_ = std::move(rt).value();
     if (auto a = rt_->attach_current_thread(); a.ok()) main_ = std::move(a).value();
     JitOptions jo;
-    jo.heap.reserve = 64u << 20;
+    jo.heap.reserve = opt.code_heap;
 #if defined(__aarch64__)
     // qemu-user only notices code written at the executing address (docs/limits.md, "qemu-user"): the
     // aarch64 build uses the protection-flip heap, as jitpatch-bf does, and so runs one
@@ -62,6 +68,7 @@ class JitImpl final : public Jit {
   }
 
   bool threads_ok() const override { return jit_->heap().strategy() != HeapStrategy::protection_flip; }
+  std::size_t refused() const override { return refused_.load(std::memory_order_relaxed); }
 
   void attach_thread() override {
     auto a = rt_->attach_current_thread();
@@ -89,15 +96,32 @@ class JitImpl final : public Jit {
       a.br(x16);
 #endif
     });
-    if (!b.ok()) internal("emitting a stub", b.status());
+    if (!b.ok()) {
+      if (!heap_full(b.status())) internal("emitting a stub", b.status());
+      return nullptr;  // the caller stays interpreted
+    }
     stubs_[f] = (*b)->entry();
     return (*b)->entry();
   }
 
+  // The function is too large for the JIT: its code is larger than the whole code heap,
+  // no free block is large enough, or (aarch64) a branch to its out-of-line slow paths
+  // is out of range (TBZ/CBZ reach +-32 KiB, B.cond +-1 MiB). Not a reason to stop the
+  // program; the function stays interpreted.
+  static bool heap_full(const Status& st) {
+    return st.code() == Errc::out_of_memory ||
+           (st.code() == Errc::invalid_argument && st.message().find("larger than the code heap") != std::string::npos) ||
+           (st.code() == Errc::emit_failed && st.message().find("InvalidDisplacement") != std::string::npos);
+  }
+  void refuse(Fn* f) {
+    f->nojit.store(true, std::memory_order_relaxed);
+    refused_.fetch_add(1, std::memory_order_relaxed);
+  }
+
   void compile(Fn* f) override {
-    if (f->jit.load(std::memory_order_acquire)) return;
+    if (f->jit.load(std::memory_order_acquire) || f->nojit.load(std::memory_order_relaxed)) return;
     std::lock_guard<std::mutex> cg(compile_mu_);
-    if (f->jit.load(std::memory_order_acquire)) return;
+    if (f->jit.load(std::memory_order_acquire) || f->nojit.load(std::memory_order_relaxed)) return;
     // Call targets first (stubs take stub_mu_ only).
     std::vector<void*> targets(f->code.size(), nullptr);
     for (std::size_t i = 0; i < f->code.size(); ++i) {
@@ -105,23 +129,37 @@ class JitImpl final : public Jit {
       if (x.op == Op::Call) {
         void* c = x.callee->jit.load(std::memory_order_acquire);
         targets[i] = c ? c : stub(x.callee);
+        if (!targets[i]) return refuse(f);
       }
     }
     // ic_mu held from reading the caches' state into the new code until its sites are
     // registered: a miss meanwhile would patch a site list without the new blob's.
     std::lock_guard<std::mutex> ig(p_.ic_mu);
     auto b = jit_->emit(f->name, [&](EmitContext& cx) { gen(cx, f, targets); });
-    if (!b.ok()) internal(("compiling " + f->name).c_str(), b.status());
+    if (!b.ok()) {
+      if (!heap_full(b.status())) internal(("compiling " + f->name).c_str(), b.status());
+      return refuse(f);
+    }
     BlobRef blob = *b;
     blobs_.push_back(blob);
+    // The blob's sites by name, once: CodeBlob::site(name) searches the list, and a
+    // function with N property accesses would otherwise cost O(N^2) to register.
+    std::unordered_map<std::string_view, const PatchSite*> by_name;
+    by_name.reserve(blob->sites().size());
+    for (const PatchSite& ps : blob->sites()) by_name.emplace(ps.name, &ps);
+    auto site = [&](const std::string& n) {
+      auto it = by_name.find(n);
+      if (it == by_name.end()) internal(("site " + n).c_str(), Status(Errc::invalid_argument, 0, "missing"));
+      return it->second;
+    };
     for (std::size_t i = 0; i < f->code.size(); ++i) {
       const Ins& x = f->code[i];
       if (x.op == Op::Call) {
-        callers_[x.callee].push_back(blob->site("call" + std::to_string(i)));
-      } else if (x.op == Op::GetP || x.op == Op::SetP) {
+        callers_[x.callee].push_back(site("call" + std::to_string(i)));
+      } else if (x.op == Op::GetP || x.op == Op::SetP || (kInlineCallM && x.op == Op::CallM)) {
         IcSite& s = p_.ics[static_cast<std::size_t>(x.b)];
-        s.jit_slot = blob->site("ic" + std::to_string(x.b));
-        s.jit_toggle = blob->site("mega" + std::to_string(x.b));
+        s.jit_slot = site("ic" + std::to_string(x.b));
+        s.jit_toggle = site("mega" + std::to_string(x.b));
       }
     }
     // Every compiled call site that still goes through f's stub now calls the new code:
@@ -171,9 +209,10 @@ class JitImpl final : public Jit {
                    "  call sites retargeted %zu\n"
                    "  ic slot patches       %zu\n"
                    "  ic megamorphic toggles %zu\n"
+                   "  functions interpreted (too large to compile) %zu\n"
                    "  patch batches         %llu (%llu serializations)\n"
                    "  code heap             %s\n",
-                   compiled_, retargets_, slot_patches_, mega_patches_, static_cast<unsigned long long>(ps.batches),
+                   compiled_, retargets_, slot_patches_, mega_patches_, refused(), static_cast<unsigned long long>(ps.batches),
                    static_cast<unsigned long long>(ps.serializations), heap_strategy_name(jit_->heap().strategy()));
     }
   }
@@ -195,6 +234,7 @@ class JitImpl final : public Jit {
   std::vector<BlobRef> blobs_;
   std::size_t compiled_ = 0, retargets_ = 0;
   std::size_t slot_patches_ = 0, mega_patches_ = 0;  // Program::ic_mu
+  std::atomic<std::size_t> refused_{0};
 };
 
 #if defined(__x86_64__)
@@ -334,6 +374,54 @@ void JitImpl::gen(EmitContext& cx, Fn* f, const std::vector<void*>& targets) {
         a.mov(rax, S(d - 1));
         a.jmp(exit);
         break;
+      case Op::Dup:
+        a.mov(rax, S(d - 1));
+        a.mov(S(d), rax);
+        break;
+      case Op::Not:
+        a.xor_(edx, edx);
+        a.cmp(S(d - 1), static_cast<int>(from_int(0)));  // nil (0) or integer 0 (1) are false
+        a.setbe(dl);
+        a.lea(rdx, ptr(rdx, rdx, 0, 1));  // 2b + 1
+        a.mov(S(d - 1), rdx);
+        break;
+      case Op::CallM: {
+        // o.m(args). The lookup of m is an inline cache exactly like a property read
+        // (same data slot key, same megamorphic toggle, patched by lang_getm on a miss);
+        // it leaves the method value in the slot above the arguments. lang_callm checks
+        // it (a function taking the receiver plus the arguments), does what lang_precall
+        // does and returns the code (compiled code or lang_enter) in rax and the Fn* in
+        // rdx, lang_enter's third argument. The receiver's slot is the callee's frame.
+        const IcSite& ic = p_.ics[static_cast<std::size_t>(x.b)];
+        const std::uint32_t argc = static_cast<std::uint32_t>(x.k);
+        const std::int32_t off = static_cast<std::int32_t>((base + d - argc - 1) * 8);
+        Slow s = slow_path(&x, reinterpret_cast<const void*>(&lang_getm));
+        cx.toggle_site(s.at, "mega" + std::to_string(x.b), ic.mega.load(std::memory_order_relaxed));
+        auto slot = cx.data_slot(ic.key.load(std::memory_order_relaxed), "ic" + std::to_string(x.b));
+        a.mov(rax, qword_ptr(r12, off));
+        a.test(rax, rax);
+        a.jz(s.at);
+        a.test(al, 1);
+        a.jnz(s.at);
+        a.mov(rcx, ptr(slot));
+        a.mov(rdx, rcx);
+        a.shr(rdx, 32);
+        a.cmp(rdx, qword_ptr(rax, 0));  // arrays and functions: header >= 2^32, never equal
+        a.jne(s.at);
+        a.mov(edx, ecx);
+        a.mov(rax, qword_ptr(rax, 16));
+        a.mov(rax, qword_ptr(rax, rdx, 3));
+        a.mov(S(d), rax);
+        a.inc(qword_ptr(rbx, kThreadHits));
+        a.bind(s.resume);
+        call_helper(reinterpret_cast<const void*>(&lang_callm), &x);
+        a.mov(rdi, rbx);
+        a.lea(rsi, ptr(r12, off));
+        a.call(rax);  // rdx = the Fn*, still from lang_callm
+        a.mov(qword_ptr(r12, off), rax);
+        a.dec(dword_ptr(rbx, kThreadDepth));
+        break;
+      }
       case Op::GetP: case Op::SetP: {
         // The inline cache. Its key is one data slot: shape id << 32 | slot index,
         // rewritten by lang_getp/lang_setp (through JitImpl::ic_update) on a miss while
@@ -369,7 +457,7 @@ void JitImpl::gen(EmitContext& cx, Fn* f, const std::vector<void*>& targets) {
         a.bind(s.resume);
         break;
       }
-      default:  // Mul, Div, Mod, NewObj, Print, Err
+      default:  // Mul, Div, Mod, NewObj, Print, Err, arrays (NewArr, ArrInit, GetI, SetI, MkArr, Len)
         call_helper(reinterpret_cast<const void*>(&lang_exec), &x);
         break;
     }
@@ -569,7 +657,64 @@ void JitImpl::gen(EmitContext& cx, Fn* f, const std::vector<void*>& targets) {
         a.bind(s.resume);
         break;
       }
-      default:
+      case Op::Dup:
+        a.ldr(x0, S(d - 1));
+        a.str(x0, S(d));
+        break;
+      case Op::Not: {
+        auto t = a.newLabel();
+        a.ldr(x0, S(d - 1));
+        a.mov(x2, from_int(1));
+        a.cmp(x0, from_int(0));  // nil (0) or integer 0 (1) are false
+        a.b_ls(t);
+        a.mov(x2, from_int(0));
+        a.bind(t);
+        a.str(x2, S(d - 1));
+        break;
+      }
+      case Op::CallM: {
+        if (!kInlineCallM) {
+          call_helper(reinterpret_cast<const void*>(&lang_exec), &x);
+          break;
+        }
+        // See the x86-64 version. lang_callm returns the code in x0 and the Fn* in x1.
+        const IcSite& ic = p_.ics[static_cast<std::size_t>(x.b)];
+        const std::uint32_t argc = static_cast<std::uint32_t>(x.k);
+        const std::int32_t off = static_cast<std::int32_t>((base + d - argc - 1) * 8);
+        Slow s = slow_path(&x, reinterpret_cast<const void*>(&lang_getm));
+        cx.toggle_site(s.at, "mega" + std::to_string(x.b), ic.mega.load(std::memory_order_relaxed));
+        auto slot = cx.data_slot(ic.key.load(std::memory_order_relaxed), "ic" + std::to_string(x.b));
+        a.ldr(x0, ptr(x20, off));
+        a.cbz(x0, s.at);
+        a.tbnz(x0, 0, s.at);
+        a.ldr(x1, ptr(slot));
+        a.lsr(x2, x1, 32);
+        a.ldr(x3, ptr(x0));
+        a.cmp(x2, x3);
+        a.b_ne(s.at);
+        a.ldr(x3, ptr(x0, 16));
+        a.mov(w1, w1);
+        a.lsl(x1, x1, 3);
+        a.ldr(x0, ptr(x3, x1));
+        a.str(x0, S(d));
+        a.ldr(x4, ptr(x19, kThreadHits));
+        a.add(x4, x4, 1);
+        a.str(x4, ptr(x19, kThreadHits));
+        a.bind(s.resume);
+        call_helper(reinterpret_cast<const void*>(&lang_callm), &x);
+        a.mov(x16, x0);
+        a.mov(x2, x1);
+        a.mov(x0, x19);
+        a.mov(x1, off);
+        a.add(x1, x20, x1);
+        a.blr(x16);
+        a.str(x0, ptr(x20, off));
+        a.ldr(w9, ptr(x19, kThreadDepth));
+        a.sub(w9, w9, 1);
+        a.str(w9, ptr(x19, kThreadDepth));
+        break;
+      }
+      default:  // Mul, Div, Mod, NewObj, Print, Err, arrays: the runtime
         call_helper(reinterpret_cast<const void*>(&lang_exec), &x);
         break;
     }
@@ -589,9 +734,9 @@ void JitImpl::gen(EmitContext& cx, Fn* f, const std::vector<void*>& targets) {
 
 }  // namespace
 
-std::unique_ptr<Jit> Jit::create(Program& p, const Options&, std::string* error) {
+std::unique_ptr<Jit> Jit::create(Program& p, const Options& opt, std::string* error) {
   auto j = std::make_unique<JitImpl>(p);
-  if (!j->init(error)) return nullptr;
+  if (!j->init(opt, error)) return nullptr;
   return j;
 }
 

@@ -23,6 +23,9 @@ void usage(std::FILE* out) {
                "  --threads=N             run the top level on N threads at once (own globals and\n"
                "                          objects; shared code, shapes and inline caches)\n"
                "  --ic-limit=N            misses before a property site goes megamorphic (default 4)\n"
+               "  --code-heap=BYTES       size of the JIT's code heap (default 64 MiB); a function\n"
+               "                          that does not fit stays interpreted\n"
+               "  --shape-limit=MIB       memory for shapes (hidden classes), default 256 MiB\n"
                "  --stats                 print counters to stderr at exit\n"
                "  --disasm                print the compiled code (Capstone) to stderr at exit\n"
                "  --dump                  print the bytecode and exit\n");
@@ -57,6 +60,10 @@ int main(int argc, char** argv) {
       o.threads = static_cast<unsigned>(n);
     } else if (!std::strncmp(a, "--ic-limit=", 11) && parse_count(a + 11, 1ull << 40, &n)) {
       o.ic_limit = n;
+    } else if (!std::strncmp(a, "--code-heap=", 12) && parse_count(a + 12, 1ull << 34, &n) && n >= 65536) {
+      o.code_heap = static_cast<std::size_t>(n);
+    } else if (!std::strncmp(a, "--shape-limit=", 14) && parse_count(a + 14, 1ull << 20, &n)) {
+      o.shape_limit = static_cast<std::size_t>(n) << 20;
     } else if (!std::strcmp(a, "--stats")) {
       o.stats = true;
     } else if (!std::strcmp(a, "--disasm")) {

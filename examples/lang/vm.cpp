@@ -49,7 +49,9 @@ void* arena_alloc(Thread* t, const Ins* ins, std::size_t n) {
   return r;
 }
 
-const char* kind(Value v) { return v == kNil ? "nil" : is_int(v) ? "an integer" : "an object"; }
+const char* kind(Value v) {
+  return v == kNil ? "nil" : is_int(v) ? "an integer" : is_array(v) ? "an array" : is_fn(v) ? "a function" : "an object";
+}
 
 Value& top(Thread*, Value* fp, const Ins* ins, std::uint32_t below = 1) {
   return fp[ins->fn->nlocals + ins->depth - below];
@@ -78,11 +80,35 @@ void ic_miss(Thread* t, const Ins* ins, Shape* shape, int slot) {
   if (t->jit) t->jit->ic_update(s, key, mega);
 }
 
-Object* as_obj(Thread* t, const Ins* ins, Value v, bool write) {
+Object* as_obj(Thread* t, const Ins* ins, Value v, const char* what) {
   if (!is_obj(v))
-    fail(t, ins, std::string("cannot ") + (write ? "set" : "read") + " property '" +
-                     t->prog->names[static_cast<std::size_t>(ins->a)] + "' of " + kind(v));
+    fail(t, ins, std::string("cannot ") + what + " '" + t->prog->names[static_cast<std::size_t>(ins->a)] + "' of " +
+                     kind(v));
   return reinterpret_cast<Object*>(v);
+}
+
+Array* new_array(Thread* t, const Ins* ins, Value n, Value init) {
+  if (!is_int(n)) fail(t, ins, std::string("array size is ") + kind(n) + ", not an integer");
+  const std::int64_t len = to_int(n);
+  if (len < 0) fail(t, ins, "array size " + std::to_string(len) + " is negative");
+  if (static_cast<std::uint64_t>(len) > kMaxArray)
+    fail(t, ins, "array size " + std::to_string(len) + " is too large (at most " + std::to_string(kMaxArray) + ")");
+  auto* a = static_cast<Array*>(arena_alloc(t, ins, sizeof(Array) + static_cast<std::size_t>(len) * sizeof(Value)));
+  a->hdr = kArrayHdr;
+  a->length = static_cast<std::uint64_t>(len);
+  for (std::int64_t i = 0; i < len; ++i) a->elems()[i] = init;
+  return a;
+}
+
+// The element a[i], or an error naming what is wrong (GetI, SetI).
+Value* element(Thread* t, const Ins* ins, Value a, Value i) {
+  if (!is_array(a)) fail(t, ins, std::string("cannot index ") + kind(a) + " (not an array)");
+  if (!is_int(i)) fail(t, ins, std::string("array index is ") + kind(i) + ", not an integer");
+  Array* arr = reinterpret_cast<Array*>(a);
+  const std::int64_t k = to_int(i);
+  if (k < 0 || static_cast<std::uint64_t>(k) >= arr->length)
+    fail(t, ins, "index " + std::to_string(k) + " out of range for an array of length " + std::to_string(arr->length));
+  return &arr->elems()[k];
 }
 
 std::int64_t int_arg(Thread* t, const Ins* ins, Value v, const char* what) {
@@ -111,6 +137,33 @@ const char* op_text(Op op) {
 }
 
 }  // namespace
+
+// A whole method call in the runtime: the interpreter, and compiled code that has no
+// inline sequence for CallM. The lookup uses the site's cache key (the interpreter's side
+// of the inline cache); a miss goes through lang_getm, which updates it.
+void call_method(Thread* t, Value* fp, const Ins* ins) {
+  Value* s = fp + ins->fn->nlocals;
+  const std::uint32_t argc = static_cast<std::uint32_t>(ins->k);
+  const Value recv = s[ins->depth - argc - 1];
+  IcSite& ic = t->prog->ics[static_cast<std::size_t>(ins->b)];
+  bool hit = false;
+  if (is_ref(recv) && !ic.mega.load(std::memory_order_relaxed)) {
+    const std::uint64_t key = ic.key.load(std::memory_order_relaxed);
+    if (key >> 32 == hdr(recv)) {  // arrays and functions never match (see kArrayHdr)
+      ++t->h.ic_hits;
+      s[ins->depth] = reinterpret_cast<const Object*>(recv)->slots[key & 0xffffffffu];
+      hit = true;
+    }
+  }
+  if (!hit) lang_getm(t, fp, ins);
+  const MethodTarget m = lang_callm(t, fp, ins);
+  Value* nfp = s + ins->depth - argc - 1;
+  const Value r = m.code == reinterpret_cast<void*>(&lang_enter)
+                      ? lang_enter(t, nfp, m.fn)
+                      : reinterpret_cast<Value (*)(Thread*, Value*)>(m.code)(t, nfp);
+  --t->h.depth;
+  *nfp = r;
+}
 
 void fail(Thread* t, const Ins* ins, const std::string& msg) {
   std::lock_guard<std::mutex> g(g_out_mu);
@@ -176,10 +229,42 @@ extern "C" void lang_exec(Thread* t, Value* fp, const Ins* ins) {
       fp[ins->fn->nlocals + ins->depth] = reinterpret_cast<Value>(o);
       return;
     }
+    case Op::Dup: fp[ins->fn->nlocals + ins->depth] = top(t, fp, ins); return;
+    case Op::Not: {
+      Value& v = top(t, fp, ins);
+      v = from_int(v <= from_int(0));  // nil (0) and the integer 0 (1) are false
+      return;
+    }
+    case Op::NewArr:
+      fp[ins->fn->nlocals + ins->depth] = reinterpret_cast<Value>(new_array(t, ins, from_int(ins->a), kNil));
+      return;
+    case Op::ArrInit:
+      reinterpret_cast<Array*>(top(t, fp, ins, 2))->elems()[ins->a] = top(t, fp, ins, 1);
+      return;
+    case Op::GetI: {
+      Value& a = top(t, fp, ins, 2);
+      a = *element(t, ins, a, top(t, fp, ins, 1));
+      return;
+    }
+    case Op::SetI: *element(t, ins, top(t, fp, ins, 3), top(t, fp, ins, 2)) = top(t, fp, ins, 1); return;
+    case Op::MkArr: {
+      Value& r = top(t, fp, ins, static_cast<std::uint32_t>(ins->a));
+      r = reinterpret_cast<Value>(new_array(t, ins, r, ins->a == 2 ? top(t, fp, ins, 1) : kNil));
+      return;
+    }
+    case Op::Len: {
+      Value& v = top(t, fp, ins);
+      if (!is_array(v)) fail(t, ins, std::string("len() of ") + kind(v) + " (not an array)");
+      v = from_int(static_cast<std::int64_t>(reinterpret_cast<Array*>(v)->length));
+      return;
+    }
+    case Op::CallM: call_method(t, fp, ins); return;
     case Op::Print: {
       const Value v = top(t, fp, ins);
       if (v == kNil) t->out += "nil\n";
       else if (is_int(v)) t->out += std::to_string(to_int(v)) + "\n";
+      else if (is_array(v)) t->out += "<array>\n";
+      else if (is_fn(v)) t->out += "<function " + reinterpret_cast<const FnRef*>(v)->fn->name + ">\n";
       else t->out += "<object>\n";
       if (t->out.size() >= 65536) out_flush(t);
       return;
@@ -191,14 +276,14 @@ extern "C" void lang_exec(Thread* t, Value* fp, const Ins* ins) {
 
 extern "C" void lang_getp(Thread* t, Value* fp, const Ins* ins) {
   Value& v = top(t, fp, ins);
-  Object* o = as_obj(t, ins, v, false);
+  Object* o = as_obj(t, ins, v, "read property");
   const int slot = o->shape->find(ins->a);
   v = slot < 0 ? kNil : o->slots[slot];
   ic_miss(t, ins, o->shape, slot);
 }
 
 extern "C" void lang_setp(Thread* t, Value* fp, const Ins* ins) {
-  Object* o = as_obj(t, ins, top(t, fp, ins, 2), true);
+  Object* o = as_obj(t, ins, top(t, fp, ins, 2), "set property");
   const Value v = top(t, fp, ins, 1);
   int slot = o->shape->find(ins->a);
   if (slot >= 0) {
@@ -209,7 +294,10 @@ extern "C" void lang_setp(Thread* t, Value* fp, const Ins* ins) {
   // A new property: a transition, not cached (store caches hold existing properties only).
   ++t->stats.transitions;
   Shape* s = t->prog->shapes.add(o->shape, ins->a);
-  const std::uint32_t n = static_cast<std::uint32_t>(s->names.size());
+  if (!s)
+    fail(t, ins, "shape memory limit (" + std::to_string(t->prog->shapes.limit() >> 20) +
+                     " MiB) exceeded: too many properties or object layouts (--shape-limit)");
+  const std::uint32_t n = s->count;
   if (n > o->cap) {
     const std::uint32_t cap = o->cap ? o->cap * 2 : 4;
     auto* slots = static_cast<Value*>(arena_alloc(t, ins, cap * sizeof(Value)));
@@ -231,10 +319,44 @@ extern "C" void lang_precall(Thread* t, Value* fp, const Ins* ins) {
   ++t->h.depth;
 }
 
+// o.m(args), CallM: the method value goes to the slot above the arguments (operand depth
+// d), where the JIT's inline cache also leaves it; the receiver's slot becomes the callee's
+// frame (the receiver is its first parameter), as the arguments of a plain call do.
+extern "C" void lang_getm(Thread* t, Value* fp, const Ins* ins) {
+  Value* s = fp + ins->fn->nlocals;
+  Object* o = as_obj(t, ins, s[ins->depth - ins->k - 1], "call method");
+  const int slot = o->shape->find(ins->a);
+  s[ins->depth] = slot < 0 ? kNil : o->slots[slot];
+  ic_miss(t, ins, o->shape, slot);
+}
+
+extern "C" MethodTarget lang_callm(Thread* t, Value* fp, const Ins* ins) {
+  Value* s = fp + ins->fn->nlocals;
+  const Value m = s[ins->depth];
+  const std::string& name = t->prog->names[static_cast<std::size_t>(ins->a)];
+  if (!is_fn(m)) fail(t, ins, "method '" + name + "' is " + kind(m) + ", not a function");
+  Fn* c = reinterpret_cast<const FnRef*>(m)->fn;
+  const std::uint64_t argc = static_cast<std::uint64_t>(ins->k);
+  if (c->nparams == 0)
+    fail(t, ins, "function '" + c->name + "' cannot be called as method '" + name +
+                     "': it has no parameter for the receiver");
+  if (c->nparams != argc + 1)
+    fail(t, ins, "method '" + name + "' (function '" + c->name + "') takes " + std::to_string(c->nparams - 1) +
+                     " argument" + (c->nparams == 2 ? "" : "s") + " but was called with " + std::to_string(argc));
+  if (t->h.depth >= kMaxDepth) fail(t, ins, "call depth limit (" + std::to_string(kMaxDepth) + ") exceeded");
+  Value* nfp = s + ins->depth - argc - 1;
+  if (nfp + c->frame() > t->stack_end) fail(t, ins, "out of stack space");
+  for (std::uint32_t i = c->nparams; i < c->frame(); ++i) nfp[i] = kNil;  // also the method slot
+  ++t->h.depth;
+  void* code = c->jit.load(std::memory_order_acquire);
+  return {code ? code : reinterpret_cast<void*>(&lang_enter), c};
+}
+
 extern "C" Value lang_enter(Thread* t, Value* fp, Fn* f) {
   const std::uint64_t n = f->calls.fetch_add(1, std::memory_order_relaxed) + 1;
   void* code = f->jit.load(std::memory_order_acquire);
-  if (!code && t->jit && t->opt->tier == Tier::automatic && n >= t->opt->hot) {
+  if (!code && t->jit && t->opt->tier == Tier::automatic && n >= t->opt->hot &&
+      !f->nojit.load(std::memory_order_relaxed)) {
     t->jit->compile(f);
     code = f->jit.load(std::memory_order_acquire);
   }
@@ -264,6 +386,17 @@ Value interpret(Thread* t, Fn* f, Value* fp) {
         break;
       case Op::DefG: t->h.globals[x.a] = s[x.depth - 1]; break;
       case Op::Pop: break;
+      case Op::Dup: s[x.depth] = s[x.depth - 1]; break;
+      case Op::Not: s[x.depth - 1] = from_int(s[x.depth - 1] <= from_int(0)); break;
+      case Op::GetI: {
+        const Value a = s[x.depth - 2], i = s[x.depth - 1];
+        if (is_array(a) && is_int(i) && static_cast<std::uint64_t>(to_int(i)) < reinterpret_cast<Array*>(a)->length)
+          s[x.depth - 2] = reinterpret_cast<Array*>(a)->elems()[to_int(i)];
+        else
+          lang_exec(t, fp, &x);  // the error
+        break;
+      }
+      case Op::CallM: call_method(t, fp, &x); break;
       case Op::Jmp: pc = static_cast<std::size_t>(x.a); continue;
       case Op::JmpF:
         if (s[x.depth - 1] <= from_int(0)) {  // nil (0) or the integer 0 (1)
@@ -285,7 +418,7 @@ Value interpret(Thread* t, Fn* f, Value* fp) {
       case Op::GetP: {
         Value& v = s[x.depth - 1];
         IcSite& ic = ics[x.b];
-        if (is_obj(v) && !ic.mega.load(std::memory_order_relaxed)) {
+        if (is_ref(v) && !ic.mega.load(std::memory_order_relaxed)) {
           const std::uint64_t key = ic.key.load(std::memory_order_relaxed);
           const Object* o = reinterpret_cast<const Object*>(v);
           if (key >> 32 == o->shape_id) {
@@ -300,7 +433,7 @@ Value interpret(Thread* t, Fn* f, Value* fp) {
       case Op::SetP: {
         const Value ov = s[x.depth - 2];
         IcSite& ic = ics[x.b];
-        if (is_obj(ov) && !ic.mega.load(std::memory_order_relaxed)) {
+        if (is_ref(ov) && !ic.mega.load(std::memory_order_relaxed)) {
           const std::uint64_t key = ic.key.load(std::memory_order_relaxed);
           Object* o = reinterpret_cast<Object*>(ov);
           if (key >> 32 == o->shape_id) {
@@ -319,6 +452,7 @@ Value interpret(Thread* t, Fn* f, Value* fp) {
 }
 
 int run(Program& p, const Options& opt) {
+  p.shapes.set_limit(opt.shape_limit);
   std::unique_ptr<Jit> jit;
   if (opt.tier != Tier::interp) {
     std::string err;
@@ -395,10 +529,10 @@ int run(Program& p, const Options& opt) {
                    "  ic hits               %llu\n"
                    "  ic misses             %llu\n"
                    "  megamorphic lookups   %llu\n"
-                   "  shape transitions     %llu (%zu shapes)\n",
+                   "  shape transitions     %llu (%zu shapes, %zu KiB)\n",
                    opt.threads, p.nics, patched, mega, static_cast<unsigned long long>(hits),
                    static_cast<unsigned long long>(s.ic_misses), static_cast<unsigned long long>(s.mega_lookups),
-                   static_cast<unsigned long long>(s.transitions), p.shapes.count());
+                   static_cast<unsigned long long>(s.transitions), p.shapes.count(), p.shapes.bytes() >> 10);
     }
     if (jit) jit->report(stderr, opt.disasm, opt.stats);
   }

@@ -84,7 +84,67 @@ def calls_out():
     return [acc, 0, 1, ack(2, 3), ack(3, 3), 'nil', gcd(1071, 462)]
 
 
+def logic_out():
+    # true/false are 1/0; a && b is a if a is false else b; a || b is a if a is true else b.
+    out = [1, 0, 1, 1, 1, 0, 1, 0, 3, 0, 9, 4, 'nil', 'nil', 0]
+    n, calls = 0, 0
+    for i in range(100):
+        if (i % 3 == 0 and i % 5 == 0) or i == 7:
+            n += 1
+        if not i < 50:
+            if i % 2 == 0:
+                n += 100
+            else:
+                calls += 1  # side(0) is evaluated and false
+    out += [n, calls]
+    def clamp(x):  # (x < 0 && 0) || (x > 10 && 10) || x: 0 is false, so only 10 or x
+        return 10 if x > 10 else x
+    out += [clamp(-5), clamp(50), clamp(7), 42, 1]
+    return out
+
+
+def arrays_out():
+    out = [3, 1 + 2 * 3, 20, 0, 'nil', 14]
+    flags = [True] * 5001
+    count = 0
+    for i in range(2, 5001):
+        if flags[i]:
+            count += 1
+            for k in range(2 * i, 5001, i):
+                flags[k] = False
+    out.append(count)
+    m = [[i * 6 + j for j in range(6)] for i in range(6)]
+    out += [sum(m[i][5 - i] for i in range(6)), m[5][5]]
+    out.append(sum(x * 10 + y for x, y in [(1, 2), (3, 4), (6, 5)]))
+    out += [11, 3, 99, 1, 0, '<array>', 0, 1, 4, 1]
+    return out
+
+
+def methods_out():
+    out = [6, 5 * 6, 5]
+    out.append(10 * (1 * 2 + 5 * 5 + 2 * 1 + 3 * 3))
+    out.append(5 * 20 + 5 * 40)
+    out += [10, 15, sum(range(1, 51)), '<function area>', 1, 0, 1, 121]
+    balls = []
+    for i in range(100):
+        seed = i * 74755 % 65536 + 1
+        balls.append([seed * 37 % 500, seed * 91 % 500, seed % 300 - 150, seed * 7 % 300 - 150])
+    bounces = 0
+    for _ in range(50):
+        for b in balls:
+            hit = False
+            b[0] += b[2]
+            b[1] += b[3]
+            if b[0] > 500: b[0] = 500; b[2] = -b[2]; hit = True
+            if b[0] < 0: b[0] = 0; b[2] = -b[2]; hit = True
+            if b[1] > 500: b[1] = 500; b[3] = -b[3]; hit = True
+            if b[1] < 0: b[1] = 0; b[3] = -b[3]; hit = True
+            bounces += hit
+    out.append(bounces)
+    return out
+
+
 for name, f in [('fib', fib_out), ('loops', loops_out), ('ic_poly', ic_poly_out), ('props', props_out),
-                ('calls', calls_out)]:
+                ('calls', calls_out), ('logic', logic_out), ('arrays', arrays_out), ('methods', methods_out)]:
     with open(name + '.out', 'w') as fh:
         fh.write(''.join(f'{v}\n' for v in f()))

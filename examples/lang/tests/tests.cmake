@@ -59,6 +59,10 @@ function(lang_case name)
 endfunction()
 
 function(lang_error name regex)
+  set(_extra "")
+  if(ARGN)
+    string(REPLACE ";" "|" _extra "|${ARGN}")
+  endif()
   foreach(t IN ITEMS interp jit auto-hot1)
     set(_exp "")
     if(EXISTS ${_lang_dir}/err/${name}.out)
@@ -66,7 +70,7 @@ function(lang_error name regex)
     endif()
     add_test(NAME "lang:error ${name} [${t}]"
              COMMAND ${CMAKE_COMMAND} -DLANG=$<TARGET_FILE:jitpatch-lang> -DEMU=${_lang_emu}
-                     -DPROGRAM=${_lang_dir}/err/${name}.lang -DARGS=${_lang_args_${t}} -DERROR=${regex}
+                     -DPROGRAM=${_lang_dir}/err/${name}.lang -DARGS=${_lang_args_${t}}${_extra} -DERROR=${regex}
                      -DEXPECTED=${_exp} -P ${_lang_dir}/run_case.cmake)
     set_tests_properties("lang:error ${name} [${t}]" PROPERTIES LABELS ${_lang_label} TIMEOUT 120)
   endforeach()
@@ -95,7 +99,7 @@ endfunction()
 # threads compile functions, retarget call sites and rewrite inline caches while the
 # others run the code. A TSan report ends the process with exit code 66.
 if(JITPATCH_TEST_SET STREQUAL "concurrency")
-  foreach(p fib ic_poly props calls)
+  foreach(p fib ic_poly props calls logic arrays methods)
     lang_case(${p} TIERS ${_lang_thread_tiers})
   endforeach()
   lang_case(ic_flip TIERS ${_lang_thread_tiers} EXTRA --ic-limit=1000000)
@@ -103,7 +107,9 @@ if(JITPATCH_TEST_SET STREQUAL "concurrency")
   return()
 endif()
 
-foreach(p fib loops ic_poly props calls)
+# logic, arrays, methods: the language of slice 1 (true/false, ! && ||, arrays, object
+# literals, methods through inline caches), expected outputs from make_expected.py.
+foreach(p fib loops ic_poly props calls logic arrays methods)
   lang_case(${p})
 endforeach()
 # ic_flip.lang: one read site whose cache flips between two shapes on every call (no
@@ -123,6 +129,11 @@ lang_gen(jit auto-hot1 auto-hot3 ${_lang_thread_tiers})
 lang_case(ic_poly TIERS jit EXTRA --stats
           STDERR "3 megamorphic|ic slot patches +12\n|ic megamorphic toggles +3\n|functions compiled +4\n")
 lang_case(ic_poly TIERS interp EXTRA --stats STDERR "3 megamorphic|ic misses +15\n")
+# The same for a method call site (o.area()) and the two reads in the method: in compiled
+# code the method lookup is patched like a property read.
+lang_case(ic_method)
+lang_case(ic_method TIERS jit EXTRA --stats
+          STDERR "3 megamorphic|ic slot patches +12\n|ic megamorphic toggles +3\n")
 
 lang_error(undef_var "^jitpatch-lang: error: undefined variable 'x' at line 1, column 7\n$")
 lang_error(undef_assign "^jitpatch-lang: error: undefined variable 'y' at line 2, column 1\n$")
@@ -150,3 +161,59 @@ lang_error(syntax_dup_fn "^jitpatch-lang: error: function 'f' is already defined
 # not a stack overflow.
 lang_error(syntax_nesting "^jitpatch-lang: error: nesting too deep \\(more than 200 levels\\) at line 1, column 207\n$")
 lang_error(syntax_minus "^jitpatch-lang: error: nesting too deep \\(more than 200 levels\\) at line 1, column 208\n$")
+
+# Slice 1: arrays, methods, new syntax.
+lang_error(index_range "^jitpatch-lang: error: index 2 out of range for an array of length 2 at line 3, column 8\n$")
+lang_error(index_set_range "^jitpatch-lang: error: index -1 out of range for an array of length 3 at line 2, column 2\n$")
+lang_error(index_object "^jitpatch-lang: error: cannot index an object \\(not an array\\) at line 2, column 8\n$")
+lang_error(index_nil "^jitpatch-lang: error: array index is nil, not an integer at line 2, column 8\n$")
+lang_error(array_size "^jitpatch-lang: error: array size -1 is negative at line 1, column 9\n$")
+lang_error(len_int "^jitpatch-lang: error: len\\(\\) of an integer \\(not an array\\) at line 1, column 7\n$")
+lang_error(call_int "^jitpatch-lang: error: method 'm' is an integer, not a function at line 2, column 9\n$")
+lang_error(call_missing "^jitpatch-lang: error: method 'm' is nil, not a function at line 2, column 3\n$")
+lang_error(method_arity "^jitpatch-lang: error: method 'f' \\(function 'f'\\) takes 1 argument but was called with 2 at line 4, column 9\n$")
+lang_error(method_no_self "^jitpatch-lang: error: function 'g' cannot be called as method 'g': it has no parameter for the receiver at line 3, column 3\n$")
+lang_error(method_of_int "^jitpatch-lang: error: cannot call method 'm' of an integer at line 2, column 3\n$")
+lang_error(method_of_array "^jitpatch-lang: error: cannot call method 'm' of an array at line 2, column 3\n$")
+lang_error(syntax_builtin "^jitpatch-lang: error: 'len' is a built-in function at line 1, column 4\n$")
+lang_error(syntax_builtin_arity "^jitpatch-lang: error: function 'array' takes 1 or 2 arguments but was called with 0 at line 1, column 7\n$")
+lang_error(syntax_assign_fn "^jitpatch-lang: error: cannot assign to function 'f' at line 2, column 1\n$")
+lang_error(syntax_dup_key "^jitpatch-lang: error: duplicate property 'a' in an object literal at line 1, column 16\n$")
+# `x || y.f = 1` would otherwise turn the read of y.f inside the || into a write.
+lang_error(syntax_assign_or "^jitpatch-lang: error: cannot assign to this expression at line 3, column 10\n$")
+lang_error(syntax_nest_array "^jitpatch-lang: error: nesting too deep \\(more than 200 levels\\) at line 1, column 207\n$")
+lang_error(syntax_nest_not "^jitpatch-lang: error: nesting too deep \\(more than 200 levels\\) at line 1, column 206\n$")
+lang_error(syntax_nest_object "^jitpatch-lang: error: nesting too deep \\(more than 200 levels\\) at line 1, column 809\n$")
+# 65536 distinct shapes against a 1 MiB shape budget: a clear error, not unbounded memory.
+lang_error(shape_limit "^jitpatch-lang: error: shape memory limit \\(1 MiB\\) exceeded: too many properties or object layouts \\(--shape-limit\\) at line 9, column 88\n$" --shape-limit=1)
+
+# Hostile inputs, too large for the repository: gen_hostile.cmake writes them once (a
+# setup fixture). Each failed before its fix: elseif.lang overflowed the parser's stack
+# (SIGSEGV), props.lang ran for minutes in O(N^2) (TIMEOUT 60 here), bigfn.lang with a
+# 64 KiB code heap ended --tier=jit with "internal error: allocation larger than the code
+# heap" (now it stays interpreted and --stats says so).
+set(_lang_hostile ${CMAKE_CURRENT_BINARY_DIR}/hostile)
+add_test(NAME "lang:hostile generate" COMMAND ${CMAKE_COMMAND} -DOUT=${_lang_hostile} -P ${_lang_dir}/gen_hostile.cmake)
+set_tests_properties("lang:hostile generate" PROPERTIES FIXTURES_SETUP lang_hostile LABELS ${_lang_label} TIMEOUT 120)
+function(lang_hostile name tier)
+  cmake_parse_arguments(C "" "EXTRA;STDERR;TAG" "" ${ARGN})
+  set(_args "${_lang_args_${tier}}")
+  if(C_EXTRA)
+    set(_args "${_args}|${C_EXTRA}")
+  endif()
+  set(_tn "lang:hostile ${name}${C_TAG} [${tier}]")
+  add_test(NAME "${_tn}"
+           COMMAND ${CMAKE_COMMAND} -DLANG=$<TARGET_FILE:jitpatch-lang> -DEMU=${_lang_emu}
+                   -DPROGRAM=${_lang_hostile}/${name}.lang -DARGS=${_args} -DEXPECTED=${_lang_dir}/hostile/${name}.out
+                   -DSTDERR_MATCH=${C_STDERR} -P ${_lang_dir}/run_case.cmake)
+  set_tests_properties("${_tn}" PROPERTIES FIXTURES_REQUIRED lang_hostile LABELS ${_lang_label} TIMEOUT 60)
+endfunction()
+foreach(t interp jit auto-hot1)
+  lang_hostile(elseif ${t})
+  lang_hostile(props ${t})
+endforeach()
+lang_hostile(bigfn jit EXTRA --code-heap=65536|--stats
+             STDERR "functions interpreted \\(too large to compile\\) 1\n|functions compiled +2\n")
+lang_hostile(bigfn auto-hot1 EXTRA --code-heap=65536|--stats
+             STDERR "functions interpreted \\(too large to compile\\) 1\n")
+lang_hostile(bigfn interp)
