@@ -156,6 +156,23 @@ const CodeBlob* CodeRegistry::find(const void* p) const noexcept {
   return nullptr;
 }
 
+const CodeBlob* CodeRegistry::lookup(const void* p) const noexcept {
+  if (const CodeBlob* b = find(p)) return b;
+  // find() found nothing, or gave up after its retries while writers kept the sequence
+  // odd or moving (a large table shifted by remove() on another thread). Under mu_ no
+  // writer runs, so the table and count are stable and one search is the answer.
+  std::lock_guard<std::mutex> g(mu_);
+  const auto pc = reinterpret_cast<std::uintptr_t>(p);
+  const Entry* table = read_once(entries_);
+  std::size_t lo = 0, hi = read_once(count_);
+  while (lo < hi) {  // first entry with begin > pc
+    const std::size_t mid = (lo + hi) / 2;
+    if (read_once(table[mid].begin) <= pc) lo = mid + 1;
+    else hi = mid;
+  }
+  return lo > 0 && pc < read_once(table[lo - 1].end) ? read_once(table[lo - 1].blob) : nullptr;
+}
+
 // A snapshot: no ordering against the entries (the count is all it reports).
 std::size_t CodeRegistry::size() const noexcept { return read_once(count_); }
 

@@ -322,7 +322,7 @@ bool in_ranges(const std::vector<std::pair<std::uintptr_t, std::uintptr_t>>& ran
 // A live blob of `heap` holding `site`, or nullptr. Reads only the registry and the blob
 // descriptor.
 const CodeBlob* live_blob_at(const std::byte* site, const CodeRegistry& registry, const CodeHeap& heap) noexcept {
-  const CodeBlob* blob = registry.find(site);
+  const CodeBlob* blob = registry.lookup(site);
   if (!blob || blob->state() != BlobState::live || !heap.contains(site)) return nullptr;
   return blob;
 }
@@ -411,7 +411,7 @@ Result<const CodeBlob*> Patcher::live_range(const Request& r, std::size_t len) n
   std::byte* site = r.site;
   // Patching retired or freed code is an error, always (this check is cheap and guards
   // memory safety, so it does not depend on validate_).
-  const CodeBlob* blob = registry_->find(site);
+  const CodeBlob* blob = registry_->lookup(site);
   if (!blob || blob->state() != BlobState::live)
     return reject_address("site is not in live code (freed, retired or unknown)", site);
   if (!heap_->contains(site) || !heap_->contains(site + (len - 1)))

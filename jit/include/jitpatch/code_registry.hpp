@@ -38,6 +38,11 @@ class CodeRegistry {
   Status remove(const void* begin) noexcept;
   // The blob whose range contains `pc`, or nullptr. Lock-free, async-signal-safe.
   const CodeBlob* find(const void* pc) const noexcept;
+  // find() for thread context (not a signal handler): its lock-free retries can give up
+  // while writers keep changing a large table, and then this looks again under the
+  // writers' mutex, so a registered pc is always found. The patcher uses it to check
+  // sites.
+  const CodeBlob* lookup(const void* pc) const noexcept;
   std::size_t size() const noexcept;
 
  private:
@@ -51,7 +56,7 @@ class CodeRegistry {
   };
   Status grow_locked() noexcept;
 
-  std::mutex mu_;
+  mutable std::mutex mu_;  // writers; lookup()'s fallback
   std::uint64_t seq_ = 0;             // odd while a writer changes the table (marked accesses)
   Entry* entries_ = nullptr;          // current table (marked accesses)
   std::size_t count_ = 0;             // entries in use (marked accesses)
