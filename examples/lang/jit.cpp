@@ -1,5 +1,6 @@
 // The baseline JIT: one blob per function, template code over the frame array, property
 // accesses as inline caches in jitpatch data slots, calls through retargetable call sites.
+#include <algorithm>
 #include <cstdio>
 #include <cstdlib>
 #include <string>
@@ -36,21 +37,25 @@ struct Slow {
 
 class JitImpl final : public Jit {
  public:
-  explicit JitImpl(Program& p) : p_(p) {}
+  JitImpl(Program& p, Runtime& rt) : p_(p), rt_(rt) {}
   ~JitImpl() override {
     jit_.reset();  // the whole code cache, in order
     (void)main_.detach();
   }
 
   bool init(const Options& opt, std::string* error) {
-    auto rt = Runtime::create();
-    if (!rt.ok()) {
-      *error = rt.status().message();
-      return false;
-    }
-    rt_ = std::move(rt).value();
-    if (auto a = rt_->attach_current_thread(); a.ok()) main_ = std::move(a).value();
+    if (auto a = rt_.attach_current_thread(); a.ok()) main_ = std::move(a).value();
+    poll_ = opt.poll;
     JitOptions jo;
+    // The collector stops the mutators through these Safepoints; compiled code polls at
+    // function entries and loop back-edges with the kind --poll chose (the poll word is
+    // armed for every stop whatever the kind: the interpreter and the C++ runtime poll it).
+    // Retired code rides on them too: every attached thread is a QSBR reader whose
+    // quiescent states are its safepoint slow paths.
+    jo.safepoints = true;
+    jo.qsbr_on_safepoints = true;
+    jo.safepoint.poll_kinds = PollKinds::poll_word | (opt.poll == PollKind::page ? PollKinds::page_poll : 0u) |
+                              (opt.poll == PollKind::patched ? PollKinds::patched_poll : 0u);
     jo.heap.reserve = opt.code_heap;
 #if defined(__aarch64__)
     // qemu-user only notices code written at the executing address (docs/limits.md, "qemu-user"): the
@@ -58,23 +63,56 @@ class JitImpl final : public Jit {
     // thread (JITPATCH_HEAP=dual_mapping on real hardware lifts that).
     jo.heap.strategy = HeapStrategy::protection_flip;
 #endif
-    auto j = jitpatch::Jit::create(*rt_, jo);
+    auto j = jitpatch::Jit::create(rt_, jo);
     if (!j.ok()) {
       *error = "jit: " + j.status().message();
       return false;
     }
     jit_ = std::move(j).value();
+    jit_->set_code_scan_hook([this](const CodeBlob& b) { return still_running(b); });
     return true;
+  }
+
+  Safepoints& safepoints() override { return *jit_->safepoints(); }
+  std::size_t superseded() {
+    std::lock_guard<std::mutex> g(sup_mu_);
+    return superseded_.size() + dead_.size();
+  }
+  void set_threads(const std::vector<Thread*>* threads) override {
+    threads_.store(threads, std::memory_order_release);
+  }
+
+  // The code scan hook: asked after a grace period of the Jit's domain, before a retired
+  // blob is freed. The grace period covers threads that might still *enter* the code
+  // (none can: its callers were moved and f->jit replaced before it was retired); this
+  // covers frames that are inside it, further up a stack or parked at one of its polls.
+  // A thread inside the blob stored an address of it at active[k] on entry, before its
+  // first poll, and keeps depth >= k until that frame returns; its next quiescent report
+  // (a safepoint slow path, or going offline) came after that store, and the grace
+  // period that ended before this call saw that report, so these relaxed loads see the
+  // store (the grace period's acquire of the reports orders them). A stale entry above
+  // the live frames can only keep a blob longer.
+  bool still_running(const CodeBlob& b) {
+    if (running_anywhere(b)) return true;
+    freed_.fetch_add(1, std::memory_order_relaxed);
+    return false;
+  }
+  bool running_anywhere(const CodeBlob& b) const {
+    if (const std::vector<Thread*>* ts = threads_.load(std::memory_order_acquire)) {
+      for (const Thread* t : *ts) {
+        if (!t->running.load(std::memory_order_acquire)) continue;
+        const std::uint32_t d = std::min<std::uint32_t>(__atomic_load_n(&t->h.depth, __ATOMIC_RELAXED), kMaxDepth + 1);
+        for (std::uint32_t k = 0; k <= d; ++k) {
+          const std::uint64_t a = t->h.active[k].load(std::memory_order_relaxed);
+          if (a && b.contains(reinterpret_cast<const void*>(a))) return true;
+        }
+      }
+    }
+    return false;
   }
 
   bool threads_ok() const override { return jit_->heap().strategy() != HeapStrategy::protection_flip; }
   std::size_t refused() const override { return refused_.load(std::memory_order_relaxed); }
-
-  void attach_thread() override {
-    auto a = rt_->attach_current_thread();
-    if (a.ok()) tl_attach() = std::move(a).value();
-  }
-  void detach_thread() override { (void)tl_attach().detach(); }
 
   void* stub(Fn* f) override {
     std::lock_guard<std::mutex> g(stub_mu_);
@@ -122,6 +160,28 @@ class JitImpl final : public Jit {
     if (f->jit.load(std::memory_order_acquire) || f->nojit.load(std::memory_order_relaxed)) return;
     std::lock_guard<std::mutex> cg(compile_mu_);
     if (f->jit.load(std::memory_order_acquire) || f->nojit.load(std::memory_order_relaxed)) return;
+    if (build(f)) ++compiled_;
+    else refuse(f);
+  }
+
+  void recompile(Fn* f) override {
+    std::lock_guard<std::mutex> cg(compile_mu_);
+    auto it = current_.find(f);
+    if (it == current_.end()) return;
+    const BlobRef old = it->second;
+    // No room for the new code: the old stays (its site is megamorphic by its toggle).
+    if (!build(f)) return;
+    ++recompiled_;
+    // The old version stays live code until a collection finds no thread running it:
+    // a frame may be inside it (a loop of the top level), and its inline caches keep
+    // their last keys, which stay right (shapes are immutable).
+    std::lock_guard<std::mutex> g(sup_mu_);
+    superseded_.push_back(old);
+  }
+
+  // With compile_mu_ held: emit f's code with the caches' current state, register its
+  // sites, move f's callers to it and publish it. Empty when the code does not fit.
+  BlobRef build(Fn* f) {
     // Call targets first (stubs take stub_mu_ only).
     std::vector<void*> targets(f->code.size(), nullptr);
     for (std::size_t i = 0; i < f->code.size(); ++i) {
@@ -129,16 +189,16 @@ class JitImpl final : public Jit {
       if (x.op == Op::Call) {
         void* c = x.callee->jit.load(std::memory_order_acquire);
         targets[i] = c ? c : stub(x.callee);
-        if (!targets[i]) return refuse(f);
+        if (!targets[i]) return {};
       }
     }
     // ic_mu held from reading the caches' state into the new code until its sites are
     // registered: a miss meanwhile would patch a site list without the new blob's.
     std::lock_guard<std::mutex> ig(p_.ic_mu);
-    auto b = jit_->emit(f->name, [&](EmitContext& cx) { gen(cx, f, targets); });
+    auto b = jit_->emit(f->name, [&](EmitContext& cx) { return gen(cx, f, targets); });
     if (!b.ok()) {
       if (!heap_full(b.status())) internal(("compiling " + f->name).c_str(), b.status());
-      return refuse(f);
+      return {};
     }
     BlobRef blob = *b;
     blobs_.push_back(blob);
@@ -152,18 +212,26 @@ class JitImpl final : public Jit {
       if (it == by_name.end()) internal(("site " + n).c_str(), Status(Errc::invalid_argument, 0, "missing"));
       return it->second;
     };
+    auto& calls = calls_in_[blob.get()];
     for (std::size_t i = 0; i < f->code.size(); ++i) {
       const Ins& x = f->code[i];
       if (x.op == Op::Call) {
-        callers_[x.callee].push_back(site("call" + std::to_string(i)));
+        const PatchSite* cs = site("call" + std::to_string(i));
+        callers_[x.callee].push_back(cs);
+        calls.emplace_back(x.callee, cs);
       } else if (x.op == Op::GetP || x.op == Op::SetP || (kInlineCallM && x.op == Op::CallM)) {
+        // A megamorphic site was compiled as a plain runtime call: no sites to patch.
         IcSite& s = p_.ics[static_cast<std::size_t>(x.b)];
-        s.jit_slot = site("ic" + std::to_string(x.b));
-        s.jit_toggle = site("mega" + std::to_string(x.b));
+        const bool mega = s.mega.load(std::memory_order_relaxed);
+        s.jit_slot = mega ? nullptr : site("ic" + std::to_string(x.b));
+        s.jit_toggle = mega ? nullptr : site("mega" + std::to_string(x.b));
       }
     }
-    // Every compiled call site that still goes through f's stub now calls the new code:
-    // one batch, one serialization, while other threads may be executing those calls.
+    if (poll_ == PollKind::patched)
+      if (Status st = jit_->safepoint_polls()->add_poll_sites(*blob); !st) internal("registering polls", st);
+    // Every compiled call site that still goes through f's stub (or its previous code)
+    // now calls the new code: one batch, one serialization, while other threads may be
+    // executing those calls.
     auto& sites = callers_[f];
     if (!sites.empty()) {
       PatchBatch batch = jit_->batch();
@@ -171,16 +239,62 @@ class JitImpl final : public Jit {
       if (Status st = batch.commit(); !st) internal("retargeting calls", st);
       retargets_ += sites.size();
     }
-    ++compiled_;
+    current_[f] = blob;
     // After the Emitter published the code (written, flushed, cores serialized if the
     // memory was reused): pairs with the load-acquires of f->jit in compile(),
-    // lang_enter() and the interpreter's Call, which then call the code.
+    // lang_enter(), lang_callm() and the interpreter's Call, which then call the code.
     f->jit.store(blob->entry(), std::memory_order_release);
+    return blob;
+  }
+
+  // Inside a collection's stop (every mutator parked or outside managed code): the
+  // superseded versions no thread has a frame in are dead for good. Nothing can enter
+  // them again: their callers were moved and f->jit replaced when they were superseded,
+  // and no thread can be between loading such an address and calling it, since there is
+  // no poll in between (lang_enter, lang_callm, the interpreter's Call, a call site). A
+  // thread parked at one of their polls, or inside a runtime call from one, has an
+  // address of it in active[] (stored on entry).
+  void find_dead_code() override {
+    std::lock_guard<std::mutex> g(sup_mu_);
+    for (auto it = superseded_.begin(); it != superseded_.end();) {
+      if (running_anywhere(**it)) {
+        ++it;
+      } else {
+        dead_.push_back(*it);
+        it = superseded_.erase(it);
+      }
+    }
+  }
+
+  // After the stop: retire the dead versions. Until now they were live code, so their
+  // call sites were retargeted with everyone else's and their patched polls armed by
+  // every stop (the patcher refuses to patch retired code, so a version a thread still
+  // ran could not have been retired). The grace period and the code scan hook then
+  // decide when the memory is freed.
+  void retire_dead_code() override {
+    std::lock_guard<std::mutex> cg(compile_mu_);
+    std::vector<BlobRef> dead;
+    {
+      std::lock_guard<std::mutex> g(sup_mu_);
+      dead.swap(dead_);
+    }
+    for (const BlobRef& old : dead) {
+      for (const auto& c : calls_in_[old.get()]) {
+        auto& v = callers_[c.first];
+        v.erase(std::find(v.begin(), v.end(), c.second));
+      }
+      calls_in_.erase(old.get());
+      if (poll_ == PollKind::patched)
+        if (Status st = jit_->safepoint_polls()->remove_poll_sites(*old); !st) internal("unregistering polls", st);
+      blobs_.erase(std::find(blobs_.begin(), blobs_.end(), old));
+      if (Status st = jit_->retire(old); !st) internal("retiring code", st);
+      ++retired_;
+    }
   }
 
   // With Program::ic_mu held (lang_getp/lang_setp after a miss).
   void ic_update(IcSite& s, std::uint64_t key, bool mega) override {
-    if (!s.jit_slot) return;
+    if (!s.jit_slot) return;  // not compiled, or compiled megamorphic
     PatchBatch batch = jit_->batch();
     if (mega) {
       // Megamorphic: the toggle at the head of the access jumps straight to the runtime
@@ -204,6 +318,7 @@ class JitImpl final : public Jit {
     }
     if (stats) {
       const PatcherStats ps = jit_->patcher().stats();
+      const GraceStats gs = jit_->grace().stats();
       std::fprintf(out,
                    "  functions compiled    %zu\n"
                    "  call sites retargeted %zu\n"
@@ -211,38 +326,55 @@ class JitImpl final : public Jit {
                    "  ic megamorphic toggles %zu\n"
                    "  functions interpreted (too large to compile) %zu\n"
                    "  patch batches         %llu (%llu serializations)\n"
-                   "  code heap             %s\n",
+                   "  code heap             %s\n"
+                   "  functions recompiled  %zu\n"
+                   "  code retired          %zu blobs (%zu freed while the program ran; %zu superseded still running)\n"
+                   "  grace periods         %llu (%llu quiescent nudges)\n",
                    compiled_, retargets_, slot_patches_, mega_patches_, refused(), static_cast<unsigned long long>(ps.batches),
-                   static_cast<unsigned long long>(ps.serializations), heap_strategy_name(jit_->heap().strategy()));
+                   static_cast<unsigned long long>(ps.serializations), heap_strategy_name(jit_->heap().strategy()),
+                   recompiled_, retired_, freed_.load(std::memory_order_relaxed), superseded(),
+                   static_cast<unsigned long long>(gs.grace_periods), static_cast<unsigned long long>(gs.nudges));
     }
   }
 
  private:
-  static ThreadAttachment& tl_attach() {
-    static thread_local ThreadAttachment a;
-    return a;
-  }
-  void gen(EmitContext& cx, Fn* f, const std::vector<void*>& targets);
+  Status gen(EmitContext& cx, Fn* f, const std::vector<void*>& targets);
 
   Program& p_;
-  std::unique_ptr<Runtime> rt_;
+  Runtime& rt_;
   ThreadAttachment main_;
+  PollKind poll_ = PollKind::patched;
+  std::atomic<const std::vector<Thread*>*> threads_{nullptr};
   std::unique_ptr<jitpatch::Jit> jit_;
   std::mutex stub_mu_, compile_mu_;
   std::unordered_map<Fn*, void*> stubs_;
   std::unordered_map<Fn*, std::vector<const PatchSite*>> callers_;  // compile_mu_
+  // compile_mu_: each live blob's call sites (callee, site), and each function's code.
+  std::unordered_map<const CodeBlob*, std::vector<std::pair<Fn*, const PatchSite*>>> calls_in_;
+  std::unordered_map<Fn*, BlobRef> current_;
+  std::mutex sup_mu_;  // held briefly, also inside a stop
+  std::vector<BlobRef> superseded_, dead_;
   std::vector<BlobRef> blobs_;
-  std::size_t compiled_ = 0, retargets_ = 0;
+  std::size_t compiled_ = 0, retargets_ = 0, recompiled_ = 0, retired_ = 0;
+  std::atomic<std::size_t> freed_{0};
   std::size_t slot_patches_ = 0, mega_patches_ = 0;  // Program::ic_mu
   std::atomic<std::size_t> refused_{0};
 };
 
 #if defined(__x86_64__)
 // ------------------------------------------------------------------------------------
-// x86-64. rbx = Thread*, r12 = frame (locals, then the operand stack), r13 = globals.
-void JitImpl::gen(EmitContext& cx, Fn* f, const std::vector<void*>& targets) {
+// x86-64. rbx = Thread*, r12 = frame (locals, then the operand stack), r13 = globals,
+// r14 = the thread's SafepointThread (its poll word).
+Status JitImpl::gen(EmitContext& cx, Fn* f, const std::vector<void*>& targets) {
   using namespace asmjit::x86;
   auto& a = cx.a;
+  PollEmitter polls(cx, *jit_->safepoint_polls());
+  // rax and the flags are free at both places polls go.
+  auto poll = [&] {
+    if (poll_ == PollKind::word) polls.poll_word(r14, rax);
+    else if (poll_ == PollKind::page) polls.page_poll(r14, rax);
+    else polls.patched_poll();
+  };
   const std::uint32_t base = f->nlocals;
   auto S = [&](std::uint32_t k) { return qword_ptr(r12, static_cast<std::int32_t>((base + k) * 8)); };
   auto G = [&](std::int32_t g) { return qword_ptr(r13, g * 8); };
@@ -262,15 +394,24 @@ void JitImpl::gen(EmitContext& cx, Fn* f, const std::vector<void*>& targets) {
     slow.push_back(s);
     return s;
   };
+  auto entry = a.newLabel();
+  a.bind(entry);
   a.push(rbp);
   a.mov(rbp, rsp);
   a.push(rbx);
   a.push(r12);
   a.push(r13);
-  a.push(r14);  // keeps rsp 16-byte aligned at calls
+  a.push(r14);  // also keeps rsp 16-byte aligned at calls
   a.mov(rbx, rdi);
   a.mov(r12, rsi);
   a.mov(r13, qword_ptr(rbx, kThreadGlobals));
+  a.mov(r14, qword_ptr(rbx, kThreadSpt));
+  // active[depth] = this code (ThreadHot::active), before the entry poll.
+  a.mov(rax, qword_ptr(rbx, kThreadActive));
+  a.mov(ecx, dword_ptr(rbx, kThreadDepth));
+  a.lea(rdx, ptr(entry));
+  a.mov(qword_ptr(rax, rcx, 3), rdx);
+  poll();
   for (std::size_t i = 0; i < f->code.size(); ++i) {
     const Ins& x = f->code[i];
     const std::uint32_t d = x.depth;
@@ -355,7 +496,10 @@ void JitImpl::gen(EmitContext& cx, Fn* f, const std::vector<void*>& targets) {
         a.lea(rdx, ptr(rdx, rdx, 0, 1));  // 2b + 1
         a.mov(S(d - 2), rdx);
         break;
-      case Op::Jmp: a.jmp(L[static_cast<std::size_t>(x.a)]); break;
+      case Op::Jmp:
+        if (static_cast<std::size_t>(x.a) <= i) poll();  // a loop's back-edge
+        a.jmp(L[static_cast<std::size_t>(x.a)]);
+        break;
       case Op::JmpF:
         a.cmp(S(d - 1), static_cast<int>(from_int(0)));  // nil (0) or integer 0 (1)
         a.jbe(L[static_cast<std::size_t>(x.a)]);
@@ -393,10 +537,14 @@ void JitImpl::gen(EmitContext& cx, Fn* f, const std::vector<void*>& targets) {
         // does and returns the code (compiled code or lang_enter) in rax and the Fn* in
         // rdx, lang_enter's third argument. The receiver's slot is the callee's frame.
         const IcSite& ic = p_.ics[static_cast<std::size_t>(x.b)];
+        if (ic.mega.load(std::memory_order_relaxed)) {
+          call_helper(reinterpret_cast<const void*>(&lang_exec), &x);  // the whole call in the runtime
+          break;
+        }
         const std::uint32_t argc = static_cast<std::uint32_t>(x.k);
         const std::int32_t off = static_cast<std::int32_t>((base + d - argc - 1) * 8);
         Slow s = slow_path(&x, reinterpret_cast<const void*>(&lang_getm));
-        cx.toggle_site(s.at, "mega" + std::to_string(x.b), ic.mega.load(std::memory_order_relaxed));
+        cx.toggle_site(s.at, "mega" + std::to_string(x.b), false);
         auto slot = cx.data_slot(ic.key.load(std::memory_order_relaxed), "ic" + std::to_string(x.b));
         a.mov(rax, qword_ptr(r12, off));
         a.test(rax, rax);
@@ -429,9 +577,13 @@ void JitImpl::gen(EmitContext& cx, Fn* f, const std::vector<void*>& targets) {
         // pair: two separate slots could pair one shape's id with another shape's index.
         const IcSite& ic = p_.ics[static_cast<std::size_t>(x.b)];
         const bool get = x.op == Op::GetP;
-        Slow s = slow_path(&x, get ? reinterpret_cast<const void*>(&lang_getp)
-                                   : reinterpret_cast<const void*>(&lang_setp));
-        cx.toggle_site(s.at, "mega" + std::to_string(x.b), ic.mega.load(std::memory_order_relaxed));
+        const void* helper = get ? reinterpret_cast<const void*>(&lang_getp) : reinterpret_cast<const void*>(&lang_setp);
+        if (ic.mega.load(std::memory_order_relaxed)) {
+          call_helper(helper, &x);  // megamorphic when compiled: the lookup in the runtime
+          break;
+        }
+        Slow s = slow_path(&x, helper);
+        cx.toggle_site(s.at, "mega" + std::to_string(x.b), false);
         auto slot = cx.data_slot(ic.key.load(std::memory_order_relaxed), "ic" + std::to_string(x.b));
         const std::uint32_t obj = get ? d - 1 : d - 2;
         a.mov(rax, S(obj));
@@ -474,14 +626,21 @@ void JitImpl::gen(EmitContext& cx, Fn* f, const std::vector<void*>& targets) {
     call_helper(s.helper, s.ins);
     a.jmp(s.resume);
   }
+  return polls.finish();
 }
 
 #else
 // ------------------------------------------------------------------------------------
-// aarch64. x19 = Thread*, x20 = frame, x21 = globals.
-void JitImpl::gen(EmitContext& cx, Fn* f, const std::vector<void*>& targets) {
+// aarch64. x19 = Thread*, x20 = frame, x21 = globals, x22 = the SafepointThread.
+Status JitImpl::gen(EmitContext& cx, Fn* f, const std::vector<void*>& targets) {
   using namespace asmjit::a64;
   auto& a = cx.a;
+  PollEmitter polls(cx, *jit_->safepoint_polls());
+  auto poll = [&] {
+    if (poll_ == PollKind::word) polls.poll_word(x22, x9);
+    else if (poll_ == PollKind::page) polls.page_poll(x22, x9);
+    else polls.patched_poll();
+  };
   const std::uint32_t base = f->nlocals;
   // kMaxFrame keeps frame offsets within LDR/STR's scaled 12-bit immediate.
   auto S = [&](std::uint32_t k) { return ptr(x20, static_cast<std::int32_t>((base + k) * 8)); };
@@ -508,13 +667,22 @@ void JitImpl::gen(EmitContext& cx, Fn* f, const std::vector<void*>& targets) {
     slow.push_back(s);
     return s;
   };
+  auto entry = a.newLabel();
+  a.bind(entry);
   a.stp(x29, x30, ptr_pre(sp, -48));
   a.mov(x29, sp);
   a.stp(x19, x20, ptr(sp, 16));
-  a.str(x21, ptr(sp, 32));
+  a.stp(x21, x22, ptr(sp, 32));
   a.mov(x19, x0);
   a.mov(x20, x1);
   a.ldr(x21, ptr(x19, kThreadGlobals));
+  a.ldr(x22, ptr(x19, kThreadSpt));
+  // active[depth] = this code (ThreadHot::active), before the entry poll.
+  a.ldr(x9, ptr(x19, kThreadActive));
+  a.ldr(w10, ptr(x19, kThreadDepth));
+  a.adr(x11, entry);
+  a.str(x11, ptr(x9, x10, asmjit::arm::lsl(3)));
+  poll();
   for (std::size_t i = 0; i < f->code.size(); ++i) {
     const Ins& x = f->code[i];
     const std::uint32_t d = x.depth;
@@ -600,7 +768,10 @@ void JitImpl::gen(EmitContext& cx, Fn* f, const std::vector<void*>& targets) {
         a.str(x2, S(d - 2));
         break;
       }
-      case Op::Jmp: a.b(L[static_cast<std::size_t>(x.a)]); break;
+      case Op::Jmp:
+        if (static_cast<std::size_t>(x.a) <= i) poll();  // a loop's back-edge
+        a.b(L[static_cast<std::size_t>(x.a)]);
+        break;
       case Op::JmpF:
         a.ldr(x0, S(d - 1));
         a.cmp(x0, from_int(0));
@@ -628,9 +799,13 @@ void JitImpl::gen(EmitContext& cx, Fn* f, const std::vector<void*>& targets) {
         // slot is single-copy atomic (Arm ARM B2.2.1).
         const IcSite& ic = p_.ics[static_cast<std::size_t>(x.b)];
         const bool get = x.op == Op::GetP;
-        Slow s = slow_path(&x, get ? reinterpret_cast<const void*>(&lang_getp)
-                                   : reinterpret_cast<const void*>(&lang_setp));
-        cx.toggle_site(s.at, "mega" + std::to_string(x.b), ic.mega.load(std::memory_order_relaxed));
+        const void* helper = get ? reinterpret_cast<const void*>(&lang_getp) : reinterpret_cast<const void*>(&lang_setp);
+        if (ic.mega.load(std::memory_order_relaxed)) {
+          call_helper(helper, &x);  // megamorphic when compiled: the lookup in the runtime
+          break;
+        }
+        Slow s = slow_path(&x, helper);
+        cx.toggle_site(s.at, "mega" + std::to_string(x.b), false);
         auto slot = cx.data_slot(ic.key.load(std::memory_order_relaxed), "ic" + std::to_string(x.b));
         const std::uint32_t obj = get ? d - 1 : d - 2;
         a.ldr(x0, S(obj));
@@ -679,10 +854,14 @@ void JitImpl::gen(EmitContext& cx, Fn* f, const std::vector<void*>& targets) {
         }
         // See the x86-64 version. lang_callm returns the code in x0 and the Fn* in x1.
         const IcSite& ic = p_.ics[static_cast<std::size_t>(x.b)];
+        if (ic.mega.load(std::memory_order_relaxed)) {
+          call_helper(reinterpret_cast<const void*>(&lang_exec), &x);
+          break;
+        }
         const std::uint32_t argc = static_cast<std::uint32_t>(x.k);
         const std::int32_t off = static_cast<std::int32_t>((base + d - argc - 1) * 8);
         Slow s = slow_path(&x, reinterpret_cast<const void*>(&lang_getm));
-        cx.toggle_site(s.at, "mega" + std::to_string(x.b), ic.mega.load(std::memory_order_relaxed));
+        cx.toggle_site(s.at, "mega" + std::to_string(x.b), false);
         auto slot = cx.data_slot(ic.key.load(std::memory_order_relaxed), "ic" + std::to_string(x.b));
         a.ldr(x0, ptr(x20, off));
         a.cbz(x0, s.at);
@@ -720,7 +899,7 @@ void JitImpl::gen(EmitContext& cx, Fn* f, const std::vector<void*>& targets) {
     }
   }
   a.bind(exit);
-  a.ldr(x21, ptr(sp, 32));
+  a.ldp(x21, x22, ptr(sp, 32));
   a.ldp(x19, x20, ptr(sp, 16));
   a.ldp(x29, x30, ptr_post(sp, 48));
   a.ret(x30);
@@ -729,13 +908,14 @@ void JitImpl::gen(EmitContext& cx, Fn* f, const std::vector<void*>& targets) {
     call_helper(s.helper, s.ins);
     a.b(s.resume);
   }
+  return polls.finish();
 }
 #endif
 
 }  // namespace
 
-std::unique_ptr<Jit> Jit::create(Program& p, const Options& opt, std::string* error) {
-  auto j = std::make_unique<JitImpl>(p);
+std::unique_ptr<Jit> Jit::create(Program& p, const Options& opt, Runtime& rt, std::string* error) {
+  auto j = std::make_unique<JitImpl>(p, rt);
   if (!j->init(opt, error)) return nullptr;
   return j;
 }

@@ -12,6 +12,10 @@
 #include <string>
 #include <vector>
 
+#include <sys/types.h>
+
+#include <jitpatch/safepoint.hpp>
+
 namespace lang {
 
 // Values are tagged 64-bit words: an integer n is (n << 1) | 1 (63-bit signed integers;
@@ -192,6 +196,9 @@ std::unique_ptr<Program> compile(const std::string& source, std::string* error);
 std::string dump(const Program& p);
 
 enum class Tier { interp, jit, automatic };
+// The safepoint poll compiled code uses at function entries and loop back-edges (the
+// interpreter always polls the thread's poll word from C++).
+enum class PollKind { word, page, patched };
 
 struct Options {
   Tier tier = Tier::automatic;
@@ -202,6 +209,9 @@ struct Options {
   std::uint64_t ic_limit = 4;  // misses before a property site goes megamorphic
   std::size_t code_heap = 64u << 20;  // bytes of code heap for the JIT
   std::size_t shape_limit = std::size_t{256} << 20;  // bytes of shapes (hidden classes)
+  PollKind poll = PollKind::patched;
+  std::uint64_t gc_every = 0;                        // collect every K allocations of a thread (0: off)
+  std::size_t heap_max = std::size_t{1} << 30;       // bytes of object heap
 };
 
 struct Thread;
@@ -233,17 +243,46 @@ Value lang_enter(Thread* t, Value* fp, Fn* f);             // interpreter entry 
 }
 
 // Thread state; compiled code reads these fields at fixed offsets.
+//
+// `active` is the code running at each call depth: compiled code stores an address inside
+// its own code at active[depth] on entry (before its first poll), the interpreter stores 0.
+// A retired version of a function's code is freed only when no thread's active[0..depth]
+// points into it (JitImpl's code scan hook), since a grace period says nothing about
+// frames further up a stack. Written by the owner only; read by the reclaimer thread
+// (relaxed: see the hook for why that suffices).
 struct ThreadHot {
   Value* globals = nullptr;
   std::uint64_t ic_hits = 0;
   std::uint32_t depth = 0;
+  std::uint32_t pad = 0;
+  jitpatch::SafepointThread* spt = nullptr;  // the poll word compiled code polls
+  std::atomic<std::uint64_t>* active = nullptr;
 };
-constexpr std::size_t kThreadGlobals = 0, kThreadHits = 8, kThreadDepth = 16;
+constexpr std::size_t kThreadGlobals = 0, kThreadHits = 8, kThreadDepth = 16, kThreadSpt = 24, kThreadActive = 32;
 static_assert(offsetof(ThreadHot, globals) == kThreadGlobals && offsetof(ThreadHot, ic_hits) == kThreadHits &&
-              offsetof(ThreadHot, depth) == kThreadDepth);
+              offsetof(ThreadHot, depth) == kThreadDepth && offsetof(ThreadHot, spt) == kThreadSpt &&
+              offsetof(ThreadHot, active) == kThreadActive);
+static_assert(sizeof(std::atomic<std::uint64_t>) == 8);
+
+class Heap;
+struct Chunk;
+constexpr unsigned kSizeClasses = 32;
+// A thread's allocation buffer for one size class: a chunk it owns until the next
+// collection, handed out cell by cell from the chunk's free cells (~mark bits).
+struct Tlab {
+  Chunk* chunk = nullptr;
+  std::byte* base = nullptr;   // the chunk's first cell
+  std::uint32_t cell = 0;      // bytes
+  std::uint32_t word = 0;      // the bitmap word `cur` came from
+  std::uint32_t nwords = 0;
+  std::uint64_t cur = 0;       // free cells of that word not handed out yet
+};
 struct Thread {
   ThreadHot h;  // first: compiled code addresses it through the Thread pointer
   std::uint32_t index = 0;
+  pid_t tid = 0;
+  // Release when the thread has left the program for good (the code scan hook skips it).
+  std::atomic<bool> running{false};
   Program* prog = nullptr;
   Jit* jit = nullptr;
   const Options* opt = nullptr;
@@ -251,28 +290,126 @@ struct Thread {
   Value* stack_end = nullptr;
   Stats stats;
   std::string out;
-  // Object arena: chunks freed when the thread ends (no garbage collector).
-  std::vector<std::unique_ptr<std::byte[]>> chunks;
-  std::byte* bump = nullptr;
-  std::byte* bump_end = nullptr;
-  std::size_t arena_bytes = 0;
+  // The roots this thread gives the collector: every value in [stack, stack_hw) (a
+  // high-water mark raised by each call: see lang_precall) and its globals.
+  Value* stack_hw = nullptr;
+  std::size_t nglobals = 0;
+  // Allocation (gc.cpp), owned by the thread; reset by a collection while it is stopped.
+  Heap* heap = nullptr;
+  Tlab tlab[kSizeClasses];
+  std::uint64_t allocated = 0;     // bytes since the last collection
+  std::uint64_t allocated_total = 0;
+  std::uint64_t gc_countdown = 0;  // --gc-every
+  std::unique_ptr<std::atomic<std::uint64_t>[]> active;  // kMaxDepth + 2 entries
+};
+// The call depth, read by the code scan hook on another thread: the runtime's writes are
+// relaxed atomic stores (compiled code's are plain 4-byte stores, single-copy atomic).
+inline void depth_set(Thread* t, std::uint32_t d) { __atomic_store_n(&t->h.depth, d, __ATOMIC_RELAXED); }
+// Every call raises the high-water mark of the value stack to the end of the callee's
+// frame, once that frame is initialized. Every slot below the mark then holds a valid
+// value at every collection: a frame's slots are initialized (arguments, nil) when the
+// mark first covers them and only ever overwritten with values, and the collector scans
+// them as long as they are below the mark. Slots of returned frames stay roots until a
+// later call overwrites them: imprecise liveness, never a missing root.
+inline void raise_hw(Thread* t, Value* end) {
+  if (end > t->stack_hw) t->stack_hw = end;
+}
+// A runtime call that may block (a lock, a write, compiling, patching) leaves managed
+// code for its duration, so a collection does not wait for it. It must not touch the
+// heap meanwhile except through objects that are roots (they do not move).
+class NativeScope {
+ public:
+  explicit NativeScope(Thread* t) : spt_(t->h.spt) { spt_->enter_native(); }
+  ~NativeScope() { spt_->enter_managed(); }
+  NativeScope(const NativeScope&) = delete;
+  NativeScope& operator=(const NativeScope&) = delete;
+
+ private:
+  jitpatch::SafepointThread* spt_;
 };
 [[noreturn]] void fail(Thread* t, const Ins* ins, const std::string& msg);
 Value interpret(Thread* t, Fn* f, Value* fp);
 void call_method(Thread* t, Value* fp, const Ins* ins);  // a whole CallM in the runtime
 
+// The object heap (gc.cpp): one heap for every mutator thread, allocation from
+// per-thread buffers (a lock only to get a new chunk), and a stop-the-world mark-sweep
+// collector that stops the mutators through jitpatch::Safepoints. Objects do not move.
+struct GcFigures {
+  std::uint64_t collections = 0;
+  std::uint64_t allocated = 0, freed = 0;  // bytes
+  std::size_t heap_bytes = 0, heap_peak = 0, live_bytes = 0;
+  std::vector<std::uint64_t> pause_ns, ttsp_ns, work_ns;  // one entry per collection
+  std::uint64_t slowest_ns = 0;  // the longest any one thread took to reach a safepoint
+  std::uint32_t slowest_thread = 0;
+  std::uint64_t timeouts = 0;
+};
+class Heap {
+ public:
+  Heap(const Options& opt, jitpatch::Safepoints& sp, Jit* jit);
+  ~Heap();
+  Heap(const Heap&) = delete;
+  Heap& operator=(const Heap&) = delete;
+  // A mutator's allocations and roots count from add_thread (stack and globals set) to
+  // remove_thread. Both in the native state.
+  void add_thread(Thread* t);
+  void remove_thread(Thread* t);
+  // n bytes (uninitialized, 16-byte aligned) for an object, array or slot vector; may
+  // collect first. Managed state. Out of memory is a runtime error (fail()).
+  void* alloc(Thread* t, const Ins* ins, std::size_t n);
+  // Stop every mutator and collect (unless another collection ran since `epoch`).
+  void collect(Thread* t, const Ins* ins, std::uint64_t epoch);
+  std::uint64_t epoch() const { return epoch_.load(std::memory_order_acquire); }
+  GcFigures figures();
+
+ private:
+  void* refill(Thread* t, const Ins* ins, unsigned cls);
+  void* alloc_large(Thread* t, const Ins* ins, std::size_t n);
+  [[noreturn]] void out_of_memory(Thread* t, const Ins* ins);
+  void lock(Thread* t);
+  void collect_stopped(std::uint64_t t_request);
+  void mark_value(Value v);
+  void mark_cell(const void* p);
+  Chunk* new_chunk(Thread* t, const Ins* ins, unsigned cls);
+
+  jitpatch::Safepoints& sp_;
+  Jit* const jit_;
+  const std::size_t max_;
+  const std::uint64_t gc_every_;
+  std::mutex mu_;  // everything below; held for a whole collection
+  std::vector<Thread*> threads_;
+  std::vector<Chunk*> chunks_;            // small-object chunks holding cells (incl. owned)
+  std::vector<Chunk*> avail_[kSizeClasses];  // with free cells, owned by no thread
+  std::vector<Chunk*> empty_;             // kept for reuse, not counted in heap_bytes_
+  std::vector<Chunk*> large_;
+  std::vector<Chunk*> to_free_;           // released after the stop that freed them
+  std::size_t heap_bytes_ = 0, trigger_ = 0;
+  std::uint64_t since_ = 0;  // bytes allocated by threads removed since the last collection
+  std::vector<Value> mark_stack_;
+  GcFigures fig_;
+  std::atomic<std::uint64_t> epoch_{0};
+};
+
 // The JIT engine (jit.cpp). Shared by all threads.
 class Jit {
  public:
-  static std::unique_ptr<Jit> create(Program& p, const Options& opt, std::string* error);
+  // The Jit creates the Safepoints (its polls need them); rt must outlive it.
+  static std::unique_ptr<Jit> create(Program& p, const Options& opt, jitpatch::Runtime& rt, std::string* error);
+  virtual jitpatch::Safepoints& safepoints() = 0;
   virtual ~Jit() = default;
   virtual void compile(Fn* f) = 0;                 // thread-safe, idempotent
   virtual void* stub(Fn* f) = 0;
   virtual void ic_update(IcSite& s, std::uint64_t key, bool mega) = 0;  // with Program::ic_mu held
+  // f's code is obsolete (a property site went megamorphic): compile it again and move
+  // its callers to the new code; the old version is superseded.
+  virtual void recompile(Fn* f) = 0;
+  // Inside a collection's stop: note the superseded versions no thread runs. After it
+  // (managed state; the call goes native): retire them (freed after a grace period).
+  virtual void find_dead_code() = 0;
+  virtual void retire_dead_code() = 0;
   virtual bool threads_ok() const = 0;             // false: protection-flip heap
   virtual std::size_t refused() const = 0;         // functions left interpreted (code heap)
-  virtual void attach_thread() = 0;
-  virtual void detach_thread() = 0;
+  // The thread list the code scan hook reads (set before any thread runs).
+  virtual void set_threads(const std::vector<Thread*>* threads) = 0;
   virtual void report(std::FILE* out, bool disasm, bool stats) = 0;
 };
 

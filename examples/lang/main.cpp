@@ -20,12 +20,16 @@ void usage(std::FILE* out) {
                "  --tier=auto|jit|interp  auto (default): interpret, compile a function after --hot\n"
                "                          calls; jit: compile every function first; interp: never\n"
                "  --hot=N                 auto: calls before a function is compiled (default 100)\n"
-               "  --threads=N             run the top level on N threads at once (own globals and\n"
-               "                          objects; shared code, shapes and inline caches)\n"
+               "  --threads=N             run the top level on N threads at once (own globals; one\n"
+               "                          heap and collector; shared code, shapes and inline caches)\n"
                "  --ic-limit=N            misses before a property site goes megamorphic (default 4)\n"
                "  --code-heap=BYTES       size of the JIT's code heap (default 64 MiB); a function\n"
                "                          that does not fit stays interpreted\n"
                "  --shape-limit=MIB       memory for shapes (hidden classes), default 256 MiB\n"
+               "  --heap-max=MIB          object heap limit (default 1024 MiB); beyond it after a\n"
+               "                          collection, allocation is an out-of-memory error\n"
+               "  --gc-every=K            also collect after every K allocations of a thread (testing)\n"
+               "  --poll=patched|word|page  the safepoint poll compiled code uses (default patched)\n"
                "  --stats                 print counters to stderr at exit\n"
                "  --disasm                print the compiled code (Capstone) to stderr at exit\n"
                "  --dump                  print the bytecode and exit\n");
@@ -64,6 +68,19 @@ int main(int argc, char** argv) {
       o.code_heap = static_cast<std::size_t>(n);
     } else if (!std::strncmp(a, "--shape-limit=", 14) && parse_count(a + 14, 1ull << 20, &n)) {
       o.shape_limit = static_cast<std::size_t>(n) << 20;
+    } else if (!std::strncmp(a, "--heap-max=", 11) && parse_count(a + 11, 1ull << 20, &n) && n >= 1) {
+      o.heap_max = static_cast<std::size_t>(n) << 20;
+    } else if (!std::strncmp(a, "--gc-every=", 11) && parse_count(a + 11, 1ull << 40, &n)) {
+      o.gc_every = n;
+    } else if (!std::strncmp(a, "--poll=", 7)) {
+      const char* k = a + 7;
+      if (!std::strcmp(k, "patched")) o.poll = lang::PollKind::patched;
+      else if (!std::strcmp(k, "word")) o.poll = lang::PollKind::word;
+      else if (!std::strcmp(k, "page")) o.poll = lang::PollKind::page;
+      else {
+        std::fprintf(stderr, "jitpatch-lang: unknown poll kind '%s' (patched, word, page)\n", k);
+        return 2;
+      }
     } else if (!std::strcmp(a, "--stats")) {
       o.stats = true;
     } else if (!std::strcmp(a, "--disasm")) {

@@ -1,10 +1,14 @@
 // The runtime: objects, property lookup, inline-cache misses, the interpreter, threads.
+#include <sys/syscall.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <thread>
+
+#include <jitpatch/runtime.hpp>
 
 #include "lang.hpp"
 
@@ -27,27 +31,13 @@ void write_all(int fd, const std::string& s) {
 // so that the output of --threads=N is every thread's output in thread order.
 void out_flush(Thread* t) {
   if (t->index == 0) {
+    NativeScope native(t);  // a write may block; a collection need not wait for it
     write_all(STDOUT_FILENO, t->out);
     t->out.clear();
   }
 }
 
-constexpr std::size_t kArenaLimit = std::size_t{1} << 30;
-
-void* arena_alloc(Thread* t, const Ins* ins, std::size_t n) {
-  n = (n + 15) & ~std::size_t{15};
-  if (static_cast<std::size_t>(t->bump_end - t->bump) < n) {
-    const std::size_t chunk = std::max<std::size_t>(n, std::size_t{1} << 20);
-    t->arena_bytes += chunk;
-    if (t->arena_bytes > kArenaLimit) fail(t, ins, "out of memory (objects are never freed before the thread ends)");
-    t->chunks.push_back(std::make_unique<std::byte[]>(chunk));
-    t->bump = t->chunks.back().get();
-    t->bump_end = t->bump + chunk;
-  }
-  void* r = t->bump;
-  t->bump += n;
-  return r;
-}
+void* arena_alloc(Thread* t, const Ins* ins, std::size_t n) { return t->heap->alloc(t, ins, n); }
 
 const char* kind(Value v) {
   return v == kNil ? "nil" : is_int(v) ? "an integer" : is_array(v) ? "an array" : is_fn(v) ? "a function" : "an object";
@@ -71,13 +61,26 @@ void ic_miss(Thread* t, const Ins* ins, Shape* shape, int slot) {
     return;
   }
   ++t->stats.ic_misses;
-  std::lock_guard<std::mutex> g(t->prog->ic_mu);
-  if (s.mega.load(std::memory_order_relaxed)) return;
-  const bool mega = ++s.misses > t->opt->ic_limit;
-  const std::uint64_t key = slot < 0 ? 0 : ic_key(shape->id, static_cast<std::uint32_t>(slot));
-  if (mega) s.mega.store(true, std::memory_order_relaxed);
-  else s.key.store(key, std::memory_order_relaxed);
-  if (t->jit) t->jit->ic_update(s, key, mega);
+  bool went_mega = false;
+  {
+    // Native while waiting for ic_mu and patching: another thread holding it may be
+    // compiling, and a collection must not wait for either.
+    NativeScope native(t);
+    std::lock_guard<std::mutex> g(t->prog->ic_mu);
+    if (s.mega.load(std::memory_order_relaxed)) return;
+    const bool mega = ++s.misses > t->opt->ic_limit;
+    const std::uint64_t key = slot < 0 ? 0 : ic_key(shape->id, static_cast<std::uint32_t>(slot));
+    if (mega) s.mega.store(true, std::memory_order_relaxed);
+    else s.key.store(key, std::memory_order_relaxed);
+    if (t->jit) t->jit->ic_update(s, key, mega);
+    went_mega = mega;
+  }
+  // The site's behaviour changed for good: recompile its function without the inline
+  // cache there (the old code is retired; JitImpl::recompile).
+  if (went_mega && t->jit && ins->fn->jit.load(std::memory_order_acquire)) {
+    NativeScope native(t);
+    t->jit->recompile(ins->fn);
+  }
 }
 
 Object* as_obj(Thread* t, const Ins* ins, Value v, const char* what) {
@@ -161,7 +164,7 @@ void call_method(Thread* t, Value* fp, const Ins* ins) {
   const Value r = m.code == reinterpret_cast<void*>(&lang_enter)
                       ? lang_enter(t, nfp, m.fn)
                       : reinterpret_cast<Value (*)(Thread*, Value*)>(m.code)(t, nfp);
-  --t->h.depth;
+  depth_set(t, t->h.depth - 1);
   *nfp = r;
 }
 
@@ -316,7 +319,8 @@ extern "C" void lang_precall(Thread* t, Value* fp, const Ins* ins) {
   Value* nfp = fp + ins->fn->nlocals + ins->depth - c->nparams;
   if (nfp + c->frame() > t->stack_end) fail(t, ins, "out of stack space");
   for (std::uint32_t i = c->nparams; i < c->frame(); ++i) nfp[i] = kNil;
-  ++t->h.depth;
+  raise_hw(t, nfp + c->frame());
+  depth_set(t, t->h.depth + 1);
 }
 
 // o.m(args), CallM: the method value goes to the slot above the arguments (operand depth
@@ -347,7 +351,8 @@ extern "C" MethodTarget lang_callm(Thread* t, Value* fp, const Ins* ins) {
   Value* nfp = s + ins->depth - argc - 1;
   if (nfp + c->frame() > t->stack_end) fail(t, ins, "out of stack space");
   for (std::uint32_t i = c->nparams; i < c->frame(); ++i) nfp[i] = kNil;  // also the method slot
-  ++t->h.depth;
+  raise_hw(t, nfp + c->frame());
+  depth_set(t, t->h.depth + 1);
   void* code = c->jit.load(std::memory_order_acquire);
   return {code ? code : reinterpret_cast<void*>(&lang_enter), c};
 }
@@ -357,6 +362,7 @@ extern "C" Value lang_enter(Thread* t, Value* fp, Fn* f) {
   void* code = f->jit.load(std::memory_order_acquire);
   if (!code && t->jit && t->opt->tier == Tier::automatic && n >= t->opt->hot &&
       !f->nojit.load(std::memory_order_relaxed)) {
+    NativeScope native(t);
     t->jit->compile(f);
     code = f->jit.load(std::memory_order_acquire);
   }
@@ -365,6 +371,9 @@ extern "C" Value lang_enter(Thread* t, Value* fp, Fn* f) {
 }
 
 Value interpret(Thread* t, Fn* f, Value* fp) {
+  // This depth runs no compiled code (see ThreadHot::active), then the entry poll.
+  t->h.active[t->h.depth].store(0, std::memory_order_relaxed);
+  t->h.spt->poll();
   const Ins* code = f->code.data();
   Value* s = fp + f->nlocals;  // operand stack; s[ins.depth - 1] is the top
   IcSite* ics = t->prog->ics.get();
@@ -397,7 +406,10 @@ Value interpret(Thread* t, Fn* f, Value* fp) {
         break;
       }
       case Op::CallM: call_method(t, fp, &x); break;
-      case Op::Jmp: pc = static_cast<std::size_t>(x.a); continue;
+      case Op::Jmp:
+        if (static_cast<std::size_t>(x.a) <= pc) t->h.spt->poll();  // a loop's back-edge
+        pc = static_cast<std::size_t>(x.a);
+        continue;
       case Op::JmpF:
         if (s[x.depth - 1] <= from_int(0)) {  // nil (0) or the integer 0 (1)
           pc = static_cast<std::size_t>(x.a);
@@ -410,7 +422,7 @@ Value interpret(Thread* t, Fn* f, Value* fp) {
         Fn* c = x.callee;
         void* code2 = c->jit.load(std::memory_order_acquire);
         const Value r = code2 ? reinterpret_cast<Value (*)(Thread*, Value*)>(code2)(t, nfp) : lang_enter(t, nfp, c);
-        --t->h.depth;
+        depth_set(t, t->h.depth - 1);
         *nfp = r;
         break;
       }
@@ -451,12 +463,37 @@ Value interpret(Thread* t, Fn* f, Value* fp) {
   }
 }
 
+namespace {
+
+std::uint64_t quantile(std::vector<std::uint64_t> v, double q) {
+  if (v.empty()) return 0;
+  std::sort(v.begin(), v.end());
+  std::size_t i = static_cast<std::size_t>(q * static_cast<double>(v.size() - 1) + 0.5);
+  return v[std::min(i, v.size() - 1)];
+}
+
+std::string us(std::uint64_t ns) {
+  char b[32];
+  std::snprintf(b, sizeof b, "%.1f", static_cast<double>(ns) / 1000.0);
+  return b;
+}
+
+}  // namespace
+
 int run(Program& p, const Options& opt) {
   p.shapes.set_limit(opt.shape_limit);
+  auto rt = jitpatch::Runtime::create();
+  if (!rt.ok()) {
+    std::fprintf(stderr, "jitpatch-lang: %s\n", rt.status().message().c_str());
+    return 1;
+  }
+  // Before the Jit: its code scan hook reads the threads until the Jit is destroyed.
+  std::vector<std::unique_ptr<Thread>> threads;
+  std::vector<Thread*> list;
   std::unique_ptr<Jit> jit;
   if (opt.tier != Tier::interp) {
     std::string err;
-    jit = Jit::create(p, opt, &err);
+    jit = Jit::create(p, opt, **rt, &err);
     if (!jit) {
       std::fprintf(stderr, "jitpatch-lang: JIT unavailable (%s); running the interpreter\n", err.c_str());
     } else if (opt.threads > 1 && !jit->threads_ok()) {
@@ -466,35 +503,64 @@ int run(Program& p, const Options& opt) {
       return 2;
     }
   }
+  // The interpreter polls the poll word from C++; with a JIT the Safepoints are the Jit's
+  // (its compiled polls and the code retirement ride on them).
+  std::unique_ptr<jitpatch::Safepoints> own_sp;
+  if (!jit) {
+    auto sp = jitpatch::Safepoints::create(**rt);
+    if (!sp.ok()) {
+      std::fprintf(stderr, "jitpatch-lang: safepoints: %s\n", sp.status().message().c_str());
+      return 1;
+    }
+    own_sp = std::move(sp).value();
+  }
+  jitpatch::Safepoints& sp = jit ? jit->safepoints() : *own_sp;
   if (jit && opt.tier == Tier::jit)
     for (auto& f : p.fns) jit->compile(f.get());
 
+  Heap heap(opt, sp, jit.get());
   const std::size_t kStack = std::size_t{1} << 20;
-  std::vector<std::unique_ptr<Thread>> threads;
   for (unsigned i = 0; i < opt.threads; ++i) {
     auto t = std::make_unique<Thread>();
     t->index = i;
     t->prog = &p;
     t->jit = jit.get();
     t->opt = &opt;
+    t->active = std::make_unique<std::atomic<std::uint64_t>[]>(kMaxDepth + 2);
+    for (std::size_t d = 0; d < kMaxDepth + 2; ++d) t->active[d].store(0, std::memory_order_relaxed);
+    t->h.active = t->active.get();
+    list.push_back(t.get());
     threads.push_back(std::move(t));
   }
+  if (jit) jit->set_threads(&list);
   auto body = [&](Thread* t) {
+    t->tid = static_cast<pid_t>(::syscall(SYS_gettid));
     std::vector<Value> globals(p.globals.size() + 1, kUndef);
     // calloc: pages of the value stack are touched only as deep as the program goes.
     Value* stack = static_cast<Value*>(std::calloc(kStack, sizeof(Value)));
     if (!stack) fail(t, nullptr, "out of memory");
+    auto att = sp.attach_current_thread();
+    if (!att.ok()) fail(t, nullptr, "safepoints: " + att.status().message());
+    t->h.spt = att->thread();
     t->h.globals = globals.data();
+    t->nglobals = globals.size();
     t->stack = stack;
     t->stack_end = stack + kStack;
-    if (t->jit) t->jit->attach_thread();
     Fn* main = p.fns[0].get();
     for (std::uint32_t i = 0; i < main->frame(); ++i) stack[i] = kNil;
+    t->stack_hw = stack + main->frame();
+    heap.add_thread(t);  // native: a collection may already count this thread's roots
+    t->running.store(true, std::memory_order_release);
+    t->h.spt->enter_managed();
     (void)lang_enter(t, stack, main);
-    if (t->jit) t->jit->detach_thread();
+    t->h.spt->enter_native();
+    // Pairs with the code scan hook's acquire load: it stops reading this thread's
+    // active[] only after everything the thread did in compiled code.
+    t->running.store(false, std::memory_order_release);
+    heap.remove_thread(t);
+    (void)att->detach();
     std::free(stack);
     t->h.globals = nullptr;
-    t->chunks.clear();  // the thread's objects
   };
   if (opt.threads == 1) {
     body(threads[0].get());
@@ -522,6 +588,9 @@ int run(Program& p, const Options& opt) {
       patched += p.ics[i].misses > 0;
     }
     if (opt.stats) {
+      static const char* const kPoll[] = {"word", "page", "patched"};
+      const GcFigures g = heap.figures();
+      const jitpatch::SafepointStats ss = sp.stats();
       std::fprintf(stderr,
                    "jitpatch-lang stats:\n"
                    "  threads               %u\n"
@@ -529,10 +598,28 @@ int run(Program& p, const Options& opt) {
                    "  ic hits               %llu\n"
                    "  ic misses             %llu\n"
                    "  megamorphic lookups   %llu\n"
-                   "  shape transitions     %llu (%zu shapes, %zu KiB)\n",
+                   "  shape transitions     %llu (%zu shapes, %zu KiB)\n"
+                   "  collections           %llu (poll: %s)\n"
+                   "  pause us              median %s  p99 %s  max %s\n"
+                   "  time to safepoint us  median %s  p99 %s  max %s\n"
+                   "  collector work us     median %s  max %s\n"
+                   "  slowest to safepoint  thread %u, %s us\n"
+                   "  heap                  %zu KiB now, %zu KiB peak, %zu KiB live after the last collection\n"
+                   "  allocated             %llu KiB\n"
+                   "  freed                 %llu KiB\n"
+                   "  safepoint slow paths  %llu (%llu page faults, %llu patched-poll armings, %llu timeouts)\n",
                    opt.threads, p.nics, patched, mega, static_cast<unsigned long long>(hits),
                    static_cast<unsigned long long>(s.ic_misses), static_cast<unsigned long long>(s.mega_lookups),
-                   static_cast<unsigned long long>(s.transitions), p.shapes.count(), p.shapes.bytes() >> 10);
+                   static_cast<unsigned long long>(s.transitions), p.shapes.count(), p.shapes.bytes() >> 10,
+                   static_cast<unsigned long long>(g.collections), jit ? kPoll[static_cast<int>(opt.poll)] : "word (interpreter)",
+                   us(quantile(g.pause_ns, 0.5)).c_str(), us(quantile(g.pause_ns, 0.99)).c_str(),
+                   us(quantile(g.pause_ns, 1.0)).c_str(), us(quantile(g.ttsp_ns, 0.5)).c_str(),
+                   us(quantile(g.ttsp_ns, 0.99)).c_str(), us(quantile(g.ttsp_ns, 1.0)).c_str(),
+                   us(quantile(g.work_ns, 0.5)).c_str(), us(quantile(g.work_ns, 1.0)).c_str(), g.slowest_thread,
+                   us(g.slowest_ns).c_str(), g.heap_bytes >> 10, g.heap_peak >> 10, g.live_bytes >> 10,
+                   static_cast<unsigned long long>(g.allocated >> 10), static_cast<unsigned long long>(g.freed >> 10),
+                   static_cast<unsigned long long>(ss.slow_paths), static_cast<unsigned long long>(ss.page_faults),
+                   static_cast<unsigned long long>(ss.patch_arms), static_cast<unsigned long long>(g.timeouts));
     }
     if (jit) jit->report(stderr, opt.disasm, opt.stats);
   }

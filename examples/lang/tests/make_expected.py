@@ -144,7 +144,74 @@ def methods_out():
     return out
 
 
+def gc_stress_out():
+    def rnd(s):
+        return (s * 1309 + 13849) % 65536
+
+    class Node:
+        __slots__ = ('v', 'next')
+
+        def __init__(self, v, nxt):
+            self.v, self.next = v, nxt
+
+    def build(n, seed):
+        lst = None
+        for i in range(n):
+            lst = Node((seed + i * 7) % 1000, lst)
+        return lst
+
+    def lsum(lst):
+        s = 0
+        while lst:
+            s, lst = s + lst.v, lst.next
+        return s
+
+    def tree(d, v):
+        t = {'v': v}
+        if d > 0:
+            t['l'] = tree(d - 1, v * 2 % 1009)
+            t['r'] = tree(d - 1, (v * 2 + 1) % 1009)
+        t['w'] = v + d
+        return t
+
+    def tsum(t):
+        if not t:
+            return 0
+        return (t['v'] + t['w'] + tsum(t.get('l')) + tsum(t.get('r'))) % 1000000007
+
+    seed = 42
+    table = [build(50, i) for i in range(64)]
+    forest, big, check = tree(8, 1), [1] * 3000, 0
+    for _ in range(10000):
+        seed = rnd(seed)
+        k = seed // 16 % 64
+        seed = rnd(seed)
+        op = seed // 128 % 6
+        if op == 0:
+            table[k] = build(20 + seed % 40, seed)
+        elif op == 1:
+            if table[k]:
+                table[k] = table[k].next
+        elif op == 2:
+            table[k] = Node(seed % 1000, table[(k + 1) % 64])
+        elif op == 3:
+            tmp = [{'a': j, 'b': [j, j + seed % 7]} for j in range(10)]
+            check = (check + tmp[seed % 10]['b'][1] + tmp[3]['a']) % 1000000007
+        elif op == 4:
+            if seed % 50 == 0:
+                forest = tree(6, seed % 1009)
+            big[seed % 3000] = seed
+        elif seed % 200 == 0:
+            check = (check + big[seed % 3000]) % 1000000007
+            big = [seed % 5] * 3000
+    total = 0
+    for i in range(64):
+        total = (total + lsum(table[i]) * (i + 1)) % 1000000007
+    return [total, check, tsum(forest), sum(big) % 1000000007]
+
+
 for name, f in [('fib', fib_out), ('loops', loops_out), ('ic_poly', ic_poly_out), ('props', props_out),
-                ('calls', calls_out), ('logic', logic_out), ('arrays', arrays_out), ('methods', methods_out)]:
+                ('calls', calls_out), ('logic', logic_out), ('arrays', arrays_out), ('methods', methods_out),
+                ('gc_stress', gc_stress_out)]:
     with open(name + '.out', 'w') as fh:
         fh.write(''.join(f'{v}\n' for v in f()))
