@@ -210,8 +210,12 @@ def gc_stress_out():
     return [total, check, tsum(forest), sum(big) % 1000000007]
 
 
+def recompile_out():
+    return [sum(range(20000)) % 1000000007]
+
+
 for name, f in [('fib', fib_out), ('loops', loops_out), ('ic_poly', ic_poly_out), ('props', props_out),
                 ('calls', calls_out), ('logic', logic_out), ('arrays', arrays_out), ('methods', methods_out),
-                ('gc_stress', gc_stress_out)]:
+                ('gc_stress', gc_stress_out), ('recompile', recompile_out)]:
     with open(name + '.out', 'w') as fh:
         fh.write(''.join(f'{v}\n' for v in f()))

@@ -32,8 +32,9 @@ if(NOT CMAKE_CROSSCOMPILING)
   set(_lang_thread_tiers interp-threads4 jit-threads4 auto-hot1-threads4 auto-hot3-threads4)
 endif()
 
+# TAG names a variant (EXTRA arguments) in the test name: "lang:NAME TAG [tier]".
 function(lang_case name)
-  cmake_parse_arguments(C "" "EXTRA;STDERR" "TIERS" ${ARGN})
+  cmake_parse_arguments(C "" "EXTRA;STDERR;TAG" "TIERS" ${ARGN})
   if(NOT C_TIERS)
     set(C_TIERS ${_lang_tiers} ${_lang_thread_tiers})
   endif()
@@ -47,7 +48,9 @@ function(lang_case name)
       set(_repeat 4)
     endif()
     set(_tn "lang:${name} [${t}]")
-    if(C_STDERR)
+    if(C_TAG)
+      set(_tn "lang:${name} ${C_TAG} [${t}]")
+    elseif(C_STDERR)
       set(_tn "lang:${name} stats [${t}]")
     endif()
     add_test(NAME "${_tn}"
@@ -80,18 +83,50 @@ endfunction()
 # the interpreter prints (the interpreter itself is checked by the cases with expected files).
 # --ic-limit=2: their shared property sites go megamorphic early, also while threads run.
 function(lang_gen)
+  cmake_parse_arguments(G "" "EXTRA;TAG" "" ${ARGN})
   foreach(s 1 2 3 4 5 6 7 8)
-    foreach(t IN LISTS ARGN)
+    foreach(t IN LISTS G_UNPARSED_ARGUMENTS)
       set(_repeat 1)
       if(t MATCHES "threads4")
         set(_repeat 4)
       endif()
-      add_test(NAME "lang:gen s${s} [${t}]"
+      set(_tn "lang:gen s${s} [${t}]")
+      set(_args "${_lang_args_${t}}|--ic-limit=2")
+      if(G_TAG)
+        set(_tn "lang:gen s${s} ${G_TAG} [${t}]")
+        set(_args "${_args}|${G_EXTRA}")
+      endif()
+      add_test(NAME "${_tn}"
                COMMAND ${CMAKE_COMMAND} -DLANG=$<TARGET_FILE:jitpatch-lang> -DEMU=${_lang_emu}
-                       -DPROGRAM=${_lang_dir}/gen/s${s}.lang -DARGS=${_lang_args_${t}}|--ic-limit=2
+                       -DPROGRAM=${_lang_dir}/gen/s${s}.lang -DARGS=${_args}
                        -DREFERENCE=--tier=interp -DREPEAT=${_repeat} -P ${_lang_dir}/run_case.cmake)
-      set_tests_properties("lang:gen s${s} [${t}]" PROPERTIES LABELS ${_lang_label} TIMEOUT 120)
+      set_tests_properties("${_tn}" PROPERTIES LABELS ${_lang_label} TIMEOUT 120)
     endforeach()
+  endforeach()
+endfunction()
+
+
+# The collector (gc.cpp). gc_stress.lang keeps linked lists, trees and a large array
+# alive while it replaces and drops parts of them; its checksums (make_expected.py)
+# change if an object is freed too early, and under ASan the access itself is reported
+# (free cells are poisoned). --heap-max=4: collections come from heap pressure (the
+# allocating thread stops the others); --stats must show that they happened, with each
+# poll kind in compiled code. --gc-every=1: a collection at every allocation, over every
+# program in every tier, to shake out missing roots.
+function(lang_gc_cases tiers1 tiers4)
+  set(_jit4 ${tiers4})
+  list(FILTER _jit4 EXCLUDE REGEX "^interp")
+  foreach(pk patched word page)
+    lang_case(gc_stress TIERS ${_jit4} TAG "heap4 ${pk}" EXTRA --heap-max=4|--poll=${pk}|--stats
+              STDERR "collections +[1-9][0-9]* \\(poll: ${pk}\\)")
+  endforeach()
+  if("interp-threads4" IN_LIST tiers4)
+    lang_case(gc_stress TIERS interp-threads4 TAG heap4 EXTRA --heap-max=4|--stats
+              STDERR "collections +[1-9][0-9]* \\(poll: word \\(interpreter\\)\\)")
+  endif()
+  lang_case(gc_stress TIERS ${tiers1} ${tiers4} TAG gc997 EXTRA --gc-every=997)
+  foreach(p fib ic_poly props calls logic arrays methods ic_method recompile)
+    lang_case(${p} TIERS ${tiers1} ${tiers4} TAG gc1 EXTRA --gc-every=1)
   endforeach()
 endfunction()
 
@@ -104,14 +139,26 @@ if(JITPATCH_TEST_SET STREQUAL "concurrency")
   endforeach()
   lang_case(ic_flip TIERS ${_lang_thread_tiers} EXTRA --ic-limit=1000000)
   lang_gen(jit-threads4 auto-hot1-threads4 auto-hot3-threads4)
+  lang_case(gc_stress TIERS ${_lang_thread_tiers})
+  lang_gc_cases("" "jit-threads4;auto-hot1-threads4")
   return()
 endif()
 
 # logic, arrays, methods: the language of slice 1 (true/false, ! && ||, arrays, object
 # literals, methods through inline caches), expected outputs from make_expected.py.
-foreach(p fib loops ic_poly props calls logic arrays methods)
+foreach(p fib loops ic_poly props calls logic arrays methods gc_stress recompile)
   lang_case(${p})
 endforeach()
+# A site goes megamorphic in a function called on every iteration: it is recompiled,
+# and a collection finds the superseded version no longer running and retires it.
+lang_case(recompile TIERS jit auto-hot1 TAG retire EXTRA --gc-every=500|--stats
+          STDERR "functions recompiled +1\n|code retired +1 blobs")
+if(CMAKE_CROSSCOMPILING)
+  lang_gc_cases("jit;auto-hot1" "")
+else()
+  lang_gc_cases("interp;jit;auto;auto-hot1;auto-hot3" "${_lang_thread_tiers}")
+  lang_gen(auto-hot1 auto-hot1-threads4 TAG gc1 EXTRA --gc-every=1)
+endif()
 # ic_flip.lang: one read site whose cache flips between two shapes on every call (no
 # megamorphic state), ~160000 data-slot rewrites with --threads=4 while the other threads
 # run the code; the sum shows whether any read used a torn (shape, slot) pair.
@@ -184,6 +231,8 @@ lang_error(syntax_assign_or "^jitpatch-lang: error: cannot assign to this expres
 lang_error(syntax_nest_array "^jitpatch-lang: error: nesting too deep \\(more than 200 levels\\) at line 1, column 207\n$")
 lang_error(syntax_nest_not "^jitpatch-lang: error: nesting too deep \\(more than 200 levels\\) at line 1, column 206\n$")
 lang_error(syntax_nest_object "^jitpatch-lang: error: nesting too deep \\(more than 200 levels\\) at line 1, column 809\n$")
+# A live set that outgrows --heap-max: collections free nothing, then a clear error.
+lang_error(heap_limit "^jitpatch-lang: error: out of memory: the object heap limit \\(2 MiB, --heap-max\\) is reached at line 3, column [0-9]+\n$" --heap-max=2)
 # 65536 distinct shapes against a 1 MiB shape budget: a clear error, not unbounded memory.
 lang_error(shape_limit "^jitpatch-lang: error: shape memory limit \\(1 MiB\\) exceeded: too many properties or object layouts \\(--shape-limit\\) at line 9, column 88\n$" --shape-limit=1)
 
