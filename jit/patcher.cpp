@@ -7,6 +7,7 @@
 #include <jitpatch/patch.hpp>
 #include <jitpatch/runtime.hpp>
 
+#include <jitpatch/internal/jit_testing.hpp>
 #include <jitpatch/internal/signal_chain.hpp>
 
 #include <capstone/capstone.h>
@@ -23,6 +24,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <iterator>
+#include <memory>
 #include <new>
 #include <string>
 #include <utility>
@@ -42,22 +44,40 @@ thread_local std::string t_detail;
 // --- the SIGTRAP side of the breakpoint protocol --------------------------------------
 // Process-wide: the handler is installed once (by the first Patcher) and stays, chaining
 // to the handler that was there before. The words it reads are plain words with marked
-// accesses (acquire/release, read_once); the tables it reads are never freed while a
-// Patcher exists.
+// accesses (acquire/release, read_once); a trap table is freed only once no handler can
+// still be reading it (PT5, below).
 //
 // The trap table (sorted sites of the breakpoint batch in flight), published by
-// Patcher::commit_breakpoint() and read by on_sigtrap() through in_trap_table():
+// Patcher::commit_breakpoint() and read by on_sigtrap() through in_trap_table(). The
+// sites and their count are one immutable object behind one pointer, g_trap_table: a
+// handler searches the table it loaded with that table's own count (PT4).
 //   commit_breakpoint()                         on_sigtrap() on a thread that hit a trap
-//   store_release(&g_trap_count, n)             t = load_acquire(&g_trap_sites)
-//   store_release(&g_trap_sites, table)         k = load_acquire(&g_trap_count)
-//   smp_wmb()                                   pc in t[0..k): wait while it stays there
-//   write the traps; rounds 1-3, each ending
-//     with serialize_cores()
-//   store_release(&g_trap_count, 0)
-//   store_release(&g_trap_sites, nullptr)       sees nullptr: resume at pc (new code)
-// The table's elements are written before the release of g_trap_sites and never again.
-constinit std::byte* const* g_trap_sites = nullptr;  // sorted sites of the batch in flight
-constinit std::size_t g_trap_count = 0;
+//   store_release(&g_trap_table, table)         fetch_add(&g_trap_readers, 1)
+//   smp_wmb()                                   t = load_acquire(&g_trap_table)
+//   write the traps; rounds 1-3, each ending    pc in t->sites[0..t->count): wait while
+//     with serialize_cores()                      it stays there
+//   store_release(&g_trap_table, nullptr)       fetch_sub_release(&g_trap_readers, 1)
+//   smp_mb(); g_trap_readers == 0 (acquire):    sees nullptr: resume at pc (new code)
+//     free the unpublished tables (PT5)
+// A table is written before the release that publishes it and never again. Unpublished
+// tables wait on g_retired_trap_tables until a commit sees no handler inside
+// in_trap_table() after the unpublication (PT5); tables are process-wide, so a Patcher's
+// destruction frees none that a handler may still be reading.
+struct TrapTable {
+  std::size_t count = 0;              // immutable once published
+  std::byte* const* sites = nullptr;  // storage.data(); immutable once published
+  std::vector<std::byte*> storage;
+  TrapTable* next_retired = nullptr;  // on g_retired_trap_tables; under g_breakpoint_mu
+};
+constinit TrapTable* g_trap_table = nullptr;  // the batch in flight's, or nullptr
+// Handlers inside in_trap_table() (marked RMWs; PT5). Not a statistic: reclamation of
+// unpublished tables waits for a moment it reads 0.
+constinit int g_trap_readers = 0;
+constinit TrapTable* g_retired_trap_tables = nullptr;  // unpublished, not yet freed; under g_breakpoint_mu
+// Tests only (PatcherAccess::set_trap_lookup_hook()): called by in_trap_table() right after
+// it loaded the table. One word, marked accesses; no ordering (the test orders itself).
+using TrapLookupHook = void (*)();
+constinit TrapLookupHook g_trap_lookup_hook = nullptr;
 constinit int g_trap_waiters = 0;  // threads waiting in on_sigtrap(); a statistic, orders nothing
 constinit bool g_trap_installed = false;
 constinit struct sigaction g_prev_trap = {};
@@ -72,23 +92,55 @@ constinit std::byte* g_heap_begin[kMaxHeaps] = {};
 constinit std::byte* g_heap_end[kMaxHeaps] = {};
 
 bool in_trap_table(const std::byte* pc) {
-  // Pairs with commit_breakpoint()'s store_release of g_trap_sites: a handler that sees
-  // a table sees its elements, and (g_trap_count is stored before it) at least its
-  // count. A nullptr here is the unpublication after round 3 or a roll-back (or no batch
-  // at all).
-  std::byte* const* sites = load_acquire(&g_trap_sites);
-  // Known issue: the table and its count are two separate words; a batch can end and the
-  // next begin between these two loads, pairing this table with a larger count, and the
-  // search below then reads past the table's end. Not safe as it stands.
-  const std::size_t n = load_acquire(&g_trap_count);
-  if (!sites) return false;
-  std::size_t lo = 0, hi = n;
-  while (lo < hi) {
-    const std::size_t mid = (lo + hi) / 2;
-    if (sites[mid] < pc) lo = mid + 1;
-    else hi = mid;
+  // PT5. Fully ordered: the increment before the load of the table below. Pairs with
+  // reclaim_trap_tables()'s smp_mb() between the unpublication and its read of the
+  // count (store buffering): either this load sees the unpublication, or the reclaimer
+  // sees this handler inside and frees nothing.
+  (void)fetch_add(&g_trap_readers, 1);
+  // PT4. Pairs with commit_breakpoint()'s store_release of g_trap_table: a handler that
+  // sees a table sees its count and its elements. A nullptr here is the unpublication
+  // after round 3 or a roll-back (or no batch at all).
+  const TrapTable* t = load_acquire(&g_trap_table);
+  if (TrapLookupHook hook = read_once(g_trap_lookup_hook)) hook();
+  bool found = false;
+  if (t) {
+    // The count of this same table: the search stays inside its sites whatever batches
+    // end and begin meanwhile.
+    const std::size_t n = t->count;
+    std::byte* const* sites = t->sites;
+    std::size_t lo = 0, hi = n;
+    while (lo < hi) {
+      const std::size_t mid = (lo + hi) / 2;
+      if (sites[mid] < pc) lo = mid + 1;
+      else hi = mid;
+    }
+    found = lo < n && sites[lo] == pc;
   }
-  return lo < n && sites[lo] == pc;
+  // PT5. Every read of the table before the decrement. Pairs with reclaim_trap_tables()'s
+  // load_acquire of the count: a reclaimer that reads the count this leaves frees the
+  // table only after these reads.
+  (void)fetch_sub_release(&g_trap_readers, 1);
+  return found;
+}
+
+// Frees the unpublished trap tables if no handler can still be reading one. Called by
+// commit_breakpoint() under g_breakpoint_mu, after it unpublished its table; a table it
+// cannot free now waits for the next batch's call. Never blocks: a handler that
+// interrupted this very thread (a foreign SIGTRAP) must not wait for it.
+void reclaim_trap_tables() noexcept {
+  if (!g_retired_trap_tables) return;
+  // PT5. The unpublication (the caller's store_release of g_trap_table) before the read
+  // of the count. Pairs with in_trap_table()'s fully ordered fetch_add: a handler whose
+  // increment this read misses loads g_trap_table after the unpublication, so it cannot
+  // hold a retired table.
+  smp_mb();
+  // Pairs with in_trap_table()'s fetch_sub_release: 0 means every handler that loaded a
+  // retired table has finished reading it.
+  if (load_acquire(&g_trap_readers) != 0) return;
+  while (TrapTable* t = g_retired_trap_tables) {
+    g_retired_trap_tables = t->next_retired;
+    delete t;
+  }
 }
 
 bool in_patched_heap(const std::byte* pc) {
@@ -133,8 +185,8 @@ void on_sigtrap(int sig, siginfo_t* si, void* ucv) {
     // The waiter count is a statistic (Patcher::trap_waiters()): relaxed.
     fetch_add_relaxed(&g_trap_waiters, 1);
     // Each in_trap_table() is a load_acquire of the table: the one that reads it
-    // unpublished pairs with the releases in commit_breakpoint()'s unpublish(), which
-    // come after round 3's serialize_cores() (that serialized this thread's core too,
+    // unpublished pairs with the release in commit_breakpoint()'s unpublish(), which
+    // comes after round 3's serialize_cores() (that serialized this thread's core too,
     // before it runs user code again), so the thread resumes into the new code.
     while (in_trap_table(pc)) ::sched_yield();
     fetch_sub_relaxed(&g_trap_waiters, 1);
@@ -365,6 +417,12 @@ Result<std::unique_ptr<Patcher>> Patcher::create(Emitter& emitter, const Patcher
   if (!p) return Status(Errc::out_of_memory);
   if (Status st = install_trap_handler(emitter.heap().rx_begin(), emitter.heap().rx_end()); !st) return st;
   return p;
+}
+
+void testing::PatcherAccess::set_trap_lookup_hook(void (*hook)()) noexcept { write_once(g_trap_lookup_hook, hook); }
+
+bool testing::PatcherAccess::trap_table_holds(const void* pc) noexcept {
+  return in_trap_table(static_cast<const std::byte*>(pc));
 }
 
 // A statistic: no ordering.
@@ -740,6 +798,7 @@ Status Patcher::commit_breakpoint(const std::vector<Request>& requests, std::vec
     std::uint8_t original[16];
   };
   std::vector<Site> sites;
+  std::unique_ptr<TrapTable> table;
   try {
     for (const Request& r : requests)
       if (r.op == Request::Op::replace) {
@@ -751,10 +810,11 @@ Status Patcher::commit_breakpoint(const std::vector<Request>& requests, std::vec
     for (std::size_t i = 1; i < sites.size(); ++i)
       if (sites[i - 1].at + sites[i - 1].r->length > sites[i].at)
         return reject_at("replace: two replacements in one batch overlap", sites[i].at, *registry_, *heap_);
-    std::vector<std::byte*> table;
-    for (const Site& s : sites) table.push_back(s.at);
-    if (table.capacity() > 0) retired_trap_tables_.push_back(std::move(trap_sites_));
-    trap_sites_ = std::move(table);
+    table = std::make_unique<TrapTable>();
+    table->storage.reserve(sites.size());
+    for (const Site& s : sites) table->storage.push_back(s.at);
+    table->count = table->storage.size();
+    table->sites = table->storage.data();
   } catch (...) {
     return Status(Errc::out_of_memory);
   }
@@ -769,10 +829,11 @@ Status Patcher::commit_breakpoint(const std::vector<Request>& requests, std::vec
 #endif
   Runtime& rt = heap_->runtime();
   // Publish the table before any trap is written: a thread that hits a trap must find its
-  // site. The count first: the release of the pointer orders the count and the table's
-  // elements before it; both pair with in_trap_table()'s load_acquire of the pointer.
-  store_release(&g_trap_count, trap_sites_.size());
-  store_release(&g_trap_sites, static_cast<std::byte* const*>(trap_sites_.data()));
+  // site. PT4: the release orders the table's count and elements before the pointer;
+  // pairs with in_trap_table()'s load_acquire of it. From here on the table is the trap
+  // table lists' (unpublish() retires it).
+  TrapTable* published = table.release();
+  store_release(&g_trap_table, published);
   // The table stores before the trap stores of round 1. A release store orders only the
   // accesses before it, not the trap stores after it (on arm64 an STLR may become visible
   // after a later STR; in C++ a later store may move above a release). Pairs with
@@ -783,13 +844,15 @@ Status Patcher::commit_breakpoint(const std::vector<Request>& requests, std::vec
   auto round_done = [&](int round) {
     if (round_hook_) round_hook_(round, round_hook_arg_);
   };
-  // Pairs with in_trap_table()'s load_acquire in the handler's wait loop: the releases
-  // order every earlier write and round 3's (or the roll-back's) serialize_cores() before
-  // a trapped thread is let go. Either store alone lets a waiter go (a table with count
-  // 0 holds no site), and either is safe to observe first.
+  // Pairs with in_trap_table()'s load_acquire in the handler's wait loop: the release
+  // orders every earlier write and round 3's (or the roll-back's) serialize_cores() before
+  // a trapped thread is let go. Then the table is retired, and freed once no handler can
+  // still be reading it (PT5: here, or in a later batch).
   auto unpublish = [&] {
-    store_release(&g_trap_count, std::size_t(0));
-    store_release(&g_trap_sites, static_cast<std::byte* const*>(nullptr));
+    store_release(&g_trap_table, static_cast<TrapTable*>(nullptr));
+    published->next_retired = g_retired_trap_tables;
+    g_retired_trap_tables = published;
+    reclaim_trap_tables();
   };
   // Put every site back as it was (a failure midway): waiters then resume into old code.
   auto roll_back = [&](Status why) {

@@ -4,9 +4,10 @@
 // handler deciding whether a fault is in JIT code) and sampling profilers. Updates take a
 // mutex. The table is a sorted array behind a sequence lock: readers retry when a writer
 // moved entries under them, a bounded number of times (a handler that interrupted a
-// writer on its own thread gets nullptr rather than spinning forever). Grown tables
-// replace smaller ones; the old ones are kept until the registry is destroyed, so a reader
-// never touches freed memory (total memory stays below twice the largest table).
+// writer on its own thread gets nullptr rather than spinning forever). The table and its
+// entry count are one object behind one pointer. Grown tables replace smaller ones; the
+// old ones are kept until the registry is destroyed, so a reader never touches freed
+// memory (total memory stays below twice the largest table).
 //
 // A blob pointer returned by find() is valid until the blob is freed; free blobs only
 // after a grace period (the reclamation layer) if readers may still hold them.
@@ -50,18 +51,20 @@ class CodeRegistry {
     std::uintptr_t begin, end;
     const CodeBlob* blob;
   };
+  // A table and its count, published together through table_: a reader takes the count
+  // from the table it searches, so it never pairs one table with another's count.
   struct Table {
-    std::size_t capacity;
-    std::unique_ptr<Entry[]> entries;
+    std::size_t capacity;              // immutable
+    std::size_t count;                 // entries in use (marked accesses)
+    std::unique_ptr<Entry[]> entries;  // immutable pointer; the entries: marked accesses
+    std::unique_ptr<Table> older;      // the table this one replaced (kept; writer-only)
   };
   Status grow_locked() noexcept;
 
-  mutable std::mutex mu_;  // writers; lookup()'s fallback
-  std::uint64_t seq_ = 0;             // odd while a writer changes the table (marked accesses)
-  Entry* entries_ = nullptr;          // current table (marked accesses)
-  std::size_t count_ = 0;             // entries in use (marked accesses)
-  std::size_t capacity_ = 0;          // writer-only
-  std::vector<Table> tables_;         // every table ever made; the last is current
+  mutable std::mutex mu_;          // writers; lookup()'s fallback
+  std::uint64_t seq_ = 0;          // odd while a writer changes the table (marked accesses)
+  Table* table_ = nullptr;         // the current table (marked accesses); null until the first add
+  std::unique_ptr<Table> tables_;  // owns the current table and, through `older`, every earlier one
 };
 
 }  // namespace jitpatch

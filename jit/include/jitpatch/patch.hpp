@@ -150,8 +150,6 @@ class Patcher {
   Status write_bytes(std::byte* at, const std::uint8_t* bytes, std::size_t n) noexcept;
   void (*round_hook_)(int, void*) = nullptr;
   void* round_hook_arg_ = nullptr;
-  std::vector<std::byte*> trap_sites_;            // the current breakpoint batch's sites, sorted
-  std::vector<std::vector<std::byte*>> retired_trap_tables_;  // kept: a handler may still read one
   Patcher(Emitter& emitter, const PatcherOptions& options, bool validate) noexcept;
   Status plan(const Request& r, Planned* out) noexcept;
   Status commit(const std::vector<Request>& requests, bool wait) noexcept;

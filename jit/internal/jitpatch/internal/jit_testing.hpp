@@ -14,6 +14,14 @@ struct PatcherAccess {
     p.round_hook_ = hook;
     p.round_hook_arg_ = arg;
   }
+  // The SIGTRAP handler's lookup: whether `pc` is a site of the breakpoint batch in flight
+  // (the table the handler reads, read the way it reads it). Callable from any thread at
+  // any time, concurrently with commits.
+  JITPATCH_HIDDEN static bool trap_table_holds(const void* pc) noexcept;
+  // Called by that lookup (and by the SIGTRAP handler's) on the looking-up thread right
+  // after it loaded the table, before it reads anything from it; nullptr: none. Lets a
+  // test replace the table in the middle of a lookup. Process-wide.
+  JITPATCH_HIDDEN static void set_trap_lookup_hook(void (*hook)()) noexcept;
 };
 
 }  // namespace jitpatch::testing
