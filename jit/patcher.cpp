@@ -86,10 +86,30 @@ constinit std::mutex g_trap_mu;
 // Patchers (two heaps) must not publish theirs over each other.
 constinit std::mutex g_breakpoint_mu;
 // Code heaps with a live Patcher: a trap in them whose byte is no longer a trap was left
-// by a batch that completed while the thread was on its way into the handler.
+// by a batch that completed while the thread was on its way into the handler. Each slot
+// is one pointer to an immutable range {begin, end}, published by install_trap_handler()
+// and read by on_sigtrap() through in_patched_heap() (PT6), so a handler compares pc with
+// the begin and the end of one heap. (As two words per slot, a heap forgotten and another
+// installed in the same slot between a handler's two loads paired one heap's begin with
+// the other's end.)
+//   install_trap_handler() (under g_trap_mu)    in_patched_heap() (a handler)
+//   r = new HeapRange{begin, end}               fetch_add(&g_heap_readers, 1)
+//   store_release(&g_heaps[slot], r)            r = load_acquire(&g_heaps[i]); read r->*
+//   forget_heap() (under g_trap_mu)             fetch_sub_release(&g_heap_readers, 1)
+//   store_release(&g_heaps[slot], nullptr)
+//   smp_mb(); g_heap_readers == 0 (acquire):
+//     free the forgotten ranges (PT6, as PT5)
+struct HeapRange {
+  std::byte* begin;                   // immutable once published
+  std::byte* end;                     // immutable once published
+  HeapRange* next_retired = nullptr;  // on g_retired_heaps; under g_trap_mu
+};
 constexpr int kMaxHeaps = 16;
-constinit std::byte* g_heap_begin[kMaxHeaps] = {};
-constinit std::byte* g_heap_end[kMaxHeaps] = {};
+constinit HeapRange* g_heaps[kMaxHeaps] = {};  // marked accesses; written under g_trap_mu
+// Handlers inside in_patched_heap() (marked RMWs; PT6). Not a statistic: freeing forgotten
+// ranges waits for a moment it reads 0.
+constinit int g_heap_readers = 0;
+constinit HeapRange* g_retired_heaps = nullptr;  // forgotten, not yet freed; under g_trap_mu
 
 bool in_trap_table(const std::byte* pc) {
   // PT5. Fully ordered: the increment before the load of the table below. Pairs with
@@ -144,13 +164,43 @@ void reclaim_trap_tables() noexcept {
 }
 
 bool in_patched_heap(const std::byte* pc) {
-  for (int i = 0; i < kMaxHeaps; ++i) {
-    // Pairs with install_trap_handler()'s store_release of the begin: a non-null begin
-    // comes with its end (stored before it). The end's acquire orders nothing further.
-    const std::byte* b = load_acquire(&g_heap_begin[i]);
-    if (b && pc >= b && pc < load_acquire(&g_heap_end[i])) return true;
+  // PT6 (reclamation, as PT5). Fully ordered: the increment before the loads of the
+  // slots below. Pairs with reclaim_heap_ranges()'s smp_mb() between the unpublication
+  // and its read of the count (store buffering): either these loads see the slot
+  // cleared, or the reclaimer sees this handler inside and frees nothing.
+  (void)fetch_add(&g_heap_readers, 1);
+  bool in = false;
+  for (int i = 0; i < kMaxHeaps && !in; ++i) {
+    // PT6. Pairs with install_trap_handler()'s store_release of the slot: a handler that
+    // sees a range sees its begin and its end, both of the same heap.
+    const HeapRange* r = load_acquire(&g_heaps[i]);
+    in = r && pc >= r->begin && pc < r->end;
   }
-  return false;
+  // PT6. Every read of a range before the decrement. Pairs with reclaim_heap_ranges()'s
+  // load_acquire of the count: a reclaimer that reads the count this leaves frees a range
+  // only after these reads.
+  (void)fetch_sub_release(&g_heap_readers, 1);
+  return in;
+}
+
+// Frees the forgotten heap ranges if no handler can still be reading one. Called under
+// g_trap_mu after a slot was cleared (and before one is filled); a range it cannot free
+// now waits for the next call. Never blocks: a handler that interrupted this very thread
+// must not be waited for.
+void reclaim_heap_ranges() noexcept {
+  if (!g_retired_heaps) return;
+  // PT6. The clearing of the slot (the caller's store_release) before the read of the
+  // count. Pairs with in_patched_heap()'s fully ordered fetch_add: a handler whose
+  // increment this read misses loads the slot after it was cleared, so it cannot hold a
+  // forgotten range.
+  smp_mb();
+  // Pairs with in_patched_heap()'s fetch_sub_release: 0 means every handler that loaded
+  // a forgotten range has finished reading it.
+  if (load_acquire(&g_heap_readers) != 0) return;
+  while (HeapRange* r = g_retired_heaps) {
+    g_retired_heaps = r->next_retired;
+    delete r;
+  }
 }
 
 // Whether the code at pc still holds a trap. Marked: the patcher may store these bytes
@@ -209,39 +259,48 @@ void on_sigtrap(int sig, siginfo_t* si, void* ucv) {
 
 Status install_trap_handler(std::byte* heap_begin, std::byte* heap_end) {
   std::lock_guard<std::mutex> g(g_trap_mu);
+  reclaim_heap_ranges();  // ranges an earlier forget_heap() could not free yet
+  // (The slots are written only under g_trap_mu: the plain reads here need no marking.)
   int slot = -1;
   for (int i = 0; i < kMaxHeaps; ++i)
-    if (!g_heap_begin[i]) {
+    if (!g_heaps[i]) {
       slot = i;
       break;
     }
   if (slot < 0) return Status(Errc::busy, 0, "too many code heaps with a Patcher (16)");
+  auto* range = new (std::nothrow) HeapRange{heap_begin, heap_end};
+  if (!range) return Status(Errc::out_of_memory);
   if (!g_trap_installed) {
     struct sigaction sa = {};
     sa.sa_sigaction = on_sigtrap;
     sa.sa_flags = SA_SIGINFO | SA_RESTART;
     sigemptyset(&sa.sa_mask);
-    if (::sigaction(SIGTRAP, nullptr, &g_prev_trap) != 0 || ::sigaction(SIGTRAP, &sa, nullptr) != 0)
-      return Status(Errc::os_error, errno, "installing the SIGTRAP handler");
+    if (::sigaction(SIGTRAP, nullptr, &g_prev_trap) != 0 || ::sigaction(SIGTRAP, &sa, nullptr) != 0) {
+      const int err = errno;
+      delete range;  // never published
+      return Status(Errc::os_error, err, "installing the SIGTRAP handler");
+    }
     g_trap_installed = true;
   }
-  // End before begin; the release of begin pairs with in_patched_heap()'s load_acquire
-  // of it, so a handler that sees a non-null begin sees its end. (The slots are written
-  // only under g_trap_mu: the plain reads of g_heap_begin above need no marking.)
-  store_release(&g_heap_end[slot], heap_end);
-  store_release(&g_heap_begin[slot], heap_begin);
+  // PT6. The range's begin and end (plain stores: no reader can reach it yet) before the
+  // pointer; pairs with in_patched_heap()'s load_acquire of the slot.
+  store_release(&g_heaps[slot], range);
   return {};
 }
 
 void forget_heap(std::byte* heap_begin) {
   std::lock_guard<std::mutex> g(g_trap_mu);
   for (int i = 0; i < kMaxHeaps; ++i)
-    if (g_heap_begin[i] == heap_begin) {
-      // Pairs with in_patched_heap()'s load_acquire; a handler that reads nullptr just
-      // skips the slot, so this release orders nothing it depends on.
-      store_release(&g_heap_begin[i], static_cast<std::byte*>(nullptr));
+    if (HeapRange* r = g_heaps[i]; r && r->begin == heap_begin) {
+      // PT6. Pairs with in_patched_heap()'s load_acquire; a handler that reads nullptr
+      // just skips the slot, so this release orders nothing it depends on. The range is
+      // freed only once no handler can still be reading it.
+      store_release(&g_heaps[i], static_cast<HeapRange*>(nullptr));
+      r->next_retired = g_retired_heaps;
+      g_retired_heaps = r;
       break;
     }
+  reclaim_heap_ranges();
 }
 
 // Instruction lengths of [code, code + n) decoded from its start; false if the bytes do
