@@ -116,6 +116,11 @@ endfunction()
 function(lang_gc_cases tiers1 tiers4)
   set(_jit4 ${tiers4})
   list(FILTER _jit4 EXCLUDE REGEX "^interp")
+  if(NOT _jit4)
+    # No thread tiers (qemu): one thread, whose collections need only itself stopped.
+    set(_jit4 ${tiers1})
+    list(FILTER _jit4 EXCLUDE REGEX "^interp")
+  endif()
   foreach(pk patched word page)
     lang_case(gc_stress TIERS ${_jit4} TAG "heap4 ${pk}" EXTRA --heap-max=4|--poll=${pk}|--stats
               STDERR "collections +[1-9][0-9]* \\(poll: ${pk}\\)")
@@ -141,6 +146,9 @@ if(JITPATCH_TEST_SET STREQUAL "concurrency")
   lang_gen(jit-threads4 auto-hot1-threads4 auto-hot3-threads4)
   lang_case(gc_stress TIERS ${_lang_thread_tiers})
   lang_gc_cases("" "jit-threads4;auto-hot1-threads4")
+  foreach(p list richards storage)
+    lang_case(awfy/${p} TIERS ${_lang_thread_tiers} TAG gc50 EXTRA --gc-every=50)
+  endforeach()
   return()
 endif()
 
@@ -149,6 +157,18 @@ endif()
 foreach(p fib loops ic_poly props calls logic arrays methods gc_stress recompile)
   lang_case(${p})
 endforeach()
+# --gc-every=1 runs in these tiers (auto-hot3 adds nothing a collection could see).
+if(CMAKE_CROSSCOMPILING)
+  set(_lang_gc_tiers jit auto-hot1)
+else()
+  set(_lang_gc_tiers interp jit auto auto-hot1 interp-threads4 jit-threads4 auto-hot1-threads4)
+endif()
+# The Are-We-Fast-Yet ports (awfy/, one iteration each; bench/lang runs them longer):
+# every tier, and with a collection at every allocation.
+foreach(p bounce list permute queens richards sieve storage towers)
+  lang_case(awfy/${p})
+  lang_case(awfy/${p} TIERS ${_lang_gc_tiers} TAG gc1 EXTRA --gc-every=1)
+endforeach()
 # A site goes megamorphic in a function called on every iteration: it is recompiled,
 # and a collection finds the superseded version no longer running and retires it.
 lang_case(recompile TIERS jit auto-hot1 TAG retire EXTRA --gc-every=500|--stats
@@ -156,7 +176,7 @@ lang_case(recompile TIERS jit auto-hot1 TAG retire EXTRA --gc-every=500|--stats
 if(CMAKE_CROSSCOMPILING)
   lang_gc_cases("jit;auto-hot1" "")
 else()
-  lang_gc_cases("interp;jit;auto;auto-hot1;auto-hot3" "${_lang_thread_tiers}")
+  lang_gc_cases("interp;jit;auto;auto-hot1" "interp-threads4;jit-threads4;auto-hot1-threads4")
   lang_gen(auto-hot1 auto-hot1-threads4 TAG gc1 EXTRA --gc-every=1)
 endif()
 # ic_flip.lang: one read site whose cache flips between two shapes on every call (no
