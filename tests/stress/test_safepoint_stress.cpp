@@ -213,3 +213,96 @@ TEST_CASE("safepoint stress: stop-the-world and handshakes against JIT mutators,
   if (kind == test::Poll::patched) CHECK(out.stats.patch_arms > 0);
   CHECK(out.stats.slow_paths > 0);
 }
+
+#if !defined(__aarch64__)
+namespace {
+// Arms one patched poll, and at disarm() looks whether the thread parked at it has been
+// released already: it watches the thread's state for up to 50 ms before disarming. A
+// stop that disarms before its release keeps the thread parked throughout (and each
+// disarm costs the 50 ms); one that releases first lets it leave `parked` meanwhile.
+struct WatchingArmer final : PollArmer {
+  Patcher* patcher = nullptr;
+  const PatchSite* site = nullptr;
+  std::atomic<SafepointThread*> mutator{nullptr};
+  std::atomic<int> disarms{0}, resumed_before_disarm{0};
+  Status arm(bool* serialized) noexcept override {
+    *serialized = false;
+    return patcher->set_toggle(*site, true);
+  }
+  void disarm() noexcept override {
+    const auto until = std::chrono::steady_clock::now() + std::chrono::milliseconds(50);
+    while (std::chrono::steady_clock::now() < until) {
+      if (mutator.load()->state() != ThreadState::parked) {
+        ++resumed_before_disarm;
+        break;
+      }
+      std::this_thread::yield();
+    }
+    ++disarms;
+    (void)patcher->set_toggle(*site, false);
+  }
+};
+}  // namespace
+
+// A stop disarms its patched polls before it releases the threads. Released first, a
+// thread looping over a patched poll took its jump to the slow path on every iteration
+// until the disarming batch was done (jitpatch-lang measured ~10^5 such trips per stop,
+// when the batch waited for the armer's lock). Here one mutator parks at a patched poll
+// in each stop, and the armer checks at disarm() that the mutator has not been released
+// (x86-64 only: see the case above).
+TEST_CASE("safepoint stress: a stop's patched polls are disarmed before its threads resume", "[stress][safepoint]") {
+  auto rt = Runtime::create();
+  REQUIRE(rt.ok());
+  SafepointOptions o;
+  o.poll_kinds = poll_word | patched_poll;
+  auto sp = Safepoints::create(**rt, o);
+  REQUIRE(sp.ok());
+  test::SafepointJit jit(**rt, **sp);
+  auto blob = test::emit_loop(*jit.em, *jit.polls, test::Poll::patched);
+  INFO(blob.status().message());
+  REQUIRE(blob.ok());
+  WatchingArmer armer;
+  armer.patcher = jit.patcher.get();
+  armer.site = (*blob)->site("safepoint.poll");
+  REQUIRE(armer.site);
+  // The SafepointPolls made the blob's poll (and its stub); this armer replaces it.
+  REQUIRE((*sp)->set_poll_armer(nullptr).ok());
+  REQUIRE((*sp)->set_poll_armer(&armer).ok());
+  auto* fn = (*blob)->as<std::uint64_t(SafepointThread*, std::uint64_t*, std::uint64_t)>();
+  Slot slot;
+  std::atomic<bool> quit{false};
+  std::thread m([&] {
+    auto att = (*sp)->attach_current_thread();
+    REQUIRE(att.ok());
+    SafepointThread* self = att->thread();
+    armer.mutator = self;
+    self->enter_managed();
+    while (!quit.load(std::memory_order_relaxed)) {
+      (void)fn(self, slot.pair, 1000);
+      slot.calls.fetch_add(1, std::memory_order_relaxed);
+    }
+    self->enter_native();
+  });
+  // The mutator is in its loop before the first stop, and after each (a generous cap, no
+  // sleep-based wait), so that every stop parks it at the patched poll.
+  const auto cap = std::chrono::steady_clock::now() + std::chrono::seconds(60);
+  auto wait_calls = [&](std::uint64_t n) {
+    while (slot.calls.load() < n && std::chrono::steady_clock::now() < cap) std::this_thread::yield();
+    return slot.calls.load() >= n;
+  };
+  REQUIRE(wait_calls(1));
+  const int stops = 6;
+  int ok = 0, resumed = 0;
+  for (int i = 0; i < stops; ++i) {
+    ok += (*sp)->stop_the_world([] {}).ok();
+    resumed += wait_calls(slot.calls.load() + 2);
+  }
+  quit = true;
+  m.join();
+  CHECK(ok == stops);
+  CHECK(resumed == stops);
+  CHECK(armer.disarms == stops);
+  CHECK(armer.resumed_before_disarm == 0);
+  CHECK((*sp)->set_poll_armer(nullptr).ok());
+}
+#endif
