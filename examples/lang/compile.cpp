@@ -65,9 +65,16 @@ void Shapes::insert(Chain* c, std::int32_t name) {
 }
 
 Shape* Shapes::add(Shape* from, std::int32_t name) {
+  // The last transition taken from `from`, without the lock: objects built by one
+  // constructor take the same transitions over and over. Acquire: pairs with the release
+  // below, which follows the shape's construction (and the chain entries it reads).
+  if (const Edge* e = from->last.load(std::memory_order_acquire); e && e->name == name) return e->to;
   std::lock_guard<std::mutex> g(mu_);
   auto it = from->transitions.find(name);
-  if (it != from->transitions.end()) return it->second;
+  if (it != from->transitions.end()) {
+    from->last.store(it->second.get(), std::memory_order_release);
+    return it->second->to;
+  }
   // sizeof a shape and its transition-map node, roughly; a copied prefix below.
   const std::size_t shape_bytes = sizeof(Shape) + 64;
   const bool extend = from->chain && from->chain->names.size() == from->count;
@@ -89,8 +96,11 @@ Shape* Shapes::add(Shape* from, std::int32_t name) {
   s->chain = c;
   Shape* r = s.get();
   all_.push_back(std::move(s));
-  from->transitions.emplace(name, r);
+  // The edge is immutable and lives as long as its shape (in the transition map).
+  const Edge* e = from->transitions.emplace(name, std::make_unique<Edge>(Edge{name, r})).first->second.get();
   bytes_ += shape_bytes;
+  // Release: the new shape and its chain entries before the edge that leads to it.
+  from->last.store(e, std::memory_order_release);
   return r;
 }
 

@@ -16,6 +16,7 @@
 // - Roots are exact: every value in a thread's value stack below its high-water mark
 //   (all tagged words, every slot below the mark initialized: lang_precall) and its
 //   globals. Shapes and functions are not in this heap (immortal).
+#include <sys/mman.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
@@ -46,7 +47,8 @@ constexpr unsigned kLargeClass = kSizeClasses;
 constexpr std::uint32_t kChunkMagic = 0x6a706763;  // "jpgc"
 constexpr std::uint32_t kSmallWords = kChunk / 16 / 64;
 constexpr std::size_t kMinTrigger = std::size_t{8} << 20;
-constexpr std::size_t kKeepEmpty = 64;  // empty chunks kept for reuse (4 MiB)
+constexpr std::size_t kBlockChunks = 32;  // chunks mapped at once (2 MiB)
+constexpr std::size_t kLargePool = std::size_t{32} << 20;  // freed large regions kept for reuse
 
 struct Chunk {
   std::uint32_t magic;
@@ -124,10 +126,11 @@ Heap::Heap(const Options& opt, jitpatch::Safepoints& sp, Jit* jit)
     : sp_(sp), jit_(jit), max_(opt.heap_max), gc_every_(opt.gc_every), trigger_(std::min(kMinTrigger, opt.heap_max)) {}
 
 Heap::~Heap() {
+  for (Chunk* c : large_pool_) release(c);
   for (Chunk* c : to_free_) release(c);
-  for (Chunk* c : chunks_) release(c);
-  for (Chunk* c : empty_) release(c);
   for (Chunk* c : large_) release(c);
+  // Small-object chunks live in blocks.
+  for (std::byte* b : blocks_) ::munmap(b, kBlockChunks * kChunk);
 }
 
 void Heap::lock(Thread* t) {
@@ -184,18 +187,29 @@ void* Heap::alloc(Thread* t, const Ins* ins, std::size_t n) {
 }
 
 Chunk* Heap::new_chunk(Thread* t, const Ins* ins, unsigned cls) {
-  Chunk* c = nullptr;
-  if (!empty_.empty()) {
-    c = empty_.back();
-    empty_.pop_back();
-  } else {
-    c = static_cast<Chunk*>(std::aligned_alloc(kChunk, kChunk));
-    if (!c) {
+  if (empty_.empty()) {
+    // A block of kBlockChunks chunks from the kernel at once (one mmap, aligned by
+    // trimming): a chunk at a time from the allocator meant an mmap and later an munmap
+    // per chunk, and the munmap's TLB shootdown interrupts every CPU of the process.
+    // Chunk memory is kept for the life of the heap (empty chunks are pooled).
+    const std::size_t len = kBlockChunks * kChunk;
+    void* m = ::mmap(nullptr, len + kChunk, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (m == MAP_FAILED) {
       mu_.unlock();
       fail(t, ins, "out of memory (the object heap could not grow)");
     }
+    auto* raw = static_cast<std::byte*>(m);
+    auto* base = reinterpret_cast<std::byte*>((reinterpret_cast<std::uintptr_t>(raw) + kChunk - 1) & ~(kChunk - 1));
+    if (base > raw) ::munmap(raw, static_cast<std::size_t>(base - raw));
+    if (std::byte* tail = base + len; tail < raw + len + kChunk) ::munmap(tail, static_cast<std::size_t>(raw + len + kChunk - tail));
+    blocks_.push_back(base);
+    for (std::size_t i = kBlockChunks; i-- > 0;) empty_.push_back(reinterpret_cast<Chunk*>(base + i * kChunk));
   }
+  Chunk* c = empty_.back();
+  empty_.pop_back();
   format(c, cls);
+  // Cells are unpoisoned one by one as they are handed out (alloc()).
+  LANG_POISON(c->cells(), std::size_t{c->ncells} * c->cell);
   return c;
 }
 
@@ -244,7 +258,8 @@ void Heap::out_of_memory(Thread* t, const Ins* ins) {
 
 void* Heap::alloc_large(Thread* t, const Ins* ins, std::size_t n) {
   const std::uint32_t first = round16(sizeof(Chunk) + 8);
-  const std::size_t bytes = first + round16(n);
+  // Whole pages: a region freed into the pool can serve a slightly larger request.
+  const std::size_t bytes = (first + round16(n) + 4095) & ~std::size_t{4095};
   for (unsigned tries = 0;;) {
     lock(t);
     if (heap_bytes_ + bytes > (tries ? max_ : std::min(trigger_, max_))) {
@@ -255,22 +270,39 @@ void* Heap::alloc_large(Thread* t, const Ins* ins, std::size_t n) {
       ++tries;
       continue;
     }
-    void* mem = nullptr;
-    if (posix_memalign(&mem, kChunk, bytes) != 0) {
-      mu_.unlock();
-      fail(t, ins, "out of memory (the object heap could not grow)");
+    // A region freed by an earlier collection, if one fits without wasting more than
+    // half of it (Sieve-like programs allocate an array of one size per iteration: the
+    // allocator's memalign and the page faults of fresh memory cost more than the rest).
+    Chunk* c = nullptr;
+    for (std::size_t i = 0; i < large_pool_.size(); ++i) {
+      Chunk* p = large_pool_[i];
+      if (p->bytes >= bytes && p->bytes / 2 <= bytes) {
+        c = p;
+        large_pool_[i] = large_pool_.back();
+        large_pool_.pop_back();
+        pooled_ -= c->bytes;
+        LANG_UNPOISON(c->cells(), c->bytes - first);
+        break;
+      }
     }
-    auto* c = static_cast<Chunk*>(mem);
+    if (!c) {
+      void* mem = nullptr;
+      if (posix_memalign(&mem, kChunk, bytes) != 0) {
+        mu_.unlock();
+        fail(t, ins, "out of memory (the object heap could not grow)");
+      }
+      c = static_cast<Chunk*>(mem);
+      c->bytes = bytes;
+    }
     c->magic = kChunkMagic;
     c->cls = kLargeClass;
     c->cell = round16(n);
     c->ncells = 1;
     c->first = first;
     c->nwords = 1;
-    c->bytes = bytes;
     c->bits()[0] = 0;
     large_.push_back(c);
-    heap_bytes_ += bytes;
+    heap_bytes_ += c->bytes;
     fig_.heap_peak = std::max(fig_.heap_peak, heap_bytes_);
     t->allocated += c->cell;
     mu_.unlock();
@@ -375,7 +407,7 @@ void Heap::collect_stopped(std::uint64_t t_request) {
 
   // Mark from the roots, with an explicit stack (no recursion proportional to the heap).
   for (Thread* t : threads_) {
-    for (const Value* v = t->stack; v < t->stack_hw; ++v) mark_value(*v);
+    for (const Value* v = t->stack; v < t->h.stack_hw; ++v) mark_value(*v);
     for (std::size_t g = 0; g < t->nglobals; ++g) mark_value(t->h.globals[g]);
   }
   while (!mark_stack_.empty()) {
@@ -406,8 +438,7 @@ void Heap::collect_stopped(std::uint64_t t_request) {
     if (n == 0) {
       LANG_POISON(c->cells(), std::size_t{c->ncells} * c->cell);
       heap_bytes_ -= kChunk;
-      if (empty_.size() < kKeepEmpty) empty_.push_back(c);
-      else to_free_.push_back(c);
+      empty_.push_back(c);
       continue;
     }
     keep.push_back(c);
@@ -428,7 +459,13 @@ void Heap::collect_stopped(std::uint64_t t_request) {
       live += c->cell;
     } else {
       heap_bytes_ -= c->bytes;
-      to_free_.push_back(c);
+      if (pooled_ + c->bytes <= kLargePool) {
+        LANG_POISON(c->cells(), c->bytes - c->first);
+        large_pool_.push_back(c);
+        pooled_ += c->bytes;
+      } else {
+        to_free_.push_back(c);
+      }
     }
   }
   large_.swap(big);

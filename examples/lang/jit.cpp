@@ -28,6 +28,9 @@ using namespace jitpatch;
 // false: compile them as a call into the runtime (call_method), whose lookup uses the
 // site's interpreter-side cache key, and emit no patch sites for them.
 constexpr bool kInlineCallM = true;
+// A call initializes the callee's non-parameter slots inline up to this many; a larger
+// frame calls lang_precall.
+constexpr std::uint32_t kInlineFill = 16;
 
 struct Slow {
   asmjit::Label at, resume;
@@ -486,6 +489,61 @@ Status JitImpl::gen(EmitContext& cx, Fn* f, const std::vector<void*>& targets) {
         a.bind(s.resume);
         break;
       }
+      case Op::Mul: {
+        // (2x+1) * (2y+1) is not the tagged product: x * 2y, then the tag. The 64-bit
+        // overflow of x * 2y is exactly the 63-bit overflow of x * y.
+        Slow s = slow_path(&x, reinterpret_cast<const void*>(&lang_exec));
+        a.mov(rax, S(d - 2));
+        a.mov(rcx, S(d - 1));
+        a.mov(edx, eax);
+        a.and_(edx, ecx);
+        a.test(dl, 1);
+        a.jz(s.at);
+        a.sar(rax, 1);
+        a.sub(rcx, 1);
+        a.imul(rax, rcx);
+        a.jo(s.at);
+        a.or_(rax, 1);
+        a.mov(S(d - 2), rax);
+        a.bind(s.resume);
+        break;
+      }
+      case Op::GetI: case Op::SetI: case Op::Len: {
+        // An array (a heap value with the array header), an integer index within
+        // [0, length) (unsigned compare: a negative index is huge); anything else, and
+        // every error, is the runtime's (lang_exec does the whole instruction).
+        const std::uint32_t arr = x.op == Op::SetI ? d - 3 : x.op == Op::GetI ? d - 2 : d - 1;
+        Slow s = slow_path(&x, reinterpret_cast<const void*>(&lang_exec));
+        a.mov(rax, S(arr));
+        a.test(rax, rax);
+        a.jz(s.at);
+        a.test(al, 1);
+        a.jnz(s.at);
+        a.mov(rdx, kArrayHdr);
+        a.cmp(qword_ptr(rax), rdx);
+        a.jne(s.at);
+        if (x.op == Op::Len) {
+          a.mov(rax, qword_ptr(rax, 8));
+          a.lea(rax, ptr(rax, rax, 0, 1));  // 2n + 1
+          a.mov(S(d - 1), rax);
+        } else {
+          a.mov(rcx, S(arr + 1));
+          a.test(cl, 1);
+          a.jz(s.at);
+          a.sar(rcx, 1);
+          a.cmp(rcx, qword_ptr(rax, 8));
+          a.jae(s.at);
+          if (x.op == Op::GetI) {
+            a.mov(rax, qword_ptr(rax, rcx, 3, 16));
+            a.mov(S(d - 2), rax);
+          } else {
+            a.mov(rdx, S(d - 1));
+            a.mov(qword_ptr(rax, rcx, 3, 16), rdx);
+          }
+        }
+        a.bind(s.resume);
+        break;
+      }
       case Op::Eq: case Op::Ne:
         // Integers have one representation and objects compare by identity.
         a.mov(rax, S(d - 2));
@@ -506,7 +564,31 @@ Status JitImpl::gen(EmitContext& cx, Fn* f, const std::vector<void*>& targets) {
         break;
       case Op::Call: {
         const std::int32_t off = static_cast<std::int32_t>((base + d - static_cast<std::uint32_t>(x.a)) * 8);
-        call_helper(reinterpret_cast<const void*>(&lang_precall), &x);
+        const Fn* c = x.callee;
+        const std::uint32_t fill = c->frame() - c->nparams;
+        if (fill <= kInlineFill) {
+          // lang_precall inline: the depth and stack checks (the runtime call reports the
+          // error), the callee's locals and operand slots set to nil, the high-water mark
+          // of the roots raised over the initialized frame (see raise_hw), the depth.
+          Slow s = slow_path(&x, reinterpret_cast<const void*>(&lang_precall));
+          const std::int32_t end = off + static_cast<std::int32_t>(c->frame() * 8);
+          a.cmp(dword_ptr(rbx, kThreadDepth), static_cast<int>(kMaxDepth));
+          a.jae(s.at);
+          a.lea(rax, ptr(r12, end));
+          a.cmp(rax, qword_ptr(rbx, kThreadStackEnd));
+          a.ja(s.at);
+          for (std::uint32_t k = c->nparams; k < c->frame(); ++k)
+            a.mov(qword_ptr(r12, off + static_cast<std::int32_t>(k * 8)), 0);
+          auto hw_ok = a.newLabel();
+          a.cmp(rax, qword_ptr(rbx, kThreadStackHw));
+          a.jbe(hw_ok);
+          a.mov(qword_ptr(rbx, kThreadStackHw), rax);
+          a.bind(hw_ok);
+          a.inc(dword_ptr(rbx, kThreadDepth));
+          a.bind(s.resume);
+        } else {
+          call_helper(reinterpret_cast<const void*>(&lang_precall), &x);
+        }
         a.mov(rdi, rbx);
         a.lea(rsi, ptr(r12, off));
         cx.call_site(targets[i], "call" + std::to_string(i));
@@ -609,7 +691,7 @@ Status JitImpl::gen(EmitContext& cx, Fn* f, const std::vector<void*>& targets) {
         a.bind(s.resume);
         break;
       }
-      default:  // Mul, Div, Mod, NewObj, Print, Err, arrays (NewArr, ArrInit, GetI, SetI, MkArr, Len)
+      default:  // Div, Mod, NewObj, Print, Err, NewArr, ArrInit, MkArr
         call_helper(reinterpret_cast<const void*>(&lang_exec), &x);
         break;
     }

@@ -69,11 +69,17 @@ struct Chain {
   std::vector<std::unique_ptr<PropTable>> tables;  // Shapes::mu; old ones stay (readers)
   int find(std::int32_t name, std::uint32_t count) const;
 };
+struct Shape;
+struct Edge {  // a transition, immutable once published
+  std::int32_t name;
+  Shape* to;
+};
 struct Shape {
   std::uint32_t id = 0;
   std::uint32_t count = 0;  // properties (slots)
   Chain* chain = nullptr;   // names [0, count) of it are this shape's
-  std::map<std::int32_t, Shape*> transitions;  // guarded by Shapes::mu
+  std::map<std::int32_t, std::unique_ptr<Edge>> transitions;  // guarded by Shapes::mu
+  std::atomic<const Edge*> last{nullptr};      // the last transition taken (lock-free hint)
   int find(std::int32_t name) const { return chain ? chain->find(name, count) : -1; }
 };
 
@@ -91,6 +97,7 @@ class Shapes {
 
  private:
   void insert(Chain* c, std::int32_t name);
+
   std::mutex mu_;
   std::vector<std::unique_ptr<Shape>> all_;
   std::vector<std::unique_ptr<Chain>> chains_;
@@ -257,11 +264,17 @@ struct ThreadHot {
   std::uint32_t pad = 0;
   jitpatch::SafepointThread* spt = nullptr;  // the poll word compiled code polls
   std::atomic<std::uint64_t>* active = nullptr;
+  Value* stack_end = nullptr;
+  // The roots this thread gives the collector: every value in [stack, stack_hw) (a
+  // high-water mark raised by each call: see raise_hw) and its globals.
+  Value* stack_hw = nullptr;
 };
-constexpr std::size_t kThreadGlobals = 0, kThreadHits = 8, kThreadDepth = 16, kThreadSpt = 24, kThreadActive = 32;
+constexpr std::size_t kThreadGlobals = 0, kThreadHits = 8, kThreadDepth = 16, kThreadSpt = 24, kThreadActive = 32,
+                      kThreadStackEnd = 40, kThreadStackHw = 48;
 static_assert(offsetof(ThreadHot, globals) == kThreadGlobals && offsetof(ThreadHot, ic_hits) == kThreadHits &&
               offsetof(ThreadHot, depth) == kThreadDepth && offsetof(ThreadHot, spt) == kThreadSpt &&
-              offsetof(ThreadHot, active) == kThreadActive);
+              offsetof(ThreadHot, active) == kThreadActive && offsetof(ThreadHot, stack_end) == kThreadStackEnd &&
+              offsetof(ThreadHot, stack_hw) == kThreadStackHw);
 static_assert(sizeof(std::atomic<std::uint64_t>) == 8);
 
 class Heap;
@@ -287,12 +300,8 @@ struct Thread {
   Jit* jit = nullptr;
   const Options* opt = nullptr;
   Value* stack = nullptr;
-  Value* stack_end = nullptr;
   Stats stats;
   std::string out;
-  // The roots this thread gives the collector: every value in [stack, stack_hw) (a
-  // high-water mark raised by each call: see lang_precall) and its globals.
-  Value* stack_hw = nullptr;
   std::size_t nglobals = 0;
   // Allocation (gc.cpp), owned by the thread; reset by a collection while it is stopped.
   Heap* heap = nullptr;
@@ -312,7 +321,7 @@ inline void depth_set(Thread* t, std::uint32_t d) { __atomic_store_n(&t->h.depth
 // them as long as they are below the mark. Slots of returned frames stay roots until a
 // later call overwrites them: imprecise liveness, never a missing root.
 inline void raise_hw(Thread* t, Value* end) {
-  if (end > t->stack_hw) t->stack_hw = end;
+  if (end > t->h.stack_hw) t->h.stack_hw = end;
 }
 // A runtime call that may block (a lock, a write, compiling, patching) leaves managed
 // code for its duration, so a collection does not wait for it. It must not touch the
@@ -380,8 +389,11 @@ class Heap {
   std::vector<Chunk*> chunks_;            // small-object chunks holding cells (incl. owned)
   std::vector<Chunk*> avail_[kSizeClasses];  // with free cells, owned by no thread
   std::vector<Chunk*> empty_;             // kept for reuse, not counted in heap_bytes_
+  std::vector<std::byte*> blocks_;        // the mappings small-object chunks come from
   std::vector<Chunk*> large_;
   std::vector<Chunk*> to_free_;           // released after the stop that freed them
+  std::vector<Chunk*> large_pool_;        // freed large regions, for reuse (not in heap_bytes_)
+  std::size_t pooled_ = 0;
   std::size_t heap_bytes_ = 0, trigger_ = 0;
   std::uint64_t since_ = 0;  // bytes allocated by threads removed since the last collection
   std::vector<Value> mark_stack_;

@@ -317,7 +317,7 @@ extern "C" void lang_precall(Thread* t, Value* fp, const Ins* ins) {
   if (t->h.depth >= kMaxDepth) fail(t, ins, "call depth limit (" + std::to_string(kMaxDepth) + ") exceeded");
   const Fn* c = ins->callee;
   Value* nfp = fp + ins->fn->nlocals + ins->depth - c->nparams;
-  if (nfp + c->frame() > t->stack_end) fail(t, ins, "out of stack space");
+  if (nfp + c->frame() > t->h.stack_end) fail(t, ins, "out of stack space");
   for (std::uint32_t i = c->nparams; i < c->frame(); ++i) nfp[i] = kNil;
   raise_hw(t, nfp + c->frame());
   depth_set(t, t->h.depth + 1);
@@ -349,7 +349,7 @@ extern "C" MethodTarget lang_callm(Thread* t, Value* fp, const Ins* ins) {
                      " argument" + (c->nparams == 2 ? "" : "s") + " but was called with " + std::to_string(argc));
   if (t->h.depth >= kMaxDepth) fail(t, ins, "call depth limit (" + std::to_string(kMaxDepth) + ") exceeded");
   Value* nfp = s + ins->depth - argc - 1;
-  if (nfp + c->frame() > t->stack_end) fail(t, ins, "out of stack space");
+  if (nfp + c->frame() > t->h.stack_end) fail(t, ins, "out of stack space");
   for (std::uint32_t i = c->nparams; i < c->frame(); ++i) nfp[i] = kNil;  // also the method slot
   raise_hw(t, nfp + c->frame());
   depth_set(t, t->h.depth + 1);
@@ -545,10 +545,10 @@ int run(Program& p, const Options& opt) {
     t->h.globals = globals.data();
     t->nglobals = globals.size();
     t->stack = stack;
-    t->stack_end = stack + kStack;
+    t->h.stack_end = stack + kStack;
     Fn* main = p.fns[0].get();
     for (std::uint32_t i = 0; i < main->frame(); ++i) stack[i] = kNil;
-    t->stack_hw = stack + main->frame();
+    t->h.stack_hw = stack + main->frame();
     heap.add_thread(t);  // native: a collection may already count this thread's roots
     t->running.store(true, std::memory_order_release);
     t->h.spt->enter_managed();
