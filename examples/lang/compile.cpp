@@ -797,6 +797,11 @@ std::unique_ptr<Program> compile(const std::string& source, std::string* error) 
     return nullptr;
   }
   p->ics = std::make_unique<IcSite[]>(p->nics ? p->nics : 1);
+  // What compiled method calls check inline (FnRef).
+  for (auto& f : p->fns) {
+    f->ref.nparams = f->nparams;
+    f->ref.frame = f->frame();
+  }
   return p;
 }
 

@@ -644,10 +644,56 @@ Status JitImpl::gen(EmitContext& cx, Fn* f, const std::vector<void*>& targets) {
         a.mov(S(d), rax);
         a.inc(qword_ptr(rbx, kThreadHits));
         a.bind(s.resume);
-        call_helper(reinterpret_cast<const void*>(&lang_callm), &x);
+        // The call, inline when the method value is a function taking the receiver and
+        // the arguments and the depth and stack allow it (what lang_callm checks, which
+        // also reports every error): fill the callee's other slots with nil, raise the
+        // roots' high-water mark, count the depth, and call its code, or lang_enter with
+        // the Fn* in rdx.
+        auto slowc = a.newLabel(), go = a.newLabel(), fill = a.newLabel(), filled = a.newLabel(), hw_ok = a.newLabel();
+        a.mov(rax, S(d));
+        a.test(rax, rax);
+        a.jz(slowc);
+        a.test(al, 1);
+        a.jnz(slowc);
+        a.mov(rdx, kFnHdr);
+        a.cmp(qword_ptr(rax), rdx);
+        a.jne(slowc);
+        a.cmp(dword_ptr(rax, kFnRefParams), static_cast<int>(argc + 1));
+        a.jne(slowc);
+        a.cmp(dword_ptr(rbx, kThreadDepth), static_cast<int>(kMaxDepth));
+        a.jae(slowc);
+        a.mov(ecx, dword_ptr(rax, kFnRefFrame));
+        a.lea(rsi, ptr(r12, off));
+        a.lea(rdi, ptr(rsi, rcx, 3));
+        a.cmp(rdi, qword_ptr(rbx, kThreadStackEnd));
+        a.ja(slowc);
+        a.mov(r8d, static_cast<int>(argc + 1));
+        a.bind(fill);
+        a.cmp(r8, rcx);
+        a.jae(filled);
+        a.mov(qword_ptr(rsi, r8, 3), 0);
+        a.inc(r8);
+        a.jmp(fill);
+        a.bind(filled);
+        a.cmp(rdi, qword_ptr(rbx, kThreadStackHw));
+        a.jbe(hw_ok);
+        a.mov(qword_ptr(rbx, kThreadStackHw), rdi);
+        a.bind(hw_ok);
+        a.inc(dword_ptr(rbx, kThreadDepth));
+        a.mov(rdx, qword_ptr(rax, kFnRefFn));
+        // A plain load is an acquire on x86-64 (loads are not reordered with older
+        // loads, SDM vol. 3A 9.2.2): pairs with compile()'s store-release of the code.
+        a.mov(rax, qword_ptr(rax, kFnRefCode));
+        a.test(rax, rax);
+        a.jnz(go);
+        a.mov(rax, reinterpret_cast<std::uint64_t>(&lang_enter));
+        a.jmp(go);
+        a.bind(slowc);
+        call_helper(reinterpret_cast<const void*>(&lang_callm), &x);  // rax = the code, rdx = the Fn*
+        a.bind(go);
         a.mov(rdi, rbx);
         a.lea(rsi, ptr(r12, off));
-        a.call(rax);  // rdx = the Fn*, still from lang_callm
+        a.call(rax);
         a.mov(qword_ptr(r12, off), rax);
         a.dec(dword_ptr(rbx, kThreadDepth));
         break;

@@ -127,10 +127,18 @@ constexpr std::uint64_t kMaxArray = std::uint64_t{1} << 26;  // elements (512 Mi
 struct Fn;
 // A function as a value: a cell inside its Fn (header kFnHdr), so a function value is a
 // constant address and compares by identity.
+// Compiled method calls read the callee's arity, frame size and code from here, at fixed
+// offsets, without a call into the runtime (Fn itself is not standard-layout).
 struct FnRef {
   std::uint64_t hdr = kFnHdr;
   Fn* fn = nullptr;
+  // The compiled code once there is some (store-release after the code is published).
+  std::atomic<void*> code{nullptr};
+  std::uint32_t nparams = 0, frame = 0;  // copies of Fn's, set when the program is compiled
 };
+constexpr std::int32_t kFnRefFn = 8, kFnRefCode = 16, kFnRefParams = 24, kFnRefFrame = 28;
+static_assert(offsetof(FnRef, fn) == kFnRefFn && offsetof(FnRef, code) == kFnRefCode &&
+              offsetof(FnRef, nparams) == kFnRefParams && offsetof(FnRef, frame) == kFnRefFrame);
 
 enum class Op : std::uint8_t {
   Const, LoadL, StoreL, LoadG, StoreG, DefG, Pop,
@@ -166,10 +174,9 @@ struct Fn {
   std::uint32_t line = 0, col = 0;
   bool defined = false;
   std::vector<Ins> code;
-  // Tiering: calls through the interpreter entry, and the compiled code once there is some
-  // (store-release after the code is published).
+  // Tiering: calls through the interpreter entry, and the compiled code (ref.code).
   std::atomic<std::uint64_t> calls{0};
-  std::atomic<void*> jit{nullptr};
+  std::atomic<void*>& jit = ref.code;
   // Set when the JIT could not place the code (larger than the code heap, or the heap is
   // full): the function stays interpreted instead of ending the program.
   std::atomic<bool> nojit{false};
