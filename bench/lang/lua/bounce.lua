@@ -57,6 +57,7 @@ local function benchmark()
   local random = new_random()
   local ball_count = 100
   local bounces = 0
+  -- array(ball_count): the balls are 1..ball_count here (0-based in the lang port)
   local balls = {}
   local i = 1
   while i <= ball_count do
