@@ -188,7 +188,8 @@ std::string describe_status(int status) {
   std::string err;
   read_file(err_path, &err);
   std::fprintf(stderr,
-               "\njitpatch-bench-lang: FAILED: %s\n  command: %s\n  expected output:\n%s  output:\n%s  stderr:\n%s\n",
+               "\njitpatch-bench-lang: FAILED: %s\n  command: %s\n  expected output:\n%s  output:\n%s  stderr:\n%s\n"
+               "  (the temporary directory is kept, so the command can be run again)\n",
                why.c_str(), command_line(argv).c_str(), expected.c_str(), out.c_str(),
                err.substr(0, 4000).c_str());
   std::exit(1);
