@@ -130,7 +130,12 @@ Heap::~Heap() {
   for (Chunk* c : to_free_) release(c);
   for (Chunk* c : large_) release(c);
   // Small-object chunks live in blocks.
-  for (std::byte* b : blocks_) ::munmap(b, kBlockChunks * kChunk);
+  // Unpoisoned first: ASan's shadow of the range would otherwise stay poisoned for
+  // whatever is mapped there next.
+  for (std::byte* b : blocks_) {
+    LANG_UNPOISON(b, kBlockChunks * kChunk);
+    ::munmap(b, kBlockChunks * kChunk);
+  }
 }
 
 void Heap::lock(Thread* t) {
