@@ -104,7 +104,7 @@ class JitImpl final : public Jit {
     if (const std::vector<Thread*>* ts = threads_.load(std::memory_order_acquire)) {
       for (const Thread* t : *ts) {
         if (!t->running.load(std::memory_order_acquire)) continue;
-        const std::uint32_t d = std::min<std::uint32_t>(__atomic_load_n(&t->h.depth, __ATOMIC_RELAXED), kMaxDepth + 1);
+        const std::uint32_t d = std::min<std::uint32_t>(jitpatch::read_once(t->h.depth), kMaxDepth + 1);
         for (std::uint32_t k = 0; k <= d; ++k) {
           const std::uint64_t a = t->h.active[k].load(std::memory_order_relaxed);
           if (a && b.contains(reinterpret_cast<const void*>(a))) return true;

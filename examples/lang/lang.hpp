@@ -318,9 +318,10 @@ struct Thread {
   std::uint64_t gc_countdown = 0;  // --gc-every
   std::unique_ptr<std::atomic<std::uint64_t>[]> active;  // kMaxDepth + 2 entries
 };
-// The call depth, read by the code scan hook on another thread: the runtime's writes are
-// relaxed atomic stores (compiled code's are plain 4-byte stores, single-copy atomic).
-inline void depth_set(Thread* t, std::uint32_t d) { __atomic_store_n(&t->h.depth, d, __ATOMIC_RELAXED); }
+// The call depth, read by the code scan hook on another thread: the runtime writes it
+// with write_once (untorn, no ordering), compiled code with plain 4-byte stores (single-copy
+// atomic); the hook reads it with read_once (see JitImpl::still_running for why no more).
+inline void depth_set(Thread* t, std::uint32_t d) { jitpatch::write_once(t->h.depth, d); }
 // Every call raises the high-water mark of the value stack to the end of the callee's
 // frame, once that frame is initialized. Every slot below the mark then holds a valid
 // value at every collection: a frame's slots are initialized (arguments, nil) when the
