@@ -58,6 +58,11 @@ struct Ins {
   std::int32_t b = 0;
   std::int32_t c = 0;
   std::uint32_t src = 0;  // byte offset in the source of the command this came from
+  // If and Scan made from a whole loop (a multiply/clear or scan loop): the byte offset of
+  // its ']' (src is its '['), so that a tape error runs the loop's own commands and
+  // reports the exact command the naive interpreter would (machine.hpp, exact_loop).
+  // 0: not from a loop (an If inside a folded loop; a ']' is never at offset 0).
+  std::uint32_t src_end = 0;
 };
 
 struct Loop {
@@ -72,8 +77,15 @@ struct Program {
   std::vector<Ins> code;   // ends with End
   std::vector<Loop> loops; // by id (order of LoopBegin)
   std::size_t commands = 0;  // Brainfuck commands in the source
-  // Folded loops: byte offsets of their '[' and matching ']' in the source.
-  std::vector<std::pair<std::uint32_t, std::uint32_t>> folds;
+  // Folded loops: byte offsets of their '[' and matching ']' in the source, and the cells
+  // the loop's commands touch relative to its counter cell (also cells a folded form no
+  // longer names, as in `[-<+->]`): the segment's Check covers them all, so that a loop
+  // running off the tape takes the exact slow path, as the naive interpreter fails.
+  struct FoldInfo {
+    std::uint32_t begin, end;
+    std::int32_t lo, hi;
+  };
+  std::vector<FoldInfo> folds;
   // 1-based line and column of a source byte offset.
   void position(std::uint32_t src, unsigned* line, unsigned* col) const;
   std::string where(std::uint32_t src) const;  // "line L, column C"

@@ -32,6 +32,7 @@
 #include <deque>
 #include <mutex>
 #include <thread>
+#include <unordered_map>
 
 namespace bf {
 
@@ -77,6 +78,12 @@ unsigned rt_in(Ctx* c, unsigned old);  // after JitImpl
 int rt_bridge(Ctx* c, unsigned loop);  // after JitImpl
 
 constexpr std::uint32_t kInlineBudget = 16384;  // IR ops of nested loops per unit
+// Nesting levels inlined into one unit; deeper loops are called (stubs, then their own
+// units). Code generation (Gen::loop, Gen::ops) and plan() recurse once per inlined
+// level, so this bounds their stack use by a constant whatever the input's nesting
+// (100,000 levels: the stack would overflow long before the inline budget ran out).
+// Real programs nest far less (mandel.b: 11 levels).
+constexpr std::uint32_t kMaxInlineDepth = 48;
 
 }  // namespace
 
@@ -146,7 +153,7 @@ class JitImpl final : public Jit {
   void process(const Req& r);
   BlobRef emit_unit(std::uint32_t id, bool inline_all);
   void install(std::uint32_t id, BlobRef blob, BlobRef old);
-  void plan(std::uint32_t id, bool all, std::vector<std::uint8_t>& inl, bool& frame, std::uint32_t& budget);
+  void plan(std::uint32_t id, bool all, std::uint32_t depth, bool& frame, std::uint32_t& budget);
 
   Engine& e_;
   Machine& m_;
@@ -167,6 +174,15 @@ class JitImpl final : public Jit {
   std::vector<void*> stub_;            // per loop
   std::vector<std::vector<CallerSite>> callers_;  // per loop: sites calling its stub/code
   std::vector<std::uint8_t> recompile_queued_;
+  LoopFacts facts_;                    // per loop, computed once (analyze_loops)
+  // Per loop: inlined into the unit being emitted. Allocated once and reset after each
+  // unit through inl_set_ (a per-unit vector of every loop would make a program with
+  // 10^6 loops quadratic to compile).
+  std::vector<std::uint8_t> inl_;
+  std::vector<std::uint32_t> inl_set_;
+  // Per unit blob: the loops its call sites aim at (where install() finds its sites in
+  // callers_ when it is replaced, instead of a walk over every loop's list).
+  std::unordered_map<const CodeBlob*, std::vector<std::uint32_t>> calls_of_;
   std::vector<BlobRef> listing_order_;
   Stats cstats_;  // compile-side counters, merged in finish()
 
@@ -302,6 +318,8 @@ bool JitImpl::init(std::string* error) {
   stub_.assign(n, nullptr);
   callers_.assign(n, {});
   recompile_queued_.assign(n, 0);
+  inl_.assign(n, 0);
+  analyze_loops(prog(), facts_);
   cstats_.heap_strategy = heap_strategy_name(heap_->strategy());
   if (!sync_ && m_.opt.tier == Tier::automatic) thread_ = std::thread([this] { worker(); });
   return true;
@@ -330,9 +348,10 @@ void Gen::call_loop(std::uint32_t id) {
 }
 
 // Which nested loops go inline: those that have run (or have code, or everything for
-// tier=jit). A loop that never ran is called through a patchable site instead.
-void JitImpl::plan(std::uint32_t id, bool all, std::vector<std::uint8_t>& inl, bool& frame,
-                   std::uint32_t& budget) {
+// tier=jit). A loop that never ran is called through a patchable site instead, and so is
+// one past the inlining budget or kMaxInlineDepth levels down (recursion here is bounded
+// by that depth).
+void JitImpl::plan(std::uint32_t id, bool all, std::uint32_t depth, bool& frame, std::uint32_t& budget) {
   const auto& code = prog().code;
   const Loop& L = prog().loops[id];
   for (std::uint32_t k = L.begin + 1; k < L.end; ++k) {
@@ -345,10 +364,11 @@ void JitImpl::plan(std::uint32_t id, bool all, std::vector<std::uint8_t>& inl, b
     // Inlining budget: without it, N nested loops compiled as N units would copy the
     // innermost ones N times (quadratic code). Past it a nested loop is called.
     const std::uint32_t size = prog().loops[child].end - prog().loops[child].begin;
-    if ((all || ran) && budget >= size) {
+    if ((all || ran) && budget >= size && depth < kMaxInlineDepth) {
       budget -= size;
-      inl[child] = 1;
-      plan(child, all, inl, frame, budget);
+      inl_[child] = 1;
+      inl_set_.push_back(child);
+      plan(child, all, depth + 1, frame, budget);
     } else {
       frame = true;
     }
@@ -357,16 +377,22 @@ void JitImpl::plan(std::uint32_t id, bool all, std::vector<std::uint8_t>& inl, b
 }
 
 BlobRef JitImpl::emit_unit(std::uint32_t id, bool all) {
-  std::vector<std::uint8_t> inl(prog().loops.size(), 0);
   bool frame = false;
   std::uint32_t budget = kInlineBudget;
-  plan(id, all, inl, frame, budget);
+  plan(id, all, 0, frame, budget);
+  struct Reset {  // inl_ back to all zeros, whatever happens
+    JitImpl& j;
+    ~Reset() {
+      for (std::uint32_t l : j.inl_set_) j.inl_[l] = 0;
+      j.inl_set_.clear();
+    }
+  } reset{*this};
   std::vector<std::pair<std::uint32_t, std::string>> calls;
   std::uint64_t inlined = 0;
   EmitOptions eo;
   eo.redirectable_entry = true;  // a recompiled version can take over every caller
   auto b = em_->emit("bf_loop" + std::to_string(id), [&](EmitContext& cx) -> Status {
-    Gen g(*this, cx, prog(), inl, frame);
+    Gen g(*this, cx, prog(), facts_, inl_, frame);
     g.unit(id);
     calls = std::move(g.calls);
     inlined = g.inlined;
@@ -379,7 +405,11 @@ BlobRef JitImpl::emit_unit(std::uint32_t id, bool all) {
     broken_ = true;
     return {};
   }
-  for (auto& [loop, name] : calls) callers_[loop].push_back({*b, id, name});
+  std::vector<std::uint32_t>& of = calls_of_[b->get()];
+  for (auto& [loop, name] : calls) {
+    callers_[loop].push_back({*b, id, name});
+    if (of.empty() || of.back() != loop) of.push_back(loop);
+  }
   ++cstats_.loops_compiled;
   cstats_.loops_inlined += inlined;
   cstats_.code_bytes += (*b)->size();
@@ -422,7 +452,14 @@ void JitImpl::install(std::uint32_t id, BlobRef blob, BlobRef old) {
     // pin what they and its entry reach now (each loop's code pointer is what every live
     // site for that loop aims at), so those units outlive it even if replaced later.
     std::vector<std::pair<const CodeBlob*, std::uintptr_t>> pins{{old.get(), reinterpret_cast<std::uintptr_t>(entry)}};
-    for (std::size_t l = 0; l < callers_.size(); ++l) {
+    std::vector<std::uint32_t> called;
+    if (auto it = calls_of_.find(old.get()); it != calls_of_.end()) {
+      called = std::move(it->second);
+      calls_of_.erase(it);
+    }
+    std::sort(called.begin(), called.end());
+    called.erase(std::unique(called.begin(), called.end()), called.end());
+    for (const std::uint32_t l : called) {
       for (const CallerSite& s : callers_[l]) {
         if (s.blob != old) continue;
         if (void* c = m_.loops[l].code.load(std::memory_order_relaxed))
@@ -526,10 +563,10 @@ bool JitImpl::compile_outermost() {
   for (std::uint32_t id = 0; id < prog().loops.size(); ++id) {
     if (prog().loops[id].depth != 0) continue;
     BlobRef b = emit_unit(id, true);
-    if (!b) {
-      m_.error = "compiling loop " + std::to_string(id) + " failed";
-      return false;
-    }
+    // A unit that cannot be emitted (the code heap is full: 10^6 loops) is no error:
+    // emit_unit said so on stderr and stopped compiling, and the loops without code run
+    // in the interpreter.
+    if (!b) break;
     unit_[id] = b;
     m_.loops[id].requested.store(1, std::memory_order_relaxed);
     m_.loops[id].code.store(b->entry(), std::memory_order_release);

@@ -9,84 +9,84 @@
 
 namespace bf::jit_detail {
 
-// A loop whose every iteration ends at the cell it started from: its top-level Moves sum
-// to 0 and it has no Scan and no unbalanced loop inside.
-bool Gen::balanced(std::uint32_t id) {
-  if (balanced_.empty()) balanced_.assign(prog_.loops.size(), -1);
-  if (balanced_[id] >= 0) return balanced_[id] != 0;
-  const Loop& L = prog_.loops[id];
-  std::int64_t net = 0;
-  bool ok = true;
-  for (std::uint32_t k = L.begin + 1; ok && k < L.end; ++k) {
-    const Ins& x = prog_.code[k];
-    if (x.op == Op::Move) net += x.a;
-    else if (x.op == Op::Scan) ok = false;
-    else if (x.op == Op::LoopBegin) {
-      ok = balanced(static_cast<std::uint32_t>(x.b));
-      k = prog_.loops[static_cast<std::uint32_t>(x.b)].end;
-    }
-  }
-  balanced_[id] = ok && net == 0;
-  return balanced_[id] != 0;
-}
-
-bool Gen::reach(std::uint32_t id, Reach& r) {
+// Per loop, from the innermost out (ids descending: a nested loop's LoopBegin, hence its
+// id, comes after its parent's), so each loop reads its children's facts from the tables
+// and no walk recurses over the nesting, however deep the input makes it.
+//   balanced: every iteration ends at the cell it started from (its top-level Moves sum
+//     to 0 and it has no Scan and no unbalanced loop inside);
+//   reach: what one iteration touches, when that is a constant range.
+void analyze_loops(const Program& prog, LoopFacts& f) {
   constexpr std::int64_t kFar = std::int64_t{1} << 20;  // keeps every offset a small imm
-  if (reach_ok_.empty()) {
-    reach_ok_.assign(prog_.loops.size(), -1);
-    reach_.resize(prog_.loops.size());
-  }
-  if (reach_ok_[id] >= 0) {
-    r = reach_[id];
-    return reach_ok_[id] != 0;
-  }
-  reach_ok_[id] = 0;
-  const Loop& L = prog_.loops[id];
-  std::int64_t d = 0;
-  std::int64_t ulo = 0, uhi = 0, alo = 0, ahi = 0;
-  auto any = [&](std::int64_t lo, std::int64_t hi) {
-    alo = std::min(alo, lo);
-    ahi = std::max(ahi, hi);
-  };
-  for (std::uint32_t k = L.begin + 1; k < L.end; ++k) {
-    const Ins& x = prog_.code[k];
-    switch (x.op) {
-      case Op::Check:
-        ulo = std::min(ulo, d + x.off);
-        uhi = std::max(uhi, d + x.a);
-        any(d + x.off, d + x.a);
-        break;
-      case Op::If:
-        any(d + x.a, d + x.b);
-        // Its body (folded groups) is fixed-offset cell arithmetic; anything that moves p
-        // or needs its own test there would make the ranges above wrong: give up.
-        for (std::uint32_t i = 1; i <= static_cast<std::uint32_t>(x.c); ++i) {
-          const Op o = prog_.code[k + i].op;
-          if (o != Op::Add && o != Op::Set && o != Op::MulAdd && o != Op::If) return false;
-        }
-        break;  // the walk goes on through the body: its own Ifs count too
-      case Op::Move: d += x.a; break;
-      case Op::Scan: return false;
-      case Op::LoopBegin: {
+  const std::size_t n = prog.loops.size();
+  f.balanced.assign(n, 0);
+  f.reach_ok.assign(n, 0);
+  f.reach.assign(n, Reach{});
+  for (std::size_t id = n; id-- > 0;) {
+    const Loop& L = prog.loops[id];
+    std::int64_t net = 0;
+    bool bal = true;
+    for (std::uint32_t k = L.begin + 1; k < L.end; ++k) {
+      const Ins& x = prog.code[k];
+      if (x.op == Op::Move) net += x.a;
+      else if (x.op == Op::Scan) bal = false;
+      else if (x.op == Op::LoopBegin) {
         const auto child = static_cast<std::uint32_t>(x.b);
-        Reach c;
-        if (!balanced(child) || !reach(child, c)) return false;
-        any(d + c.alo, d + c.ahi);
-        k = prog_.loops[child].end;
-        break;
+        if (!f.balanced[child]) bal = false;
+        k = prog.loops[child].end;
       }
-      default: break;
     }
-    if (d < -kFar || d > kFar || alo < -kFar || ahi > kFar) return false;
+    f.balanced[id] = bal && net == 0;
+
+    std::int64_t d = 0;
+    std::int64_t ulo = 0, uhi = 0, alo = 0, ahi = 0;
+    auto any = [&](std::int64_t lo, std::int64_t hi) {
+      alo = std::min(alo, lo);
+      ahi = std::max(ahi, hi);
+    };
+    bool ok = true;
+    for (std::uint32_t k = L.begin + 1; ok && k < L.end; ++k) {
+      const Ins& x = prog.code[k];
+      switch (x.op) {
+        case Op::Check:
+          ulo = std::min(ulo, d + x.off);
+          uhi = std::max(uhi, d + x.a);
+          any(d + x.off, d + x.a);
+          break;
+        case Op::If:
+          any(d + x.a, d + x.b);
+          // Its body (folded groups) is fixed-offset cell arithmetic; anything that moves
+          // p or needs its own test there would make the ranges above wrong: give up.
+          for (std::uint32_t i = 1; i <= static_cast<std::uint32_t>(x.c); ++i) {
+            const Op o = prog.code[k + i].op;
+            if (o != Op::Add && o != Op::Set && o != Op::MulAdd && o != Op::If) ok = false;
+          }
+          break;  // the walk goes on through the body: its own Ifs count too
+        case Op::Move: d += x.a; break;
+        case Op::Scan: ok = false; break;
+        case Op::LoopBegin: {
+          const auto child = static_cast<std::uint32_t>(x.b);
+          if (!f.balanced[child] || !f.reach_ok[child]) {
+            ok = false;
+            break;
+          }
+          const Reach& c = f.reach[child];
+          any(d + c.alo, d + c.ahi);
+          k = prog.loops[child].end;
+          break;
+        }
+        default: break;
+      }
+      if (d < -kFar || d > kFar || alo < -kFar || ahi > kFar) ok = false;
+    }
+    if (!ok) continue;
+    Reach& r = f.reach[id];
+    r.stride = d;
+    r.ulo = static_cast<std::int32_t>(ulo);
+    r.uhi = static_cast<std::int32_t>(uhi);
+    r.alo = static_cast<std::int32_t>(alo);
+    r.ahi = static_cast<std::int32_t>(ahi);
+    f.reach_ok[id] = 1;
   }
-  r.stride = d;
-  r.ulo = static_cast<std::int32_t>(ulo);
-  r.uhi = static_cast<std::int32_t>(uhi);
-  r.alo = static_cast<std::int32_t>(alo);
-  r.ahi = static_cast<std::int32_t>(ahi);
-  reach_[id] = r;
-  reach_ok_[id] = 1;
-  return true;
 }
 
 // Range checks out of the loop body. An iteration's own segment Checks are the only

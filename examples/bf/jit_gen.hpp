@@ -40,13 +40,32 @@ constexpr std::int32_t kExitPc = offsetof(Ctx, exit_pc);
 
 class JitImpl;  // jit.cpp
 
+// What one iteration of a loop touches, relative to p at the iteration's start.
+struct Reach {
+  std::int64_t stride = 0;     // net move per iteration
+  std::int32_t ulo = 0, uhi = 0;  // cells every iteration touches (its segments' Checks)
+  std::int32_t alo = 0, ahi = 0;  // cells any iteration may touch (Ifs, nested loops too)
+};
+
+// Per loop, computed once per program (analyze_loops, jit_analysis.cpp) and shared by
+// every unit: whether it leaves p where it found it, and its Reach when that is a
+// constant range. Bottom-up over the loop ids (an inner loop's id is larger than its
+// parent's), so no recursion over the nesting, and no per-unit pass over the program.
+struct LoopFacts {
+  std::vector<std::uint8_t> balanced;
+  std::vector<std::uint8_t> reach_ok;
+  std::vector<Reach> reach;
+};
+void analyze_loops(const Program& prog, LoopFacts& f);
+
 // ------------------------------------------------------------------------------------
 // Code generation for one unit.
 
 class Gen {
  public:
-  Gen(JitImpl& j, jitpatch::EmitContext& cx, const Program& prog, const std::vector<std::uint8_t>& inl, bool frame)
-      : J(j), cx_(cx), a(cx.a), prog_(prog), inl_(inl), frame_(frame) {}
+  Gen(JitImpl& j, jitpatch::EmitContext& cx, const Program& prog, const LoopFacts& facts,
+      const std::vector<std::uint8_t>& inl, bool frame)
+      : J(j), cx_(cx), a(cx.a), prog_(prog), facts_(facts), inl_(inl), frame_(frame) {}
   void unit(std::uint32_t root);
   std::vector<std::pair<std::uint32_t, std::string>> calls;  // (loop, site name)
   std::uint64_t inlined = 0;
@@ -65,6 +84,7 @@ class Gen {
   jitpatch::EmitContext& cx_;
   jitpatch::Assembler& a;
   const Program& prog_;
+  const LoopFacts& facts_;
   const std::vector<std::uint8_t>& inl_;
   bool frame_;
   std::vector<Deopt> deopts_;
@@ -76,19 +96,13 @@ class Gen {
   // where they found it (balanced), the loop's iterations: a Check it covers cannot fail
   // and is not emitted.
   std::int32_t known_lo_ = 0, known_hi_ = 0;
-  std::vector<std::int8_t> balanced_;  // per loop: -1 unknown, 0/1
-  bool balanced(std::uint32_t id);
-  // What one iteration of a loop touches, relative to p at the iteration's start.
-  struct Reach {
-    std::int64_t stride = 0;     // net move per iteration
-    std::int32_t ulo = 0, uhi = 0;  // cells every iteration touches (its segments' Checks)
-    std::int32_t alo = 0, ahi = 0;  // cells any iteration may touch (Ifs, nested loops too)
-  };
+  bool balanced(std::uint32_t id) const { return facts_.balanced[id] != 0; }
   // False when the iteration's reach is not a constant range (a Scan, an unbalanced
   // nested loop, offsets too large to be worth it).
-  bool reach(std::uint32_t id, Reach& r);
-  std::vector<std::int8_t> reach_ok_;  // per loop: -1 not computed yet, 0/1
-  std::vector<Reach> reach_;
+  bool reach(std::uint32_t id, Reach& r) const {
+    r = facts_.reach[id];
+    return facts_.reach_ok[id] != 0;
+  }
   // What hoist() decided for a loop: walk (-1 left, +1 right, 0 not a constant walk),
   // the near-side range each iteration tests, and for a split loop (emitted twice, see
   // loop()) the far-side offset tested at the head and at the checked copy's back edge.

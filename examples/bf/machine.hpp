@@ -73,10 +73,12 @@ class Machine {
   std::string error;
   Stats stats;
   int depth = 0;  // bridge nesting: 0 = no compiled frame below the interpreter
+  static constexpr int kMaxBridgeDepth = 64;  // see bridge()
 
  private:
   bool grow(std::size_t need_index, std::uint32_t src);
   bool exact_segment(std::uint32_t& pc, std::uint8_t*& p);
+  bool exact_loop(std::uint32_t s, std::uint32_t e, std::ptrdiff_t q, std::ptrdiff_t idx);
   bool scan_slow(const Ins& x, std::uint8_t*& p);
   void fail_left(std::uint32_t src);
   int call_compiled(void* code, std::uint32_t& pc, std::uint8_t*& p, const Ins& x, std::uint32_t stop);

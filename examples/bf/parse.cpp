@@ -8,7 +8,9 @@
 #include <map>
 #include <optional>
 #include <set>
+#include <string>
 #include <unordered_map>
+#include <vector>
 
 namespace bf {
 
@@ -90,6 +92,15 @@ using LOps = std::vector<LOp>;
 using Known = std::map<std::int32_t, int>;  // cell -> constant (mod 256)
 
 constexpr std::size_t kMaxFoldOps = 256;  // peeling copies bodies: keep folds small
+// A loop body longer than this (in LOps, inner folds included) is not folded: the
+// analysis below is superlinear in places, and a body this long does not fold below
+// kMaxFoldOps in any program but a contrived one. Also bounds the work per loop on
+// hostile input. Offsets past kMaxFoldReach are not folded either.
+constexpr std::size_t kMaxFoldBody = 4096;
+constexpr std::int32_t kMaxFoldReach = 1 << 20;
+// The LOp helpers below recurse into If bodies. That depth is bounded by a constant, not
+// by the input: every LOp tree comes from folds of at most kMaxFoldOps ops each (an If
+// nests only inside a fold's result), so it is at most kMaxFoldOps + 1 deep.
 
 std::size_t op_count(const LOps& v) {
   std::size_t n = 0;
@@ -175,6 +186,7 @@ void reads(const LOps& v, std::set<std::int32_t>& r) {
 // Dead stores: a write whose value a later unconditional Set overwrites before any read.
 // `dead`: cells whose value is dead after `v`; updated to before it.
 void dse(LOps& v, std::set<std::int32_t>& dead) {
+  std::vector<std::uint8_t> dropped(v.size(), 0);  // removed at the end: erasing one by one is quadratic
   for (std::size_t i = v.size(); i-- > 0;) {
     LOp& o = v[i];
     bool drop = false;
@@ -201,8 +213,15 @@ void dse(LOps& v, std::set<std::int32_t>& dead) {
         break;
       }
     }
-    if (drop) v.erase(v.begin() + static_cast<std::ptrdiff_t>(i));
+    dropped[i] = drop;
   }
+  std::size_t n = 0;
+  for (std::size_t i = 0; i < v.size(); ++i)
+    if (!dropped[i]) {
+      if (n != i) v[n] = std::move(v[i]);  // (a self-move would empty an If's body)
+      ++n;
+    }
+  v.resize(n);
 }
 
 LOps clean(const LOps& v, Known& k) {
@@ -255,8 +274,16 @@ std::optional<LOps> fold_direct(const LOps& body, int m) {
     }
   };
   scan(scan, body);
-  for (std::size_t i = 0; i < body.size(); ++i)
+  // Per cell: index of the last top-level If that writes it (one pass, not one per cell).
+  std::map<std::int32_t, std::ptrdiff_t> last_guarded;
+  for (std::size_t i = 0; i < body.size(); ++i) {
     if (body[i].k == LOp::Set) last_set[body[i].off] = static_cast<std::ptrdiff_t>(i);
+    if (body[i].k == LOp::If) {
+      std::set<std::int32_t> gw;
+      writes(body[i].body, gw);
+      for (std::int32_t c : gw) last_guarded[c] = static_cast<std::ptrdiff_t>(i);
+    }
+  }
   for (std::int32_t c : w) {
     if (c == 0) continue;
     if (!set_anywhere.count(c)) {
@@ -265,12 +292,8 @@ std::optional<LOps> fold_direct(const LOps& body, int m) {
     }
     auto it = last_set.find(c);
     if (it == last_set.end()) return std::nullopt;  // only Set under a guard
-    for (std::size_t i = static_cast<std::size_t>(it->second) + 1; i < body.size(); ++i) {
-      if (body[i].k != LOp::If) continue;
-      std::set<std::int32_t> gw;
-      writes(body[i].body, gw);
-      if (gw.count(c)) return std::nullopt;  // guarded write after the last Set
-    }
+    auto g = last_guarded.find(c);
+    if (g != last_guarded.end() && g->second > it->second) return std::nullopt;  // guarded write after the last Set
   }
   auto emit = [&](auto&& self, const LOps& v, bool top) -> LOps {
     LOps out;
@@ -329,25 +352,43 @@ std::optional<LOps> fold_body(const LOps& raw) {
 class Builder {
  public:
   Builder(const std::vector<Cmd>& cmds, const std::vector<std::int64_t>& match, bool fold,
-          std::vector<std::pair<std::uint32_t, std::uint32_t>>& folds)
+          std::vector<Program::FoldInfo>& folds)
       : cmds_(cmds), match_(match), fold_(fold), folds_(folds) {}
 
   std::vector<Ins> out;
 
-  // Emit the commands [i, j) as a block sequence; the pointer offset is flushed at the end.
+  // A loop's folded form (nothing when it does not fold), memoized in memo_.
+  struct Folded {
+    std::optional<LOps> ops;
+    std::int32_t lo = 0, hi = 0;  // cells the loop's commands touch (FoldInfo)
+  };
+
+  // Emit the commands [i, j) as a block sequence; the pointer offset is flushed at the end
+  // of every block (a loop body, or the program). Nested loops are entered with an
+  // explicit stack of their ']' indices, not by recursion: the nesting depth is the
+  // input's to choose (100,000 levels are a 600 KB file), the machine stack is not.
   void block(std::size_t i, std::size_t j) {
     std::int32_t d = 0;
     std::uint32_t move_src = 0;
+    std::vector<std::size_t> ends;  // the ']' of every open loop, innermost last
     for (std::size_t k = i; k < j; ++k) {
+      if (!ends.empty() && k == ends.back()) {
+        // The ']' of the innermost open loop: its body's moves are flushed inside it.
+        flush_move(d, move_src);
+        push({Op::LoopEnd, 0, 0, 0, 0, cmds_[k].src});
+        ends.pop_back();
+        continue;
+      }
       const Cmd cm = cmds_[k];
       switch (cm.c) {
         case '+':
         case '-': {
-          // Run-length folding: consecutive +/- become one Add.
+          // Run-length folding: consecutive +/- become one Add (the sum mod 256, so a run
+          // of any length is one op).
           int n = 0;
           std::size_t e = k;
           while (e < j && (cmds_[e].c == '+' || cmds_[e].c == '-')) {
-            n += cmds_[e].c == '+' ? 1 : -1;
+            n = (n + (cmds_[e].c == '+' ? 1 : 255)) & 255;
             ++e;
           }
           add(d, n, cm.src);
@@ -357,7 +398,7 @@ class Builder {
         case '>':
         case '<':
           if (d == 0) move_src = cm.src;
-          d += cm.c == '>' ? 1 : -1;
+          d += cm.c == '>' ? 1 : -1;  // |d| <= the source size < 2^31 (parse)
           break;
         case '.': push({Op::Out, d, 0, 0, 0, cm.src}); break;
         case ',': push({Op::In, d, 0, 0, 0, cm.src}); break;
@@ -368,17 +409,15 @@ class Builder {
             break;
           }
           if (fold_) {
-            if (const auto& f = fold_loop(k, e)) {
-              emit_fold(*f, d, k, e);
+            if (const Folded& f = fold_loop(k, e); f.ops) {
+              emit_fold(f, d, k, e);
               k = e;
               break;
             }
           }
           flush_move(d, move_src);
           push({Op::LoopBegin, 0, 0, 0, 0, cm.src});
-          block(k + 1, e);
-          push({Op::LoopEnd, 0, 0, 0, 0, cmds_[e].src});
-          k = e;
+          ends.push_back(e);  // the body follows; its ']' closes it above
           break;
         }
         default: break;
@@ -391,62 +430,113 @@ class Builder {
   void push(const Ins& in) { out.push_back(in); }
 
   // The folded form of the loop [k, e], memoized (an outer loop that does not fold asks
-  // again for its inner ones).
-  const std::optional<LOps>& fold_loop(std::size_t k, std::size_t e) {
+  // again for its inner ones). Inner loops fold first (bottom-up); a depth-first walk with
+  // an explicit stack of the loops being scanned, not recursion (the nesting depth is the
+  // input's). A loop whose body grows past kMaxFoldBody ops is not folded: the fold
+  // could not get below kMaxFoldOps anyway in any sensible program, and the analysis
+  // (fold_body) must stay cheap on hostile bodies.
+  const Folded& fold_loop(std::size_t k, std::size_t e) {
     if (auto it = memo_.find(k); it != memo_.end()) return it->second;
-    std::optional<LOps> r;
-    LOps body;
-    std::int32_t pos = 0;
-    bool ok = true;
-    for (std::size_t x = k + 1; ok && x < e; ++x) {
-      switch (cmds_[x].c) {
-        case '>': ++pos; break;
-        case '<': --pos; break;
-        case '+':
-        case '-': {
-          const int v = cmds_[x].c == '+' ? 1 : 255;
-          if (!body.empty() && body.back().k == LOp::Add && body.back().off == pos) body.back().v = (body.back().v + v) & 255;
-          else body.push_back({LOp::Add, pos, v, 0, {}});
+    struct Frame {
+      std::size_t k, e, x;  // the loop's '[' and ']', and the next command to scan
+      LOps body;
+      std::int32_t pos = 0;
+      bool ok = true;
+      std::int32_t lo = 0, hi = 0;
+    };
+    std::vector<Frame> stack;
+    stack.push_back({k, e, k + 1, {}, 0, true, 0, 0});
+    while (!stack.empty()) {
+      Frame& f = stack.back();
+      bool descend = false;
+      for (; f.ok && f.x < f.e; ++f.x) {
+        if (f.body.size() > kMaxFoldBody || f.pos < -kMaxFoldReach || f.pos > kMaxFoldReach) {
+          f.ok = false;
           break;
         }
-        case '[': {
-          const auto xe = static_cast<std::size_t>(match_[x]);
-          const std::optional<LOps>& in = fold_loop(x, xe);
-          if (!in) {
-            ok = false;
+        switch (cmds_[f.x].c) {
+          case '>': ++f.pos; break;
+          case '<': --f.pos; break;
+          case '+':
+          case '-': {
+            const int v = cmds_[f.x].c == '+' ? 1 : 255;
+            f.lo = std::min(f.lo, f.pos);
+            f.hi = std::max(f.hi, f.pos);
+            if (!f.body.empty() && f.body.back().k == LOp::Add && f.body.back().off == f.pos)
+              f.body.back().v = (f.body.back().v + v) & 255;
+            else
+              f.body.push_back({LOp::Add, f.pos, v, 0, {}});
             break;
           }
-          LOps s = *in;
-          shift(s, pos);
-          for (LOp& o : s) body.push_back(std::move(o));
-          x = xe;
-          break;
+          case '[': {
+            const auto xe = static_cast<std::size_t>(match_[f.x]);
+            auto it = memo_.find(f.x);
+            if (it == memo_.end()) {
+              descend = true;  // fold the inner loop first; this one resumes at f.x
+              break;
+            }
+            if (!it->second.ops) {
+              f.ok = false;
+              break;
+            }
+            f.lo = std::min(f.lo, f.pos + it->second.lo);
+            f.hi = std::max(f.hi, f.pos + it->second.hi);
+            if (f.lo < -kMaxFoldReach || f.hi > kMaxFoldReach) {
+              f.ok = false;
+              break;
+            }
+            LOps s = *it->second.ops;
+            shift(s, f.pos);
+            for (LOp& o : s) f.body.push_back(std::move(o));
+            f.x = xe;
+            break;
+          }
+          default: f.ok = false; break;  // I/O
         }
-        default: ok = false; break;  // I/O
+        if (descend || !f.ok) break;
       }
+      if (descend) {
+        const std::size_t x = f.x;  // f may move when the stack grows
+        stack.push_back({x, static_cast<std::size_t>(match_[x]), x + 1, {}, 0, true, 0, 0});
+        continue;
+      }
+      Folded r;
+      if (f.ok && f.pos == 0) r.ops = fold_body(f.body);
+      r.lo = f.lo;
+      r.hi = f.hi;
+      memo_[f.k] = std::move(r);
+      stack.pop_back();
     }
-    if (ok && pos == 0) r = fold_body(body);
-    return memo_[k] = std::move(r);
+    return memo_[k];
   }
 
+  // The LOp trees (If bodies) of folds, as IR: an explicit stack too. (Their depth is at
+  // most kMaxFoldOps, since every fold is that small, but nothing here needs recursion.)
   void emit_lops(const LOps& v, std::int32_t d, std::uint32_t src) {
-    for (const LOp& o : v) {
+    std::vector<std::pair<const LOps*, std::size_t>> todo{{&v, 0}};  // (list, next index)
+    while (!todo.empty()) {
+      auto& [list, i] = todo.back();
+      if (i == list->size()) {
+        todo.pop_back();
+        continue;
+      }
+      const LOp& o = (*list)[i++];
       switch (o.k) {
         case LOp::Add: push({Op::Add, d + o.off, o.v & 255, 0, 0, src}); break;
         case LOp::Set: push({Op::Set, d + o.off, o.v & 255, 0, 0, src}); break;
         case LOp::Mul: push({Op::MulAdd, d + o.off, o.v & 255, d + o.src, 0, src}); break;
         case LOp::If:
           push({Op::If, d + o.off, 0, 0, static_cast<std::int32_t>(op_count(o.body)), src});
-          emit_lops(o.body, d, src);
+          todo.push_back({&o.body, 0});  // its body follows it
           break;
       }
     }
   }
-  void emit_fold(const LOps& f, std::int32_t d, std::size_t k, std::size_t e) {
+  void emit_fold(const Folded& f, std::int32_t d, std::size_t k, std::size_t e) {
     const std::uint32_t src = cmds_[k].src;
-    push({Op::Fold, d, static_cast<std::int32_t>(op_count(f)), static_cast<std::int32_t>(folds_.size()), 0, src});
-    folds_.push_back({src, cmds_[e].src});
-    emit_lops(f, d, src);
+    push({Op::Fold, d, static_cast<std::int32_t>(op_count(*f.ops)), static_cast<std::int32_t>(folds_.size()), 0, src});
+    folds_.push_back({src, cmds_[e].src, f.lo, f.hi});
+    emit_lops(*f.ops, d, src);
     fence_ = out.size();  // the peepholes below must not reach into the folded ops
   }
   void flush_move(std::int32_t& d, std::uint32_t src) {
@@ -454,9 +544,12 @@ class Builder {
     d = 0;
   }
   // Add with peepholes: Set then Add on the same cell is one Set; Adds on one cell merge.
+  // A sum of 0 still accessed its cell (`>+-<`): the naive interpreter fails there when
+  // the cell is off the tape, so an Add of 0 stays as the access the segment's Check must
+  // cover. Only at offset 0, the segment's own cell (on the tape), is it dropped.
   void add(std::int32_t off, int n, std::uint32_t src) {
     n &= 255;
-    if (n == 0) return;
+    if (n == 0 && off == 0) return;
     if (out.size() > fence_ && out.back().off == off) {
       Ins& last = out.back();
       if (last.op == Op::Set) {
@@ -465,7 +558,7 @@ class Builder {
       }
       if (last.op == Op::Add) {
         last.a = (last.a + n) & 255;
-        if (last.a == 0) out.pop_back();
+        if (last.a == 0 && off == 0) out.pop_back();
         return;
       }
     }
@@ -481,22 +574,28 @@ class Builder {
   // [ ... ] over commands (k, e) containing only + - < >: clear, multiply or scan loops.
   bool simple_loop(std::size_t k, std::size_t e, std::int32_t& d) {
     std::vector<std::pair<std::int32_t, int>> deltas;  // offset -> delta, first-seen order
+    std::unordered_map<std::int32_t, std::size_t> at;  // offset -> index in deltas
+    // Every cell the body touches, also those whose net delta is 0 (`[-<+->]`): the naive
+    // interpreter accesses them, so the range test must too (else a loop that runs off
+    // the tape would be no error in the IR tiers).
+    std::int32_t tlo = INT32_MAX, thi = INT32_MIN;  // besides the counter cell (always on the tape)
     std::int32_t pos = 0;
     for (std::size_t x = k + 1; x < e; ++x) {
       const char c = cmds_[x].c;
       if (c == '>') ++pos;
       else if (c == '<') --pos;
       else if (c == '+' || c == '-') {
-        auto it = std::find_if(deltas.begin(), deltas.end(), [&](auto& pr) { return pr.first == pos; });
-        if (it == deltas.end()) deltas.push_back({pos, 0}), it = deltas.end() - 1;
-        it->second += c == '+' ? 1 : -1;
+        auto [it, fresh] = at.try_emplace(pos, deltas.size());
+        if (fresh) deltas.push_back({pos, 0});
+        int& v = deltas[it->second].second;
+        v = (v + (c == '+' ? 1 : 255)) & 255;
+        if (pos != 0) tlo = std::min(tlo, pos), thi = std::max(thi, pos);
       } else {
         return false;  // I/O or a nested loop
       }
     }
-    for (auto& pr : deltas) pr.second &= 255;
     deltas.erase(std::remove_if(deltas.begin(), deltas.end(), [](auto& pr) { return pr.second == 0; }), deltas.end());
-    const std::uint32_t src = cmds_[k].src;
+    const std::uint32_t src = cmds_[k].src, src_end = cmds_[e].src;
     if (pos == 0) {
       int d0 = -1;
       for (auto& pr : deltas)
@@ -505,11 +604,12 @@ class Builder {
       // the body runs v times (step -1) or 256-v times (step +1), i.e. -v times mod 256.
       if (d0 != 255 && d0 != 1) return false;
       const int sign = d0 == 255 ? 1 : -1;
-      if (deltas.size() > 1) {
-        std::int32_t lo = INT32_MAX, hi = INT32_MIN;
-        for (auto& pr : deltas)
-          if (pr.first != 0) lo = std::min(lo, d + pr.first), hi = std::max(hi, d + pr.first);
-        push({Op::If, d, lo, hi, static_cast<std::int32_t>(deltas.size() - 1), src});
+      if (tlo <= thi) {
+        // The range is what the first iteration touches; when it is off the tape, the
+        // interpreter runs the loop's own commands [src, src_end] for the exact error.
+        Ins in{Op::If, d, d + tlo, d + thi, static_cast<std::int32_t>(deltas.size() - 1), src};
+        in.src_end = src_end;
+        push(in);
       }
       for (auto& pr : deltas) {
         if (pr.first == 0) continue;
@@ -518,10 +618,15 @@ class Builder {
       set(d, 0, src);
       return true;
     }
-    if (deltas.empty()) {
+    if (deltas.empty() && tlo > thi) {
       std::uint32_t dummy = src;
       flush_move(d, dummy);
-      push({Op::Scan, 0, pos, 0, 0, src});
+      // A scan's accesses are its '[' (the cell it starts on, on the tape) and its ']'
+      // after each step: a step off the tape fails at the ']' (src_end), as in the naive
+      // interpreter.
+      Ins in{Op::Scan, 0, pos, 0, 0, src};
+      in.src_end = src_end;
+      push(in);
       return true;
     }
     return false;
@@ -530,8 +635,8 @@ class Builder {
   const std::vector<Cmd>& cmds_;
   const std::vector<std::int64_t>& match_;
   bool fold_;
-  std::vector<std::pair<std::uint32_t, std::uint32_t>>& folds_;
-  std::unordered_map<std::size_t, std::optional<LOps>> memo_;
+  std::vector<Program::FoldInfo>& folds_;
+  std::unordered_map<std::size_t, Folded> memo_;
   std::size_t fence_ = 0;
 };
 
@@ -540,7 +645,7 @@ bool is_boundary(Op op) { return op == Op::LoopBegin || op == Op::LoopEnd || op 
 // Insert a Check before every segment: a segment runs from a block start (or the op after
 // an I/O op) to the next boundary or I/O op inclusive. Splitting at I/O keeps the output
 // written before a tape error the same as the naive interpreter's.
-std::vector<Ins> insert_checks(const std::vector<Ins>& in) {
+std::vector<Ins> insert_checks(const std::vector<Ins>& in, const std::vector<Program::FoldInfo>& folds) {
   std::vector<Ins> out;
   out.reserve(in.size() * 3 / 2 + 1);
   std::size_t i = 0;
@@ -561,7 +666,12 @@ std::vector<Ins> insert_checks(const std::vector<Ins>& in) {
       const Ins& x = in[j];
       // A MulAdd's target is checked by its If (only when the loop runs); its source
       // is the If's cell. In a folded loop every cell named is covered (see LOp).
-      if (x.op == Op::Fold) fold_end = j + 1 + static_cast<std::size_t>(x.a);
+      if (x.op == Op::Fold) {
+        fold_end = j + 1 + static_cast<std::size_t>(x.a);
+        const Program::FoldInfo& f = folds[static_cast<std::size_t>(x.b)];
+        cover(x.off + f.lo);
+        cover(x.off + f.hi);
+      }
       if (x.op == Op::Move) cover(x.a);
       else if (x.op != Op::MulAdd) cover(x.off);
       else if (j < fold_end) cover(x.off), cover(x.b);
@@ -580,8 +690,18 @@ std::vector<Ins> insert_checks(const std::vector<Ins>& in) {
 
 }  // namespace
 
+constexpr std::size_t kMaxSource = std::size_t{1} << 31;
+
 ParseResult parse(std::string_view source, const OptimizeOptions& o) {
   ParseResult r;
+  // Source positions (Ins::src) are 32-bit, and so are IR offsets: a straight-line run of
+  // moves is at most the source long, so below 2^31 bytes no offset or sum of two can
+  // overflow. A larger file is refused before anything is copied.
+  if (source.size() >= kMaxSource) {
+    r.error = "program too large: " + std::to_string(source.size()) + " bytes (the limit is " +
+              std::to_string(kMaxSource - 1) + ")";
+    return r;
+  }
   r.program.source = std::string(source);
   std::vector<Cmd> cmds;
   for (std::size_t i = 0; i < source.size(); ++i) {
@@ -617,7 +737,7 @@ ParseResult parse(std::string_view source, const OptimizeOptions& o) {
   Builder b(cmds, match, o.fold, r.program.folds);
   b.block(0, cmds.size());
   b.out.push_back({Op::End, 0, 0, 0, 0, static_cast<std::uint32_t>(source.size())});
-  r.program.code = insert_checks(b.out);
+  r.program.code = insert_checks(b.out, r.program.folds);
 
   // Loop matching, ids and nesting on the final layout.
   std::vector<std::uint32_t> open;

@@ -217,6 +217,44 @@ bool Machine::grow(std::size_t need, std::uint32_t src) {
 
 void Machine::fail_left(std::uint32_t src) { error = "tape overflow at " + prog.where(src) + ": moved left of cell 0"; }
 
+// The loop [s, e] of the source (s its '[', e its ']') from cell q, command by command as
+// the naive interpreter runs it: the same accesses in the same order, so the same error
+// (or none) at the same command. For the slow paths only (a failed Check or range test).
+// The tape may grow; `idx` is the segment's pointer, which ctx.p holds meanwhile.
+bool Machine::exact_loop(std::uint32_t s, std::uint32_t e, std::ptrdiff_t q, std::ptrdiff_t idx) {
+  const std::string& text = prog.source;
+  std::vector<std::uint32_t> jump(e - s + 1, 0), open;
+  for (std::uint32_t i = s; i <= e; ++i) {
+    if (text[i] == '[') {
+      open.push_back(i);
+    } else if (text[i] == ']') {
+      jump[i - s] = open.back();
+      jump[open.back() - s] = i;
+      open.pop_back();
+    }
+  }
+  for (std::uint32_t i = s; i <= e; ++i) {
+    const char ch = text[i];
+    if (ch == '>') {
+      ++q;
+    } else if (ch == '<') {
+      --q;
+    } else if (ch == '+' || ch == '-' || ch == '[' || ch == ']') {
+      if (q < 0) {
+        fail_left(i);
+        return false;
+      }
+      ctx.p = ctx.begin + idx;
+      if (!grow(static_cast<std::size_t>(q), i)) return false;
+      std::uint8_t* c = ctx.begin + q;
+      if (ch == '+') ++*c;
+      else if (ch == '-') --*c;
+      else if ((ch == '[') == (*c == 0)) i = jump[i - s];
+    }
+  }
+  return true;
+}
+
 // A segment whose Check failed, op by op with exact Brainfuck semantics: only the cells
 // really accessed are checked (a multiply loop over a zero counter touches nothing).
 bool Machine::exact_segment(std::uint32_t& pc, std::uint8_t*& p) {
@@ -246,7 +284,13 @@ bool Machine::exact_segment(std::uint32_t& pc, std::uint8_t*& p) {
         break;
       case Op::If:
         if (!(c = access(idx + x.off, x.src))) return false;
-        if (*c == 0) k += static_cast<std::uint32_t>(x.c);
+        if (*c == 0) {
+          k += static_cast<std::uint32_t>(x.c);
+        } else if (x.src_end) {
+          // A multiply loop that runs: its own commands, for the exact access order.
+          if (!exact_loop(x.src, x.src_end, idx + x.off, idx)) return false;
+          k += static_cast<std::uint32_t>(x.c);
+        }
         break;
       case Op::MulAdd: {
         if (!(c = access(idx + x.b, x.src))) return false;
@@ -267,37 +311,15 @@ bool Machine::exact_segment(std::uint32_t& pc, std::uint8_t*& p) {
       case Op::Fold: {
         // The folded loop's own commands, as the naive interpreter runs them: the same
         // accesses in the same order, so the same error (or none) at the same place.
-        const auto [s, e] = prog.folds[static_cast<std::size_t>(x.b)];
-        const std::string& text = prog.source;
-        std::vector<std::uint32_t> jump(e - s + 1, 0), open;
-        for (std::uint32_t i = s; i <= e; ++i) {
-          if (text[i] == '[') {
-            open.push_back(i);
-          } else if (text[i] == ']') {
-            jump[i - s] = open.back();
-            jump[open.back() - s] = i;
-            open.pop_back();
-          }
-        }
-        std::ptrdiff_t q = idx + x.off;
-        for (std::uint32_t i = s; i <= e; ++i) {
-          const char ch = text[i];
-          if (ch == '>') ++q;
-          else if (ch == '<') --q;
-          else if (ch == '+' || ch == '-' || ch == '[' || ch == ']') {
-            if (!(c = access(q, i))) return false;
-            if (ch == '+') ++*c;
-            else if (ch == '-') --*c;
-            else if ((ch == '[') == (*c == 0)) i = jump[i - s];
-          }
-        }
+        const Program::FoldInfo& f = prog.folds[static_cast<std::size_t>(x.b)];
+        if (!exact_loop(f.begin, f.end, idx + x.off, idx)) return false;
         k += static_cast<std::uint32_t>(x.a);
         break;
       }
       case Op::Move:
         idx += x.a;
         // The boundary after the block reads the new cell (unless the program ends).
-        if (prog.code[stop].op != Op::End) {
+        if (k + 1 == stop && prog.code[stop].op != Op::End) {
           if (!access(idx, prog.code[stop].src)) return false;
         }
         break;
@@ -315,12 +337,14 @@ bool Machine::scan_slow(const Ins& x, std::uint8_t*& p) {
   for (;;) {
     if (ctx.begin[idx] == 0) break;
     idx += x.a;
+    // The access after a step is the loop's ']' (src_end): where the naive interpreter
+    // reports a scan that leaves the tape.
     if (idx < 0) {
-      fail_left(x.src);
+      fail_left(x.src_end);
       return false;
     }
     ctx.p = ctx.begin + (idx - x.a);
-    if (!grow(static_cast<std::size_t>(idx), x.src)) return false;
+    if (!grow(static_cast<std::size_t>(idx), x.src_end)) return false;
   }
   p = ctx.begin + idx;
   ctx.p = p;
@@ -348,12 +372,23 @@ int Machine::interp(std::uint32_t pc, std::uint32_t stop) {
           if (idx + x.a < 0 || idx + x.b >= ctx.end - ctx.begin) {
             // The loop runs, so it does touch its targets: grow, or fail like the naive one.
             ctx.p = p;
-            if (idx + x.a < 0) {
+            if (idx + x.a >= 0 && static_cast<std::size_t>(idx + x.b) < opt.tape_max) {
+              if (!grow(static_cast<std::size_t>(idx + x.b), x.src)) return kError;
+              p = ctx.p;
+            } else if (x.src_end) {
+              // Off the tape for good: run the loop's own commands, which fail at the
+              // exact command (and cell) the naive interpreter reports.
+              if (!exact_loop(x.src, x.src_end, idx + x.off, idx)) return kError;
+              p = ctx.p;  // not reached for a real loop (its first iteration fails)
+              pc += 1 + static_cast<std::uint32_t>(x.c);
+              break;
+            } else if (idx + x.a < 0) {
               fail_left(x.src);
               return kError;
+            } else {
+              if (!grow(static_cast<std::size_t>(idx + x.b), x.src)) return kError;
+              p = ctx.p;
             }
-            if (!grow(static_cast<std::size_t>(idx + x.b), x.src)) return kError;
-            p = ctx.p;
           }
         }
         ++pc;
@@ -496,7 +531,12 @@ int Machine::bridge(std::uint32_t loop) {
   }
   ++depth;
   const Loop& L = prog.loops[loop];
-  const int st = interp<Mode::automatic>(L.begin, L.end + 1);
+  // Each level of compiled code -> stub -> interpreter -> compiled code is a few machine
+  // stack frames, and a program nesting 100,000 loops, each its own unit, would chain
+  // 100,000 of them (--hot=1). Past kMaxBridgeDepth the loop runs in the plain
+  // interpreter, which nests loops without recursing: slower, never a stack overflow.
+  const int st = depth > kMaxBridgeDepth ? interp<Mode::plain>(L.begin, L.end + 1)
+                                         : interp<Mode::automatic>(L.begin, L.end + 1);
   --depth;
   return st;
 }
