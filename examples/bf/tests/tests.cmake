@@ -131,12 +131,31 @@ endif()
 # 'B'. many-loops: 200,000 loops that neither fold nor become multiply loops (200,000
 # units for --tier=jit; --hot=1 compiles each; quadratic in the JIT before: a per-unit
 # vector over every loop). 10^6 such loops run too, in about 20 s natively.
+#
+# Under the sanitizers the auto-hot1-sync variants of deep-fold and deep-loops nest 25,000
+# levels, not 100,000. With --hot=1 --sync-compile every loop is compiled on its first
+# entry and its parent recompiled once it is (at 100,000 levels: 199,999 units, 99,999
+# retired, ~200,000 patch batches; ~6 s natively), which takes ~30 s per run under ASan
+# on a busy 2-core machine (the cases took 60-110 s while run_case.cmake ran every
+# program twice); 25,000 levels take ~5 s. That is still deep enough to catch recursion
+# that grows with the nesting: the ASan build overflowed its stack at 2,000 levels of
+# deep-loops and deep-fold (every tier) before the front end and the JIT stopped
+# recursing per level. The other tiers nest 100,000 levels under the sanitizers too, and
+# every tier does in the other builds.
 set(_bf_gen ${CMAKE_CURRENT_BINARY_DIR}/generated)
 set(_bf_A "++++++++[>++++++++<-]>+.")
-string(REPEAT "[>+" 100000 _o)
-string(REPEAT "<-]" 100000 _c)
-file(WRITE ${_bf_gen}/deep_fold.b "+${_o}[-]${_c}${_bf_A}")
-file(WRITE ${_bf_gen}/deep_loops.b "+${_o}.[-]${_c}${_bf_A}")
+set(_bf_deep_sync 100000)
+if(JITPATCH_SANITIZE)
+  set(_bf_deep_sync 25000)
+endif()
+set(_bf_depths 100000 ${_bf_deep_sync})
+list(REMOVE_DUPLICATES _bf_depths)
+foreach(n IN LISTS _bf_depths)
+  string(REPEAT "[>+" ${n} _o)
+  string(REPEAT "<-]" ${n} _c)
+  file(WRITE ${_bf_gen}/deep_fold_${n}.b "+${_o}[-]${_c}${_bf_A}")
+  file(WRITE ${_bf_gen}/deep_loops_${n}.b "+${_o}.[-]${_c}${_bf_A}")
+endforeach()
 string(REPEAT "[" 100000 _o)
 string(REPEAT "]" 100000 _c)
 file(WRITE ${_bf_gen}/deep_empty.b "${_o}${_c}${_bf_A}")
@@ -150,11 +169,21 @@ file(WRITE ${_bf_gen}/B.out "B")
 unset(_o)
 unset(_c)
 bf_case(wide-mul ${_bf_gen}/wide_mul.b ${_bf_gen}/B.out TIMEOUT 600)
-foreach(p deep_fold deep_empty many_loops)
+foreach(p deep_empty many_loops)
   string(REPLACE "_" "-" _n ${p})
   bf_case(${_n} ${_bf_gen}/${p}.b ${_bf_gen}/A.out TIMEOUT 600)
 endforeach()
-bf_case(deep-loops ${_bf_gen}/deep_loops.b ${_bf_dir}/deep_loops.out TIMEOUT 600)
+set(_bf_tiers_but_sync ${_bf_tiers})
+list(REMOVE_ITEM _bf_tiers_but_sync auto-hot1-sync)
+foreach(p deep_fold deep_loops)
+  string(REPLACE "_" "-" _n ${p})
+  set(_exp ${_bf_gen}/A.out)
+  if(p STREQUAL "deep_loops")
+    set(_exp ${_bf_dir}/deep_loops.out)
+  endif()
+  bf_case(${_n} ${_bf_gen}/${p}_100000.b ${_exp} TIMEOUT 600 TIERS ${_bf_tiers_but_sync})
+  bf_case(${_n} ${_bf_gen}/${p}_${_bf_deep_sync}.b ${_exp} TIMEOUT 600 TIERS auto-hot1-sync)
+endforeach()
 
 bf_error(unmatched-open err_unmatched_open.b "unmatched '\\[' at line 2, column 3")
 bf_error(unmatched-close err_unmatched_close.b "unmatched '\\]' at line 1, column 2")
