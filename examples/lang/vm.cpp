@@ -358,8 +358,14 @@ extern "C" MethodTarget lang_callm(Thread* t, Value* fp, const Ins* ins) {
 }
 
 extern "C" Value lang_enter(Thread* t, Value* fp, Fn* f) {
-  const std::uint64_t n = f->calls.fetch_add(1, std::memory_order_relaxed) + 1;
   void* code = f->jit.load(std::memory_order_acquire);
+  // The count only decides when to compile: a load and a store, not a locked add (calls
+  // from other threads at the same moment may be lost, which only delays compiling).
+  std::uint64_t n = 0;
+  if (!code && t->jit && t->opt->tier == Tier::automatic) {
+    n = f->calls.load(std::memory_order_relaxed) + 1;
+    f->calls.store(n, std::memory_order_relaxed);
+  }
   if (!code && t->jit && t->opt->tier == Tier::automatic && n >= t->opt->hot &&
       !f->nojit.load(std::memory_order_relaxed)) {
     NativeScope native(t);
@@ -395,6 +401,46 @@ Value interpret(Thread* t, Fn* f, Value* fp) {
         break;
       case Op::DefG: t->h.globals[x.a] = s[x.depth - 1]; break;
       case Op::Pop: break;
+      // Tagged integers inline (the same arithmetic as compiled code); anything else, an
+      // overflow and every error are lang_exec's.
+      case Op::Add: case Op::Sub: case Op::Mul: case Op::Lt: case Op::Le: case Op::Gt: case Op::Ge: {
+        const Value a = s[x.depth - 2], b = s[x.depth - 1];
+        if (!(a & b & 1)) {
+          lang_exec(t, fp, &x);
+          break;
+        }
+        const std::int64_t ia = static_cast<std::int64_t>(a), ib = static_cast<std::int64_t>(b);
+        std::int64_t r = 0;
+        bool ok = true;
+        switch (x.op) {
+          case Op::Add: ok = !__builtin_add_overflow(ia - 1, ib, &r); break;  // 2x+1 - 1 + 2y+1
+          case Op::Sub: ok = !__builtin_sub_overflow(ia, ib, &r); r += 1; break;
+          case Op::Mul: ok = !__builtin_mul_overflow(ia >> 1, ib - 1, &r); r |= 1; break;
+          case Op::Lt: r = static_cast<std::int64_t>(from_int(ia < ib)); break;  // the tags keep the order
+          case Op::Le: r = static_cast<std::int64_t>(from_int(ia <= ib)); break;
+          case Op::Gt: r = static_cast<std::int64_t>(from_int(ia > ib)); break;
+          default: r = static_cast<std::int64_t>(from_int(ia >= ib)); break;
+        }
+        if (ok) s[x.depth - 2] = static_cast<Value>(r);
+        else lang_exec(t, fp, &x);  // the overflow error
+        break;
+      }
+      case Op::Eq: s[x.depth - 2] = from_int(s[x.depth - 2] == s[x.depth - 1]); break;
+      case Op::Ne: s[x.depth - 2] = from_int(s[x.depth - 2] != s[x.depth - 1]); break;
+      case Op::SetI: {
+        const Value a = s[x.depth - 3], i = s[x.depth - 2];
+        if (is_array(a) && is_int(i) && static_cast<std::uint64_t>(to_int(i)) < reinterpret_cast<Array*>(a)->length)
+          reinterpret_cast<Array*>(a)->elems()[to_int(i)] = s[x.depth - 1];
+        else
+          lang_exec(t, fp, &x);  // the error
+        break;
+      }
+      case Op::Len: {
+        const Value a = s[x.depth - 1];
+        if (is_array(a)) s[x.depth - 1] = from_int(static_cast<std::int64_t>(reinterpret_cast<Array*>(a)->length));
+        else lang_exec(t, fp, &x);
+        break;
+      }
       case Op::Dup: s[x.depth] = s[x.depth - 1]; break;
       case Op::Not: s[x.depth - 1] = from_int(s[x.depth - 1] <= from_int(0)); break;
       case Op::GetI: {
