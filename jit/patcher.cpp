@@ -229,7 +229,7 @@ void on_sigtrap(int sig, siginfo_t* si, void* ucv) {
   auto* pc = reinterpret_cast<std::byte*>(uc->uc_mcontext.pc);  // BRK: the PC is the BRK itself
 #endif
   bool ours = false;
-  if (in_trap_table(pc)) {
+  auto wait_out = [pc] {
     // A site of the batch in flight: wait until the batch is done (the site leaves the
     // table after the last serialization), then run the site again from its start.
     // The waiter count is a statistic (Patcher::trap_waiters()): relaxed.
@@ -240,10 +240,36 @@ void on_sigtrap(int sig, siginfo_t* si, void* ucv) {
     // before it runs user code again), so the thread resumes into the new code.
     while (in_trap_table(pc)) ::sched_yield();
     fetch_sub_relaxed(&g_trap_waiters, 1);
+  };
+  if (in_trap_table(pc)) {
+    wait_out();
     ours = true;
-  } else if (in_patched_heap(pc) && !is_trap_at(pc)) {
-    // The batch completed between this thread fetching the trap and the handler running.
-    ours = true;
+  } else if (in_patched_heap(pc)) {
+    // No table holds pc. Either the batch completed between this thread fetching the
+    // trap and the handler running (the byte is back: resume), or a later batch on the
+    // same site published its table and wrote its trap between the look above and the
+    // byte read below (look at the table again: it holds pc now), or the trap is not a
+    // batch's (a debugger's, or the trap fill of freed code): chain. Two looks are not
+    // one atomic snapshot, so a trap seen with no table is looked at a few more times
+    // before it is called foreign. (With one look, the breakpoint stress test once died
+    // of SIGTRAP under TSan, 2026-12-03: not reproduced in 70 reruns, and this window is
+    // the one way we found for it.)
+    for (int look = 0; look < 64 && !ours; ++look) {
+      if (!is_trap_at(pc)) {
+        ours = true;
+        break;
+      }
+      // PT4b. The trap byte read before the table load. Pairs with commit_breakpoint()'s
+      // smp_wmb() between publishing the table and writing the traps: a handler that
+      // reads a later batch's trap then sees that batch's table.
+      smp_rmb();
+      if (in_trap_table(pc)) {
+        wait_out();
+        ours = true;
+        break;
+      }
+      ::sched_yield();
+    }
   }
   if (ours) {
 #if defined(__x86_64__)

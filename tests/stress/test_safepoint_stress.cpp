@@ -270,10 +270,13 @@ TEST_CASE("safepoint stress: a stop's patched polls are disarmed before its thre
   REQUIRE((*sp)->set_poll_armer(&armer).ok());
   auto* fn = (*blob)->as<std::uint64_t(SafepointThread*, std::uint64_t*, std::uint64_t)>();
   Slot slot;
-  std::atomic<bool> quit{false};
+  std::atomic<bool> quit{false}, attached{false};
   std::thread m([&] {
+    // No Catch2 assertion on this thread (Catch2 is not thread-safe): the main thread
+    // checks `attached` after the join.
     auto att = (*sp)->attach_current_thread();
-    REQUIRE(att.ok());
+    if (!att.ok()) return;
+    attached = true;
     SafepointThread* self = att->thread();
     armer.mutator = self;
     self->enter_managed();
@@ -290,7 +293,11 @@ TEST_CASE("safepoint stress: a stop's patched polls are disarmed before its thre
     while (slot.calls.load() < n && std::chrono::steady_clock::now() < cap) std::this_thread::yield();
     return slot.calls.load() >= n;
   };
-  REQUIRE(wait_calls(1));
+  if (!wait_calls(1)) {
+    quit = true;
+    m.join();
+    FAIL("the mutator never ran its loop (attached: " << attached.load() << ")");
+  }
   const int stops = 6;
   int ok = 0, resumed = 0;
   for (int i = 0; i < stops; ++i) {
@@ -299,6 +306,7 @@ TEST_CASE("safepoint stress: a stop's patched polls are disarmed before its thre
   }
   quit = true;
   m.join();
+  CHECK(attached);
   CHECK(ok == stops);
   CHECK(resumed == stops);
   CHECK(armer.disarms == stops);

@@ -165,11 +165,12 @@ endif()
 foreach(p fib loops ic_poly props calls logic arrays methods gc_stress recompile)
   lang_case(${p})
 endforeach()
-# --gc-every=1 runs in these tiers (auto-hot3 adds nothing a collection could see).
+# --gc-every=1 runs in these tiers (auto and auto-hot3 add nothing a collection could see:
+# one-iteration programs barely reach --hot=100, and hot1 compiles everything).
 if(CMAKE_CROSSCOMPILING)
   set(_lang_gc_tiers jit auto-hot1)
 else()
-  set(_lang_gc_tiers interp jit auto auto-hot1)
+  set(_lang_gc_tiers interp jit auto-hot1)
 endif()
 # The Are-We-Fast-Yet ports (awfy/, one iteration each; bench/lang runs them longer):
 # every tier, and with a collection at every allocation.
@@ -187,7 +188,7 @@ lang_case(recompile TIERS jit auto-hot1 TAG retire EXTRA --gc-every=500|--stats
 if(CMAKE_CROSSCOMPILING)
   lang_gc_cases("jit;auto-hot1" "")
 else()
-  lang_gc_cases("interp;jit;auto;auto-hot1" "interp-threads4;jit-threads4;auto-hot1-threads4")
+  lang_gc_cases("interp;jit;auto-hot1" "interp-threads4;jit-threads4;auto-hot1-threads4")
   lang_gen(auto-hot1 TAG gc1 EXTRA --gc-every=1)
   lang_gen(auto-hot1-threads4 TAG gc50 EXTRA --gc-every=50)
 endif()
