@@ -76,7 +76,8 @@ void ic_miss(Thread* t, const Ins* ins, Shape* shape, int slot) {
     went_mega = mega;
   }
   // The site's behaviour changed for good: recompile its function without the inline
-  // cache there (the old code is retired; JitImpl::recompile).
+  // cache there (the old version is superseded, and retired once a collection finds no
+  // thread running it: JitImpl::recompile, find_dead_code).
   if (went_mega && t->jit && ins->fn->jit.load(std::memory_order_acquire)) {
     NativeScope native(t);
     t->jit->recompile(ins->fn);
