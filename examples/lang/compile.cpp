@@ -801,6 +801,7 @@ std::unique_ptr<Program> compile(const std::string& source, std::string* error) 
   for (auto& f : p->fns) {
     f->ref.nparams = f->nparams;
     f->ref.frame = f->frame();
+    fuse(*f);
   }
   return p;
 }

@@ -166,6 +166,25 @@ struct Ins {
   Fn* callee = nullptr;    // Call
 };
 
+// The interpreter's instructions (vm.cpp, fuse()): one entry per instruction of Fn::code.
+// An entry either repeats its instruction's op (kind < kOpKinds) or fuses the instruction
+// with the next few into one superinstruction: the loads and stores around an operation
+// become its operands, as a register VM's are, so `i = i + 1;` is one dispatch instead of
+// four. Executing the entry at pc does exactly what code[pc..pc+n) does, so a jump into
+// the middle of a fused group lands on an entry that is right on its own. Every fused
+// group starts with LoadL or Const: when its fast path does not apply (an operand that is
+// not an integer, an overflow, an inline-cache miss), the interpreter runs that first
+// instruction alone and goes on from pc+1, where the plain instructions report errors
+// and take slow paths as before. The JIT compiles Fn::code and never reads these.
+constexpr std::uint8_t kOpKinds = 64;
+struct IOp {
+  std::uint8_t kind = 0;  // an Op, or a fused kind (vm.cpp)
+  Op bop = Op::Add;       // the fused operation
+  std::int32_t a = 0, b = 0, c = 0;  // locals, a jump target or a cache index (per kind)
+  std::uint32_t d = 0;    // the operand stack depth at pc
+  std::uint64_t k = 0;    // a constant operand (a tagged value)
+};
+
 struct Fn {
   Fn() { ref.fn = this; }
   FnRef ref;  // the function as a value (its address)
@@ -174,6 +193,7 @@ struct Fn {
   std::uint32_t line = 0, col = 0;
   bool defined = false;
   std::vector<Ins> code;
+  std::vector<IOp> icode;  // the interpreter's view of code (IOp)
   // Tiering: calls through the interpreter entry, and the compiled code (ref.code).
   std::atomic<std::uint64_t> calls{0};
   std::atomic<void*>& jit = ref.code;
@@ -346,6 +366,7 @@ class NativeScope {
 };
 [[noreturn]] void fail(Thread* t, const Ins* ins, const std::string& msg);
 Value interpret(Thread* t, Fn* f, Value* fp);
+void fuse(Fn& f);  // builds f.icode from f.code
 void call_method(Thread* t, Value* fp, const Ins* ins);  // a whole CallM in the runtime
 
 // The object heap (gc.cpp): one heap for every mutator thread, allocation from

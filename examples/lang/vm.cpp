@@ -377,34 +377,193 @@ extern "C" Value lang_enter(Thread* t, Value* fp, Fn* f) {
   return interpret(t, f, fp);
 }
 
+namespace {
+
+// Fused kinds (IOp::kind >= kOpKinds). The name says where the operands come from (L a
+// local, K a constant, S the operand stack's top) and where the result goes (nothing:
+// pushed; ST: stored to local c, as a following StoreL does; JF: tested and popped, as a
+// following JmpF does, jumping to c when false).
+enum : std::uint8_t {
+  kLL = kOpKinds, kLK, kSL, kSK,   // LoadL a; LoadL b | Const k | -; op  (SL: LoadL b; op)
+  kLL_ST, kLK_ST, kSL_ST, kSK_ST,  // ... ; StoreL c
+  kLL_JF, kLK_JF, kSL_JF, kSK_JF,  // ... ; JmpF c
+  kL_GETP,                          // LoadL a; GetP (cache b)
+  kLL_SETP,                         // LoadL a; LoadL b; SetP (cache c)
+  kL_JF,                            // LoadL a; JmpF c
+  kL_RET,                           // LoadL a; Ret
+};
+
+// The operations a fused group can hold, and how many instructions each kind covers.
+bool fusable(Op op) {
+  switch (op) {
+    case Op::Add: case Op::Sub: case Op::Mul: case Op::Lt: case Op::Le: case Op::Gt: case Op::Ge:
+    case Op::Eq: case Op::Ne: return true;
+    default: return false;
+  }
+}
+bool is_compare(Op op) { return op >= Op::Lt && op <= Op::Ne; }
+
+// a op b for the fused kinds; false when the plain instructions must run instead (an
+// operand that is not an integer, or an overflow: they report the error). The arithmetic
+// is the plain interpreter's and the JIT's on tagged values (2n+1).
+inline bool binop(Op op, Value a, Value b, Value* r) {
+  if (op == Op::Eq) { *r = from_int(a == b); return true; }
+  if (op == Op::Ne) { *r = from_int(a != b); return true; }
+  if (!(a & b & 1)) return false;
+  const std::int64_t ia = static_cast<std::int64_t>(a), ib = static_cast<std::int64_t>(b);
+  std::int64_t x = 0;
+  switch (op) {
+    case Op::Add: if (__builtin_add_overflow(ia - 1, ib, &x)) return false; break;  // 2x+1 - 1 + 2y+1
+    case Op::Sub: if (__builtin_sub_overflow(ia, ib, &x)) return false; x += 1; break;
+    case Op::Mul: if (__builtin_mul_overflow(ia >> 1, ib - 1, &x)) return false; x |= 1; break;
+    case Op::Lt: x = static_cast<std::int64_t>(from_int(ia < ib)); break;  // the tags keep the order
+    case Op::Le: x = static_cast<std::int64_t>(from_int(ia <= ib)); break;
+    case Op::Gt: x = static_cast<std::int64_t>(from_int(ia > ib)); break;
+    default: x = static_cast<std::int64_t>(from_int(ia >= ib)); break;
+  }
+  *r = static_cast<Value>(x);
+  return true;
+}
+
+inline bool falsy(Value v) { return v <= from_int(0); }  // nil (0) or the integer 0 (1)
+
+}  // namespace
+
+void fuse(Fn& f) {
+  const std::vector<Ins>& c = f.code;
+  f.icode.assign(c.size(), IOp{});
+  auto op = [&](std::size_t i) { return i < c.size() ? c[i].op : Op::Err; };
+  for (std::size_t i = 0; i < c.size(); ++i) {
+    IOp& io = f.icode[i];
+    io.kind = static_cast<std::uint8_t>(c[i].op);
+    io.d = c[i].depth;
+    io.a = c[i].a;
+    io.k = static_cast<std::uint64_t>(c[i].k);
+    // The operation's position, its sources and the kind with a pushed result.
+    std::size_t o = 0;
+    std::uint8_t base = 0;
+    if (op(i) == Op::LoadL && op(i + 1) == Op::LoadL && fusable(op(i + 2))) {
+      o = i + 2; base = kLL; io.b = c[i + 1].a;
+    } else if (op(i) == Op::LoadL && op(i + 1) == Op::Const && fusable(op(i + 2))) {
+      o = i + 2; base = kLK; io.k = static_cast<std::uint64_t>(c[i + 1].k);
+    } else if (op(i) == Op::LoadL && fusable(op(i + 1))) {
+      o = i + 1; base = kSL; io.b = c[i].a;
+    } else if (op(i) == Op::Const && fusable(op(i + 1))) {
+      o = i + 1; base = kSK;
+    }
+    if (o) {
+      io.bop = c[o].op;
+      if (op(o + 1) == Op::StoreL) {
+        io.kind = static_cast<std::uint8_t>(base + (kLL_ST - kLL));
+        io.c = c[o + 1].a;
+      } else if (op(o + 1) == Op::JmpF && is_compare(c[o].op)) {
+        io.kind = static_cast<std::uint8_t>(base + (kLL_JF - kLL));
+        io.c = c[o + 1].a;
+      } else {
+        io.kind = base;
+      }
+      continue;
+    }
+    if (op(i) == Op::LoadL && op(i + 1) == Op::GetP) {
+      io.kind = kL_GETP; io.b = c[i + 1].b;
+    } else if (op(i) == Op::LoadL && op(i + 1) == Op::LoadL && op(i + 2) == Op::SetP) {
+      io.kind = kLL_SETP; io.b = c[i + 1].a; io.c = c[i + 2].b;
+    } else if (op(i) == Op::LoadL && op(i + 1) == Op::JmpF) {
+      io.kind = kL_JF; io.c = c[i + 1].a;
+    } else if (op(i) == Op::LoadL && op(i + 1) == Op::Ret) {
+      io.kind = kL_RET;
+    }
+  }
+}
+
 Value interpret(Thread* t, Fn* f, Value* fp) {
   // This depth runs no compiled code (see ThreadHot::active), then the entry poll.
   t->h.active[t->h.depth].store(0, std::memory_order_relaxed);
   t->h.spt->poll();
   const Ins* code = f->code.data();
+  const IOp* icode = f->icode.data();
   Value* s = fp + f->nlocals;  // operand stack; s[ins.depth - 1] is the top
   IcSite* ics = t->prog->ics.get();
+#define K(o) static_cast<std::uint8_t>(Op::o)
   for (std::size_t pc = 0;;) {
+    const IOp& io = icode[pc];
     const Ins& x = code[pc];
-    switch (x.op) {
-      case Op::Const: s[x.depth] = static_cast<Value>(x.k); break;
-      case Op::LoadL: s[x.depth] = fp[x.a]; break;
-      case Op::StoreL: fp[x.a] = s[x.depth - 1]; break;
-      case Op::LoadG: {
+    Value rv = 0;
+    switch (io.kind) {
+      // Fused groups (see IOp). Each falls back to `first` when its fast path fails.
+      case kLL: if (!binop(io.bop, fp[io.a], fp[io.b], &rv)) goto first; s[io.d] = rv; pc += 3; continue;
+      case kLK: if (!binop(io.bop, fp[io.a], io.k, &rv)) goto first; s[io.d] = rv; pc += 3; continue;
+      case kSL: if (!binop(io.bop, s[io.d - 1], fp[io.b], &rv)) goto first; s[io.d - 1] = rv; pc += 2; continue;
+      case kSK: if (!binop(io.bop, s[io.d - 1], io.k, &rv)) goto first; s[io.d - 1] = rv; pc += 2; continue;
+      case kLL_ST: if (!binop(io.bop, fp[io.a], fp[io.b], &rv)) goto first; fp[io.c] = rv; pc += 4; continue;
+      case kLK_ST: if (!binop(io.bop, fp[io.a], io.k, &rv)) goto first; fp[io.c] = rv; pc += 4; continue;
+      case kSL_ST: if (!binop(io.bop, s[io.d - 1], fp[io.b], &rv)) goto first; fp[io.c] = rv; pc += 3; continue;
+      case kSK_ST: if (!binop(io.bop, s[io.d - 1], io.k, &rv)) goto first; fp[io.c] = rv; pc += 3; continue;
+      case kLL_JF:
+        if (!binop(io.bop, fp[io.a], fp[io.b], &rv)) goto first;
+        pc = falsy(rv) ? static_cast<std::size_t>(io.c) : pc + 4;
+        continue;
+      case kLK_JF:
+        if (!binop(io.bop, fp[io.a], io.k, &rv)) goto first;
+        pc = falsy(rv) ? static_cast<std::size_t>(io.c) : pc + 4;
+        continue;
+      case kSL_JF:
+        if (!binop(io.bop, s[io.d - 1], fp[io.b], &rv)) goto first;
+        pc = falsy(rv) ? static_cast<std::size_t>(io.c) : pc + 3;
+        continue;
+      case kSK_JF:
+        if (!binop(io.bop, s[io.d - 1], io.k, &rv)) goto first;
+        pc = falsy(rv) ? static_cast<std::size_t>(io.c) : pc + 3;
+        continue;
+      case kL_JF: pc = falsy(fp[io.a]) ? static_cast<std::size_t>(io.c) : pc + 2; continue;
+      case kL_RET: return fp[io.a];
+      case kL_GETP: {
+        const Value v = fp[io.a];
+        IcSite& ic = ics[io.b];
+        if (!is_ref(v) || ic.mega.load(std::memory_order_relaxed)) goto first;
+        const std::uint64_t key = ic.key.load(std::memory_order_relaxed);
+        const Object* o = reinterpret_cast<const Object*>(v);
+        if (key >> 32 != o->shape_id) goto first;
+        ++t->h.ic_hits;
+        s[io.d] = o->slots[key & 0xffffffffu];
+        pc += 2;
+        continue;
+      }
+      case kLL_SETP: {
+        const Value ov = fp[io.a];
+        IcSite& ic = ics[io.c];
+        if (!is_ref(ov) || ic.mega.load(std::memory_order_relaxed)) goto first;
+        const std::uint64_t key = ic.key.load(std::memory_order_relaxed);
+        Object* o = reinterpret_cast<Object*>(ov);
+        if (key >> 32 != o->shape_id) goto first;
+        ++t->h.ic_hits;
+        o->slots[key & 0xffffffffu] = fp[io.b];
+        pc += 3;
+        continue;
+      }
+      first:
+        // The group's first instruction alone (LoadL or Const); pc+1 goes on plainly.
+        s[io.d] = x.op == Op::LoadL ? fp[io.a] : static_cast<Value>(x.k);
+        ++pc;
+        continue;
+      case K(Const): s[x.depth] = static_cast<Value>(x.k); break;
+      case K(LoadL): s[x.depth] = fp[x.a]; break;
+      case K(StoreL): fp[x.a] = s[x.depth - 1]; break;
+      case K(LoadG): {
         const Value v = t->h.globals[x.a];
         if (v == kUndef) lang_exec(t, fp, &x);
         s[x.depth] = v;
         break;
       }
-      case Op::StoreG:
+      case K(StoreG):
         if (t->h.globals[x.a] == kUndef) lang_exec(t, fp, &x);
         t->h.globals[x.a] = s[x.depth - 1];
         break;
-      case Op::DefG: t->h.globals[x.a] = s[x.depth - 1]; break;
-      case Op::Pop: break;
+      case K(DefG): t->h.globals[x.a] = s[x.depth - 1]; break;
+      case K(Pop): break;
       // Tagged integers inline (the same arithmetic as compiled code); anything else, an
       // overflow and every error are lang_exec's.
-      case Op::Add: case Op::Sub: case Op::Mul: case Op::Lt: case Op::Le: case Op::Gt: case Op::Ge: {
+      case K(Add): case K(Sub): case K(Mul): case K(Lt): case K(Le): case K(Gt): case K(Ge): {
         const Value a = s[x.depth - 2], b = s[x.depth - 1];
         if (!(a & b & 1)) {
           lang_exec(t, fp, &x);
@@ -426,9 +585,9 @@ Value interpret(Thread* t, Fn* f, Value* fp) {
         else lang_exec(t, fp, &x);  // the overflow error
         break;
       }
-      case Op::Eq: s[x.depth - 2] = from_int(s[x.depth - 2] == s[x.depth - 1]); break;
-      case Op::Ne: s[x.depth - 2] = from_int(s[x.depth - 2] != s[x.depth - 1]); break;
-      case Op::SetI: {
+      case K(Eq): s[x.depth - 2] = from_int(s[x.depth - 2] == s[x.depth - 1]); break;
+      case K(Ne): s[x.depth - 2] = from_int(s[x.depth - 2] != s[x.depth - 1]); break;
+      case K(SetI): {
         const Value a = s[x.depth - 3], i = s[x.depth - 2];
         if (is_array(a) && is_int(i) && static_cast<std::uint64_t>(to_int(i)) < reinterpret_cast<Array*>(a)->length)
           reinterpret_cast<Array*>(a)->elems()[to_int(i)] = s[x.depth - 1];
@@ -436,15 +595,15 @@ Value interpret(Thread* t, Fn* f, Value* fp) {
           lang_exec(t, fp, &x);  // the error
         break;
       }
-      case Op::Len: {
+      case K(Len): {
         const Value a = s[x.depth - 1];
         if (is_array(a)) s[x.depth - 1] = from_int(static_cast<std::int64_t>(reinterpret_cast<Array*>(a)->length));
         else lang_exec(t, fp, &x);
         break;
       }
-      case Op::Dup: s[x.depth] = s[x.depth - 1]; break;
-      case Op::Not: s[x.depth - 1] = from_int(s[x.depth - 1] <= from_int(0)); break;
-      case Op::GetI: {
+      case K(Dup): s[x.depth] = s[x.depth - 1]; break;
+      case K(Not): s[x.depth - 1] = from_int(s[x.depth - 1] <= from_int(0)); break;
+      case K(GetI): {
         const Value a = s[x.depth - 2], i = s[x.depth - 1];
         if (is_array(a) && is_int(i) && static_cast<std::uint64_t>(to_int(i)) < reinterpret_cast<Array*>(a)->length)
           s[x.depth - 2] = reinterpret_cast<Array*>(a)->elems()[to_int(i)];
@@ -452,18 +611,18 @@ Value interpret(Thread* t, Fn* f, Value* fp) {
           lang_exec(t, fp, &x);  // the error
         break;
       }
-      case Op::CallM: call_method(t, fp, &x); break;
-      case Op::Jmp:
+      case K(CallM): call_method(t, fp, &x); break;
+      case K(Jmp):
         if (static_cast<std::size_t>(x.a) <= pc) t->h.spt->poll();  // a loop's back-edge
         pc = static_cast<std::size_t>(x.a);
         continue;
-      case Op::JmpF:
+      case K(JmpF):
         if (s[x.depth - 1] <= from_int(0)) {  // nil (0) or the integer 0 (1)
           pc = static_cast<std::size_t>(x.a);
           continue;
         }
         break;
-      case Op::Call: {
+      case K(Call): {
         lang_precall(t, fp, &x);
         Value* nfp = s + x.depth - x.a;
         Fn* c = x.callee;
@@ -473,8 +632,8 @@ Value interpret(Thread* t, Fn* f, Value* fp) {
         *nfp = r;
         break;
       }
-      case Op::Ret: return s[x.depth - 1];
-      case Op::GetP: {
+      case K(Ret): return s[x.depth - 1];
+      case K(GetP): {
         Value& v = s[x.depth - 1];
         IcSite& ic = ics[x.b];
         if (is_ref(v) && !ic.mega.load(std::memory_order_relaxed)) {
@@ -489,7 +648,7 @@ Value interpret(Thread* t, Fn* f, Value* fp) {
         lang_getp(t, fp, &x);
         break;
       }
-      case Op::SetP: {
+      case K(SetP): {
         const Value ov = s[x.depth - 2];
         IcSite& ic = ics[x.b];
         if (is_ref(ov) && !ic.mega.load(std::memory_order_relaxed)) {
@@ -508,6 +667,7 @@ Value interpret(Thread* t, Fn* f, Value* fp) {
     }
     ++pc;
   }
+#undef K
 }
 
 namespace {

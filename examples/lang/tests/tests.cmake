@@ -162,7 +162,7 @@ endif()
 
 # logic, arrays, methods: the language of slice 1 (true/false, ! && ||, arrays, object
 # literals, methods through inline caches), expected outputs from make_expected.py.
-foreach(p fib loops ic_poly props calls logic arrays methods gc_stress recompile)
+foreach(p fib loops ic_poly props calls logic arrays methods gc_stress recompile fused)
   lang_case(${p})
 endforeach()
 # --gc-every=1 runs in these tiers (auto and auto-hot3 add nothing a collection could see:
@@ -229,6 +229,10 @@ lang_error(overflow_mul "^jitpatch-lang: error: integer overflow at line 1, colu
 lang_error(overflow_div "^jitpatch-lang: error: integer overflow at line 1, column 37\n$")
 lang_error(compare_obj "^jitpatch-lang: error: operand of '<' is an object, not an integer at line 2, column 9\n$")
 lang_error(add_nil "^jitpatch-lang: error: operand of '\\+' is nil, not an integer at line 1, column 20\n$")
+# The interpreter's fused groups (a compare feeding a branch; a product stored to a local)
+# fall back to the plain instructions, which report the same position as the JIT.
+lang_error(fused_compare "^jitpatch-lang: error: operand of '<' is nil, not an integer at line 1, column 23\n$")
+lang_error(fused_store_overflow "^jitpatch-lang: error: integer overflow at line 1, column 28\n$")
 lang_error(syntax_let "^jitpatch-lang: error: expected a variable name but found '=' at line 1, column 5\n$")
 lang_error(syntax_eof "^jitpatch-lang: error: expected '\\)' but found end of input at line 2, column 1\n$")
 lang_error(syntax_nested_fn "^jitpatch-lang: error: functions must be declared at the top level at line 1, column 10\n$")
