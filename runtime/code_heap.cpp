@@ -5,6 +5,7 @@
 #include <jitpatch/runtime.hpp>
 #include <jitpatch/visibility.hpp>
 
+#include <pthread.h>
 #include <sys/mman.h>
 #include <unistd.h>
 
@@ -170,7 +171,36 @@ struct CodeHeap::Impl {
   // destroyed", which it needs anyway.
   std::size_t open_writers = 0;
 
-  ~Impl() {
+  // fork(): a dual mapping is MAP_SHARED (shared anonymous memory or a memfd), so after
+  // fork() the child's heap and the parent's are the same pages. A write from either
+  // side would change the code the other runs without its serialize_cores() and without
+  // its patch tables (a trap byte the other process's SIGTRAP handler has no entry for).
+  // In the child (heaps_after_fork_child) every dual-mapped heap is therefore marked
+  // shared and refuses every write; the child can still run the code and destroy the
+  // heap. A protection-flip heap is private memory, copied on write: the child's is its
+  // own. Marked accesses: set in the single-threaded child, read by later writers.
+  bool shared_after_fork = false;
+  // Every live dual-mapped heap, for the fork handlers (pthread_atfork(3), registered
+  // once). fork_mu is taken only by list_for_fork(), ~Impl() and the handlers, never
+  // with another lock held, so prepare cannot deadlock against them.
+  static inline constinit std::mutex fork_mu;
+  static inline constinit Impl* fork_list = nullptr;  // under fork_mu
+  static inline constinit bool fork_atfork = false;   // under fork_mu
+  Impl* fork_prev = nullptr;  // under fork_mu
+  Impl* fork_next = nullptr;
+  bool fork_listed = false;
+  static void fork_prepare() noexcept;
+  static void fork_parent() noexcept;
+  static void fork_child() noexcept;
+  Status list_for_fork();
+
+  ~Impl();
+
+  static constexpr const char* kSharedAfterFork =
+      "this dual-mapped code heap is shared with the parent process after fork(): the child "
+      "cannot write to it (create a new CodeHeap in the child)";
+
+  void unmap() {
     if (rx) ::munmap(rx, capacity);
     if (rw) ::munmap(rw, capacity);
     if (fd >= 0) ::close(fd);
@@ -184,6 +214,7 @@ struct CodeHeap::Impl {
   void fill_traps(std::size_t off, std::size_t size) {
     std::byte* const code = rx + off;
     if (strategy == HeapStrategy::dual_mapping) {
+      if (read_once(shared_after_fork)) return;  // the parent's pages (see shared_after_fork)
       write_traps(rw + off, size);
     } else {
       const auto ps = page_size();
@@ -264,6 +295,39 @@ void* alias_hint(void* x, std::size_t size) {
 }
 
 }  // namespace
+
+CodeHeap::Impl::~Impl() {
+  if (fork_listed) {
+    std::lock_guard<std::mutex> g(fork_mu);
+    if (fork_prev) fork_prev->fork_next = fork_next;
+    else fork_list = fork_next;
+    if (fork_next) fork_next->fork_prev = fork_prev;
+  }
+  unmap();
+}
+
+void CodeHeap::Impl::fork_prepare() noexcept { fork_mu.lock(); }
+void CodeHeap::Impl::fork_parent() noexcept { fork_mu.unlock(); }
+// The child side (see shared_after_fork). The child is single-threaded here, and
+// fork_prepare() took fork_mu, so the list is whole.
+void CodeHeap::Impl::fork_child() noexcept {
+  for (Impl* h = fork_list; h; h = h->fork_next) write_once(h->shared_after_fork, true);
+  fork_mu.unlock();
+}
+
+Status CodeHeap::Impl::list_for_fork() {
+  std::lock_guard<std::mutex> g(fork_mu);
+  if (!fork_atfork) {
+    if (int e = ::pthread_atfork(fork_prepare, fork_parent, fork_child); e != 0)
+      return Status(Errc::out_of_memory, e, "pthread_atfork for the code heap");
+    fork_atfork = true;
+  }
+  fork_next = fork_list;
+  if (fork_list) fork_list->fork_prev = this;
+  fork_list = this;
+  fork_listed = true;
+  return {};
+}
 
 Status CodeHeap::Impl::reserve_dual(std::size_t size) {
   if (Status st = reserve_dual_anonymous(size); st) return st;
@@ -382,6 +446,9 @@ Result<std::unique_ptr<CodeHeap>> CodeHeap::create(Runtime& rt, const CodeHeapOp
     default: return Status(Errc::invalid_argument, 0, "no such code heap strategy");
   }
   if (!st) return st;
+  if (impl->strategy == HeapStrategy::dual_mapping) {
+    if (Status ls = impl->list_for_fork(); !ls) return ls;
+  }
   {
     const std::size_t granules = size / kGranule;
     impl->bitmap_bytes = round_up((granules + 63) / 64 * 8, page_size());
@@ -608,8 +675,9 @@ Result<CodeRange> CodeHeap::allocate_writer(std::size_t size, std::size_t alignm
 
 Result<CodeWriter> CodeHeap::open_writer(std::byte* b, std::size_t size) noexcept {
   Impl& h = *impl_;
+  if (h.strategy == HeapStrategy::dual_mapping && read_once(h.shared_after_fork))
+    return Status(Errc::unsupported, 0, Impl::kSharedAfterFork);
   CodeWriter w;
-  w.heap_ = this;
   w.rx_ = b;
   w.size_ = size;
   if (h.strategy == HeapStrategy::dual_mapping) {
@@ -627,6 +695,9 @@ Result<CodeWriter> CodeHeap::open_writer(std::byte* b, std::size_t size) noexcep
     }
     w.data_ = b;
   }
+  // Only now does `w` own an open write: an error return above must not run its
+  // finish() (which would count a writer that was never counted, and flip pages back).
+  w.heap_ = this;
   fetch_add_relaxed(&h.open_writers, std::size_t{1});  // a count (see open_writers)
   return w;
 }
@@ -699,6 +770,7 @@ Status CodeHeap::store_code_word_checked_by_caller(std::byte* b, std::uint64_t v
   std::byte* dst = b;
   std::byte* page = nullptr;
   if (h.strategy == HeapStrategy::dual_mapping) {
+    if (read_once(h.shared_after_fork)) return Status(Errc::unsupported, 0, Impl::kSharedAfterFork);
     dst = h.rw + (b - h.rx);
   } else {
     h.flip_mu.lock();

@@ -5,6 +5,7 @@
 #include <jitpatch/rseq.hpp>
 #include <jitpatch/runtime.hpp>
 
+#include <pthread.h>
 #include <sys/mman.h>
 #include <sys/utsname.h>
 #include <unistd.h>
@@ -106,9 +107,12 @@ thread_local ThreadRecord* t_record __attribute__((tls_model("initial-exec"))) =
 void on_signal(int sig, siginfo_t* si, void* uc) {
   const int saved_errno = errno;
   // g_pid is written before sigaction() installs this handler; no ordering needed.
+  // After fork() the child's atfork handler stores its own pid in g_pid (on_fork_child);
+  // a child made without the atfork handlers (a raw clone()) is still recognized by
+  // getpid(), which is async-signal-safe and only asked when g_pid does not match.
   const bool ours = si != nullptr && si->si_code == SI_QUEUE &&
                     si->si_value.sival_int == kSignalMagic &&
-                    si->si_pid == read_once(g_pid);
+                    (si->si_pid == read_once(g_pid) || si->si_pid == ::getpid());
   ThreadRecord* rec = read_once(t_record);
   if (!ours) {
     detail::chain_signal(g_prev_action, sig, si, uc);
@@ -497,6 +501,66 @@ Status Runtime::Impl::run_current(Operation op, int cpu) {
 
 Runtime::Runtime(std::unique_ptr<Impl> impl) noexcept : impl_(std::move(impl)) {}
 
+// fork(): the child has one thread, the one that called fork(), and a copy of everything
+// else (docs/runtime.md, "fork"). pthread_atfork(3) runs these around it:
+//   - prepare (parent, before the fork): take the broadcast and registry locks, in their
+//     lock order, so that no other thread is halfway through a broadcast or an attach
+//     when the address space is copied; the child would inherit a held lock whose owner
+//     does not exist there.
+//   - parent (after): release them.
+//   - child (after, single-threaded): make the registry describe the child. Every other
+//     thread's record names a thread that does not exist here: a broadcast would signal
+//     its tid (which belongs to no thread of this process, or, reused, to an unrelated
+//     one) and wait for an ack that never comes. Those records go to the pool. The
+//     calling thread keeps its record (its attachment stays valid) with its new tid,
+//     which the kernel gives the child's only thread (gettid() == getpid()). g_pid takes
+//     the child's pid, so the handler recognizes the child's own broadcasts (they carry
+//     si_pid = the child's pid). The mprotect page is locked again: mlock(2) says memory
+//     locks are not inherited by a child created via fork().
+// membarrier registrations need nothing: the kernel copies the mm's membarrier state
+// with the rest of the mm at fork (dup_mm) and clears it only at execve
+// (membarrier_exec_mmap, kernel/sched/membarrier.c); tests/unit/test_fork.cpp checks it.
+namespace detail {
+void runtime_after_fork_child(Runtime* rt) noexcept;
+}
+namespace {
+void on_fork_prepare() noexcept {
+  g_broadcast_mu.lock();
+  g_registry_mu.lock();
+}
+void on_fork_parent() noexcept {
+  g_registry_mu.unlock();
+  g_broadcast_mu.unlock();
+}
+void on_fork_child() noexcept {
+  // One thread: plain accesses would do, but the handler's reads are marked, so its
+  // variables stay marked here too.
+  write_once(g_pid, ::getpid());
+  ThreadRecord* self = read_once(t_record);
+  ThreadRecord* r = g_threads;
+  while (r) {
+    ThreadRecord* next = r->next;
+    if (r != self) {
+      r->linked = false;
+      r->prev = nullptr;
+      r->next = g_record_pool;
+      g_record_pool = r;
+    }
+    r = next;
+  }
+  g_threads = self;
+  g_thread_count = self ? 1 : 0;
+  if (self) {
+    self->prev = self->next = nullptr;
+    self->tid = sys::gettid();
+  }
+  if (Runtime* rt = read_once(g_runtime)) detail::runtime_after_fork_child(rt);
+  g_registry_mu.unlock();
+  g_broadcast_mu.unlock();
+}
+constinit bool g_atfork_registered = false;  // under g_registry_mu
+}  // namespace
+
 Result<std::unique_ptr<Runtime>> Runtime::create(const RuntimeOptions& options_in) noexcept {
   RuntimeOptions options = options_in;
   if (options.use_environment) {
@@ -518,6 +582,13 @@ Result<std::unique_ptr<Runtime>> Runtime::create(const RuntimeOptions& options_i
   // Acquire, as in current(); under g_registry_mu, which every store of g_runtime holds.
   if (load_acquire(&g_runtime) != nullptr)
     return Status(Errc::busy, 0, "a jitpatch::Runtime already exists in this process");
+  if (!g_atfork_registered) {
+    // Once per process; the handlers stay registered (pthread_atfork has no undo) and
+    // handle "no Runtime" as well.
+    if (int e = ::pthread_atfork(on_fork_prepare, on_fork_parent, on_fork_child); e != 0)
+      return Status(Errc::out_of_memory, e, "pthread_atfork");
+    g_atfork_registered = true;
+  }
 
   auto impl = std::unique_ptr<Impl>(new (std::nothrow) Impl);
   if (!impl) return Status(Errc::out_of_memory);
@@ -638,6 +709,11 @@ namespace detail {
 struct RuntimeDepsAccess {
   using Impl = Runtime::Impl;
 
+  // The Runtime's own part of on_fork_child(): best effort, as at create().
+  static void after_fork_child(Runtime& rt) noexcept {
+    if (void* p = rt.impl_->mprotect_page) (void)::mlock(p, static_cast<std::size_t>(::getpagesize()));
+  }
+
   static void add(Runtime& rt, const char* kind) noexcept {
     Impl& im = *rt.impl_;
     std::lock_guard<std::mutex> g(im.deps_mu);
@@ -666,6 +742,8 @@ struct RuntimeDepsAccess {
     fatal("runtime_remove_dependent(%s): no %s is registered with this Runtime", kind, kind);
   }
 };
+
+void runtime_after_fork_child(Runtime* rt) noexcept { RuntimeDepsAccess::after_fork_child(*rt); }
 
 void runtime_add_dependent(Runtime& rt, const char* kind) noexcept { RuntimeDepsAccess::add(rt, kind); }
 void runtime_remove_dependent(Runtime& rt, const char* kind) noexcept { RuntimeDepsAccess::remove(rt, kind); }

@@ -7,6 +7,7 @@
 
 #include <csignal>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <functional>
 #include <sstream>
@@ -86,3 +87,31 @@ inline std::string expect_abort(const std::function<void()>& body, const std::st
 }
 
 }  // namespace jitpatch::test
+
+namespace jitpatch::test {
+
+// Runs the test case `name` of this binary in a fresh process (fork + exec of
+// /proc/self/exe with the name as its filter) and returns "" if it passed. For the few
+// cases whose precondition is a process in which no Runtime was ever created (the signal
+// handler is installed once per process and stays): when the whole binary runs in one
+// process, an earlier case has already installed it. JITPATCH_TEST_FRESH marks the
+// fresh process, so the case runs there instead of re-executing again.
+inline bool in_fresh_process() { return std::getenv("JITPATCH_TEST_FRESH") != nullptr; }
+inline std::string run_fresh(const char* name) {
+  std::fflush(nullptr);
+  pid_t pid = ::fork();
+  if (pid < 0) return "fork failed";
+  if (pid == 0) {
+    ::setenv("JITPATCH_TEST_FRESH", "1", 1);
+    ::execl("/proc/self/exe", "jitpatch-test", name, static_cast<char*>(nullptr));
+    ::_exit(127);
+  }
+  int status = 0;
+  ::waitpid(pid, &status, 0);
+  if (WIFSIGNALED(status)) return std::string("fresh process killed by signal ") + std::to_string(WTERMSIG(status));
+  if (WEXITSTATUS(status) != 0) return std::string("fresh process exited with ") + std::to_string(WEXITSTATUS(status));
+  return "";
+}
+
+}  // namespace jitpatch::test
+
