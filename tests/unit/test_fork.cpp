@@ -126,7 +126,7 @@ TEST_CASE("fork: membarrier registrations are inherited by the child", "[unit][f
         }) == "");
 }
 
-TEST_CASE("fork: a dual-mapped heap refuses writes in the child; a protection-flip heap is the child's own",
+TEST_CASE("fork: a dual-mapped heap refuses writes in the child, and a protection-flip heap is the child's own",
           "[unit][fork]") {
   CHECK(test::run_in_child([]() -> std::string {
           auto rt = Runtime::create();
