@@ -28,5 +28,8 @@ set(ENV{PKG_CONFIG_PATH} "")
 #   the loader's own build. libcapstone.so.4 is not in that directory: the loader falls
 #   back to /usr/lib/aarch64-linux-gnu and finds the shared arm64 one, so Capstone needs
 #   neither static linking nor an rpath.
+# JITPATCH_QEMU_USER=1: tells the tests they run under qemu-user, for the few checks that
+#   qemu-user itself cannot run (tests/support/child.hpp, under_qemu_user()); the same
+#   binaries in a real arm64 kernel (or on an arm64 core) run them.
 set(CMAKE_CROSSCOMPILING_EMULATOR
-    qemu-aarch64;-L;/usr/aarch64-linux-gnu;-E;LD_LIBRARY_PATH=/usr/aarch64-linux-gnu/lib)
+    qemu-aarch64;-L;/usr/aarch64-linux-gnu;-E;LD_LIBRARY_PATH=/usr/aarch64-linux-gnu/lib;-E;JITPATCH_QEMU_USER=1)

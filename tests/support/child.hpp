@@ -96,6 +96,8 @@ namespace jitpatch::test {
 // handler is installed once per process and stays): when the whole binary runs in one
 // process, an earlier case has already installed it. JITPATCH_TEST_FRESH marks the
 // fresh process, so the case runs there instead of re-executing again.
+// Set by the aarch64 cross build's test emulator (cmake/toolchains/aarch64-linux-gnu.cmake).
+inline bool under_qemu_user() { return std::getenv("JITPATCH_QEMU_USER") != nullptr; }
 inline bool in_fresh_process() { return std::getenv("JITPATCH_TEST_FRESH") != nullptr; }
 inline std::string run_fresh(const char* name) {
   std::fflush(nullptr);
