@@ -277,6 +277,47 @@ struct Runtime::Impl {
   Status run_current(Operation op, int cpu);
 };
 
+// Whether an mprotect() downgrade of a present PTE is a process-wide barrier here: it is
+// one only if the kernel flushes other CPUs' TLBs by IPI, because taking the interrupt is
+// what executes the barrier on each CPU (run_mprotect()). arm64 invalidates by broadcast
+// TLBI without interrupts, so it never is (run_mprotect() refuses outside x86-64). On
+// x86-64, AMD's INVLPGB broadcasts an invalidation without interrupting the other CPUs
+// (AMD64 Architecture Programmer's Manual, Volume 3, "INVLPGB"), and Linux uses it for
+// TLB flushes where the CPU has it (the `invlpgb` flag in /proc/cpuinfo, X86_FEATURE_INVLPGB,
+// arch/x86/mm/tlb.c since 6.15). So the barrier is refused when the flags list `invlpgb`,
+// and also when the flags cannot be read at all: nothing then vouches for the IPIs.
+// Returns nullptr when valid, else why not.
+namespace {
+const char* g_cpuinfo_path = nullptr;  // testing::RuntimeAccess::set_cpuinfo_path; under g_registry_mu
+const char* mprotect_barrier_refusal(bool* invlpgb) {
+#if defined(__x86_64__)
+  const char* path = g_cpuinfo_path ? g_cpuinfo_path : "/proc/cpuinfo";
+  std::FILE* f = std::fopen(path, "re");
+  if (!f) return "cannot read /proc/cpuinfo: nothing vouches that TLB shootdowns use IPIs";
+  char line[8192];
+  bool flags = false;
+  while (std::fgets(line, sizeof line, f)) {
+    if (std::strncmp(line, "flags", 5) != 0) continue;
+    flags = true;
+    // Tokens separated by spaces; the line may end with '\n'.
+    for (char* tok = std::strtok(std::strchr(line, ':') ? std::strchr(line, ':') + 1 : line, " \t\n"); tok;
+         tok = std::strtok(nullptr, " \t\n")) {
+      if (std::strcmp(tok, "invlpgb") == 0) *invlpgb = true;
+    }
+    break;  // the first CPU's flags: the kernel uses INVLPGB only when every CPU has it
+  }
+  std::fclose(f);
+  if (*invlpgb)
+    return "the CPU has INVLPGB (broadcast TLB invalidation without IPIs): an mprotect downgrade is not a barrier";
+  if (!flags) return "no flags line in /proc/cpuinfo: nothing vouches that TLB shootdowns use IPIs";
+  return nullptr;
+#else
+  (void)invlpgb;
+  return "TLB invalidation on this architecture is broadcast without IPIs: an mprotect downgrade is not a barrier";
+#endif
+}
+}  // namespace
+
 void Runtime::Impl::probe() {
   utsname u;
   if (::uname(&u) == 0) std::snprintf(caps.kernel_release, sizeof caps.kernel_release, "%s", u.release);
@@ -297,6 +338,7 @@ void Runtime::Impl::probe() {
 #elif defined(__aarch64__)
   caps.aarch64_ctr_el0 = arch::native::read_ctr_el0();
 #endif
+  caps.mprotect_barrier_refused = mprotect_barrier_refusal(&caps.x86_invlpgb);
   long conf = ::sysconf(_SC_NPROCESSORS_CONF), onl = ::sysconf(_SC_NPROCESSORS_ONLN);
   caps.cpus_configured = conf > 0 ? static_cast<unsigned>(conf) : 0;
   caps.cpus_online = onl > 0 ? static_cast<unsigned>(onl) : 0;
@@ -337,7 +379,8 @@ bool Runtime::Impl::usable(Operation op, Strategy s) const {
     case Strategy::automatic: return false;
     case Strategy::membarrier:
       return (caps.membarrier_registered & register_cmd_for(command_for(op))) != 0;
-    case Strategy::mprotect: return op == Operation::process_barrier && mprotect_page != nullptr;
+    case Strategy::mprotect:
+      return op == Operation::process_barrier && mprotect_page != nullptr && caps.mprotect_barrier_refused == nullptr;
     case Strategy::signals: return handler_installed;
     case Strategy::none: return true;
   }
@@ -470,7 +513,9 @@ Status Runtime::Impl::run(Operation op, Strategy s, int cpu) {
     case Strategy::mprotect:
       if (op != Operation::process_barrier)
         return Status(Errc::invalid_argument, 0, "mprotect only implements process_barrier");
-      if (!usable(op, s)) return Status(Errc::unsupported, 0, "the mprotect barrier is valid on x86-64 only");
+      if (!usable(op, s))
+        return Status(Errc::unsupported, 0,
+                      caps.mprotect_barrier_refused ? caps.mprotect_barrier_refused : "the mprotect barrier page could not be mapped");
       return run_mprotect();
     case Strategy::signals: return run_signals();
     case Strategy::none: return Status(Errc::unavailable, 0, "no strategy left for this operation");
@@ -643,6 +688,8 @@ Result<std::unique_ptr<Runtime>> Runtime::create(const RuntimeOptions& options_i
                                            : i == 1 ? impl->caps.register_sync_core_errno
                                                     : impl->caps.register_rseq_errno,
                         "forced strategy 'membarrier' is not available here");
+        if (wanted[i] == Strategy::mprotect && impl->caps.mprotect_barrier_refused)
+          return Status(Errc::unsupported, 0, impl->caps.mprotect_barrier_refused);
         return Status(Errc::unsupported, 0, "forced strategy is not available here");
       }
       impl->set_strategy(i, wanted[i]);
@@ -765,6 +812,10 @@ Status Runtime::run(Operation op, Strategy s, int cpu) noexcept { return impl_->
 
 int Runtime::signal_number() const noexcept { return impl_->signo; }
 std::uint64_t testing::RuntimeAccess::signal_acks(const Runtime&) noexcept { return read_once(g_acks); }
+void testing::RuntimeAccess::set_cpuinfo_path(const char* path) noexcept {
+  std::lock_guard<std::mutex> g(g_registry_mu);  // create() probes under it
+  g_cpuinfo_path = path;
+}
 
 std::size_t Runtime::attached_thread_count() const noexcept {
   std::lock_guard<std::mutex> g(g_registry_mu);

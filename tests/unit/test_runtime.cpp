@@ -6,7 +6,10 @@
 #include <atomic>
 #include <csignal>
 #include <cstdlib>
+#include <string>
 #include <thread>
+
+#include <unistd.h>
 #include <vector>
 
 using namespace jitpatch;
@@ -107,11 +110,24 @@ TEST_CASE("runtime: forcing each strategy through the environment", "[unit]") {
   }
 #if defined(__x86_64__)
   SECTION("mprotect") {
+    // Offered unless this machine's /proc/cpuinfo refuses it (the next test case checks
+    // that decision with substituted files).
+    bool refused = false;
+    {
+      auto probe = Runtime::create();
+      REQUIRE(probe.ok());
+      refused = (*probe)->capabilities().mprotect_barrier_refused != nullptr;
+    }
     EnvGuard e("JITPATCH_FORCE", "mprotect");
     auto rt = Runtime::create();
-    REQUIRE(rt.ok());
-    CHECK((*rt)->strategy(Operation::process_barrier) == Strategy::mprotect);
-    CHECK((*rt)->process_barrier().ok());
+    if (refused) {
+      REQUIRE_FALSE(rt.ok());
+      CHECK(rt.status().code() == Errc::unsupported);
+    } else {
+      REQUIRE(rt.ok());
+      CHECK((*rt)->strategy(Operation::process_barrier) == Strategy::mprotect);
+      CHECK((*rt)->process_barrier().ok());
+    }
   }
 #else
   SECTION("mprotect is refused off x86-64") {
@@ -122,6 +138,86 @@ TEST_CASE("runtime: forcing each strategy through the environment", "[unit]") {
   }
 #endif
 }
+
+#if defined(__x86_64__)
+namespace {
+// A /proc/cpuinfo stand-in with the given flags line (or none), removed at scope exit;
+// the next Runtime::create() reads it instead of the real one.
+struct FakeCpuinfo {
+  char path[64] = "/tmp/jitpatch-cpuinfo-XXXXXX";
+  explicit FakeCpuinfo(const char* flags) {
+    const int fd = ::mkstemp(path);
+    REQUIRE(fd >= 0);
+    std::string text = "processor\t: 0\nvendor_id\t: AuthenticAMD\n";
+    if (flags) text += std::string("flags\t\t: ") + flags + "\n";
+    text += "\nprocessor\t: 1\n";
+    REQUIRE(::write(fd, text.data(), text.size()) == static_cast<ssize_t>(text.size()));
+    ::close(fd);
+    testing::RuntimeAccess::set_cpuinfo_path(path);
+  }
+  ~FakeCpuinfo() {
+    testing::RuntimeAccess::set_cpuinfo_path(nullptr);
+    ::unlink(path);
+  }
+};
+}  // namespace
+
+TEST_CASE("runtime: the mprotect barrier is refused where the CPU has INVLPGB or nothing vouches for IPIs", "[unit]") {
+  SECTION("flags without invlpgb: offered") {
+    FakeCpuinfo f("fpu vme de pse tsc msr pae mce cx8 apic sep mtrr pge clflush mmx fxsr sse sse2 ht syscall nx");
+    auto rt = Runtime::create();
+    REQUIRE(rt.ok());
+    CHECK_FALSE((*rt)->capabilities().x86_invlpgb);
+    CHECK((*rt)->capabilities().mprotect_barrier_refused == nullptr);
+    CHECK((*rt)->can_use(Operation::process_barrier, Strategy::mprotect));
+    CHECK((*rt)->run(Operation::process_barrier, Strategy::mprotect).ok());
+  }
+  SECTION("flags with invlpgb: refused, with the reason") {
+    // A Zen 3 flags line ends like this one.
+    FakeCpuinfo f("fpu vme de pse tsc msr sse sse2 ht syscall nx rdpid overflow_recov succor smca fsrm invlpgb flush_l1d");
+    auto rt = Runtime::create();
+    REQUIRE(rt.ok());
+    const Capabilities& c = (*rt)->capabilities();
+    CHECK(c.x86_invlpgb);
+    REQUIRE(c.mprotect_barrier_refused != nullptr);
+    CHECK(std::string(c.mprotect_barrier_refused).find("INVLPGB") != std::string::npos);
+    CHECK_FALSE((*rt)->can_use(Operation::process_barrier, Strategy::mprotect));
+    CHECK((*rt)->strategy(Operation::process_barrier) != Strategy::mprotect);
+    const Status st = (*rt)->run(Operation::process_barrier, Strategy::mprotect);
+    CHECK(st.code() == Errc::unsupported);
+    CHECK(st.message().find("INVLPGB") != std::string::npos);
+    rt->reset();
+    EnvGuard e("JITPATCH_FORCE", "mprotect");
+    auto forced = Runtime::create();
+    REQUIRE_FALSE(forced.ok());
+    CHECK(forced.status().code() == Errc::unsupported);
+    CHECK(forced.status().message().find("INVLPGB") != std::string::npos);
+  }
+  SECTION("a token that only contains the name does not count") {
+    FakeCpuinfo f("fpu invlpgbx xinvlpgb sse2");
+    auto rt = Runtime::create();
+    REQUIRE(rt.ok());
+    CHECK_FALSE((*rt)->capabilities().x86_invlpgb);
+    CHECK((*rt)->capabilities().mprotect_barrier_refused == nullptr);
+  }
+  SECTION("no flags line: refused (nothing vouches for the IPIs)") {
+    FakeCpuinfo f(nullptr);
+    auto rt = Runtime::create();
+    REQUIRE(rt.ok());
+    CHECK_FALSE((*rt)->capabilities().x86_invlpgb);
+    CHECK((*rt)->capabilities().mprotect_barrier_refused != nullptr);
+    CHECK_FALSE((*rt)->can_use(Operation::process_barrier, Strategy::mprotect));
+  }
+  SECTION("unreadable: refused") {
+    testing::RuntimeAccess::set_cpuinfo_path("/nonexistent/cpuinfo");
+    auto rt = Runtime::create();
+    testing::RuntimeAccess::set_cpuinfo_path(nullptr);
+    REQUIRE(rt.ok());
+    REQUIRE((*rt)->capabilities().mprotect_barrier_refused != nullptr);
+    CHECK(std::string((*rt)->capabilities().mprotect_barrier_refused).find("cannot read") != std::string::npos);
+  }
+}
+#endif
 
 TEST_CASE("runtime: signal broadcast reaches every attached thread", "[unit]") {
   auto rt = Runtime::create();

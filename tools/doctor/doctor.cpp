@@ -301,6 +301,9 @@ void print_text(const Report& r) {
 #if defined(__x86_64__)
   std::printf("  SERIALIZE      %s\n", c.x86_serialize ? "yes: sync_core() uses SERIALIZE"
                                                        : "no: sync_core() uses CPUID (a VM exit under virtualization)");
+  if (r.runtime_ok)
+    std::printf("  INVLPGB        %s\n", c.x86_invlpgb ? "yes: TLB flushes may be broadcast without IPIs"
+                                                     : "no (not in /proc/cpuinfo's flags)");
 #elif defined(__aarch64__)
   {
     const auto g = arch::aarch64::decode_ctr_el0(c.aarch64_ctr_el0);
@@ -377,8 +380,11 @@ void print_text(const Report& r) {
     }
     t.print(stdout, "  ");
     const std::string sig = signal_name(r.signal) + " (" + std::to_string(r.signal) + ")";
-    std::printf("  signal fallback: %s, handler %s\n\n", sig.c_str(),
+    std::printf("  signal fallback: %s, handler %s\n", sig.c_str(),
                 r.signals_usable ? "installed" : "NOT installed");
+    std::printf("  mprotect barrier: %s\n\n",
+                r.caps.mprotect_barrier_refused ? (std::string("refused: ") + r.caps.mprotect_barrier_refused).c_str()
+                                                : "offered (TLB shootdowns are IPIs here)");
   }
 
   if (r.measured) {
@@ -432,6 +438,7 @@ void print_json(const Report& r) {
   j.key("cpu_features").begin_object();
 #if defined(__x86_64__)
   j.kv("x86_serialize", c.x86_serialize);
+  j.kv("x86_invlpgb", c.x86_invlpgb);
 #elif defined(__aarch64__)
   {
     const auto g = arch::aarch64::decode_ctr_el0(c.aarch64_ctr_el0);
@@ -502,6 +509,12 @@ void print_json(const Report& r) {
 
   j.key("signal").begin_object(true);
   j.kv("number", r.signal).kv("name", signal_name(r.signal)).kv("handler_installed", r.signals_usable);
+  j.end_object();
+
+  j.key("mprotect_barrier").begin_object(true);
+  j.kv("offered", r.runtime_ok && r.caps.mprotect_barrier_refused == nullptr);
+  j.key("refused");
+  r.caps.mprotect_barrier_refused ? j.value(r.caps.mprotect_barrier_refused) : j.null();
   j.end_object();
 
   j.key("operations").begin_array();

@@ -101,6 +101,13 @@ struct Capabilities {
   std::uint64_t aarch64_ctr_el0 = 0;   // raw CTR_EL0 (aarch64 only)
   unsigned cpus_configured = 0;
   unsigned cpus_online = 0;
+
+  // The mprotect process barrier (x86-64): valid only where a PTE downgrade is flushed
+  // from other CPUs by IPIs. x86_invlpgb: /proc/cpuinfo lists `invlpgb` (AMD's broadcast
+  // TLB invalidation, which a kernel may use instead of IPIs). mprotect_barrier_refused:
+  // why the barrier is not offered (a static string), or nullptr when it is.
+  bool x86_invlpgb = false;
+  const char* mprotect_barrier_refused = nullptr;
 };
 
 struct RuntimeOptions {

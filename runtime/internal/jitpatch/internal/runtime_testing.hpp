@@ -13,6 +13,9 @@ namespace jitpatch::testing {
 struct RuntimeAccess {
   // Signals the signal-broadcast handler received and acknowledged, process-wide.
   JITPATCH_HIDDEN static std::uint64_t signal_acks(const Runtime& rt) noexcept;
+  // The file the next Runtime::create() reads instead of /proc/cpuinfo (nullptr: the real
+  // one), to test the mprotect barrier's decision with a substituted CPU.
+  JITPATCH_HIDDEN static void set_cpuinfo_path(const char* path) noexcept;
 };
 
 struct PerCpuLogAccess {
