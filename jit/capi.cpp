@@ -174,7 +174,19 @@ void remove_user(jitpatch_runtime* rt) {
   --rt->users;
 }
 
-bool valid_strategy(jitpatch_strategy s) { return s >= JITPATCH_STRATEGY_AUTOMATIC && s <= JITPATCH_STRATEGY_NONE; }
+// A C enum's value as the int it is. A C caller may pass any int; in C++, loading a value
+// outside the enum's range is undefined (UBSan: -fsanitize=enum), so read the bytes.
+template <class E>
+int enum_value(const E& e) noexcept {
+  static_assert(sizeof(E) == sizeof(int));
+  int v;
+  std::memcpy(&v, &e, sizeof v);
+  return v;
+}
+
+bool valid_strategy(const jitpatch_strategy& s) {
+  return enum_value(s) >= JITPATCH_STRATEGY_AUTOMATIC && enum_value(s) <= JITPATCH_STRATEGY_NONE;
+}
 
 std::chrono::steady_clock::time_point monotonic(std::uint64_t ns) {
   // libstdc++'s steady_clock is CLOCK_MONOTONIC in nanoseconds since its epoch.
@@ -229,9 +241,10 @@ const jitpatch_error* jitpatch_last_error(void) {
 }
 
 const char* jitpatch_status_name(jitpatch_status status) {
-  if (status == JITPATCH_E_INTERNAL) return "internal";
-  if (status < JITPATCH_OK || status > JITPATCH_E_OS_ERROR) return "unknown";
-  return errc_name(static_cast<Errc>(status));
+  const int v = enum_value(status);
+  if (v == JITPATCH_E_INTERNAL) return "internal";
+  if (v < JITPATCH_OK || v > JITPATCH_E_OS_ERROR) return "unknown";
+  return errc_name(static_cast<Errc>(v));
 }
 
 // ---- runtime ---------------------------------------------------------------------------
@@ -254,9 +267,9 @@ jitpatch_status jitpatch_runtime_create(const jitpatch_runtime_options* options,
       if (!valid_strategy(options->process_barrier) || !valid_strategy(options->serialize_cores) ||
           !valid_strategy(options->rseq_fence))
         return fail(JITPATCH_E_INVALID_ARGUMENT, "runtime_create: a strategy that does not exist");
-      o.process_barrier = static_cast<Strategy>(options->process_barrier);
-      o.serialize_cores = static_cast<Strategy>(options->serialize_cores);
-      o.rseq_fence = static_cast<Strategy>(options->rseq_fence);
+      o.process_barrier = static_cast<Strategy>(enum_value(options->process_barrier));
+      o.serialize_cores = static_cast<Strategy>(enum_value(options->serialize_cores));
+      o.rseq_fence = static_cast<Strategy>(enum_value(options->rseq_fence));
       o.signal = options->signal;
       o.use_environment = options->use_environment != 0;
       o.ack_timeout = std::chrono::milliseconds(options->ack_timeout_ms);
@@ -322,15 +335,15 @@ jitpatch_status jitpatch_rseq_fence(jitpatch_runtime* rt, int cpu) {
 jitpatch_status jitpatch_runtime_strategy(jitpatch_runtime* rt, jitpatch_operation op, jitpatch_strategy* out) {
   return guarded([&] {
     if (!rt || !out) return null_arg("runtime_strategy: a NULL runtime or out");
-    if (op < JITPATCH_OP_PROCESS_BARRIER || op > JITPATCH_OP_RSEQ_FENCE)
+    if (enum_value(op) < JITPATCH_OP_PROCESS_BARRIER || enum_value(op) > JITPATCH_OP_RSEQ_FENCE)
       return fail(JITPATCH_E_INVALID_ARGUMENT, "runtime_strategy: an operation that does not exist");
-    *out = static_cast<jitpatch_strategy>(rt->rt->strategy(static_cast<Operation>(op)));
+    *out = static_cast<jitpatch_strategy>(rt->rt->strategy(static_cast<Operation>(enum_value(op))));
     return JITPATCH_OK;
   });
 }
 
 const char* jitpatch_strategy_name(jitpatch_strategy s) {
-  return valid_strategy(s) ? strategy_name(static_cast<Strategy>(s)) : "unknown";
+  return valid_strategy(s) ? strategy_name(static_cast<Strategy>(enum_value(s))) : "unknown";
 }
 
 jitpatch_status jitpatch_runtime_report_json(jitpatch_runtime* rt, char* buffer, std::size_t capacity,
@@ -416,7 +429,7 @@ jitpatch_status jitpatch_jit_create(jitpatch_runtime* rt, const jitpatch_jit_opt
     jitpatch_jit_options o;
     jitpatch_jit_options_init(&o);
     if (options) o = *options;
-    if (o.heap_strategy < JITPATCH_HEAP_AUTOMATIC || o.heap_strategy > JITPATCH_HEAP_PROTECTION_FLIP)
+    if (enum_value(o.heap_strategy) < JITPATCH_HEAP_AUTOMATIC || enum_value(o.heap_strategy) > JITPATCH_HEAP_PROTECTION_FLIP)
       return fail(JITPATCH_E_INVALID_ARGUMENT, "jit_create: a heap strategy that does not exist");
     auto j = std::make_unique<jitpatch_jit>();
     j->owner = rt;
@@ -433,7 +446,7 @@ jitpatch_status jitpatch_jit_create(jitpatch_runtime* rt, const jitpatch_jit_opt
     j->vis = std::move(vis).value();
     CodeHeapOptions ho;
     ho.reserve = o.heap_reserve;
-    ho.strategy = static_cast<HeapStrategy>(o.heap_strategy);
+    ho.strategy = static_cast<HeapStrategy>(enum_value(o.heap_strategy));
     ho.use_environment = o.use_environment != 0;
     auto heap = CodeHeap::create(*rt->rt, ho);
     if (!heap.ok()) return fail(heap.status());
@@ -489,13 +502,13 @@ jitpatch_status jitpatch_code_publish(jitpatch_jit* jit, const char* name, const
     *out = nullptr;
     if (entry) *entry = nullptr;
     if (nsites && !sites) return null_arg("code_publish: a NULL site table with a nonzero count");
-    std::vector<RawSite> raw(nsites);
+    std::vector<RawSite> table(nsites);
     for (std::size_t i = 0; i < nsites; ++i) {
       const jitpatch_site_desc& d = sites[i];
-      if (d.kind < JITPATCH_SITE_CALL || d.kind > JITPATCH_SITE_ENTRY)
+      if (enum_value(d.kind) < JITPATCH_SITE_CALL || enum_value(d.kind) > JITPATCH_SITE_ENTRY)
         return fail(JITPATCH_E_INVALID_ARGUMENT, "code_publish: a site kind that does not exist");
-      RawSite& r = raw[i];
-      r.kind = static_cast<SiteKind>(d.kind);
+      RawSite& r = table[i];
+      r.kind = static_cast<SiteKind>(enum_value(d.kind));
       r.offset = d.offset;
       r.target_is_offset = d.target == nullptr;
       r.target = d.target ? reinterpret_cast<std::uint64_t>(d.target) : d.target_offset;
@@ -503,7 +516,7 @@ jitpatch_status jitpatch_code_publish(jitpatch_jit* jit, const char* name, const
       if (d.name) r.name = d.name;
     }
     auto c = std::make_unique<jitpatch_code>(jitpatch_code{jit, {}});
-    auto ref = jit->emitter->publish(name && *name ? name : "jitpatch_code", code, size, raw.data(), nsites,
+    auto ref = jit->emitter->publish(name && *name ? name : "jitpatch_code", code, size, table.data(), nsites,
                                      entry_offset);
     if (!ref.ok()) return fail(ref.status());
     c->ref = *ref;
@@ -712,10 +725,10 @@ jitpatch_status jitpatch_grace_register_reader(jitpatch_grace_domain* domain, ji
   return guarded([&] {
     if (!domain || !out) return null_arg("grace_register_reader: a NULL domain or out");
     *out = nullptr;
-    if (kind != JITPATCH_READER_CRITICAL_SECTION && kind != JITPATCH_READER_QSBR)
+    if (enum_value(kind) != JITPATCH_READER_CRITICAL_SECTION && enum_value(kind) != JITPATCH_READER_QSBR)
       return fail(JITPATCH_E_INVALID_ARGUMENT, "grace_register_reader: a reader kind that does not exist");
     t_locals.readers.reserve(t_locals.readers.size() + 1);  // the push_back below cannot throw then
-    auto r = domain->d->register_reader(kind == JITPATCH_READER_QSBR ? ReaderKind::qsbr : ReaderKind::critical_section);
+    auto r = domain->d->register_reader(enum_value(kind) == JITPATCH_READER_QSBR ? ReaderKind::qsbr : ReaderKind::critical_section);
     if (!r.ok()) return fail(r.status());
     auto* rec = reinterpret_cast<jitpatch_grace_reader*>(r->record());
     t_locals.readers.emplace_back(rec, std::move(r).value());
@@ -795,10 +808,10 @@ jitpatch_status jitpatch_safepoints_create(jitpatch_runtime* rt, const jitpatch_
     SafepointOptions o;
     jitpatch_grace_domain* grace = nullptr;
     if (options) {
-      if (options->mode < JITPATCH_SAFEPOINT_AUTOMATIC || options->mode > JITPATCH_SAFEPOINT_SYMMETRIC)
+      if (enum_value(options->mode) < JITPATCH_SAFEPOINT_AUTOMATIC || enum_value(options->mode) > JITPATCH_SAFEPOINT_SYMMETRIC)
         return fail(JITPATCH_E_INVALID_ARGUMENT, "safepoints_create: a mode that does not exist");
       if (options->timeout_ms == 0) return fail(JITPATCH_E_INVALID_ARGUMENT, "safepoints_create: a zero timeout");
-      o.mode = static_cast<SafepointMode>(options->mode);
+      o.mode = static_cast<SafepointMode>(enum_value(options->mode));
       o.poll_kinds = poll_word | (options->page_poll ? page_poll : 0u);
       o.timeout = std::chrono::milliseconds(options->timeout_ms);
       grace = options->grace;
