@@ -13,6 +13,12 @@
 #include <jitpatch/safepoint.hpp>
 #include <jitpatch/visibility.hpp>
 
+#if defined(__x86_64__)
+#include <jitpatch/arch/x86_64/insn.hpp>
+#else
+#include <jitpatch/arch/aarch64/insn.hpp>
+#endif
+
 #include <chrono>
 #include <cinttypes>
 #include <cstddef>
@@ -503,6 +509,19 @@ jitpatch_status jitpatch_code_publish(jitpatch_jit* jit, const char* name, const
     if (entry) *entry = nullptr;
     if (nsites && !sites) return null_arg("code_publish: a NULL site table with a nonzero count");
     std::vector<RawSite> table(nsites);
+    // A call/jump target that some part of the heap cannot reach directly is published
+    // as a branch to the site itself and retargeted before this returns (nobody has the
+    // entry yet): the patcher sends it through a veneer, a far jump through a data slot.
+    const auto heap_lo = reinterpret_cast<std::uint64_t>(jit->heap->rx_begin());
+    const auto heap_hi = reinterpret_cast<std::uint64_t>(jit->heap->rx_end());
+    auto reaches = [&](std::uint64_t target) {
+#if defined(__x86_64__)
+      return arch::x86_64::rel32_in_reach(heap_lo, target) && arch::x86_64::rel32_in_reach(heap_hi, target);
+#else
+      return arch::aarch64::b_in_reach(heap_lo, target) && arch::aarch64::b_in_reach(heap_hi, target);
+#endif
+    };
+    std::vector<std::pair<std::size_t, const void*>> far;
     for (std::size_t i = 0; i < nsites; ++i) {
       const jitpatch_site_desc& d = sites[i];
       if (enum_value(d.kind) < JITPATCH_SITE_CALL || enum_value(d.kind) > JITPATCH_SITE_ENTRY)
@@ -514,11 +533,26 @@ jitpatch_status jitpatch_code_publish(jitpatch_jit* jit, const char* name, const
       r.target = d.target ? reinterpret_cast<std::uint64_t>(d.target) : d.target_offset;
       r.on = d.on != 0;
       if (d.name) r.name = d.name;
+      const bool branch = d.kind == JITPATCH_SITE_CALL || d.kind == JITPATCH_SITE_JUMP;
+      if (branch && d.target && !reaches(r.target)) {
+        far.emplace_back(i, d.target);
+        r.target = d.offset;
+        r.target_is_offset = true;
+      }
     }
     auto c = std::make_unique<jitpatch_code>(jitpatch_code{jit, {}});
     auto ref = jit->emitter->publish(name && *name ? name : "jitpatch_code", code, size, table.data(), nsites,
                                      entry_offset);
     if (!ref.ok()) return fail(ref.status());
+    if (!far.empty()) {
+      PatchBatch b(*jit->patcher);
+      for (const auto& [i, target] : far) b.retarget((*ref)->sites()[i], target);
+      if (Status st = b.commit(); !st) {
+        const std::string detail = Patcher::last_error_detail();
+        (void)jit->emitter->free(*ref);
+        return fail(st, detail);
+      }
+    }
     c->ref = *ref;
     {
       std::lock_guard<std::mutex> g(jit->codes_mu);

@@ -186,6 +186,16 @@ static void case_publish(void) {
   OK(jitpatch_batch_retarget(batch, cc, 0, (const void*)native_41));
   OK(jitpatch_batch_try_commit(batch));
   CHECK(((long (*)(long))fc)(1) == 42);
+  /* Published with a native target, out of the heap's direct reach: through a veneer. */
+  {
+    jitpatch_site_desc nd = d;
+    void* fn;
+    jitpatch_code* cn;
+    nd.target = (const void*)native_41;
+    cn = publish(jit, "caller-native", c, nc, &nd, 1, &fn);
+    CHECK(((long (*)(long))fn)(2) == 43);
+    OK(jitpatch_code_free(cn));
+  }
   /* Wrong kinds, indexes and targets: refused when added, or by commit. */
   jitpatch_batch_clear(batch);
   FAILS(jitpatch_batch_set_toggle(batch, cc, 0, 1), JITPATCH_E_INVALID_ARGUMENT);

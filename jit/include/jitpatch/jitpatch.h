@@ -174,7 +174,9 @@ typedef struct jitpatch_site_desc {
 } jitpatch_site_desc;
 
 /* Copy `size` bytes of position-independent machine code into the heap, write its sites,
- * publish it. *out gets the handle (sites are numbered as in the table), *entry (if not
+ * publish it. A call/jump target out of direct reach of the heap (x86-64 +-2 GiB,
+ * aarch64 +-128 MiB: native code usually is) is reached through a veneer, which costs one
+ * patch round at publication; a toggle's target must be in reach. *out gets the handle (sites are numbered as in the table), *entry (if not
  * NULL) the entry point, code + entry_offset. */
 JITPATCH_API jitpatch_status jitpatch_code_publish(jitpatch_jit* jit, const char* name, const void* code, size_t size,
                                                    const jitpatch_site_desc* sites, size_t nsites, size_t entry_offset,
