@@ -221,7 +221,7 @@ const char* encode_raw_site(const RawSite& s, std::uint64_t site, std::uint64_t 
   return nullptr;
 #else
   namespace a = arch::aarch64;
-  if (!a::is_aligned4(site)) return "publish: an aarch64 site must be 4-byte aligned";
+  if (site % a::kInsnSize != 0) return "publish: an aarch64 site must be 4-byte aligned";
   std::uint32_t insn = a::kNop;
   a::InsnStatus st = a::InsnStatus::ok;
   if (s.kind == SiteKind::call) st = a::encode_bl(&insn, site, target);
