@@ -1,6 +1,7 @@
 /* The C API from C: `jitpatch-capi-tests CASE` runs one case (CTest "capi:CASE").
  * Linked against libjitpatch.so. Every failed check prints its line and the last error
  * and exits 1. No check waits on timing: threads hand over through flags they wait on. */
+#define _POSIX_C_SOURCE 200809L /* clock_gettime in strict C11 */
 #include <jitpatch/jitpatch.h>
 
 #include <pthread.h>

@@ -9,9 +9,9 @@
  * failure jitpatch_last_error() describes it (the code, the errno of a failed OS call,
  * the failing step, a message), per thread, until the next failure on that thread. Bad
  * input (NULL handles, out-of-range values, wrong site kinds) is an error value, never an
- * abort; no C++ exception crosses this API. Handles are opaque; a handle passed to its
- * destroy/free function is gone afterwards, even when the call failed only if it says so.
- * Objects are destroyed in reverse order of creation: a runtime with live jits, grace
+ * abort; no C++ exception crosses this API. Out-parameters are NULL after a failure.
+ * Handles are opaque; a handle passed to a destroy, free or retire function is gone once
+ * the call succeeds (a refused call leaves it usable). Objects are destroyed in reverse order of creation: a runtime with live jits, grace
  * domains or safepoints, a grace domain with registered readers, a safepoints object with
  * attached threads is refused (JITPATCH_E_BUSY) rather than destroyed. */
 #ifndef JITPATCH_H
