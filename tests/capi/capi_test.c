@@ -10,6 +10,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "code.h"
 
@@ -465,12 +466,45 @@ static void case_safepoints(void) {
   OK(jitpatch_grace_destroy(d));
 }
 
+/* ---- perf map and the GDB JIT interface, as jit options ------------------------------------ */
+
+static void case_visibility(void) {
+  jitpatch_jit_options o;
+  jitpatch_jit* jit;
+  jitpatch_code* c;
+  uint8_t code[16];
+  size_t n = code_ret_imm(code, 5);
+  void* entry;
+  char path[64], line[256], want[128];
+  FILE* map;
+  int found = 0;
+  jitpatch_jit_options_init(&o);
+  o.use_environment = 0;
+  o.perf_map = 1;
+  o.gdb = 1; /* registers with the GDB JIT interface; an automatic heap is protection_flip then */
+  OK(jitpatch_jit_create(rt, &o, &jit));
+  OK(jitpatch_code_publish(jit, "capi_visible_fn", code, n, NULL, 0, 0, &c, &entry));
+  CHECK(((int (*)(void))entry)() == 5);
+  snprintf(path, sizeof path, "/tmp/perf-%d.map", (int)getpid());
+  snprintf(want, sizeof want, "%lx %zx capi_visible_fn", (unsigned long)(uintptr_t)entry, jitpatch_code_size(c));
+  map = fopen(path, "r");
+  CHECK(map != NULL);
+  while (fgets(line, sizeof line, map))
+    if (strstr(line, "capi_visible_fn")) found = strncmp(line, want, strlen(want)) == 0 || found;
+  fclose(map);
+  if (!found) fprintf(stderr, "no line \"%s\" in %s\n", want, path);
+  CHECK(found);
+  OK(jitpatch_jit_destroy(jit));
+  remove(path);
+}
+
 int main(int argc, char** argv) {
   static const struct {
     const char* name;
     void (*fn)(void);
   } cases[] = {{"errors", case_errors},         {"runtime", case_runtime}, {"publish", case_publish},
-               {"sites", case_sites},           {"grace", case_grace},     {"safepoints", case_safepoints}};
+               {"sites", case_sites},           {"grace", case_grace},     {"safepoints", case_safepoints},
+               {"visibility", case_visibility}};
   size_t i;
   if (argc != 2) {
     fprintf(stderr, "usage: %s CASE\n", argv[0]);
