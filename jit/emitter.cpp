@@ -22,24 +22,6 @@
 
 namespace jitpatch {
 
-const char* site_kind_name(SiteKind k) noexcept {
-  switch (k) {
-    case SiteKind::call: return "call";
-    case SiteKind::jump: return "jump";
-    case SiteKind::toggle: return "toggle";
-    case SiteKind::data_slot: return "data_slot";
-    case SiteKind::entry: return "entry";
-    case SiteKind::other: return "other";
-  }
-  return "unknown";
-}
-
-const PatchSite* CodeBlob::site(std::string_view name) const noexcept {
-  for (const PatchSite& s : sites_)
-    if (s.name == name) return &s;
-  return nullptr;
-}
-
 void EmitContext::site(SiteKind kind, const asmjit::Label& label, std::string name) {
   Decl d;
   d.kind = kind;
@@ -47,6 +29,7 @@ void EmitContext::site(SiteKind kind, const asmjit::Label& label, std::string na
   d.name = std::move(name);
   decls_.push_back(std::move(d));
 }
+
 
 namespace {
 // Keeps asmjit's first error; assembling continues (asmjit returns the error from each
@@ -64,62 +47,6 @@ Status asmjit_status(asmjit::Error e) {
   return Status(Errc::emit_failed, 0, asmjit::DebugUtils::errorAsString(e));
 }
 }  // namespace
-
-// A slab's header; its descriptors follow it, kHeader bytes in.
-struct Emitter::Slab {
-  Slab* prev;
-  std::size_t capacity;
-  static const std::size_t kHeader;
-};
-const std::size_t Emitter::Slab::kHeader = (sizeof(Emitter::Slab) + alignof(CodeBlob) - 1) / alignof(CodeBlob) * alignof(CodeBlob);
-
-void detail::stale_blob_ref(const CodeBlob* blob) noexcept {
-  if (!blob) detail::fatal("an empty BlobRef was dereferenced (a failed emit's handle, or a default-constructed one)");
-  detail::fatal("a stale BlobRef was dereferenced: its function was freed (the descriptor at %p may now describe "
-                "another function); keep a handle only while the function is live or retired",
-                static_cast<const void*>(blob));
-}
-
-// Blobs still live keep their heap memory until the heap goes; only the descriptors (in
-// slabs_) go with the emitter.
-Emitter::~Emitter() {
-  // A Patcher or SafepointPolls made with this emitter keeps a pointer to it and uses it
-  // on its next veneer, stub or patch: a use after free later, far from the cause. Say so
-  // now, naming them. (The lock only orders this read after their registrations; a user
-  // destroyed concurrently with this destructor is a race of the caller.)
-  {
-    std::unique_lock<std::mutex> g(mu_);
-    if (user_count_ != 0) {
-      char names[256] = {};
-      std::size_t at = 0;
-      int listed = 0;
-      for (const User* u = users_; u && listed < 4; u = u->next, ++listed) {
-        const int n = std::snprintf(names + at, sizeof names - at, "%s%s %p", listed ? ", " : "", u->kind, u->object);
-        if (n < 0 || static_cast<std::size_t>(n) >= sizeof names - at) break;
-        at += static_cast<std::size_t>(n);
-      }
-      detail::fatal("Emitter %p destroyed while %zu object(s) made with it still use it (%s%s): destroy every "
-                    "Patcher and SafepointPolls made with an Emitter before the Emitter",
-                    static_cast<const void*>(this), user_count_, names, user_count_ > 4 ? ", ..." : "");
-    }
-  }
-  // Blobs a grace domain will free through this emitter after it is gone: a use after
-  // free later, on the reclaiming thread. Say so now, naming both objects.
-  if (pending_grace_ != 0)
-    detail::fatal("Emitter %p destroyed while a GraceDomain still holds %zu of its retired blobs (retire_code): "
-                  "destroy the GraceDomain, or wait for its barrier(), before the Emitter",
-                  static_cast<const void*>(this), pending_grace_);
-  // The newest slab is constructed up to fresh_; every older one entirely.
-  for (Slab* s = slabs_; s;) {
-    Slab* prev = s->prev;
-    std::byte* first = reinterpret_cast<std::byte*>(s) + Slab::kHeader;
-    std::byte* end = s == slabs_ ? fresh_ : first + s->capacity * sizeof(CodeBlob);
-    for (std::byte* p = first; p != end; p += sizeof(CodeBlob)) std::launder(reinterpret_cast<CodeBlob*>(p))->~CodeBlob();
-    s->~Slab();
-    ::operator delete(static_cast<void*>(s));
-    s = prev;
-  }
-}
 
 namespace {
 // One CodeHolder per thread, reset (softly: its zone keeps its memory) between emits.
@@ -278,240 +205,24 @@ Result<BlobRef> Emitter::emit_impl(std::string_view name, Status (*thunk)(void*,
   }
   if (Status st = w.finish(); !st) return undo(st);  // flushes the icache over the range
 
-  // Serialize before the blob becomes reachable (a batch of one, without the batch's
-  // vector): only if this memory is dirty, i.e. it held code that was freed after the
-  // last serialization. make_clean() runs serialize_cores(), which pairs with the cores
-  // that may still hold instructions prefetched from the old code (CodeHeap::free() made
-  // the memory dirty): each executes a core-serializing instruction before it next runs
-  // user code. is_clean() is a load_acquire that pairs with make_clean()'s store_release
-  // of the covered sequence: seeing it covered means that serialization completed.
-  if (options.publish && range->dirty_seq != 0 && !heap_->is_clean(range->dirty_seq)) {
-    if (Status st = heap_->make_clean(range->dirty_seq); !st) return undo(st);
-  }
-  CodeBlob* blob;
-  std::uint64_t gen;
-  {
-    // One critical section: take a descriptor, fill it, link it. Nobody holds a pointer
-    // to it until emit() returns, so registering it with the registry and the tools
-    // afterwards (outside the lock) is not observable in between.
-    std::lock_guard<std::mutex> g(mu_);
-    // A recycled descriptor if there is one, else the next never-used one of the newest
-    // slab. Slabs grow 8, 16, ... 256 descriptors and are constructed one descriptor at a
-    // time as they are handed out: building a whole slab up front made a fresh emitter's
-    // first emit build 256 descriptors (32 KiB; 1.3 us of bench/publish at N=1).
-    blob = spare_;
-    const bool recycled = blob != nullptr;
-    if (!recycled) {
-      if (fresh_ == fresh_end_) {
-        const std::size_t n = slab_count_ >= 5 ? 256 : std::size_t(8) << slab_count_;
-        void* mem = ::operator new(Slab::kHeader + n * sizeof(CodeBlob), std::nothrow);
-        if (!mem) return undo(Status(Errc::out_of_memory));
-        slabs_ = new (mem) Slab{slabs_, n};
-        ++slab_count_;
-        fresh_ = static_cast<std::byte*>(mem) + Slab::kHeader;
-        fresh_end_ = fresh_ + n * sizeof(CodeBlob);
-      }
-      blob = new (fresh_) CodeBlob;
-      fresh_ += sizeof(CodeBlob);
-      // Not live until linked. No ordering: the descriptor is new, no other thread has
-      // its address yet; the release store of `live` below publishes it.
-      write_once(blob->state_, BlobState::freed);
-    }
-    try {
-      blob->sites_.clear();
-      blob->name_.assign(name.data(), name.size());
-      blob->sites_.reserve(cx.decls_.size());
-    } catch (...) {
-      if (!recycled) {  // constructed, never used: keep it for the next emit
-        blob->next_ = spare_;
-        spare_ = blob;
-      }
-      return undo(Status(Errc::out_of_memory));
-    }
-    if (recycled) spare_ = blob->next_;
-    blob->range_ = *range;
-    blob->code_size_ = size;
-    blob->entry_ = cx.entry_.isValid() ? range->rx + code.labelOffsetFromBase(cx.entry_) : range->rx;
-    for (const auto& d : cx.decls_) {
+  // The descriptor and its registration are link_blob()'s (code_blobs.cpp), shared with
+  // publication of raw bytes; it calls this back to record the sites' final addresses.
+  struct Fill {
+    const EmitContext* cx;
+    const asmjit::CodeHolder* code;
+    std::byte* rx;
+  } fill{&cx, &code, range->rx};
+  auto fill_sites = [](const void* ctx, std::vector<PatchSite>& out) {
+    const Fill& f = *static_cast<const Fill*>(ctx);
+    for (const auto& d : f.cx->decls_) {
       std::byte* target = reinterpret_cast<std::byte*>(d.target_abs);
-      if (d.target_label.isValid()) target = range->rx + code.labelOffsetFromBase(d.target_label);
-      blob->sites_.push_back(PatchSite{d.kind, range->rx + code.labelOffsetFromBase(d.label), d.name, target});
+      if (d.target_label.isValid()) target = f.rx + f.code->labelOffsetFromBase(d.target_label);
+      out.push_back(PatchSite{d.kind, f.rx + f.code->labelOffsetFromBase(d.label), d.name, target});
     }
-    // Pairs with the load_acquire in CodeBlob::state() (Patcher::plan() and
-    // validate_replace() call it on the pointer CodeRegistry::find() returned): whoever
-    // sees `live` sees the filled descriptor (name, range, entry, sites). The registry
-    // entry itself is published below by registry_->add(), whose smp_wmb() also orders
-    // these stores before it (pairs with find()'s smp_rmb()).
-    store_release(&blob->state_, BlobState::live);
-    blob->owner_ = this;
-    blob->pending_grace_ = false;
-    gen = blob->generation_;
-    blob->prev_ = nullptr;
-    blob->next_ = live_;
-    if (live_) live_->prev_ = blob;
-    live_ = blob;
-    ++live_count_;
-  }
-  if (registry_) {
-    if (Status st = registry_->add(blob->begin(), blob->end(), blob); !st) {
-      (void)free_blob(blob);
-      return st;
-    }
-  }
-  if (visibility_) {
-    // Tools name what is executable; a failure to tell them is not a failure to emit, but
-    // it is not silent either: the caller gets the error and the blob is not published.
-    if (Status st = visibility_->on_load(CodeInfo{blob->begin(), blob->size(), blob->name_.c_str()}); !st) {
-      (void)free_blob(blob);
-      return st;
-    }
-  }
-  return BlobRef(blob, gen);
-}
-
-bool Emitter::owns_unfreed(const BlobRef& b) const noexcept {
-  // Under mu_: the generation cannot change meanwhile (only free_blob() bumps it, under
-  // mu_), so a match means this exact function, live or retired.
-  return b.p_ && b.p_->owner_ == this && b.p_->generation_ == b.gen_ && b.p_->state() != BlobState::freed;
-}
-
-BlobRef Emitter::ref(const CodeBlob* blob) const noexcept {
-  std::lock_guard<std::mutex> g(mu_);
-  if (!blob || blob->owner_ != this || blob->state() == BlobState::freed) return {};
-  return BlobRef(const_cast<CodeBlob*>(blob), blob->generation_);
-}
-
-Status Emitter::free(BlobRef ref) noexcept { return free_blob(ref.p_, &ref); }
-
-Status Emitter::free_blob(CodeBlob* blob, const BlobRef* ref) noexcept {
-  std::byte* rx;
-  {
-    // The checks and the free in one critical section: two threads freeing one handle
-    // cannot both pass (the second sees the generation moved on).
-    std::lock_guard<std::mutex> g(mu_);
-    if (ref) {
-      if (!owns_unfreed(*ref))
-        return Status(Errc::invalid_argument, 0,
-                      ref->p_ ? "free: a stale handle (freed already) or a blob of another emitter" : "free: an empty handle");
-      if (blob->pending_grace_)
-        return Status(Errc::invalid_argument, 0, "free: retire_code() gave this blob to a grace domain, which frees it");
-    } else if (blob->state() == BlobState::freed) {
-      return Status(Errc::invalid_argument, 0, "free: freed already");
-    }
-    if (blob->pending_grace_) {
-      blob->pending_grace_ = false;
-      --pending_grace_;
-    }
-    // Every BlobRef to this function is stale from here on (read_once in valid()).
-    write_once(blob->generation_, blob->generation_ + 1);
-    if (blob->prev_) blob->prev_->next_ = blob->next_;
-    else live_ = blob->next_;
-    if (blob->next_) blob->next_->prev_ = blob->prev_;
-    --live_count_;
-    // Pairs with the load_acquire in CodeBlob::state(): a lock-free reader that still
-    // holds the pointer (found before registry_->remove() below) and reads the state
-    // after this store sees `freed` and refuses the blob.
-    store_release(&blob->state_, BlobState::freed);
-    rx = blob->range_.rx;
-    if (visibility_) (void)visibility_->on_unload(rx);
-    if (registry_) (void)registry_->remove(rx);
-    blob->prev_ = nullptr;
-    blob->next_ = spare_;
-    spare_ = blob;
-  }
-  return heap_->free(rx);
-}
-
-Status Emitter::retire(BlobRef ref) noexcept {
-  std::lock_guard<std::mutex> g(mu_);
-  if (!owns_unfreed(ref) || ref.p_->state() != BlobState::live)
-    return Status(Errc::invalid_argument, 0, "retire: not a live blob of this emitter (empty, stale, or retired already)");
-  CodeBlob* blob = ref.p_;
-  // Pairs with the load_acquire in CodeBlob::state(): Patcher::plan() refuses retired
-  // code from here on. The release orders the caller's earlier accesses (its unlinking of
-  // the blob) before the state a lock-free reader checks.
-  store_release(&blob->state_, BlobState::retired);
-  return {};
-}
-
-void Emitter::add_user(User* u, const char* kind, const void* object) noexcept {
-  std::lock_guard<std::mutex> g(mu_);
-  u->kind = kind;
-  u->object = object;
-  u->prev = nullptr;
-  u->next = users_;
-  if (users_) users_->prev = u;
-  users_ = u;
-  ++user_count_;
-}
-
-void Emitter::remove_user(User* u) noexcept {
-  std::lock_guard<std::mutex> g(mu_);
-  if (u->prev) u->prev->next = u->next;
-  else users_ = u->next;
-  if (u->next) u->next->prev = u->prev;
-  u->prev = u->next = nullptr;
-  --user_count_;
-}
-
-std::size_t Emitter::users() const noexcept {
-  std::lock_guard<std::mutex> g(mu_);
-  return user_count_;
-}
-
-std::size_t Emitter::live_blobs() const noexcept {
-  std::lock_guard<std::mutex> g(mu_);
-  return live_count_;
-}
-
-void Emitter::set_code_scan_hook(std::function<bool(const CodeBlob&)> still_referenced) {
-  std::shared_ptr<const std::function<bool(const CodeBlob&)>> h;
-  if (still_referenced) h = std::make_shared<const std::function<bool(const CodeBlob&)>>(std::move(still_referenced));
-  std::lock_guard<std::mutex> g(mu_);
-  scan_hook_.swap(h);
-}
-
-Result<CodeBlob*> Emitter::hand_to_grace(const BlobRef& ref) noexcept {
-  std::lock_guard<std::mutex> g(mu_);
-  if (!owns_unfreed(ref) || ref.p_->state() != BlobState::live)
-    return Status(Errc::invalid_argument, 0, "retire_code: not a live blob of this emitter (empty, stale, or retired already)");
-  // Pairs with the load_acquire in CodeBlob::state(), as in retire().
-  store_release(&ref.p_->state_, BlobState::retired);
-  ref.p_->pending_grace_ = true;
-  ++pending_grace_;
-  return ref.p_;
-}
-
-void Emitter::take_back_from_grace(CodeBlob* blob) noexcept {
-  std::lock_guard<std::mutex> g(mu_);
-  blob->pending_grace_ = false;
-  --pending_grace_;
-}
-
-Status retire_code(GraceDomain& domain, Emitter& emitter, BlobRef ref) noexcept {
-  auto blob = emitter.hand_to_grace(ref);
-  if (!blob.ok()) return blob.status();
-  // After the grace period: the hook (copied out under the lock, called without it) may
-  // keep the blob for another round; at the domain's destruction it is freed regardless.
-  auto after_grace = [](void* ctx, void* p, bool final) -> bool {
-    auto* em = static_cast<Emitter*>(ctx);
-    auto* b = static_cast<CodeBlob*>(p);
-    if (!final) {
-      std::shared_ptr<const std::function<bool(const CodeBlob&)>> hook;
-      {
-        std::lock_guard<std::mutex> g(em->mu_);
-        hook = em->scan_hook_;
-      }
-      if (hook && (*hook)(*b)) return false;
-    }
-    (void)em->free_blob(b);
-    return true;
   };
-  Status st = domain.retire_deferrable(*blob, after_grace, &emitter);
-  // Not queued: the blob stays with the caller, retired (the Patcher refuses it), and
-  // free() may release it.
-  if (!st.ok()) emitter.take_back_from_grace(*blob);
-  return st;
+  std::byte* entry = cx.entry_.isValid() ? range->rx + code.labelOffsetFromBase(cx.entry_) : range->rx;
+  return link_blob(name, *range, size, entry, cx.decls_.size(), fill_sites, &fill, options.publish);
 }
+
 
 }  // namespace jitpatch

@@ -532,9 +532,25 @@ PatcherStats Patcher::stats() const noexcept {
 Result<std::byte*> Patcher::veneer_for(std::uint64_t target) noexcept {
   std::lock_guard<std::mutex> g(veneer_mu_);
   if (auto it = veneers_.find(target); it != veneers_.end()) return it->second->entry();
-  auto b = emitter_->emit("jitpatch_veneer", [&](EmitContext& cx) {
-    cx.far_jump_site(reinterpret_cast<const void*>(target), "target");
-  });
+  // Raw bytes from the arch layer's instruction facts rather than the assembler: the
+  // shared library (the C API) has the patcher without asmjit (docs/c-api.md). The jump
+  // reads the slot at offset 8, which the blob's 16-byte alignment keeps 8-byte aligned.
+  std::uint8_t code[16];
+#if defined(__x86_64__)
+  // jmp qword ptr [rip + 2] (FF /4, ModRM 00 100 101: RIP-relative), two INT3s, the slot.
+  const std::uint8_t jmp_slot[8] = {0xFF, 0x25, 0x02, 0x00, 0x00, 0x00, arch::x86_64::kInt3, arch::x86_64::kInt3};
+  std::memcpy(code, jmp_slot, 8);
+#else
+  // ldr x16, [pc + 8]; br x16; the slot (x16: the intra-procedure-call scratch register).
+  const std::uint32_t insns[2] = {arch::aarch64::ldr_literal_x(16, 8), arch::aarch64::br(16)};
+  std::memcpy(code, insns, 8);
+#endif
+  std::memcpy(code + 8, &target, 8);
+  RawSite slot;
+  slot.kind = SiteKind::data_slot;
+  slot.offset = 8;
+  slot.name = "target";
+  auto b = emitter_->publish("jitpatch_veneer", code, sizeof code, &slot, 1);
   if (!b.ok()) return b.status();
   try {
     veneers_.emplace(target, b->get());

@@ -53,12 +53,14 @@ TEST_CASE("grace stress: retired code is never freed under an executor", "[grace
 
   std::atomic<bool> stop{false};
   std::atomic<long> calls{0}, wrong{0}, errors{0};
+  std::atomic<int> started{0};  // executors that made their first call
   std::vector<std::thread> ts;
   for (int i = 0; i < 2; ++i)
     ts.emplace_back([&] {
       auto r = d.register_reader();
       if (!r.ok()) {
         errors.fetch_add(1);
+        started.fetch_add(1);
         return;
       }
       long n = 0, w = 0;
@@ -68,12 +70,15 @@ TEST_CASE("grace stress: retired code is never freed under an executor", "[grace
         const Pair p = current.load(std::memory_order_acquire)();
         r->unlock();
         if (p.a != p.b) ++w;
-        ++n;
+        if (n++ == 0) started.fetch_add(1);
       }
       calls.fetch_add(n);
       wrong.fetch_add(w);
     });
 
+  // The versions start once both executors run the code: on a loaded machine they could
+  // otherwise all be published and retired before an executor was first scheduled.
+  while (started.load() < 2) std::this_thread::yield();
   const int versions = JITPATCH_TSAN ? 300 : 3000;
   std::string wx;
   for (int v = 1; v <= versions; ++v) {

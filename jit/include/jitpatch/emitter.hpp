@@ -228,6 +228,22 @@ struct EmitOptions {
   bool redirectable_entry = false;
 };
 
+// A patch site of code published from raw machine code (Emitter::publish()): where it
+// is and what it is. publish() writes the site's instruction itself, in its final form
+// (the caller only reserves the bytes): x86-64 call/jmp rel32 (5 bytes, the displacement
+// 4-byte aligned) or a 5-byte NOP inside one aligned 8-byte word; aarch64 BL/B/NOP. A
+// data slot keeps the caller's 8 bytes (its initial value) and must be 8-byte aligned.
+struct RawSite {
+  SiteKind kind = SiteKind::call;  // call, jump, toggle, data_slot or entry
+  std::size_t offset = 0;          // of the site's first byte, from the start of the code
+  // call/jump/toggle: where the branch goes (a toggle: when on). An absolute address, or
+  // with target_is_offset an offset into the code. Ignored for data_slot and entry.
+  std::uint64_t target = 0;
+  bool target_is_offset = false;
+  bool on = true;  // toggle only: start as the jump (true) or as the NOP
+  std::string_view name{};
+};
+
 class Emitter {
  public:
   // `registry` (PC -> blob lookup) and `visibility` (perf map, jitdump, GDB) are optional;
@@ -260,6 +276,16 @@ class Emitter {
     };
     return emit_impl(name, thunk, const_cast<void*>(static_cast<const void*>(&body)), options);
   }
+
+  // Publish `size` bytes of finished machine code with its patch sites: the bytes are
+  // copied into the heap as they are, except the sites' instructions (RawSite). The code
+  // must be position-independent apart from its sites. `entry_offset` is the entry point;
+  // an `entry` site makes the blob redirectable (Patcher::redirect_entry). Errors:
+  // Errc::invalid_argument for a null or empty code, a site outside the code, a site kind
+  // that cannot be published (other), two entry sites, a misaligned site, a branch target
+  // out of direct reach; the heap's errors. Thread-safe. Uses no asmjit.
+  Result<BlobRef> publish(std::string_view name, const void* code, std::size_t size, const RawSite* sites,
+                          std::size_t nsites, std::size_t entry_offset = 0, const EmitOptions& options = {}) noexcept;
 
   // Free a blob's memory now and destroy it. The caller guarantees no thread runs it or
   // will (retire_code() provides that guarantee with a grace period). Errc::invalid_argument
@@ -303,6 +329,9 @@ class Emitter {
   };
   void add_user(User* u, const char* kind, const void* object) noexcept;
   void remove_user(User* u) noexcept;
+  Result<BlobRef> link_blob(std::string_view name, const CodeRange& range, std::size_t size, std::byte* entry,
+                            std::size_t nsites, void (*fill)(const void*, std::vector<PatchSite>&), const void* ctx,
+                            bool publish) noexcept;
   Result<BlobRef> emit_impl(std::string_view name, Status (*thunk)(void*, EmitContext&), void* body,
                               const EmitOptions& options);
   CodeHeap* heap_;

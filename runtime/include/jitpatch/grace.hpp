@@ -165,6 +165,9 @@ class GraceReader {
   bool is_online() const noexcept { return rec_ && rec_->qsbr && read_once(rec_->ctr) != 0; }
 
   GraceDomain* domain() const noexcept { return rec_ ? rec_->domain : nullptr; }
+  // The reader's record, for read sides written elsewhere with this class's code: the C
+  // API's inline functions (<jitpatch/jitpatch.h>) work on it directly.
+  detail::GraceReaderRecord* record() const noexcept { return rec_; }
 
  private:
   friend class GraceDomain;
