@@ -129,6 +129,10 @@ double med(const Cell* c) { return c ? c->a.median : std::nan(""); }
 
 // --- threads -------------------------------------------------------------------------------
 
+// The CPUs the process may use, taken before run() pins the coordinator.
+cpu_set_t g_all_cpus;
+bool g_have_all_cpus = false;
+
 // N threads: `running` of them run body(i, true) until quitting(), the others call
 // body(i, false), which ends in block(): read(2) of a pipe that only stop() writes to.
 class Crew {
@@ -145,7 +149,12 @@ class Crew {
     quit_.store(false);
     ready_.store(0);
     body_ = std::move(body);
-    for (int i = 0; i < n; ++i) threads_.emplace_back([this, i, running] { body_(*this, i, i < running); });
+    for (int i = 0; i < n; ++i)
+      threads_.emplace_back([this, i, running] {
+        // The coordinator is pinned (see run()); the crew goes wherever the scheduler puts it.
+        if (g_have_all_cpus) (void)::sched_setaffinity(0, sizeof g_all_cpus, &g_all_cpus);
+        body_(*this, i, i < running);
+      });
     while (ready_.load(std::memory_order_acquire) < n) std::this_thread::sleep_for(std::chrono::microseconds(200));
     return true;
   }
@@ -217,9 +226,17 @@ void on_stop_signal(int) {
   errno = saved;
 }
 
-// Stop every thread in `tids`, run at_stop, release. *ttsp: signals sent -> last ack.
+// What a case reports besides the time its call took (negative: not reported).
+struct Fig {
+  double ttsp = -1;   // request -> every thread stopped
+  double pause = -1;  // request -> release done: used instead of the call's duration
+};
+
+// Stop every thread in `tids`, run at_stop, release. The pause ends when the release is
+// done: the call itself can last much longer, because the threads it wakes take the
+// CPUs (with 64 on 2 CPUs, the coordinator then waits up to hundreds of ms to return).
 template <class F>
-Status signal_stop(const std::vector<pid_t>& tids, F&& at_stop, double* ttsp) {
+Status signal_stop(const std::vector<pid_t>& tids, F&& at_stop, Fig* fig) {
   const auto n = static_cast<std::uint32_t>(tids.size());
   store_release(&g_acks, 0u);
   write_once(g_expected, n);
@@ -239,18 +256,18 @@ Status signal_stop(const std::vector<pid_t>& tids, F&& at_stop, double* ttsp) {
     const timespec ts{0, 1000000};
     futex(&g_acks, FUTEX_WAIT_PRIVATE, a, &ts);
   }
-  if (ttsp) *ttsp = static_cast<double>(jb::now_ns() - t0);
+  if (fig) fig->ttsp = static_cast<double>(jb::now_ns() - t0);
   Status st = at_stop();
   store_release(&g_release_seq, seq + 1);
   futex(&g_release_seq, FUTEX_WAKE_PRIVATE, INT_MAX);
+  if (fig) fig->pause = static_cast<double>(jb::now_ns() - t0);
   return st;
 }
 
 // --- sampling ------------------------------------------------------------------------------
 
-// A case: one operation, timed from outside; it may report a second figure (its time to
-// safepoint) through *second.
-using CaseFn = std::function<Status(double* second)>;
+// A case: one operation, timed from outside unless it reports its pause through Fig.
+using CaseFn = std::function<Status(Fig*)>;
 
 struct Budget {
   std::int64_t ns;
@@ -269,7 +286,7 @@ void sample(std::vector<CaseFn>& fns, const Budget& b, std::vector<std::vector<d
   status.assign(fns.size(), Status{});
   for (std::size_t i = 0; i < fns.size(); ++i)
     for (int k = 0; k < b.warmup && status[i].ok(); ++k) {
-      double x = -1;
+      Fig x;
       status[i] = fns[i](&x);
     }
   const std::int64_t start = jb::now_ns();
@@ -279,7 +296,7 @@ void sample(std::vector<CaseFn>& fns, const Budget& b, std::vector<std::vector<d
       if (!status[i].ok()) continue;
       any = true;
       gap();
-      double x = -1;
+      Fig x;
       const std::int64_t t0 = jb::now_ns();
       Status st = fns[i](&x);
       const std::int64_t t1 = jb::now_ns();
@@ -287,8 +304,8 @@ void sample(std::vector<CaseFn>& fns, const Budget& b, std::vector<std::vector<d
         status[i] = st;
         continue;
       }
-      first[i].push_back(std::max(0.0, static_cast<double>(t1 - t0) - overhead));
-      if (x >= 0) second[i].push_back(x);
+      first[i].push_back(x.pause >= 0 ? x.pause : std::max(0.0, static_cast<double>(t1 - t0) - overhead));
+      if (x.ttsp >= 0) second[i].push_back(x.ttsp);
     }
     const std::size_t done = round + 1;
     if (!any || done >= b.max_samples) break;
@@ -401,14 +418,14 @@ void run_patch(Runtime& rt, PatchRig& rig, const Options& opt, const std::vector
       }
       int side[3] = {0, 0, 0};
       std::vector<CaseFn> fns = {
-          [&](double*) { return rig.patcher->retarget(*rig.site, rig.target[side[0] ^= 1]); },
-          [&](double*) {
+          [&](Fig*) { return rig.patcher->retarget(*rig.site, rig.target[side[0] ^= 1]); },
+          [&](Fig* f) {
             const void* t = rig.target[side[1] ^= 1];
-            return signal_stop(crew.tids(), [&] { return rig.fast_heap->store_code_word(rig.site->address + 1, rel32(rig.site->address, t), 4); }, nullptr);
+            return signal_stop(crew.tids(), [&] { return rig.fast_heap->store_code_word(rig.site->address + 1, rel32(rig.site->address, t), 4); }, f);
           },
-          [&](double*) {
+          [&](Fig* f) {
             const void* t = rig.flip_target[side[2] ^= 1];
-            return signal_stop(crew.tids(), [&] { return rig.flip_heap->store_code_word(rig.flip_site + 1, rel32(rig.flip_site, t), 4); }, nullptr);
+            return signal_stop(crew.tids(), [&] { return rig.flip_heap->store_code_word(rig.flip_site + 1, rel32(rig.flip_site, t), 4); }, f);
           },
       };
       const char* names[] = {"jitpatch", "signals", "mprotect"};
@@ -529,9 +546,15 @@ void run_stw(Runtime& rt, PatchRig& jit, const Options& opt, const std::vector<i
           }
           self->enter_native();
         });
-        std::vector<CaseFn> fns = {[&](double* ttsp) {
+        // The pause is the library's own figure, arming to release done (as for the
+        // peers): the call lasts longer when the released threads take the CPUs.
+        std::vector<CaseFn> fns = {[&](Fig* f) {
           Status st = rig.sp->stop_the_world([] {});
-          if (st.ok()) *ttsp = static_cast<double>(rig.sp->stats().last.ttsp_ns);
+          if (st.ok()) {
+            const LastStop last = rig.sp->stats().last;
+            f->ttsp = static_cast<double>(last.ttsp_ns);
+            f->pause = static_cast<double>(last.ttsp_ns + last.at_safepoint_ns);
+          }
           return st;
         }};
         std::vector<std::vector<double>> first, second;
@@ -563,16 +586,17 @@ void run_stw(Runtime& rt, PatchRig& jit, const Options& opt, const std::vector<i
         }
         if (reg) scale_bench::boehm_unregister_thread();
       });
-      std::vector<double> boehm_sr;  // stop + resume, without the marking
+      std::vector<double> boehm_mark;  // the whole stopped time, marking included
       std::vector<CaseFn> fns = {
-          [&](double* ttsp) {
+          [&](Fig* f) {
             scale_bench::BoehmSample s;
             if (!scale_bench::boehm_collect(&s)) return Status(Errc::unavailable, 0, "GC_gcollect reported no stop");
-            *ttsp = s.ttsp_ns;
-            boehm_sr.push_back(s.stop_resume_ns);
+            f->ttsp = s.ttsp_ns;
+            f->pause = s.stop_resume_ns;
+            boehm_mark.push_back(s.pause_ns);
             return Status{};
           },
-          [&](double* ttsp) { return signal_stop(crew.tids(), [] { return Status{}; }, ttsp); },
+          [&](Fig* f) { return signal_stop(crew.tids(), [] { return Status{}; }, f); },
       };
       std::vector<std::vector<double>> first, second;
       std::vector<Status> status;
@@ -581,9 +605,9 @@ void run_stw(Runtime& rt, PatchRig& jit, const Options& opt, const std::vector<i
       std::string boehm_err = status[0].ok() ? "" : status[0].message();
       if (unregistered.load() != 0) boehm_err = "GC_register_my_thread failed";
       // The warm-up calls pushed figures too: drop them.
-      if (boehm_sr.size() > first[0].size()) boehm_sr.erase(boehm_sr.begin(), boehm_sr.begin() + static_cast<std::ptrdiff_t>(boehm_sr.size() - first[0].size()));
-      g_cells.push_back({"stw", "Boehm GC (incl. mark)", mix_key(mix), n, summarize(first[0]), summarize(second[0]), boehm_err});
-      g_cells.push_back({"stw", "Boehm GC", mix_key(mix), n, summarize(boehm_sr), summarize(second[0]), boehm_err});
+      if (boehm_mark.size() > first[0].size()) boehm_mark.erase(boehm_mark.begin(), boehm_mark.begin() + static_cast<std::ptrdiff_t>(boehm_mark.size() - first[0].size()));
+      g_cells.push_back({"stw", "Boehm GC (incl. mark)", mix_key(mix), n, summarize(boehm_mark), summarize(second[0]), boehm_err});
+      g_cells.push_back({"stw", "Boehm GC", mix_key(mix), n, summarize(first[0]), summarize(second[0]), boehm_err});
       g_cells.push_back({"stw", "signals", mix_key(mix), n, summarize(first[1]), summarize(second[1]),
                          status[1].ok() ? "" : status[1].message()});
     }
@@ -605,18 +629,29 @@ std::string mix_at(Mix m, int n) { return n <= 2 ? "running" : mix_key(m); }
 void run_grace(const Options& opt, const std::vector<int>& ns) {
   reclaim_bench::Config cfg;
   cfg.writers = 1;
-  cfg.seconds = opt.quick ? 0.08 : 1.0;
+  cfg.seconds = opt.quick ? 0.08 : 0.75;
   for (std::size_t i = 0; i < ns.size(); ++i) {
     const int n = ns[i];
     cfg.readers = n;
     // Alternate which flavor goes first, so that a drift in load does not favor one.
-    for (std::size_t k = 0; k < 2; ++k) {
-      const bool urcu = ((i + k) & 1) == 1;
-      const reclaim_bench::Outcome o = urcu ? reclaim_bench::run_liburcu_memb(cfg) : reclaim_bench::run_jitpatch(cfg, 0);
-      Cell c{"grace", urcu ? "liburcu memb" : "jitpatch", "running", n, {}, summarize(o.gp_ns), o.error ? o.error : ""};
-      c.a.median = static_cast<double>(o.reads) / cfg.seconds;
-      c.a.p99 = static_cast<double>(o.writes) / cfg.seconds;  // grace periods per second
-      c.a.samples = static_cast<std::size_t>(o.bad);          // must be 0
+    // Two runs each, in the order A B B A (A alternating with N), so that a drift in
+    // machine load lands on both flavors alike; reads and grace periods are summed.
+    reclaim_bench::Outcome sum[2];
+    for (std::size_t k = 0; k < 4; ++k) {
+      const std::size_t f = (i + (k == 1 || k == 2 ? 1 : 0)) & 1;  // 1: liburcu
+      const reclaim_bench::Outcome o = f ? reclaim_bench::run_liburcu_memb(cfg) : reclaim_bench::run_jitpatch(cfg, 0);
+      sum[f].reads += o.reads;
+      sum[f].writes += o.writes;
+      sum[f].bad += o.bad;
+      sum[f].gp_ns.insert(sum[f].gp_ns.end(), o.gp_ns.begin(), o.gp_ns.end());
+      if (o.error) sum[f].error = o.error;
+    }
+    for (std::size_t f = 0; f < 2; ++f) {
+      const reclaim_bench::Outcome& o = sum[f];
+      Cell c{"grace", f ? "liburcu memb" : "jitpatch", "running", n, {}, summarize(o.gp_ns), o.error ? o.error : ""};
+      c.a.median = static_cast<double>(o.reads) / (2 * cfg.seconds);
+      c.a.p99 = static_cast<double>(o.writes) / (2 * cfg.seconds);  // grace periods per second
+      c.a.samples = static_cast<std::size_t>(o.bad);                // must be 0
       if (o.bad != 0 && c.error.empty()) c.error = "a reader saw a freed value";
       g_cells.push_back(c);
     }
@@ -670,9 +705,22 @@ int run(const Options& opt) {
     std::fprintf(stderr, "jitpatch-bench-scale: set-up: %s\n", st.message().c_str());
     return 1;
   }
+  // The coordinator (patcher, collector) stays on the CPU it started on, the threads go
+  // anywhere. Left free, it is often woken on the CPU of the only executor, which it then
+  // displaces: at N = 1 a patch would then find no other CPU running the process and
+  // cost a fraction of what it costs while the executor runs.
+  g_have_all_cpus = ::sched_getaffinity(0, sizeof g_all_cpus, &g_all_cpus) == 0;
+  if (g_have_all_cpus && CPU_COUNT(&g_all_cpus) > 1) {
+    cpu_set_t one;
+    CPU_ZERO(&one);
+    CPU_SET(::sched_getcpu(), &one);
+    (void)::sched_setaffinity(0, sizeof one, &one);
+  }
   const std::int64_t t_start = jb::now_ns();
   if (opt.wants("patch") || opt.wants("storm")) run_patch(*rt, rig, opt, ns, opt.wants("storm"));
   if (opt.wants("stw")) run_stw(*rt, rig, opt, ns);
+  // The torture's threads inherit this thread's affinity: unpinned again first.
+  if (g_have_all_cpus) (void)::sched_setaffinity(0, sizeof g_all_cpus, &g_all_cpus);
   if (opt.wants("grace")) run_grace(opt, ns);
   const double elapsed_s = static_cast<double>(jb::now_ns() - t_start) / 1e9;
   const jb::Machine m_end = jb::machine_info();
@@ -753,7 +801,7 @@ int run(const Options& opt) {
   }
   // --- 3. grace
   if (opt.wants("grace")) {
-    std::printf("3. grace periods: N readers + 1 writer (synchronize() in a loop), %s each\n", opt.quick ? "0.08 s" : "1 s");
+    std::printf("3. grace periods: N readers + 1 writer (synchronize() in a loop), 2 runs of %s each\n", opt.quick ? "0.08 s" : "0.75 s");
     jb::Table t({"N", "jitpatch reads/s", "liburcu reads/s", "ratio", "jitpatch sync", "p99", "liburcu sync", "p99",
                  "ratio", "GPs/s jitpatch", "GPs/s liburcu", "bad"});
     for (int n : ns) {
