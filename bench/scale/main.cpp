@@ -70,6 +70,7 @@ struct Options {
   std::string json_path, plot_dir;
   int max_threads = 0;  // 0: 64, or 16 with --quick
   std::string only;  // comma-separated sections; empty: all
+  std::string mix;   // "running" or "blocked"; empty: both
   bool wants(const char* s) const { return only.empty() || ("," + only + ",").find("," + std::string(s) + ",") != std::string::npos; }
 };
 
@@ -80,7 +81,8 @@ void usage(std::FILE* out) {
                "  --json FILE      also write the results as JSON to FILE\n"
                "  --plot DIR       draw each figure against N as DIR/scale-*.svg (needs gnuplot)\n"
                "  --max-threads N  largest thread count (default 64; 16 with --quick)\n"
-               "  --only LIST      comma-separated sections: patch,stw,grace,storm\n");
+               "  --only LIST      comma-separated sections: patch,stw,grace,storm\n"
+               "  --mix MIX        only the mix `running` or `blocked` (sections 1 and 2)\n");
 }
 
 enum class Mix { running, blocked };
@@ -410,6 +412,7 @@ void run_patch(Runtime& rt, PatchRig& rig, const Options& opt, const std::vector
   for (Mix mix : {Mix::running, Mix::blocked}) {
     for (int n : ns) {
       if (mix == Mix::blocked && n <= 2) continue;  // the same as the running mix
+      if (!opt.mix.empty() && opt.mix != mix_key(mix)) continue;
       Crew crew;
       if (!crew.start(running_of(mix, n), n - running_of(mix, n),
                       [&rt](Crew& c, int i, bool r) { executor(rt, c, i, r); })) {
@@ -525,6 +528,7 @@ void run_stw(Runtime& rt, PatchRig& jit, const Options& opt, const std::vector<i
     for (Mix mix : {Mix::running, Mix::blocked}) {
       for (int n : ns) {
         if (mix == Mix::blocked && n <= 2) continue;
+        if (!opt.mix.empty() && opt.mix != mix_key(mix)) continue;
         Crew crew;
         crew.start(running_of(mix, n), n - running_of(mix, n), [&rig](Crew& c, int i, bool running) {
           auto att = rig.sp->attach_current_thread();
@@ -570,6 +574,7 @@ void run_stw(Runtime& rt, PatchRig& jit, const Options& opt, const std::vector<i
   for (Mix mix : {Mix::running, Mix::blocked}) {
     for (int n : ns) {
       if (mix == Mix::blocked && n <= 2) continue;
+      if (!opt.mix.empty() && opt.mix != mix_key(mix)) continue;
       std::atomic<int> unregistered{0};
       Crew crew;
       crew.start(running_of(mix, n), n - running_of(mix, n), [&](Crew& c, int i, bool running) {
@@ -980,6 +985,10 @@ int main(int argc, char** argv) {
   auto extra = [&](const char* a, auto& next) {
     if (!std::strcmp(a, "--plot")) o.plot_dir = next();
     else if (!std::strcmp(a, "--only")) o.only = next();
+    else if (!std::strcmp(a, "--mix")) {
+      o.mix = next();
+      if (o.mix != "running" && o.mix != "blocked") return false;
+    }
     else if (!std::strcmp(a, "--max-threads")) {
       o.max_threads = std::atoi(next());
       if (o.max_threads < 1 || o.max_threads > 1024) return false;
