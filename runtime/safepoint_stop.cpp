@@ -15,7 +15,7 @@ using namespace sp_internal;
 void SafepointThread::online_slow() noexcept { qsbr_->online(); }
 void SafepointThread::offline_slow() noexcept { qsbr_->offline(); }
 
-void detail::safepoint_notify(SafepointThread* t) noexcept { impl_of(t)->notify(); }
+void detail::safepoint_notify(SafepointThread* t) noexcept { impl_of(t)->notify(static_cast<SafepointRecord*>(t)); }
 
 void detail::safepoint_slow(SafepointThread* t, const void* site) noexcept {
   auto* r = static_cast<SafepointRecord*>(t);
@@ -48,7 +48,7 @@ void detail::safepoint_slow(SafepointThread* t, const void* site) noexcept {
       // SP4: pairs with the coordinator's load_acquire of the state (state()): the
       // managed-code writes, and parked_seq, are visible to a coordinator that sees it.
       store_release(r->st(), static_cast<std::uint32_t>(ThreadState::parked));
-      s.notify();
+      s.notify(r);
       // SP5: pairs with stop_impl()'s store_release of stop_seq at the release, which it
       // follows with futex_wake(); futex_wait() sleeps only while stop_seq is still seq.
       while (load_acquire(&s.stop_seq) == seq) sys::futex_wait(&s.stop_seq, seq, nullptr);
@@ -247,7 +247,7 @@ Status Safepoints::stop_impl(detail::FnRef<void()> fn) noexcept {
       if (only_untrusted && trusted[i]) continue;
       SafepointRecord* r = targets[i];
       const bool at_once = is_safe(r->state());
-      if (!at_once && !s.wait_until([r] { return is_safe(r->state()); }, deadline, &spins)) {
+      if (!at_once && !s.wait_until([r] { return is_safe(r->state()); }, deadline, &spins, r)) {
         timed_out = true;
         return;
       }
