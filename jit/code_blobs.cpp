@@ -15,6 +15,9 @@
 #include <jitpatch/arch/aarch64/insn.hpp>
 #endif
 
+#include <sys/mman.h>
+#include <unistd.h>
+
 #include <cstdio>
 #include <cstring>
 #include <new>
@@ -39,6 +42,31 @@ const PatchSite* CodeBlob::site(std::string_view name) const noexcept {
   return nullptr;
 }
 
+
+namespace {
+// Fault in the whole pages of a new 32 KiB descriptor slab with one madvise(2)
+// (MADV_POPULATE_WRITE, Linux 5.14) instead of one page fault per 32 descriptors as they
+// are first written. Past the first few thousand live functions, malloc hands out memory
+// never touched before, and those faults were what made the Emitter's per-function cost
+// grow with N (bench/publish: about 1 us at N = 10^4 and 10^5 against 0.12 us at N = 100,
+// on a paravirtualized guest where a page fault is expensive). Best effort: an older
+// kernel's EINVAL leaves the pages to fault in as before. The contents are unchanged:
+// populating never alters a page that is present, and an absent anonymous page reads zero
+// either way. Called under the emitter's lock, like the allocation itself: once per 256
+// functions.
+void prefault(void* mem, std::size_t size) noexcept {
+#if defined(MADV_POPULATE_WRITE)
+  const long page = ::sysconf(_SC_PAGESIZE);
+  if (page <= 0) return;
+  const auto p = static_cast<std::uintptr_t>(page);
+  const std::uintptr_t begin = (reinterpret_cast<std::uintptr_t>(mem) + p - 1) & ~(p - 1);
+  const std::uintptr_t end = (reinterpret_cast<std::uintptr_t>(mem) + size) & ~(p - 1);
+  if (end > begin) (void)::madvise(reinterpret_cast<void*>(begin), end - begin, MADV_POPULATE_WRITE);
+#else
+  (void)mem, (void)size;
+#endif
+}
+}  // namespace
 
 // A slab's header; its descriptors follow it, kHeader bytes in.
 struct Emitter::Slab {
@@ -134,6 +162,7 @@ Result<BlobRef> Emitter::link_blob(std::string_view name, const CodeRange& range
         const std::size_t n = slab_count_ >= 5 ? 256 : std::size_t(8) << slab_count_;
         void* mem = ::operator new(Slab::kHeader + n * sizeof(CodeBlob), std::nothrow);
         if (!mem) return undo_alloc(Status(Errc::out_of_memory));
+        if (n == 256) prefault(mem, Slab::kHeader + n * sizeof(CodeBlob));
         slabs_ = new (mem) Slab{slabs_, n};
         ++slab_count_;
         fresh_ = static_cast<std::byte*>(mem) + Slab::kHeader;

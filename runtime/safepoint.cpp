@@ -2,6 +2,7 @@
 // statistics, the poll armer, and the checked transitions. The slow path and stops are in
 // safepoint_stop.cpp, handshakes in safepoint_handshake.cpp, page polls in
 // safepoint_page.cpp; what they share is in safepoint_impl.hpp.
+#include <algorithm>
 #include <sys/mman.h>
 #include <unistd.h>
 
@@ -343,6 +344,7 @@ void Safepoints::reset_stats() noexcept {
   Impl& s = *impl_;
   std::lock_guard<std::mutex> g(s.stats_mu);
   s.stats = SafepointStats{};
+  s.late_sites.clear();
   // Statistics only; a concurrent increment may land on either side of the reset.
   write_once(s.slow_paths, std::uint64_t{0});
   write_once(s.page_faults, std::uint64_t{0});
@@ -354,6 +356,16 @@ void Safepoints::reset_stats() noexcept {
 std::vector<LateThread> Safepoints::late_threads() const {
   std::lock_guard<std::mutex> g(impl_->stats_mu);
   return impl_->late;
+}
+
+std::vector<LateSite> Safepoints::late_sites() const {
+  std::vector<LateSite> v;
+  {
+    std::lock_guard<std::mutex> g(impl_->stats_mu);
+    v = impl_->late_sites;
+  }
+  std::stable_sort(v.begin(), v.end(), [](const LateSite& a, const LateSite& b) { return a.count > b.count; });
+  return v;
 }
 
 Status Safepoints::set_poll_armer(PollArmer* armer) noexcept {

@@ -137,6 +137,12 @@ struct Safepoints::Impl {
   alignas(64) std::uint32_t stop_seq = 0;  // odd while a stop is armed; parked threads' futex
   alignas(64) std::uint32_t progress = 0;  // bumped when a thread becomes safe or finishes work
   std::uint32_t sleepers = 0;               // coordinators/requesters asleep on `progress`
+  // The one thread a sleeping stop coordinator waits for (read_once/write_once; nullptr:
+  // none). A thread that becomes safe wakes a lone sleeper only if it is that thread: a
+  // stop waits for its targets in turn, and being woken by every other one that parks
+  // meanwhile costs it a context switch each, on a CPU those threads need to reach their
+  // polls (SP8b in docs/memory-ordering.md).
+  const SafepointRecord* waiting_on = nullptr;
 
   // Counters (fetch_add_relaxed / read_once: statistics only, they order nothing) and the
   // per-stop figures (stats_mu).
@@ -144,6 +150,8 @@ struct Safepoints::Impl {
   mutable std::mutex stats_mu;
   SafepointStats stats;
   std::vector<LateThread> late;
+  std::vector<LateSite> late_sites;  // stats_mu; at most kLateSites
+  static constexpr std::size_t kLateSites = 64;
 
   // Patched polls: the jit layer's arming (set_poll_armer), and the number of requests
   // in progress that need them armed (both guarded by armer_mu).
@@ -164,18 +172,47 @@ struct Safepoints::Impl {
   // after the load makes futex_wait()'s compare fail (futex(2), FUTEX_WAIT: the load,
   // the compare and the blocking are atomic and totally ordered against other futex
   // operations on the same word, so a wake after the bump finds the waiter queued).
-  void notify() noexcept {
+  //
+  // The filter by waiting_on (SP8b) is the same store-buffering shape: the coordinator
+  // stores waiting_on before its fully ordered increment of `sleepers`, the notifier
+  // bumps `progress` before it reads them. A notifier that reads an older waiting_on (and
+  // so skips the wake) is ordered before the coordinator's load of `progress`, which then
+  // reads the bump, and pred() sees the notifier safe: no sleep. A notifier that reads the
+  // increment (acquire) also reads the waiting_on stored before it. With more than one
+  // sleeper (a handshake requester may wait beside a stop), everyone is woken: the filter
+  // never holds up anyone but a coordinator waiting for another thread, and a wake it
+  // should not have skipped would cost one bounded slice, never correctness.
+  // `from`: the thread that became safe (nullptr: not a thread's own arrival).
+  void notify(const SafepointRecord* from = nullptr) noexcept {
     // Fully ordered: the smp_mb() before it orders the caller's state/done store before
     // the bump; the one after it orders the bump before the load of `sleepers`. Pairs with
     // wait_until()'s fetch_add of `sleepers` and load_acquire of `progress`.
     fetch_add(&progress, 1);
-    if (read_once(sleepers) != 0) sys::futex_wake(&progress, INT_MAX);
+    // Acquire (SP8b): a notifier that reads the coordinator's increment also reads the
+    // waiting_on it stored before it.
+    const std::uint32_t n = load_acquire(&sleepers);
+    if (n == 0) return;
+    if (from && n == 1) {
+      const SafepointRecord* w = read_once(waiting_on);
+      if (w && w != from) return;
+    }
+    sys::futex_wake(&progress, INT_MAX);
   }
 
   // Spin, then sleep on `progress` in bounded slices, until pred() or the deadline.
+  // `spins`, when given, is a budget shared by several waits and decremented by the
+  // checks spent here: a stop waits for each thread in turn, and a spin per thread let a
+  // coordinator that shares a CPU with many runnable mutators hold that CPU for N spin
+  // phases (about 20 us each) that those mutators needed to reach their polls. After the
+  // first phase, a thread still not safe is most likely not running, and only sleeping
+  // lets it run.
   template <class P>
-  bool wait_until(P&& pred, std::uint64_t deadline) noexcept {
-    for (unsigned i = 0; i < opt.spin_before_sleep; ++i) {
+  // `for_whom`: the thread pred() waits for, if one (SP8b: only its arrival wakes us).
+  bool wait_until(P&& pred, std::uint64_t deadline, unsigned* spins = nullptr,
+                  const SafepointRecord* for_whom = nullptr) noexcept {
+    const unsigned budget = spins ? std::min(*spins, opt.spin_before_sleep) : opt.spin_before_sleep;
+    for (unsigned i = 0; i < budget; ++i) {
+      if (spins) --*spins;
       if (pred()) return true;
       // No sched_yield() here: the thread we wait for may be the one this thread
       // preempted on its CPU, but under EEVDF (Linux 6.6+) a yield pushes the yielder's
@@ -187,6 +224,8 @@ struct Safepoints::Impl {
       if (pred()) return true;
       const std::uint64_t now = sp_internal::now_ns();
       if (now >= deadline) return pred();
+      // SP8b: before the increment, which orders it for the notifiers that read it.
+      if (for_whom) write_once(waiting_on, for_whom);
       // SP8 (see notify()): fully ordered, so the increment is ordered before the load of
       // `progress`; pairs with notify()'s fetch_add of `progress` and read of `sleepers`.
       fetch_add(&sleepers, 1);
@@ -201,6 +240,9 @@ struct Safepoints::Impl {
         timespec ts{0, static_cast<long>(slice)};
         sys::futex_wait(&progress, v, &ts);
       }
+      // Cleared before the decrement (SP8b): a requester that starts sleeping after it
+      // finds no filter left behind.
+      if (for_whom) write_once(waiting_on, static_cast<const SafepointRecord*>(nullptr));
       // Fully ordered, more than needed: only whether a notify() issues a spare
       // futex_wake depends on when this becomes visible.
       fetch_sub(&sleepers, 1);
@@ -253,7 +295,7 @@ struct Safepoints::Impl {
   static void nudge_quiescent_fn(void* self) noexcept { static_cast<Safepoints::Impl*>(self)->nudge_quiescent(); }
 
   void run_ops(SafepointRecord* r, bool by_req) noexcept;
-  void record_stop(std::uint64_t ttsp, std::uint64_t at, pid_t slow_tid, std::uint64_t slow_ns, std::size_t n) noexcept;
+  void record_stop(const LastStop& last) noexcept;
 };
 
 namespace sp_internal {

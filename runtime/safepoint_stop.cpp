@@ -15,7 +15,7 @@ using namespace sp_internal;
 void SafepointThread::online_slow() noexcept { qsbr_->online(); }
 void SafepointThread::offline_slow() noexcept { qsbr_->offline(); }
 
-void detail::safepoint_notify(SafepointThread* t) noexcept { impl_of(t)->notify(); }
+void detail::safepoint_notify(SafepointThread* t) noexcept { impl_of(t)->notify(static_cast<SafepointRecord*>(t)); }
 
 void detail::safepoint_slow(SafepointThread* t, const void* site) noexcept {
   auto* r = static_cast<SafepointRecord*>(t);
@@ -48,7 +48,7 @@ void detail::safepoint_slow(SafepointThread* t, const void* site) noexcept {
       // SP4: pairs with the coordinator's load_acquire of the state (state()): the
       // managed-code writes, and parked_seq, are visible to a coordinator that sees it.
       store_release(r->st(), static_cast<std::uint32_t>(ThreadState::parked));
-      s.notify();
+      s.notify(r);
       // SP5: pairs with stop_impl()'s store_release of stop_seq at the release, which it
       // follows with futex_wake(); futex_wait() sleeps only while stop_seq is still seq.
       while (load_acquire(&s.stop_seq) == seq) sys::futex_wait(&s.stop_seq, seq, nullptr);
@@ -136,8 +136,7 @@ void SafepointsImpl::nudge_quiescent() noexcept {
 
 // --- stop the world ---------------------------------------------------------------------
 
-void SafepointsImpl::record_stop(std::uint64_t ttsp, std::uint64_t at, pid_t slow_tid, std::uint64_t slow_ns,
-                                   std::size_t n) noexcept {
+void SafepointsImpl::record_stop(const LastStop& last) noexcept {
   auto bucket = [](std::uint64_t ns) {
     std::size_t b = 0;
     while (ns > 1 && b + 1 < 40) {
@@ -148,11 +147,26 @@ void SafepointsImpl::record_stop(std::uint64_t ttsp, std::uint64_t at, pid_t slo
   };
   std::lock_guard<std::mutex> g(stats_mu);
   ++stats.stops;
-  stats.last = LastStop{ttsp, at, slow_tid, slow_ns, n};
-  ++stats.ttsp.buckets[bucket(ttsp)];
+  stats.last = last;
+  ++stats.ttsp.buckets[bucket(last.ttsp_ns)];
   ++stats.ttsp.count;
-  ++stats.at_safepoint.buckets[bucket(at)];
+  ++stats.at_safepoint.buckets[bucket(last.at_safepoint_ns)];
   ++stats.at_safepoint.count;
+  if (last.slowest_tid == 0) return;
+  for (LateSite& l : late_sites)
+    if (l.site == last.slowest_site) {
+      ++l.count;
+      return;
+    }
+  if (late_sites.size() >= kLateSites) {
+    ++stats.late_sites_dropped;
+    return;
+  }
+  try {
+    late_sites.push_back(LateSite{last.slowest_site, 1});
+  } catch (...) {
+    ++stats.late_sites_dropped;  // out of memory: statistics are not worth failing a stop
+  }
 }
 
 Status Safepoints::stop_impl(detail::FnRef<void()> fn) noexcept {
@@ -199,6 +213,10 @@ Status Safepoints::stop_impl(detail::FnRef<void()> fn) noexcept {
     // whose xchg in safepoint_slow() reads it; B below orders it before the state loads.
     fetch_or_release(r->pw(), kArmed);
   }
+  // Each thread's state at the request, for the late-thread report only (read_once: a
+  // diagnostic, nothing is decided on it).
+  std::vector<std::uint32_t> requested_in(targets.size());
+  for (std::size_t i = 0; i < targets.size(); ++i) requested_in[i] = read_once(*targets[i]->st());
   Status err;
   // Barrier B (SP1) is what makes a *safe* state trustworthy: a thread seen native after
   // it cannot run managed code without seeing its poll word armed. A committed patch
@@ -214,7 +232,13 @@ Status Safepoints::stop_impl(detail::FnRef<void()> fn) noexcept {
   bool fenced = patched;
   std::vector<std::uint64_t> safe_at(targets.size(), 0);
   std::vector<std::uint8_t> trusted(targets.size(), 0);
+  // Whether the coordinator found the thread not yet safe and had to wait: only those can
+  // be late. safe_at alone cannot tell, since threads are looked at in turn and one that
+  // parked at once is looked at only after the wait for an earlier one.
+  std::vector<std::uint8_t> waited(targets.size(), 0);
+  std::vector<const void*> stopped_at(targets.size(), nullptr);
   bool timed_out = false;
+  unsigned spins = s.opt.spin_before_sleep;  // one spin phase per stop (see wait_until())
   auto wait_all = [&](bool only_untrusted) {
     if (s.opt.poll_kinds & page_poll)
       for (std::size_t i = 0; i < targets.size(); ++i)
@@ -222,11 +246,18 @@ Status Safepoints::stop_impl(detail::FnRef<void()> fn) noexcept {
     for (std::size_t i = 0; i < targets.size(); ++i) {
       if (only_untrusted && trusted[i]) continue;
       SafepointRecord* r = targets[i];
-      if (!s.wait_until([r] { return is_safe(r->state()); }, deadline)) {
+      const bool at_once = is_safe(r->state());
+      if (!at_once && !s.wait_until([r] { return is_safe(r->state()); }, deadline, &spins, r)) {
         timed_out = true;
         return;
       }
-      safe_at[i] = now_ns();
+      // The second pass (after B) keeps the first pass's time for a thread still safe.
+      if (!at_once || safe_at[i] == 0) safe_at[i] = now_ns();
+      if (!at_once) {
+        waited[i] = 1;
+        // Diagnostics: the poll it parked at (its slow path wrote last_site before parking).
+        stopped_at[i] = r->state() == ThreadState::parked ? read_once(r->last_site) : nullptr;
+      }
       // SP2: a thread parked in this stop (parked_seq == seq + 1) read the arming itself
       // and stays in its slow path until the release: no B needed. The load_acquire
       // pairs with safepoint_slow()'s store_release of parked_seq, so fn also sees the
@@ -276,14 +307,18 @@ Status Safepoints::stop_impl(detail::FnRef<void()> fn) noexcept {
   sys::futex_wake(&s.stop_seq, INT_MAX);
   const std::uint64_t t2 = now_ns();
   if (err.ok()) {
-    pid_t slow_tid = 0;
-    std::uint64_t slow_ns = 0;
+    LastStop last;
+    last.ttsp_ns = t1 - t0;
+    last.at_safepoint_ns = t2 - t1;
+    last.threads = targets.size() + (me ? 1 : 0);
     for (std::size_t i = 0; i < targets.size(); ++i)
-      if (safe_at[i] - t0 >= slow_ns) {
-        slow_ns = safe_at[i] - t0;
-        slow_tid = targets[i]->tid();
+      if (waited[i] && (last.slowest_tid == 0 || safe_at[i] - t0 > last.slowest_ns)) {
+        last.slowest_ns = safe_at[i] - t0;
+        last.slowest_tid = targets[i]->tid();
+        last.slowest_state = static_cast<ThreadState>(requested_in[i]);
+        last.slowest_site = stopped_at[i];
       }
-    s.record_stop(t1 - t0, t2 - t1, slow_tid, slow_ns, targets.size() + (me ? 1 : 0));
+    s.record_stop(last);
   }
   return err;
 }

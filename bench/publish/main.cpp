@@ -362,7 +362,8 @@ struct Row {
   double p99() const { return jb::quantile(ns, 0.99); }
 };
 
-constexpr std::size_t kCounts[] = {1, 100, 10000};
+// 100000: what grows with the number of live functions (issue 19).
+constexpr std::size_t kCounts[] = {1, 100, 10000, 100000};
 
 class Bench {
  public:
@@ -423,8 +424,10 @@ class Bench {
   // load lands on every case alike instead of skewing their ratios. Rounds continue until
   // the count's wall-clock budget (setup included) is spent.
   void measure_count(const std::vector<Case>& cases, std::size_t n) {
-    const double budget_s = n >= 10000 ? (opt_.quick ? 1.0 : 20.0) : n >= 100 ? (opt_.quick ? 0.5 : 5.0)
-                                                                                : (opt_.quick ? 0.3 : 3.0);
+    const double budget_s = n >= 100000  ? (opt_.quick ? 2.0 : 30.0)
+                            : n >= 10000 ? (opt_.quick ? 1.0 : 20.0)
+                            : n >= 100   ? (opt_.quick ? 0.5 : 5.0)
+                                         : (opt_.quick ? 0.3 : 3.0);
     const int min_rounds = opt_.quick ? 3 : 7;
     const int max_rounds = 3000;
     if (::isatty(STDERR_FILENO)) std::fprintf(stderr, "\r\033[K  measuring N=%zu ...", n);

@@ -340,6 +340,14 @@ class JitImpl final : public Jit {
     }
   }
 
+  std::string site_name(const void* site) const override {
+    const CodeBlob* b = site ? jit_->registry().lookup(site) : nullptr;
+    if (!b) return {};
+    char off[32];
+    std::snprintf(off, sizeof off, "+0x%zx", static_cast<std::size_t>(static_cast<const std::byte*>(site) - b->begin()));
+    return b->name() + off;
+  }
+
  private:
   Status gen(EmitContext& cx, Fn* f, const std::vector<void*>& targets);
 

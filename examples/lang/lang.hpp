@@ -452,6 +452,9 @@ class Jit {
   // The thread list the code scan hook reads (set before any thread runs).
   virtual void set_threads(const std::vector<Thread*>* threads) = 0;
   virtual void report(std::FILE* out, bool disasm, bool stats) = 0;
+  // "name+0xoffset" of the compiled function holding `site` (a poll site from
+  // jitpatch::LastStop or Safepoints::late_sites()); empty when it is not JIT code.
+  virtual std::string site_name(const void* site) const = 0;
 };
 
 }  // namespace lang

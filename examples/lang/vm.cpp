@@ -827,6 +827,27 @@ int run(Program& p, const Options& opt) {
                    static_cast<unsigned long long>(g.allocated >> 10), static_cast<unsigned long long>(g.freed >> 10),
                    static_cast<unsigned long long>(ss.slow_paths), static_cast<unsigned long long>(ss.page_faults),
                    static_cast<unsigned long long>(ss.patch_arms), static_cast<unsigned long long>(g.timeouts));
+      // Which thread the last stop waited for, and where late threads stopped: JIT code by
+      // function name, otherwise the C++ poll of the interpreter.
+      auto where = [&](const void* site) {
+        if (!site) return std::string("not at a poll (entered native or blocked)");
+        std::string n = jit ? jit->site_name(site) : std::string();
+        if (!n.empty()) return n;
+        char b[64];
+        std::snprintf(b, sizeof b, "%p (not JIT code: the interpreter's poll)", site);
+        return std::string(b);
+      };
+      if (ss.last.slowest_tid != 0)
+        std::fprintf(stderr, "  last stop's late thread  tid %d, safe %s us after the request, %s then, stopped at %s\n",
+                     static_cast<int>(ss.last.slowest_tid), us(ss.last.slowest_ns).c_str(),
+                     jitpatch::thread_state_name(ss.last.slowest_state), where(ss.last.slowest_site).c_str());
+      else
+        std::fprintf(stderr, "  last stop's late thread  none (every thread was safe when the stop began)\n");
+      const std::vector<jitpatch::LateSite> late = sp.late_sites();
+      std::fprintf(stderr, "  late arrivals by site   %zu site%s%s\n", late.size(), late.size() == 1 ? "" : "s",
+                   late.empty() ? "" : " (most frequent first)");
+      for (std::size_t i = 0; i < late.size() && i < 5; ++i)
+        std::fprintf(stderr, "    %8llu  %s\n", static_cast<unsigned long long>(late[i].count), where(late[i].site).c_str());
     }
     if (jit) jit->report(stderr, opt.disasm, opt.stats);
   }

@@ -305,6 +305,68 @@ TEST_CASE("safepoint: a thread that never polls makes the stop time out and is r
   CHECK(sp->stop_the_world([] {}).ok());
 }
 
+TEST_CASE("safepoint: the last stop names its late thread, and late arrivals are counted by site", "[unit][safepoint]") {
+  auto rt = make_runtime();
+  auto sp = make_sp(*rt);
+  std::atomic<bool> quit{false};
+  std::atomic<pid_t> late_tid{0}, native_tid{0};
+  // Polls only once it sees its word armed, and a little later: a stop has to wait for it.
+  std::thread late([&] {
+    auto att = sp->attach_current_thread();
+    SafepointThread* self = att->thread();
+    self->enter_managed();
+    late_tid = self->tid();
+    while (!quit.load()) {
+      if (!self->armed()) {
+        cpu_relax();
+        continue;
+      }
+      std::this_thread::sleep_for(2ms);
+      self->poll();
+    }
+    self->enter_native();
+  });
+  // Native throughout: safe when every stop begins, so never late.
+  std::thread native([&] {
+    auto att = sp->attach_current_thread();
+    native_tid = att->thread()->tid();
+    while (!quit.load()) std::this_thread::sleep_for(1ms);
+  });
+  while (late_tid.load() == 0 || native_tid.load() == 0) std::this_thread::yield();
+  int stops = 0, late_stops = 0, other = 0;
+  const void* site = nullptr;
+  for (int i = 0; i < 10; ++i) {
+    REQUIRE(sp->stop_the_world([] {}).ok());
+    ++stops;
+    const LastStop last = sp->stats().last;
+    if (last.slowest_tid == 0) continue;  // it parked before the coordinator first looked
+    if (last.slowest_tid != late_tid.load()) {
+      ++other;
+      continue;
+    }
+    ++late_stops;
+    CHECK(last.slowest_state == ThreadState::managed);
+    CHECK(last.slowest_site != nullptr);
+    CHECK(last.slowest_ns > 0);
+    if (site == nullptr) site = last.slowest_site;
+    CHECK(last.slowest_site == site);  // the same poll every time
+  }
+  quit = true;
+  late.join();
+  native.join();
+  CHECK(other == 0);
+  REQUIRE(late_stops > 0);
+  const std::vector<LateSite> sites = sp->late_sites();
+  REQUIRE(sites.size() == 1);
+  CHECK(sites[0].site == site);
+  CHECK(sites[0].count == static_cast<std::uint64_t>(late_stops));
+  CHECK(sp->stats().late_sites_dropped == 0);
+  CHECK(stops == 10);
+  sp->reset_stats();
+  CHECK(sp->late_sites().empty());
+  CHECK(sp->stats().last.slowest_tid == 0);
+}
+
 TEST_CASE("safepoint: handshakes run at the target's poll, or by the requester while it is native",
           "[unit][safepoint]") {
   auto rt = make_runtime();

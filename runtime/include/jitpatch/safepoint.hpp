@@ -145,8 +145,9 @@ struct SafepointOptions {
   unsigned poll_kinds = poll_word;  // | page_poll | patched_poll
   GraceDomain* grace = nullptr;     // optional QSBR integration (see above)
   std::chrono::milliseconds timeout{10000};  // stop_the_world / handshake wait bound
-  // State checks (with cpu_relax, ~40 ns each) before sleeping on a futex. Short: the
-  // thread waited for may be the one the coordinator preempted on its CPU.
+  // State checks (with cpu_relax, ~40 ns each) before sleeping on a futex, per stop (not
+  // per thread waited for). Short: the thread waited for may be the one the coordinator
+  // preempted on its CPU.
   unsigned spin_before_sleep = 500;
 };
 
@@ -158,12 +159,26 @@ struct SafepointHistogram {
   double quantile_ns(double q) const noexcept;
 };
 
+// The most recent stop. The late thread is the one that reached a safe state last among
+// those the coordinator had to wait for (threads already safe when it first looked are
+// never late; slowest_tid is 0 when no thread had to be waited for).
 struct LastStop {
   std::uint64_t ttsp_ns = 0;          // arming to the last thread safe
   std::uint64_t at_safepoint_ns = 0;  // fn and release
-  pid_t slowest_tid = 0;              // the thread the coordinator waited for longest
-  std::uint64_t slowest_ns = 0;
+  pid_t slowest_tid = 0;              // the late thread
+  std::uint64_t slowest_ns = 0;       // request to the late thread safe
   std::size_t threads = 0;            // attached threads at the stop (the caller included)
+  ThreadState slowest_state = ThreadState::native;  // the late thread's state at the request
+  // Where it stopped: the poll site of the slow-path entry in which it parked (the blob
+  // holding it is the jit layer's to name: CodeRegistry::lookup()); nullptr when it
+  // became safe otherwise (entered native or blocked).
+  const void* slowest_site = nullptr;
+};
+
+// One row of the histogram of late arrivals by site (Safepoints::late_sites()).
+struct LateSite {
+  const void* site = nullptr;  // LastStop::slowest_site (nullptr: not at a poll)
+  std::uint64_t count = 0;     // stops whose late thread stopped there
 };
 
 struct SafepointStats {
@@ -175,6 +190,7 @@ struct SafepointStats {
   std::uint64_t slow_paths = 0;        // slow-path entries
   std::uint64_t page_faults = 0;       // page polls that trapped
   std::uint64_t patch_arms = 0;        // patched polls armed (batches)
+  std::uint64_t late_sites_dropped = 0;  // late arrivals at a site beyond late_sites()' 64
   LastStop last;
   SafepointHistogram ttsp;
   SafepointHistogram at_safepoint;
@@ -390,6 +406,10 @@ class Safepoints {
   void reset_stats() noexcept;
   // The threads late at the last timeout.
   std::vector<LateThread> late_threads() const;
+  // Late arrivals by site since creation or reset_stats(): for each stop that waited for
+  // a thread, its LastStop::slowest_site; most frequent first. The first 64 distinct
+  // sites are counted, later ones only in SafepointStats::late_sites_dropped.
+  std::vector<LateSite> late_sites() const;
   // Whether the calling thread is the coordinator of a stop in progress (inside fn).
   bool in_stop() const noexcept;
   Runtime& runtime() const noexcept;
