@@ -211,7 +211,11 @@ TEST_CASE("stress: patching with the signal fallback for serialize_cores", JP_PA
 }
 
 namespace {
-// The first instruction of PatchFixture::constant(), with another value.
+// The first instruction of PatchFixture::constant(), with another value. (On aarch64 a
+// MOVZ is not in the Arm ARM's concurrent-modification list, so replacing it under
+// executors is outside the architecture's guarantee on a real core, docs/patching.md; the
+// arm64 guest's TCG sees each 32-bit store whole. What these cases check there is the
+// protocol: traps, parking, resumption, and that no core sees a half-written instruction.)
 std::vector<std::uint8_t> mov_eax(int v) {
 #if defined(__x86_64__)
   return {0xB8, std::uint8_t(v), std::uint8_t(v >> 8), std::uint8_t(v >> 16), std::uint8_t(v >> 24)};  // mov eax, imm32
