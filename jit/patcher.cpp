@@ -884,9 +884,28 @@ Status Patcher::validate_replace(const Request& r) noexcept {
 Status Patcher::write_bytes(std::byte* at, const std::uint8_t* bytes, std::size_t n) noexcept {
   auto w = heap_->write(at, n);
   if (!w.ok()) return w.status();
+#if defined(__aarch64__)
+  // One marked 32-bit store per instruction, no ordering: an executor may fetch the
+  // instruction concurrently, and the head that rounds 1 and 3 write (the BRK, then the
+  // new first instruction) is a whole instruction. Written byte by byte, an executor
+  // could fetch a mix of the two: the first byte of a BRK #0 over MOVZ W0, #1 is
+  // MOVZ W0, #0 (seen in the arm64 guest of tools/aarch64-system, where the breakpoint
+  // stress cases returned 0). The Arm ARM's concurrent-modification rule is about an
+  // instruction written by one single-copy-atomic store (aligned: Patcher::replace
+  // validates whole instructions at 4-byte boundaries).
+  if (n % 4 == 0 && reinterpret_cast<std::uintptr_t>(w->data()) % 4 == 0) {
+    for (std::size_t i = 0; i < n; i += 4) {
+      std::uint32_t insn;
+      std::memcpy(&insn, bytes + i, 4);
+      write_once(*reinterpret_cast<std::uint32_t*>(w->data() + i), insn);
+    }
+    return w->finish();
+  }
+#endif
   // Single-byte marked stores, no ordering: an executor may fetch these bytes
   // concurrently; each byte is old or new, and the trap in front guards the ones in
-  // between. The ordering comes from the caller's serialize_cores() after each round.
+  // between (x86-64: the trap is the one byte INT3). The ordering comes from the caller's
+  // serialize_cores() after each round.
   for (std::size_t i = 0; i < n; ++i) write_once(reinterpret_cast<std::uint8_t*>(w->data())[i], bytes[i]);
   return w->finish();
 }

@@ -18,20 +18,24 @@ struct PatchFixture {
   std::unique_ptr<Emitter> em;
   std::unique_ptr<Patcher> patcher;
 
-  explicit PatchFixture(std::size_t reserve = 16 << 20) {
+#if defined(__aarch64__)
+  // qemu-user only notices code writes made at the executing address (docs/limits.md, "qemu-user"):
+  // the aarch64 tests patch single-threaded through the protection-flip heap. The stress
+  // cases that patch under executors ask for the dual mapping; they run only on the arm64
+  // kernel of tools/aarch64-system (tag [.system]).
+  static constexpr HeapStrategy kDefaultStrategy = HeapStrategy::protection_flip;
+#else
+  static constexpr HeapStrategy kDefaultStrategy = HeapStrategy::dual_mapping;
+#endif
+
+  explicit PatchFixture(std::size_t reserve = 16 << 20, HeapStrategy strategy = kDefaultStrategy) {
     auto r = Runtime::create();
     REQUIRE(r.ok());
     rt = std::move(r).value();
     CodeHeapOptions o;
     o.reserve = reserve;
     o.use_environment = false;
-#if defined(__aarch64__)
-    // qemu-user only notices code writes made at the executing address (docs/limits.md, "qemu-user"):
-    // the aarch64 tests patch single-threaded through the protection-flip heap.
-    o.strategy = HeapStrategy::protection_flip;
-#else
-    o.strategy = HeapStrategy::dual_mapping;
-#endif
+    o.strategy = strategy;
     auto h = CodeHeap::create(*rt, o);
     REQUIRE(h.ok());
     heap = std::move(h).value();

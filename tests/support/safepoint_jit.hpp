@@ -148,13 +148,19 @@ struct SafepointJit {
   std::unique_ptr<Patcher> patcher;
   std::unique_ptr<SafepointPolls> polls;  // last: destroyed first
 
-  // `protection_flip`: the heap that qemu-user sees writes to (single-threaded patching).
-  SafepointJit(Runtime& rt, Safepoints& sp, bool protection_flip = false) {
+  // The dual mapping, except on aarch64 unless `live`: there the protection-flip heap is
+  // the one qemu-user sees writes to (single-threaded patching). `live` is for the cases
+  // that patch polls while other threads run them, which on aarch64 run only on the arm64
+  // kernel of tools/aarch64-system (tag [.system]).
+  SafepointJit(Runtime& rt, Safepoints& sp, bool live = false) {
     CodeHeapOptions o;
     o.reserve = 8 << 20;
     o.use_environment = false;
+    bool protection_flip = false;
 #if defined(__aarch64__)
-    protection_flip = true;
+    protection_flip = !live;
+#else
+    (void)live;
 #endif
     o.strategy = protection_flip ? HeapStrategy::protection_flip : HeapStrategy::dual_mapping;
     auto h = CodeHeap::create(rt, o);

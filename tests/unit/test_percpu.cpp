@@ -21,6 +21,7 @@
 #include <thread>
 #include <vector>
 
+#include "support/system_guest.hpp"
 #include "unit/capstone_util.hpp"
 
 using namespace jitpatch;
@@ -38,6 +39,7 @@ bool rseq_turned_off_by_tunable() {
 }
 
 std::vector<PerCpuMode> both_modes() {
+  if (test::expect_rseq()) REQUIRE(rseq::available());  // the rseq mode must run too
   std::vector<PerCpuMode> m{PerCpuMode::atomic};
   if (rseq::available()) m.push_back(PerCpuMode::rseq);
   return m;
@@ -110,6 +112,7 @@ TEST_CASE("percpu: mode resolution follows rseq availability", "[unit][rseq]") {
   auto automatic = resolve_percpu_mode(PerCpuMode::automatic, rt->get(), true);
   REQUIRE(automatic.ok());
   if (rseq_turned_off_by_tunable()) CHECK_FALSE(rseq::available());
+  if (test::expect_rseq()) REQUIRE(rseq::available());
   if (!rseq::available()) {
     CHECK(automatic.value() == PerCpuMode::atomic);
     auto forced = resolve_percpu_mode(PerCpuMode::rseq, rt->get(), true);
@@ -189,6 +192,7 @@ TEST_CASE("rseq_cs: descriptors are well formed (aligned, signature before abort
 }
 
 TEST_CASE("rseq_cs: the four sections commit on the right CPU and abort on another", "[unit][rseq]") {
+  if (test::expect_rseq()) REQUIRE(rseq::available());  // the arm64 guest: the sections must run
   if (!rseq::available()) {
     // Nothing to execute: the sections need glibc's rseq area (qemu-user, the tunable).
     // The descriptor test above still checks them; the API tests below use the atomic path.
