@@ -308,13 +308,21 @@ JITPATCH_C_INLINE void jitpatch_read_unlock(jitpatch_grace_reader* r) {
     jitpatch_arch_write_once_u64(&r->ctr, tmp - 1);
   }
 }
-/* QSBR readers: "this thread holds no reference obtained before this call". */
+/* QSBR readers: "this thread holds no reference obtained before this call". As the C++
+ * GraceReader::quiescent(): the acquire load of the counter pairs with the grace
+ * period's release store of it (after MB(A), so later loads see every earlier unlink);
+ * the release store keeps this thread's earlier loads before the report (pairs with the
+ * scan's acquire load, MB(B) covering a later scan); the barrier after it pairs with the
+ * reclaimer's wake-word store, as in jitpatch_read_unlock(). */
 JITPATCH_C_INLINE void jitpatch_quiescent(jitpatch_grace_reader* r) {
   jitpatch_arch_store_release_u64(&r->ctr, jitpatch_arch_load_acquire_u64(r->phase + 1));
   jitpatch_grace_reader_mb_(r);
   if (__builtin_expect(jitpatch_arch_read_once_i32(r->wake_word) == -1, 0)) jitpatch_grace_wake_(r->domain);
 }
-/* QSBR readers around blocking calls: synchronize does not wait for an offline thread. */
+/* QSBR readers around blocking calls: synchronize does not wait for an offline thread.
+ * offline is jitpatch_read_unlock()'s sequence (the same pairs). online's barrier after
+ * the store pairs with MB(A) before the scan (store ctr / load data against store data /
+ * load ctr), and its acquire load pairs with the grace period's release store. */
 JITPATCH_C_INLINE void jitpatch_offline(jitpatch_grace_reader* r) {
   jitpatch_grace_reader_mb_(r);
   jitpatch_arch_store_release_u64(&r->ctr, 0);
