@@ -774,6 +774,29 @@ Status Patcher::commit(const std::vector<Request>& requests, bool wait) noexcept
   return st;
 }
 
+namespace {
+// The pages a batch's stores touch, merged into runs of adjacent pages.
+template <class PlanList>  // Patcher's private vector<Planned>
+std::vector<std::pair<std::byte*, std::byte*>> alias_runs(const PlanList& plan_list) {
+  const auto ps = static_cast<std::uintptr_t>(::getpagesize());
+  std::vector<std::uintptr_t> pages;
+  pages.reserve(plan_list.size());
+  for (const auto& p : plan_list) {
+    const auto a = reinterpret_cast<std::uintptr_t>(p.word);
+    pages.push_back(a & ~(ps - 1));
+    if (((a + p.width - 1) & ~(ps - 1)) != (a & ~(ps - 1))) pages.push_back((a + p.width - 1) & ~(ps - 1));
+  }
+  std::sort(pages.begin(), pages.end());
+  pages.erase(std::unique(pages.begin(), pages.end()), pages.end());
+  std::vector<std::pair<std::byte*, std::byte*>> runs;
+  for (std::uintptr_t pg : pages) {
+    if (!runs.empty() && reinterpret_cast<std::uintptr_t>(runs.back().second) == pg) runs.back().second += ps;
+    else runs.emplace_back(reinterpret_cast<std::byte*>(pg), reinterpret_cast<std::byte*>(pg + ps));
+  }
+  return runs;
+}
+}  // namespace
+
 Status Patcher::commit_locked(const std::vector<Request>& requests, bool wait) noexcept {
   if (requests.empty()) return {};
   std::unique_lock<std::mutex> lock(commit_mu_, std::defer_lock);
@@ -803,8 +826,28 @@ Status Patcher::commit_locked(const std::vector<Request>& requests, bool wait) n
 
   // 2. One aligned store per patch. Executors see each word old or new. (plan() checked
   //    each site against the registry and its alignment: no second lookup here.)
+  //    A hardened heap opens its alias once per run of pages the batch touches, not once
+  //    per store (each closing of an mprotect-hardened page is a TLB shootdown).
+  std::vector<std::pair<std::byte*, std::byte*>> runs;  // [first page, end of last page)
+  if (heap_->hardening() != HeapHardening::none) {
+    try {
+      runs = alias_runs(plan_list);
+    } catch (...) {
+      return Status(Errc::out_of_memory);
+    }
+    for (std::size_t i = 0; i < runs.size(); ++i) {
+      if (Status st = heap_->open_alias(runs[i].first, static_cast<std::size_t>(runs[i].second - runs[i].first)); !st) {
+        while (i-- > 0) (void)heap_->close_alias(runs[i].first, static_cast<std::size_t>(runs[i].second - runs[i].first));
+        return st;
+      }
+    }
+  }
+  Status stored;
   for (const Planned& p : plan_list)
-    if (Status st = heap_->store_code_word_checked_by_caller(p.word, p.value, p.width); !st) return st;
+    if (stored = heap_->store_code_word_checked_by_caller(p.word, p.value, p.width); !stored) break;
+  for (const auto& [b, e] : runs)
+    if (Status st = heap_->close_alias(b, static_cast<std::size_t>(e - b)); !st && stored) stored = st;
+  if (!stored) return stored;
 
   // 3. One serialization for the batch. It pairs with every executor of the patched
   //    code, which has no barrier of its own: when it returns, every core that runs

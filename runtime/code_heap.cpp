@@ -76,7 +76,46 @@ void write_traps(std::byte* dst, std::size_t size) {
 #endif
 }
 
+// Hardening with a protection key (HeapHardening::pkey). One key serves every such heap
+// of the process, allocated on first use and never freed: a process has 15 (pkeys(7)),
+// and a freed key that someone else allocates again would still tag our alias. It is
+// allocated with rights "no access" (pkey_alloc(2)'s access_rights apply to the calling
+// thread); every other thread already has them for an unused key, because since Linux
+// 4.9 a thread's PKRU starts with access to key 0 only (commit acd547b29880, "x86/pkeys:
+// Default to a restrictive init PKRU") and a new thread copies its creator's.
+std::mutex g_pkey_mu;
+int g_pkey = -1;          // under g_pkey_mu until g_pkey_tried, then immutable
+bool g_pkey_tried = false;
+int g_pkey_errno = 0;
+
+int code_pkey(int* err) {
+  std::lock_guard<std::mutex> g(g_pkey_mu);
+  if (!g_pkey_tried) {
+    g_pkey_tried = true;
+    g_pkey = ::pkey_alloc(0, PKEY_DISABLE_ACCESS);
+    if (g_pkey < 0) g_pkey_errno = errno;
+  }
+  if (err) *err = g_pkey_errno;
+  return g_pkey;
+}
+
+// A thread's open pkey write scopes (all pkey-hardened heaps share the key): its PKRU
+// grants access while this is above zero.
+thread_local unsigned t_pkey_depth = 0;
+
 }  // namespace
+
+bool heap_pkeys_available() noexcept { return code_pkey(nullptr) >= 0; }
+
+const char* heap_hardening_name(HeapHardening h) noexcept {
+  switch (h) {
+    case HeapHardening::none: return "none";
+    case HeapHardening::automatic: return "auto";
+    case HeapHardening::mprotect: return "mprotect";
+    case HeapHardening::pkey: return "pkey";
+  }
+  return "unknown";
+}
 
 const char* heap_strategy_name(HeapStrategy s) noexcept {
   switch (s) {
@@ -94,6 +133,19 @@ struct CodeHeap::Impl {
   std::byte* rx = nullptr;
   std::byte* rw = nullptr;  // dual mapping only
   int fd = -1;  // dual mapping through the memfd fallback only
+
+  // Hardening of the alias (dual mapping only; see the header). mprotect: page_open[i]
+  // counts the write scopes open over alias page i, under seal_mu; a page is RW exactly
+  // while its count is above zero. seal_mu is never held while taking mu (fill_traps()
+  // takes it under mu), so the two cannot deadlock.
+  HeapHardening harden = HeapHardening::none;
+  int pkey = -1;
+  std::mutex seal_mu;
+  std::uint32_t* page_open = nullptr;  // mprotect hardening: capacity / page entries
+  std::size_t page_open_bytes = 0;
+  Status apply_hardening();
+  Status open_alias(std::size_t off, std::size_t size);
+  Status close_alias(std::size_t off, std::size_t size);
 
   mutable std::mutex mu;                 // allocator state below
   struct Free {
@@ -205,6 +257,7 @@ struct CodeHeap::Impl {
     if (rw) ::munmap(rw, capacity);
     if (fd >= 0) ::close(fd);
     if (start_bits) ::munmap(start_bits, 2 * bitmap_bytes);
+    if (page_open) ::munmap(page_open, page_open_bytes);
   }
 
   // Debug builds: traps over a range being freed, through the RW alias or (protection
@@ -215,7 +268,9 @@ struct CodeHeap::Impl {
     std::byte* const code = rx + off;
     if (strategy == HeapStrategy::dual_mapping) {
       if (read_once(shared_after_fork)) return;  // the parent's pages (see shared_after_fork)
+      if (!open_alias(off, size)) return;
       write_traps(rw + off, size);
+      (void)close_alias(off, size);
     } else {
       const auto ps = page_size();
       auto* pb = reinterpret_cast<std::byte*>(reinterpret_cast<std::uintptr_t>(code) & ~(ps - 1));
@@ -329,6 +384,81 @@ Status CodeHeap::Impl::list_for_fork() {
   return {};
 }
 
+// Closes the alias for good (create(), before the heap is shared): from here on only a
+// write scope (open_alias) makes part of it accessible.
+Status CodeHeap::Impl::apply_hardening() {
+  if (harden == HeapHardening::mprotect) {
+    page_open_bytes = round_up(capacity / page_size() * sizeof(std::uint32_t), page_size());
+    void* c = ::mmap(nullptr, page_open_bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (c == MAP_FAILED) return Status(Errc::out_of_memory, errno, "code heap hardening: page counts");
+    page_open = static_cast<std::uint32_t*>(c);
+    if (::mprotect(rw, capacity, PROT_NONE) != 0)
+      return Status(Errc::os_error, errno, "code heap hardening: mprotect(PROT_NONE) of the RW alias");
+  } else if (harden == HeapHardening::pkey) {
+    // The tag changes who may access the alias, not its page protection (pkeys(7)).
+    if (::pkey_mprotect(rw, capacity, PROT_READ | PROT_WRITE, pkey) != 0)
+      return Status(Errc::unsupported, errno, "code heap hardening: pkey_mprotect of the RW alias");
+  }
+  return {};
+}
+
+Status CodeHeap::Impl::open_alias(std::size_t off, std::size_t size) {
+  if (harden == HeapHardening::pkey) {
+    // WRPKRU (what pkey_set(3) runs) is not speculated past: accesses after it use the new
+    // rights (Intel SDM Vol. 2B, WRPKRU), so the writes of the scope need no fence.
+    if (t_pkey_depth++ == 0 && ::pkey_set(pkey, 0) != 0) {
+      const int e = errno;
+      --t_pkey_depth;
+      return Status(Errc::os_error, e, "pkey_set: opening the code heap's alias");
+    }
+    return {};
+  }
+  if (harden != HeapHardening::mprotect) return {};
+  const std::size_t ps = page_size(), first = off / ps, last = (off + size - 1) / ps;
+  std::lock_guard<std::mutex> g(seal_mu);
+  bool closed = false;
+  for (std::size_t i = first; i <= last; ++i) closed |= page_open[i]++ == 0;
+  // Pages already open stay RW whatever this call does; one mprotect covers the range.
+  if (closed && ::mprotect(rw + first * ps, (last - first + 1) * ps, PROT_READ | PROT_WRITE) != 0) {
+    const int e = errno;
+    for (std::size_t i = first; i <= last; ++i) --page_open[i];
+    return Status(Errc::os_error, e, "mprotect(RW) opening the code heap's alias");
+  }
+  return {};
+}
+
+Status CodeHeap::Impl::close_alias(std::size_t off, std::size_t size) {
+  if (harden == HeapHardening::pkey) {
+    // Stores before WRPKRU were checked against the old rights when they executed; the
+    // ones after it cannot reach the alias.
+    if (--t_pkey_depth == 0 && ::pkey_set(pkey, PKEY_DISABLE_ACCESS) != 0)
+      return Status(Errc::os_error, errno, "pkey_set: closing the code heap's alias");
+    return {};
+  }
+  if (harden != HeapHardening::mprotect) return {};
+  const std::size_t ps = page_size(), first = off / ps, last = (off + size - 1) / ps;
+  std::lock_guard<std::mutex> g(seal_mu);
+  Status st;
+  // Close each run of pages whose last scope this was; a page another scope still holds
+  // stays RW (its writer is still writing).
+  std::size_t run = SIZE_MAX;
+  auto close_run = [&](std::size_t end) {
+    if (run == SIZE_MAX) return;
+    if (::mprotect(rw + run * ps, (end - run) * ps, PROT_NONE) != 0 && st)
+      st = Status(Errc::os_error, errno, "mprotect(PROT_NONE) closing the code heap's alias");
+    run = SIZE_MAX;
+  };
+  for (std::size_t i = first; i <= last; ++i) {
+    if (--page_open[i] == 0) {
+      if (run == SIZE_MAX) run = i;
+    } else {
+      close_run(i);
+    }
+  }
+  close_run(last + 1);
+  return st;
+}
+
 Status CodeHeap::Impl::reserve_dual(std::size_t size) {
   if (Status st = reserve_dual_anonymous(size); st) return st;
   return reserve_dual_memfd(size);
@@ -420,7 +550,16 @@ Result<std::unique_ptr<CodeHeap>> CodeHeap::create(Runtime& rt, const CodeHeapOp
       else if (std::strcmp(e, "auto") == 0) options.strategy = HeapStrategy::automatic;
       else return Status(Errc::invalid_argument, 0, "JITPATCH_HEAP: expected dual_mapping, protection_flip or auto");
     }
+    if (const char* e = std::getenv("JITPATCH_HEAP_HARDEN"); e && *e) {
+      if (std::strcmp(e, "none") == 0) options.hardening = HeapHardening::none;
+      else if (std::strcmp(e, "auto") == 0) options.hardening = HeapHardening::automatic;
+      else if (std::strcmp(e, "mprotect") == 0) options.hardening = HeapHardening::mprotect;
+      else if (std::strcmp(e, "pkey") == 0) options.hardening = HeapHardening::pkey;
+      else return Status(Errc::invalid_argument, 0, "JITPATCH_HEAP_HARDEN: expected none, auto, mprotect or pkey");
+    }
   }
+  if (static_cast<unsigned>(options.hardening) > static_cast<unsigned>(HeapHardening::pkey))
+    return Status(Errc::invalid_argument, 0, "no such code heap hardening");
   std::size_t size = options.reserve ? options.reserve : kDefaultReserve;
   if (size > kMaxReserve) return Status(Errc::invalid_argument, 0, "code heap larger than direct-branch reach (2 GiB)");
   size = round_up(size, page_size());
@@ -448,6 +587,17 @@ Result<std::unique_ptr<CodeHeap>> CodeHeap::create(Runtime& rt, const CodeHeapOp
   if (!st) return st;
   if (impl->strategy == HeapStrategy::dual_mapping) {
     if (Status ls = impl->list_for_fork(); !ls) return ls;
+    // Hardening closes the alias; protection flip has none, so it keeps `none` there.
+    HeapHardening hd = options.hardening;
+    int pk_err = 0;
+    const int pk = hd == HeapHardening::pkey || hd == HeapHardening::automatic ? code_pkey(&pk_err) : -1;
+    if (hd == HeapHardening::automatic) hd = pk >= 0 ? HeapHardening::pkey : HeapHardening::mprotect;
+    if (hd == HeapHardening::pkey && pk < 0)
+      return Status(Errc::unsupported, pk_err,
+                    "pkey hardening: this CPU or kernel has no memory protection keys (pkey_alloc failed)");
+    impl->harden = hd;
+    impl->pkey = pk;
+    if (Status hs = impl->apply_hardening(); !hs) return hs;
   }
   {
     const std::size_t granules = size / kGranule;
@@ -470,7 +620,9 @@ Result<std::unique_ptr<CodeHeap>> CodeHeap::create(Runtime& rt, const CodeHeapOp
   // shared yet, so no ordering is needed.
   write_once(impl->start_bits[0], std::uint64_t{0});
   write_once(impl->end_bits[0], std::uint64_t{0});
-  if (impl->rw) write_once(*reinterpret_cast<std::uint64_t*>(impl->rw), std::uint64_t{0});
+  // (Not through a closed alias: a hardened heap's first write opens it anyway.)
+  if (impl->rw && impl->harden == HeapHardening::none)
+    write_once(*reinterpret_cast<std::uint64_t*>(impl->rw), std::uint64_t{0});
   auto heap = std::unique_ptr<CodeHeap>(new (std::nothrow) CodeHeap(std::move(impl)));
   if (!heap) return Status(Errc::out_of_memory);
   return heap;
@@ -681,7 +833,9 @@ Result<CodeWriter> CodeHeap::open_writer(std::byte* b, std::size_t size) noexcep
   w.rx_ = b;
   w.size_ = size;
   if (h.strategy == HeapStrategy::dual_mapping) {
+    if (Status st = h.open_alias(h.offset_of(b), size); !st) return st;
     w.data_ = h.rw + (b - h.rx);
+    if (h.harden == HeapHardening::pkey) w.opener_ = static_cast<unsigned long>(::pthread_self());
   } else {
     h.flip_mu.lock();
     const auto ps = page_size();
@@ -706,7 +860,16 @@ Status CodeHeap::end_write(CodeWriter& w) noexcept {
   Impl& h = *impl_;
   fetch_sub_relaxed(&h.open_writers, std::size_t{1});  // a count (see open_writers)
   Status st;
-  if (h.strategy == HeapStrategy::protection_flip) {
+  if (h.strategy == HeapStrategy::dual_mapping) {
+    // PKRU is per thread: another thread's WRPKRU cannot close the opener's rights, and
+    // counting this close on the wrong thread would leave its own alias open.
+    if (h.harden == HeapHardening::pkey && w.opener_ != static_cast<unsigned long>(::pthread_self()))
+      st = Status(Errc::invalid_argument, 0,
+                  "CodeWriter finished on another thread than the one that opened it (pkey hardening: "
+                  "the opening thread keeps write access to the code heap's alias)");
+    else
+      st = h.close_alias(h.offset_of(w.rx_), w.size_);
+  } else if (h.strategy == HeapStrategy::protection_flip) {
     const auto ps = page_size();
     auto* pb = reinterpret_cast<std::byte*>(reinterpret_cast<std::uintptr_t>(w.rx_) & ~(ps - 1));
     const std::size_t len = round_up(static_cast<std::size_t>(w.rx_ + w.size_ - pb), ps);
@@ -721,7 +884,7 @@ Status CodeHeap::end_write(CodeWriter& w) noexcept {
 }
 
 CodeWriter::CodeWriter(CodeWriter&& o) noexcept
-    : heap_(o.heap_), rx_(o.rx_), data_(o.data_), size_(o.size_) {
+    : heap_(o.heap_), rx_(o.rx_), data_(o.data_), size_(o.size_), opener_(o.opener_) {
   o.heap_ = nullptr;
 }
 
@@ -732,6 +895,7 @@ CodeWriter& CodeWriter::operator=(CodeWriter&& o) noexcept {
     rx_ = o.rx_;
     data_ = o.data_;
     size_ = o.size_;
+    opener_ = o.opener_;
     o.heap_ = nullptr;
   }
   return *this;
@@ -769,8 +933,11 @@ Status CodeHeap::store_code_word_checked_by_caller(std::byte* b, std::uint64_t v
     return Status(Errc::invalid_argument, 0, "store_code_word: not an aligned 4/8-byte word in the heap");
   std::byte* dst = b;
   std::byte* page = nullptr;
+  bool alias_opened = false;
   if (h.strategy == HeapStrategy::dual_mapping) {
     if (read_once(h.shared_after_fork)) return Status(Errc::unsupported, 0, Impl::kSharedAfterFork);
+    if (Status st = h.open_alias(h.offset_of(b), width); !st) return st;
+    alias_opened = true;
     dst = h.rw + (b - h.rx);
   } else {
     h.flip_mu.lock();
@@ -787,6 +954,7 @@ Status CodeHeap::store_code_word_checked_by_caller(std::byte* b, std::uint64_t v
   if (width == 4) write_once(*reinterpret_cast<std::uint32_t*>(dst), static_cast<std::uint32_t>(value));
   else write_once(*reinterpret_cast<std::uint64_t*>(dst), value);
   Status st;
+  if (alias_opened) st = h.close_alias(h.offset_of(b), width);
   if (page) {
     if (::mprotect(page, page_size(), PROT_READ | PROT_EXEC) != 0) st = Status(Errc::os_error, errno, "mprotect(RX) after a code-word store");
     h.flip_mu.unlock();
@@ -802,6 +970,23 @@ bool CodeHeap::contains(const void* p) const noexcept {
 std::byte* CodeHeap::rx_begin() const noexcept { return impl_->rx; }
 std::byte* CodeHeap::rx_end() const noexcept { return impl_->rx + impl_->capacity; }
 HeapStrategy CodeHeap::strategy() const noexcept { return impl_->strategy; }
+HeapHardening CodeHeap::hardening() const noexcept { return impl_->harden; }
+
+Status CodeHeap::open_alias(const std::byte* p, std::size_t size) noexcept {
+  Impl& h = *impl_;
+  if (size == 0 || !contains(p) || size > static_cast<std::size_t>(rx_end() - p))
+    return Status(Errc::invalid_argument, 0, "open_alias: range is not inside the code heap");
+  if (h.strategy != HeapStrategy::dual_mapping) return {};
+  return h.open_alias(h.offset_of(p), size);
+}
+
+Status CodeHeap::close_alias(const std::byte* p, std::size_t size) noexcept {
+  Impl& h = *impl_;
+  if (size == 0 || !contains(p) || size > static_cast<std::size_t>(rx_end() - p))
+    return Status(Errc::invalid_argument, 0, "close_alias: range is not inside the code heap");
+  if (h.strategy != HeapStrategy::dual_mapping) return {};
+  return h.close_alias(h.offset_of(p), size);
+}
 Runtime& CodeHeap::runtime() const noexcept { return *impl_->rt; }
 
 HeapStats CodeHeap::stats() const noexcept {

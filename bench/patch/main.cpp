@@ -273,9 +273,10 @@ int pin_apart() {
   return ::sched_setaffinity(0, sizeof only, &only) == 0 ? other : -1;
 }
 
-Result<std::unique_ptr<CodeHeap>> make_heap(Runtime& rt, HeapStrategy s) {
+Result<std::unique_ptr<CodeHeap>> make_heap(Runtime& rt, HeapStrategy s, HeapHardening hd = HeapHardening::none) {
   CodeHeapOptions o;
   o.strategy = s;
+  o.hardening = hd;
   o.use_environment = false;  // each case's strategy is part of what it measures
   return CodeHeap::create(rt, o);
 }
@@ -315,12 +316,21 @@ int run(const Options& opt) {
   if (!fast_heap) return fail("dual-mapping CodeHeap", fast_heap.status());
   auto flip_heap = make_heap(*rt, HeapStrategy::protection_flip);
   if (!flip_heap) return fail("protection-flip CodeHeap", flip_heap.status());
-  CodeRegistry registry;
+  // The hardened heap (CodeHeapOptions::hardening = mprotect): its alias is PROT_NONE
+  // except while a patch writes, so each retarget adds an mprotect pair, the second with
+  // a TLB shootdown. Its caller is patched while the executor runs the fast heap's code.
+  auto hard_heap = make_heap(*rt, HeapStrategy::dual_mapping, HeapHardening::mprotect);
+  if (!hard_heap) return fail("hardened CodeHeap", hard_heap.status());
+  CodeRegistry registry, hard_registry;
   Emitter em(**fast_heap, &registry);
   Emitter flip_em(**flip_heap);
+  Emitter hard_em(**hard_heap, &hard_registry);
   auto patcher_r = Patcher::create(em);
   if (!patcher_r) return fail("Patcher::create", patcher_r.status());
   Patcher& patcher = **patcher_r;
+  auto hard_patcher_r = Patcher::create(hard_em);
+  if (!hard_patcher_r) return fail("Patcher::create (hardened heap)", hard_patcher_r.status());
+  Patcher& hard_patcher = **hard_patcher_r;
 
   // Two targets per heap (the flip heap's own, so that every call stays in rel32 reach).
   auto c1 = emit_constant(em, 1), c2 = emit_constant(em, 2);
@@ -328,6 +338,12 @@ int run(const Options& opt) {
   if (!c1 || !c2 || !f1 || !f2) return fail("emitting the constants", !c1 ? c1.status() : !c2 ? c2.status() : !f1 ? f1.status() : f2.status());
   const void* target[2] = {(*c1)->entry(), (*c2)->entry()};
   const void* flip_target[2] = {(*f1)->entry(), (*f2)->entry()};
+  auto h1 = emit_constant(hard_em, 1), h2 = emit_constant(hard_em, 2);
+  if (!h1 || !h2) return fail("emitting the hardened heap's constants", !h1 ? h1.status() : h2.status());
+  const void* hard_target[2] = {(*h1)->entry(), (*h2)->entry()};
+  auto hard_caller = emit_caller(hard_em, hard_target[0]);
+  if (!hard_caller) return fail("emitting the hardened heap's caller", hard_caller.status());
+  const PatchSite* hard_site = (*hard_caller)->site("call");
 
   constexpr std::size_t kCallers = 1000;
   std::vector<const PatchSite*> sites;
@@ -364,7 +380,7 @@ int run(const Options& opt) {
   std::size_t ungated = 0;  // samples taken without seeing the executor run first
   // --- single patches, against the raw serialization and the two stop-the-world baselines
   {
-    int flip_a = 0, flip_b = 0, flip_c = 0;
+    int flip_a = 0, flip_b = 0, flip_c = 0, flip_d = 0;
     std::vector<std::function<Status()>> fns = {
         [] {
           // MEMBARRIER_CMD_PRIVATE_EXPEDITED_SYNC_CORE (32); the Runtime registered it.
@@ -383,10 +399,17 @@ int run(const Options& opt) {
           flip_c ^= 1;
           return stop_the_world_store(exec_handle, **flip_heap, flip_site, flip_target[flip_c]);
         },
+        [&] {
+          flip_d ^= 1;
+          return hard_patcher.retarget(*hard_site, hard_target[flip_d]);
+        },
     };
     const char* names[] = {"raw membarrier SYNC_CORE", "jitpatch single retarget", "STW signals + store (dual map)",
-                           "STW signals + mprotect flip"};
+                           "STW signals + mprotect flip", "jitpatch single retarget (hardened mprotect)"};
     auto sums = measure_gated(plan, fns, &ungated);
+    // The hardened heap's patches must have landed: its caller returns the last target.
+    if ((*hard_caller)->as<int()>()() != flip_d + 1)
+      sums[4].status = Status(Errc::invalid_argument, 0, "hardened heap: the caller does not return the last target");
     for (std::size_t i = 0; i < sums.size(); ++i) rows.push_back({names[i], "patch", 1, sums[i]});
   }
   // --- batches: N retargets (N caller blobs, the executor runs the first), one commit
@@ -490,6 +513,8 @@ int run(const Options& opt) {
   ratio("patch.single_over_raw_sync_core", "jitpatch single retarget", "raw membarrier SYNC_CORE");
   ratio("patch.stw_signals_over_jitpatch", "STW signals + store (dual map)", "jitpatch single retarget");
   ratio("patch.mprotect_over_jitpatch", "STW signals + mprotect flip", "jitpatch single retarget");
+  ratio("patch.hardened_mprotect_over_default", "jitpatch single retarget (hardened mprotect)",
+        "jitpatch single retarget");
   if (const Row* r = find("jitpatch batch of 1000")) ratios["patch.batch1000_ns_per_patch"] = r->s.median_ns / 1000;
   if (fraction >= 0) ratios["patch.executor_throughput_fraction"] = fraction;
 

@@ -107,9 +107,10 @@ double elapsed_per_fn(std::int64_t t0, std::int64_t t1, std::size_t n) {
   return std::max(0.0, static_cast<double>(t1 - t0) - jb::timer_overhead_ns()) / static_cast<double>(n);
 }
 
-Result<std::unique_ptr<CodeHeap>> fresh_heap(Runtime& rt) {
+Result<std::unique_ptr<CodeHeap>> fresh_heap(Runtime& rt, HeapHardening hd = HeapHardening::none) {
   CodeHeapOptions ho;
   ho.strategy = HeapStrategy::dual_mapping;
+  ho.hardening = hd;
   ho.use_environment = false;  // the case is "dual mapping" whatever JITPATCH_HEAP says
   return CodeHeap::create(rt, ho);
 }
@@ -122,9 +123,9 @@ Rep fill_heap_stats(Rep r, const CodeHeap& heap, std::size_t n, std::uint64_t se
 }
 
 // jitpatch, fresh memory. batched = false: emit() publishes each function itself.
-Rep jitpatch_fresh(Runtime& rt, std::size_t n, bool batched) {
+Rep jitpatch_fresh(Runtime& rt, std::size_t n, bool batched, HeapHardening hd = HeapHardening::none) {
   Rep r;
-  auto heap = fresh_heap(rt);
+  auto heap = fresh_heap(rt, hd);
   if (!heap) return Rep{heap.status()};
   Slots slots;
   slots.reset(n);
@@ -388,10 +389,16 @@ class Bench {
                 strategy_name(rt_->strategy(Operation::serialize_cores)));
 
     Runtime& rt = *rt_;
-    const std::vector<Case> cases = {
+    std::vector<Case> cases = {
         {"jitpatch single (fresh)", [&rt](std::size_t n) { return jitpatch_fresh(rt, n, false); }},
         {"jitpatch batched (fresh)", [&rt](std::size_t n) { return jitpatch_fresh(rt, n, true); }},
         {"jitpatch CodeHeap by hand (fresh)", [&rt](std::size_t n) { return jitpatch_heap_by_hand(rt, n); }},
+        // The hardened heap (CodeHeapOptions::hardening): the alias is opened and closed
+        // around every emit; batched emits still open and close once per function.
+        {"jitpatch single (fresh, hardened mprotect)",
+         [&rt](std::size_t n) { return jitpatch_fresh(rt, n, false, HeapHardening::mprotect); }},
+        {"jitpatch batched (fresh, hardened mprotect)",
+         [&rt](std::size_t n) { return jitpatch_fresh(rt, n, true, HeapHardening::mprotect); }},
         {"asmjit JitRuntime::add", [](std::size_t n) { return asmjit_runtime(n); }},
         {"asmjit JitAllocator dual", [](std::size_t n) { return asmjit_allocator(n); }},
         {"jitpatch single (dirty, free all first)",
@@ -401,6 +408,14 @@ class Bench {
         {"jitpatch batched (dirty)", [&rt](std::size_t n) { return jitpatch_dirty(rt, n, Dirty::free_all_batched); }},
     };
 
+    // Protection keys only where the CPU has them (heap_pkeys_available(); not on the AMD
+    // EPYC machine of docs/benchmarks.md).
+    if (heap_pkeys_available())
+      cases.insert(cases.begin() + 5, {"jitpatch single (fresh, hardened pkey)", [&rt](std::size_t n) {
+                                         return jitpatch_fresh(rt, n, false, HeapHardening::pkey);
+                                       }});
+    else
+      std::printf("(no memory protection keys here: the hardened pkey case is left out)\n\n");
     for (std::size_t n : kCounts) measure_count(cases, n);
     if (::isatty(STDERR_FILENO)) std::fprintf(stderr, "\r\033[K");
     print_table();
@@ -507,6 +522,10 @@ class Bench {
     ratio("publish.batched_speedup_free_all_first", "jitpatch single (dirty, free all first)",
           "jitpatch batched (dirty)");
     ratio("publish.batched_speedup_fresh", "jitpatch single (fresh)", "jitpatch batched (fresh)");
+    // What hardening costs (> 1: slower than the default heap).
+    ratio("publish.hardened_mprotect_over_default", "jitpatch single (fresh, hardened mprotect)",
+          "jitpatch single (fresh)");
+    ratio("publish.hardened_pkey_over_default", "jitpatch single (fresh, hardened pkey)", "jitpatch single (fresh)");
     return out;
   }
 

@@ -28,7 +28,8 @@ struct PatchFixture {
   static constexpr HeapStrategy kDefaultStrategy = HeapStrategy::dual_mapping;
 #endif
 
-  explicit PatchFixture(std::size_t reserve = 16 << 20, HeapStrategy strategy = kDefaultStrategy) {
+  explicit PatchFixture(std::size_t reserve = 16 << 20, HeapStrategy strategy = kDefaultStrategy,
+                        HeapHardening hardening = HeapHardening::none) {
     auto r = Runtime::create();
     REQUIRE(r.ok());
     rt = std::move(r).value();
@@ -36,6 +37,7 @@ struct PatchFixture {
     o.reserve = reserve;
     o.use_environment = false;
     o.strategy = strategy;
+    o.hardening = hardening;
     auto h = CodeHeap::create(*rt, o);
     REQUIRE(h.ok());
     heap = std::move(h).value();

@@ -13,6 +13,7 @@
 // Usage: jitpatch-doctor [--json] [--quick] [--no-measure]
 #include <jitpatch/arch.hpp>
 #include <jitpatch/arch/aarch64/cache_geometry.hpp>
+#include <jitpatch/code_heap.hpp>
 #include <jitpatch/error.hpp>
 #include <jitpatch/rseq.hpp>
 #include <jitpatch/runtime.hpp>
@@ -387,6 +388,11 @@ void print_text(const Report& r) {
                                                 : "offered (TLB shootdowns are IPIs here)");
   }
 
+  // Which hardening a dual-mapped code heap can have here (CodeHeapOptions::hardening).
+  std::printf("Code heap hardening (JITPATCH_HEAP_HARDEN)\n  mprotect: available\n  pkey:     %s\n\n",
+              heap_pkeys_available() ? "available (auto picks it)"
+                                     : "not available: no memory protection keys (CPU flag pku) here; auto picks mprotect");
+
   if (r.measured) {
     std::printf("Measured cost per call (median of repeated runs; busy thread: attached, spinning%s)\n",
                 r.busy_pinned ? " on another CPU" : ", unpinned");
@@ -515,6 +521,10 @@ void print_json(const Report& r) {
   j.kv("offered", r.runtime_ok && r.caps.mprotect_barrier_refused == nullptr);
   j.key("refused");
   r.caps.mprotect_barrier_refused ? j.value(r.caps.mprotect_barrier_refused) : j.null();
+  j.end_object();
+
+  j.key("heap_hardening").begin_object(true);
+  j.kv("mprotect", true).kv("pkey", heap_pkeys_available());
   j.end_object();
 
   j.key("operations").begin_array();

@@ -25,6 +25,24 @@
 //                    its translations: F. Bellard, "QEMU, a Fast and Portable Dynamic
 //                    Translator", USENIX ATC 2005, section 3.6).
 //
+// Hardening (CodeHeapOptions::hardening, or JITPATCH_HEAP_HARDEN=none|auto|mprotect|pkey):
+// with dual mapping the RW alias is writable by every thread at every moment, so a stray
+// or attacker-controlled write anywhere in the process can rewrite code through it.
+// A hardened heap keeps the alias inaccessible outside write scopes (an open CodeWriter,
+// a code-word store, a patch batch):
+//   mprotect  the alias is PROT_NONE at rest; a scope makes the pages it covers RW and
+//             the last scope over a page makes it PROT_NONE again. Every thread is
+//             locked out except while some scope covers the page. Each closing costs an
+//             mprotect() with its TLB shootdown (docs/code-heap.md has the figures).
+//   pkey      the alias is tagged with a memory protection key (pkeys(7); x86-64 CPUs
+//             with the `pku` flag) whose rights are "no access" in every thread's PKRU
+//             register; a scope opens it for the writing thread alone with WRPKRU
+//             (pkey_set(3)), no system call, and other threads stay locked out even
+//             meanwhile. A CodeWriter must then be finished on the thread that opened it.
+//   auto      pkey where available, else mprotect.
+// Protection flip has no alias: it is hardened by construction (hardening() says none).
+// Asking for pkey where the CPU or kernel has none is Errc::unsupported.
+//
 // Freed memory is "dirty": a core may still hold instructions it prefetched from the old
 // code there. Before new code in reused memory is published, serialize_cores() must have
 // run after the free (Intel SDM Vol. 3A 9.1.3, cross-modifying code; on arm64 the
@@ -48,13 +66,23 @@ class Runtime;
 enum class HeapStrategy : std::uint8_t { automatic, dual_mapping, protection_flip };
 const char* heap_strategy_name(HeapStrategy s) noexcept;
 
+// How the dual mapping's RW alias is closed between writes (see above).
+enum class HeapHardening : std::uint8_t { none, automatic, mprotect, pkey };
+const char* heap_hardening_name(HeapHardening h) noexcept;
+// Whether this process can use HeapHardening::pkey: the kernel hands out a protection key
+// (pkey_alloc(2)), which needs a CPU with PKU and a kernel built with support.
+bool heap_pkeys_available() noexcept;
+
 struct CodeHeapOptions {
   // Bytes of address space to reserve (rounded up to pages); 0 = the default for the
   // architecture. Physical memory is used only as code is written.
   std::size_t reserve = 0;
   HeapStrategy strategy = HeapStrategy::automatic;
-  // JITPATCH_HEAP overrides `strategy` when set; JITPATCH_GDB=1 makes `automatic` pick
-  // protection_flip (as a live gdb sink of CodeVisibility does whatever this says).
+  // Dual mapping only: whether the RW alias is closed outside write scopes.
+  HeapHardening hardening = HeapHardening::none;
+  // JITPATCH_HEAP overrides `strategy` and JITPATCH_HEAP_HARDEN `hardening` when set;
+  // JITPATCH_GDB=1 makes `automatic` pick protection_flip (as a live gdb sink of
+  // CodeVisibility does whatever this says).
   bool use_environment = true;
 };
 
@@ -85,7 +113,9 @@ class CodeHeap;
 // bytes go: the RW alias (dual mapping) or the RX address itself, flipped to RW
 // (protection flip; the heap then admits one writer at a time). finish() (or the
 // destructor) flips back and flushes the instruction cache over the range; it does not
-// publish. Move-only; not thread-safe itself.
+// publish. On a hardened heap the alias pages it covers are open until then (pkey: for
+// the opening thread only, which must also be the one that finishes it: finish() on
+// another thread returns Errc::invalid_argument). Move-only; not thread-safe itself.
 class CodeWriter {
  public:
   CodeWriter() noexcept = default;
@@ -106,6 +136,7 @@ class CodeWriter {
   std::byte* rx_ = nullptr;
   std::byte* data_ = nullptr;
   std::size_t size_ = 0;
+  unsigned long opener_ = 0;  // pkey hardening: the pthread_t whose PKRU the write opened
 };
 
 class CodeHeap {
@@ -160,6 +191,9 @@ class CodeHeap {
   std::byte* rx_begin() const noexcept;
   std::byte* rx_end() const noexcept;
   HeapStrategy strategy() const noexcept;
+  // The hardening in effect: mprotect or pkey (never automatic); none for an unhardened
+  // dual mapping and for protection flip, which has no alias to close.
+  HeapHardening hardening() const noexcept;
   HeapStats stats() const noexcept;
   Runtime& runtime() const noexcept;
 
@@ -169,6 +203,11 @@ class CodeHeap {
   // store_code_word without the live-allocation check, for the patcher, which has just
   // checked the site against the registry under its own lock.
   Status store_code_word_checked_by_caller(std::byte* rx, std::uint64_t value, unsigned width) noexcept;
+  // A hardened heap's write scope over [rx, rx + size) for a batch of code-word stores:
+  // the stores inside it open nothing more (nested scopes only count). Every successful
+  // open_alias() needs its close_alias() with the same range, on the same thread.
+  Status open_alias(const std::byte* rx, std::size_t size) noexcept;
+  Status close_alias(const std::byte* rx, std::size_t size) noexcept;
   struct Impl;
   explicit CodeHeap(std::unique_ptr<Impl> impl) noexcept;
   Status end_write(CodeWriter& w) noexcept;
