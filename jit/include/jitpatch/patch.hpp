@@ -89,6 +89,11 @@ struct PatcherStats {
   std::uint64_t batches = 0;          // batches committed
   std::uint64_t serializations = 0;   // serialize_cores() rounds
   std::uint64_t veneers = 0;          // veneers emitted
+  // Threads found stopped inside a multi-instruction region being replaced and moved to
+  // its out-of-line copy of the old instructions; and the batches whose copies were kept
+  // because a thread went there (they stay in the heap, see PatchBatch::replace).
+  std::uint64_t displaced = 0;
+  std::uint64_t displaced_copies = 0;
 };
 
 class PatchBatch;
