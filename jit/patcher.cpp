@@ -1208,10 +1208,13 @@ Status Patcher::commit_breakpoint(const std::vector<Request>& requests, std::vec
     // As a round: every core drops the traps and new bytes before waiters are let go
     // (best effort: if this fails too, nothing better is left to do).
     (void)rt.serialize_cores();
+    // Read before unpublish(), which may free the table. Final by now: the handshake
+    // completed, or its failure path waited for the handlers (below).
+    const bool moved = read_once(published->moved) != 0;
     unpublish();
     // A copy a thread was moved into stays: the thread finishes the old region there and
     // jumps back to the region's end, which the roll-back kept as it was.
-    drop_copies(read_once(published->moved) != 0);
+    drop_copies(moved);
     return why;
   };
 
@@ -1270,8 +1273,9 @@ Status Patcher::commit_breakpoint(const std::vector<Request>& requests, std::vec
     if (Status st = write_bytes(s.at, s.r->bytes, head); !st) return roll_back(st);
   if (Status st = rt.serialize_cores(); !st) return roll_back(st);
   // Only now may trapped threads go: they re-run each site from its start.
+  const bool moved = read_once(published->moved) != 0;  // before unpublish(), which may free the table
   unpublish();
-  if (check_stopped) drop_copies(read_once(published->moved) != 0);
+  if (check_stopped) drop_copies(moved);
   round_done(3);
   fetch_add_relaxed(&stats_.patches, atomic.size() + sites.size());  // statistics only
   fetch_add_relaxed(&stats_.batches, 1);

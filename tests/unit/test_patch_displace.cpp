@@ -25,6 +25,7 @@
 #include <sstream>
 #include <string>
 #include <thread>
+#include <vector>
 
 #include "support/child.hpp"
 #include "support/patch_fixture.hpp"
@@ -374,4 +375,48 @@ TEST_CASE("patch: a multi-instruction region must be position-independent", "[un
     CHECK(Patcher::last_error_detail().find("call before its last instruction") != std::string::npos);
   }
 #endif
+}
+
+// Not run by CTest (hidden): the cost of the check, for docs/patching.md. A replace() of
+// the 4-instruction region and of its first instruction alone, with N idle attached threads.
+TEST_CASE("patch: cost of the stopped-thread check", "[.][bench]") {
+  test::PatchFixture f;
+  allow_attached(f);
+  BlobRef fn = emit_load_region(f);
+  std::byte* region = fn->site("region")->address;
+  std::uint8_t old[16];
+  std::memcpy(old, region, 16);
+  std::atomic<bool> stop{false};
+  std::atomic<int> attached{0};
+  std::vector<std::thread> idle;
+  for (int n : {0, 1, 4}) {
+    while (static_cast<int>(idle.size()) < n) {
+      idle.emplace_back([&] {
+        auto att = f.rt->attach_current_thread();
+        attached.fetch_add(1);
+        while (!stop.load()) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+      });
+    }
+    REQUIRE(wait_for([&] { return attached.load() == n; }));
+#if defined(__x86_64__)
+    const std::size_t lens[2] = {5, 12};
+#else
+    const std::size_t lens[2] = {4, 16};
+#endif
+    for (std::size_t len : lens) {
+      constexpr int kRounds = 200;
+      const auto t0 = std::chrono::steady_clock::now();
+      for (int i = 0; i < kRounds; ++i) {
+        PatchBatch b(*f.patcher);
+        b.replace(region, old, len);
+        REQUIRE(b.commit().ok());
+      }
+      const double us =
+          std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count() / kRounds;
+      std::printf("replace %2zu bytes (%s), %d idle attached thread(s): %.1f us per commit\n", len,
+                  len == lens[0] ? "1 instruction" : "multi-instruction", n, us);
+    }
+  }
+  stop = true;
+  for (auto& t : idle) t.join();
 }
