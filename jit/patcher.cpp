@@ -7,6 +7,7 @@
 #include <jitpatch/patch.hpp>
 #include <jitpatch/runtime.hpp>
 
+#include <jitpatch/internal/interrupted_context.hpp>
 #include <jitpatch/internal/jit_testing.hpp>
 #include <jitpatch/internal/signal_chain.hpp>
 
@@ -67,9 +68,25 @@ struct TrapTable {
   std::size_t count = 0;              // immutable once published
   std::byte* const* sites = nullptr;  // storage.data(); immutable once published
   std::vector<std::byte*> storage;
+  // Per site (same order), for the check of stopped threads (PT7): the region's length,
+  // and the out-of-line copy of its old instructions for a multi-instruction region
+  // (nullptr for one instruction, or when no check is made). Immutable once published.
+  const std::uint8_t* lengths = nullptr;   // length_storage.data()
+  std::byte* const* copies = nullptr;      // copy_storage.data()
+  std::vector<std::uint8_t> length_storage;
+  std::vector<std::byte*> copy_storage;
+  // Written by broadcast handlers while the table is g_displace_table (marked RMWs), read
+  // by the committer after the handshake (RT2 orders them before it): threads moved into
+  // a copy, and parked contexts that could not be checked (ParkedSignalContext overflow).
+  int moved = 0;
+  int unchecked = 0;
   TrapTable* next_retired = nullptr;  // on g_retired_trap_tables; under g_breakpoint_mu
 };
 constinit TrapTable* g_trap_table = nullptr;  // the batch in flight's, or nullptr
+// The same table while its batch checks for threads stopped inside its multi-instruction
+// regions (between round 1 and round 2), else nullptr. Read by displace_stopped() inside
+// the g_trap_readers bracket, so PT5 reclaims it with g_trap_table (PT7).
+constinit TrapTable* g_displace_table = nullptr;
 // Handlers inside in_trap_table() (marked RMWs; PT5). Not a statistic: reclamation of
 // unpublished tables waits for a moment it reads 0.
 constinit int g_trap_readers = 0;
@@ -216,6 +233,75 @@ bool is_trap_at(const std::byte* pc) {
 #endif
 }
 
+// --- threads stopped inside a multi-instruction region ----------------------------------
+// The breakpoint protocol stops new entries at the trap, but a thread that was already past
+// the first instruction when the trap went in (preempted there, blocked in a system call
+// there, or parked in a signal handler that interrupted it there) would resume in the
+// middle of the new bytes once round 2 rewrote them. Detours' DetourUpdateThread moves such
+// a thread into the trampoline that holds the displaced instructions; this does the same.
+// Between round 1 and round 2, commit_breakpoint() publishes the table with an out-of-line
+// copy of each multi-instruction region's old bytes (followed by a jump to the region's
+// end), then runs a signal broadcast to every attached thread. Each thread's handler
+// (Runtime's on_signal() -> show_contexts() -> here) looks at the context it interrupted
+// and at the contexts the thread declared parked (ParkedSignalContext); a PC strictly
+// inside a region moves to the same offset in its copy, where the same instructions
+// (validated position-independent) finish the old region and jump back. Once every thread
+// acknowledged, none is inside a region, and none can enter one but through its trap.
+//   commit_breakpoint()                          displace_stopped() on each attached thread
+//   publish copies (flush_icache, serialize)     (on_signal: load_acquire(&request), RT1)
+//   store_release(&g_displace_table, table)      fetch_add(&g_trap_readers, 1)
+//   run(process_barrier, signals): RT1..RT3      t = load_acquire(&g_displace_table)
+//   store_release(&g_displace_table, nullptr)    pc in (site, site + len): pc = copy + k,
+//   read moved/unchecked (after the acks, RT2)     fetch_add_relaxed(&t->moved, 1)
+//   round 2 writes the bodies                    fetch_sub_release(&g_trap_readers, 1)
+// PT7. The context change takes effect when the handler returns (rt_sigreturn restores the
+// modified context; on aarch64 the exception return is a context synchronization event,
+// so the thread fetches the copy, which publish() cleaned to the point of unification).
+// Async-signal-safe: atomics and reads of immutable table memory.
+void displace_stopped(void* ucv) noexcept {
+  // PT5 bracket: the table is reclaimed only once no handler is inside.
+  (void)fetch_add(&g_trap_readers, 1);
+  // PT7. Pairs with commit_breakpoint()'s store_release: a handler that sees the table
+  // sees its lengths and copies. (It also rides on RT1: the broadcast is sent after.)
+  TrapTable* t = load_acquire(&g_displace_table);
+  if (t) {
+    if (!ucv) {
+      fetch_add_relaxed(&t->unchecked, 1);  // a parked context that did not fit: unknown
+    } else {
+      auto* uc = static_cast<ucontext_t*>(ucv);
+#if defined(__x86_64__)
+      auto* pc = reinterpret_cast<std::byte*>(uc->uc_mcontext.gregs[REG_RIP]);
+#else
+      auto* pc = reinterpret_cast<std::byte*>(uc->uc_mcontext.pc);
+#endif
+      // The last site at or below pc: the only region that can hold it (they do not overlap).
+      std::size_t lo = 0, hi = t->count;
+      while (lo < hi) {
+        const std::size_t mid = (lo + hi) / 2;
+        if (t->sites[mid] <= pc) lo = mid + 1;
+        else hi = mid;
+      }
+      if (lo > 0) {
+        const std::size_t i = lo - 1;
+        std::byte* site = t->sites[i];
+        // Strictly inside: a thread at the first byte has not started the region; it
+        // fetches the trap next (round 1 was serialized before the broadcast).
+        if (pc > site && pc < site + t->lengths[i] && t->copies[i]) {
+          std::byte* to = t->copies[i] + (pc - site);
+#if defined(__x86_64__)
+          uc->uc_mcontext.gregs[REG_RIP] = reinterpret_cast<greg_t>(to);
+#else
+          uc->uc_mcontext.pc = reinterpret_cast<std::uint64_t>(to);
+#endif
+          fetch_add_relaxed(&t->moved, 1);
+        }
+      }
+    }
+  }
+  // PT5. Every read of the table before the decrement.
+  (void)fetch_sub_release(&g_trap_readers, 1);
+}
+
 // Async-signal-safe: atomics, reads of code bytes, sched_yield.
 void on_sigtrap(int sig, siginfo_t* si, void* ucv) {
   const int saved_errno = errno;
@@ -307,6 +393,8 @@ Status install_trap_handler(std::byte* heap_begin, std::byte* heap_end) {
       return Status(Errc::os_error, err, "installing the SIGTRAP handler");
     }
     g_trap_installed = true;
+    // The check of stopped threads runs in the Runtime's broadcast handler.
+    detail::set_interrupted_context_hook(&displace_stopped);
   }
   // PT6. The range's begin and end (plain stores: no reader can reach it yet) before the
   // pointer; pairs with in_patched_heap()'s load_acquire of the slot.
@@ -347,6 +435,67 @@ bool whole_instructions(const std::uint8_t* code, std::size_t n, std::uint64_t a
   cs_free(insn, 1);
   cs_close(&h);
   return left == 0;
+}
+
+// The old code of a breakpoint region, for the check of stopped threads: how many
+// instructions it has, and, when a thread stopped inside it must be able to finish it out
+// of line, why it cannot (nullptr: it can). An out-of-line copy runs the same bytes at
+// another address, so every instruction must be position-independent: nothing PC-relative
+// (x86-64 RIP-relative operands, relative branches; aarch64 B/BL/B.cond/CBZ/TBZ,
+// ADR/ADRP, literal loads). A call must be the last instruction: a callee of an earlier
+// one returns into the region, a stop no handshake can see (the PC is in the callee).
+// Called on bytes whole_instructions() accepted.
+struct RegionShape {
+  int instructions = 0;
+  const char* not_movable = nullptr;
+};
+RegionShape region_shape(const std::uint8_t* code, std::size_t n, std::uint64_t address) {
+  RegionShape out;
+#if defined(__x86_64__)
+  csh h;
+  if (cs_open(CS_ARCH_X86, CS_MODE_64, &h) != CS_ERR_OK) {
+    out.not_movable = "replace: the disassembler could not be opened to check the region";
+    return out;
+  }
+  cs_option(h, CS_OPT_DETAIL, CS_OPT_ON);
+  cs_insn* insn = cs_malloc(h);
+  const std::uint8_t* p = code;
+  std::size_t left = n;
+  std::uint64_t at = address;
+  while (left > 0 && cs_disasm_iter(h, &p, &left, &at, insn)) {
+    ++out.instructions;
+    if (out.not_movable) continue;
+    if (cs_insn_group(h, insn, CS_GRP_BRANCH_RELATIVE))
+      out.not_movable = "replace: a multi-instruction region holds a relative branch or call, which cannot run out of line";
+    else if (cs_insn_group(h, insn, CS_GRP_CALL) && left > 0)
+      out.not_movable = "replace: a multi-instruction region holds a call before its last instruction (the callee returns into the region)";
+    else
+      for (std::uint8_t i = 0; i < insn->detail->x86.op_count; ++i)
+        if (insn->detail->x86.operands[i].type == X86_OP_MEM && insn->detail->x86.operands[i].mem.base == X86_REG_RIP)
+          out.not_movable = "replace: a multi-instruction region holds a RIP-relative operand, which cannot run out of line";
+  }
+  cs_free(insn, 1);
+  cs_close(&h);
+#else
+  (void)address;
+  for (std::size_t off = 0; off + 4 <= n; off += 4) {
+    std::uint32_t w;
+    std::memcpy(&w, code + off, 4);
+    ++out.instructions;
+    if (out.not_movable) continue;
+    const bool relative = (w & 0x7c000000u) == 0x14000000u      // B, BL
+                          || (w & 0xff000010u) == 0x54000000u   // B.cond
+                          || (w & 0x7e000000u) == 0x34000000u   // CBZ, CBNZ
+                          || (w & 0x7e000000u) == 0x36000000u   // TBZ, TBNZ
+                          || (w & 0x1f000000u) == 0x10000000u   // ADR, ADRP
+                          || (w & 0x3b000000u) == 0x18000000u;  // LDR/LDRSW/PRFM (literal)
+    if (relative)
+      out.not_movable = "replace: a multi-instruction region holds a PC-relative instruction (branch, ADR/ADRP or literal load), which cannot run out of line";
+    else if ((w & 0xfffffc1fu) == 0xd63f0000u && off + 4 < n)  // BLR before the last
+      out.not_movable = "replace: a multi-instruction region holds a call before its last instruction (the callee returns into the region)";
+  }
+#endif
+  return out;
 }
 
 std::uint64_t addr(const void* p) { return reinterpret_cast<std::uint64_t>(p); }
@@ -471,6 +620,12 @@ Status reject_at(const char* reason, const std::byte* site, const CodeRegistry& 
   return reject_address(reason, site);
 }
 
+constexpr const char* kNoHandshake =
+    "replace: a multi-instruction region with other threads attached needs the Runtime's signal broadcast to check "
+    "for threads stopped inside it, and the signal handler is not installed";
+constexpr const char* kUnchecked =
+    "replace: a thread is parked in more ParkedSignalContext levels than can be recorded; whether it is stopped "
+    "inside a multi-instruction region cannot be checked";
 constexpr const char* kFlipRefusal =
     "protection-flip heap: patching while other threads are attached to the Runtime may fault them; "
     "use the dual-mapped heap";
@@ -523,6 +678,8 @@ PatcherStats Patcher::stats() const noexcept {
   s.batches = read_once(stats_.batches);
   s.serializations = read_once(stats_.serializations);
   s.veneers = read_once(stats_.veneers);
+  s.displaced = read_once(stats_.displaced);
+  s.displaced_copies = read_once(stats_.displaced_copies);
   return s;
 }
 
@@ -921,6 +1078,12 @@ Status Patcher::validate_replace(const Request& r) noexcept {
     return reject("replace: the region does not end on an instruction boundary of the old code", at, blob);
   if (!whole_instructions(r.bytes, r.length, addr(at)))
     return reject("replace: the new bytes are not whole instructions", at, blob);
+  // More than one old instruction: a thread can be stopped between two of them, and is
+  // then moved to an out-of-line copy of the old code (commit_breakpoint()), which needs
+  // position-independent instructions. Checked whether or not threads are attached now:
+  // whether a batch is accepted must not depend on timing.
+  if (const RegionShape shape = region_shape(old_bytes, r.length, addr(at)); shape.instructions > 1 && shape.not_movable)
+    return reject(shape.not_movable, at, blob);
   return {};
 }
 
@@ -959,14 +1122,17 @@ Status Patcher::commit_breakpoint(const std::vector<Request>& requests, std::vec
     std::byte* at;
     const Request* r;
     std::uint8_t original[16];
+    bool multi = false;  // more than one old instruction
+    BlobRef copy;        // its out-of-line copy, when threads are checked
   };
   std::vector<Site> sites;
   std::unique_ptr<TrapTable> table;
   try {
     for (const Request& r : requests)
       if (r.op == Request::Op::replace) {
-        Site s{r.site, &r, {}};
+        Site s{r.site, &r, {}, false, {}};
         std::memcpy(s.original, r.site, r.length);
+        s.multi = region_shape(s.original, r.length, addr(r.site)).instructions > 1;
         sites.push_back(s);
       }
     std::sort(sites.begin(), sites.end(), [](const Site& a, const Site& b) { return a.at < b.at; });
@@ -975,11 +1141,74 @@ Status Patcher::commit_breakpoint(const std::vector<Request>& requests, std::vec
         return reject_at("replace: two replacements in one batch overlap", sites[i].at, *registry_, *heap_);
     table = std::make_unique<TrapTable>();
     table->storage.reserve(sites.size());
-    for (const Site& s : sites) table->storage.push_back(s.at);
+    table->length_storage.reserve(sites.size());
+    table->copy_storage.assign(sites.size(), nullptr);
+    for (const Site& s : sites) {
+      table->storage.push_back(s.at);
+      table->length_storage.push_back(s.r->length);
+    }
     table->count = table->storage.size();
     table->sites = table->storage.data();
+    table->lengths = table->length_storage.data();
+    table->copies = table->copy_storage.data();
   } catch (...) {
     return Status(Errc::out_of_memory);
+  }
+  Runtime& rt = heap_->runtime();
+  // Threads stopped inside a multi-instruction region (PT7, above displace_stopped()): the
+  // check needs a copy of each such region and a signal broadcast, so it is made only when
+  // a thread other than the caller is attached. Unattached threads cannot be reached; they
+  // must not run code a multi-instruction replace rewrites (docs/patching.md).
+  const bool any_multi = std::any_of(sites.begin(), sites.end(), [](const Site& s) { return s.multi; });
+  const std::size_t attached = any_multi ? rt.attached_thread_count() : 0;
+  const std::size_t others = attached - (attached != 0 && rt.current_thread_attached() ? 1 : 0);
+  const bool check_stopped = any_multi && others > 0;
+  // Copies nobody was moved into are freed; one that may hold a thread stays for the
+  // heap's life (a thread parked in it may stay there indefinitely).
+  auto drop_copies = [&](bool keep) {
+    for (Site& s : sites)
+      if (s.copy && !keep) (void)emitter_->free(s.copy);
+    if (keep) fetch_add_relaxed(&stats_.displaced_copies, 1);  // statistics only
+  };
+  if (check_stopped) {
+    if (!rt.can_use(Operation::process_barrier, Strategy::signals)) {
+      set_detail(kNoHandshake);
+      return Status(Errc::unavailable, 0, kNoHandshake);
+    }
+    for (std::size_t i = 0; i < sites.size(); ++i) {
+      Site& s = sites[i];
+      if (!s.multi) continue;
+      // The old bytes, then a jump to the region's end, which touches no register:
+      // x86-64 jmp qword ptr [rip + 0] with the absolute target behind it; aarch64 a B
+      // that publish() encodes (the copy is in the same heap, within B's +-128 MiB unless
+      // the heap is larger, and publish() then refuses instead of mis-encoding).
+      std::uint8_t code[32];
+      const std::size_t len = s.r->length;
+      std::memcpy(code, s.original, len);
+      const std::uint64_t back = addr(s.at + len);
+#if defined(__x86_64__)
+      const std::uint8_t jmp_abs[6] = {0xFF, 0x25, 0x00, 0x00, 0x00, 0x00};
+      std::memcpy(code + len, jmp_abs, 6);
+      std::memcpy(code + len + 6, &back, 8);
+      const std::size_t size = len + 14;
+      auto b = emitter_->publish("jitpatch_displaced", code, size, nullptr, 0);
+#else
+      std::memset(code + len, 0, 4);  // publish() writes the B
+      RawSite jump;
+      jump.kind = SiteKind::jump;
+      jump.offset = len;
+      jump.target = back;
+      jump.name = "back";
+      auto b = emitter_->publish("jitpatch_displaced", code, len + 4, &jump, 1);
+#endif
+      if (!b.ok()) {
+        drop_copies(false);
+        if (t_detail.empty()) set_detail("replace: publishing the out-of-line copy of a multi-instruction region");
+        return b.status();
+      }
+      s.copy = *b;
+      table->copy_storage[i] = s.copy->entry();
+    }
   }
 #if defined(__x86_64__)
   const std::uint8_t trap[1] = {arch::x86_64::kInt3};
@@ -990,7 +1219,6 @@ Status Patcher::commit_breakpoint(const std::vector<Request>& requests, std::vec
   std::memcpy(trap, &brk, 4);
   constexpr std::size_t head = 4;
 #endif
-  Runtime& rt = heap_->runtime();
   // Publish the table before any trap is written: a thread that hits a trap must find its
   // site. PT4: the release orders the table's count and elements before the pointer;
   // pairs with in_trap_table()'s load_acquire of it. From here on the table is the trap
@@ -1023,7 +1251,13 @@ Status Patcher::commit_breakpoint(const std::vector<Request>& requests, std::vec
     // As a round: every core drops the traps and new bytes before waiters are let go
     // (best effort: if this fails too, nothing better is left to do).
     (void)rt.serialize_cores();
+    // Read before unpublish(), which may free the table. Final by now: the handshake
+    // completed, or its failure path waited for the handlers (below).
+    const bool moved = read_once(published->moved) != 0;
     unpublish();
+    // A copy a thread was moved into stays: the thread finishes the old region there and
+    // jumps back to the region's end, which the roll-back kept as it was.
+    drop_copies(moved);
     return why;
   };
 
@@ -1040,6 +1274,34 @@ Status Patcher::commit_breakpoint(const std::vector<Request>& requests, std::vec
   for (const Planned& p : atomic)
     if (Status st = heap_->store_code_word(p.word, p.value, p.width); !st) return roll_back(st);
   if (Status st = rt.serialize_cores(); !st) return roll_back(st);
+  // The check of stopped threads (PT7). After round 1's serialization no thread can enter
+  // a region but through its trap, so the threads inside one now are all there will be
+  // until round 3. The broadcast reaches every attached thread, and each one's handler
+  // moves it out of any region before it acknowledges; when run() returns, no attached
+  // thread is inside a region (or in a signal handler that interrupted one, when declared
+  // with ParkedSignalContext), so round 2 can rewrite the bodies.
+  if (check_stopped) {
+    store_release(&g_displace_table, published);
+    Status hs = rt.run(Operation::process_barrier, Strategy::signals);
+    // Unpublished before round 2: from then on a PC inside a region would be in new code.
+    store_release(&g_displace_table, static_cast<TrapTable*>(nullptr));
+    if (!hs) {
+      // Not every thread acknowledged (Errc::timeout: one blocks the signal, or is
+      // stopped): a late handler may still be moving its thread. Wait until no handler
+      // is inside the table (PT5's bracket; the handlers only compute) so that `moved`
+      // is final before the roll-back decides about the copies.
+      smp_mb();  // the unpublication before the reads of the count (PT5)
+      while (load_acquire(&g_trap_readers) != 0) ::sched_yield();
+      if (t_detail.empty()) set_detail("replace: the signal broadcast that checks for threads stopped inside a multi-instruction region failed");
+      return roll_back(hs);
+    }
+    // RT2: each handler's RMWs on the table precede its ack, which run() read with acquire.
+    fetch_add_relaxed(&stats_.displaced, static_cast<std::uint64_t>(read_once(published->moved)));
+    if (read_once(published->unchecked) != 0) {
+      set_detail(kUnchecked);
+      return roll_back(Status(Errc::unavailable, 0, kUnchecked));
+    }
+  }
   round_done(1);
   // Round 2: the bodies, behind the traps. After the serialization no core holds a
   // stale copy of an old body, so the new head of round 3 is never followed by one.
@@ -1054,7 +1316,9 @@ Status Patcher::commit_breakpoint(const std::vector<Request>& requests, std::vec
     if (Status st = write_bytes(s.at, s.r->bytes, head); !st) return roll_back(st);
   if (Status st = rt.serialize_cores(); !st) return roll_back(st);
   // Only now may trapped threads go: they re-run each site from its start.
+  const bool moved = read_once(published->moved) != 0;  // before unpublish(), which may free the table
   unpublish();
+  if (check_stopped) drop_copies(moved);
   round_done(3);
   fetch_add_relaxed(&stats_.patches, atomic.size() + sites.size());  // statistics only
   fetch_add_relaxed(&stats_.batches, 1);

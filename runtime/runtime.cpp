@@ -21,6 +21,7 @@
 #include <vector>
 
 #include <jitpatch/internal/fatal.hpp>
+#include <jitpatch/internal/interrupted_context.hpp>
 #include <jitpatch/internal/runtime_deps.hpp>
 #include <jitpatch/internal/signal_chain.hpp>
 #include <jitpatch/internal/runtime_testing.hpp>
@@ -77,6 +78,31 @@ constinit struct sigaction g_prev_action = {};
 // marked accesses, so each is one untorn access the compiler keeps in place.
 thread_local ThreadRecord* t_record __attribute__((tls_model("initial-exec"))) = nullptr;
 
+// ParkedSignalContext: the contexts this thread declared parked, outermost first. Written
+// by the thread itself (in a signal handler, usually) and read by its own broadcast
+// handler, which can interrupt it between any two instructions: marked accesses, and a
+// compiler barrier between an entry and the depth that covers it, so a handler that sees
+// the depth sees the entry (one thread: program order is all that is needed).
+thread_local void* t_parked[ParkedSignalContext::kMaxParkedContexts] __attribute__((tls_model("initial-exec"))) = {};
+thread_local int t_parked_depth __attribute__((tls_model("initial-exec"))) = 0;  // may exceed the array
+// The jit layer's hook (interrupted_context.hpp), or nullptr. One word: store_release by
+// set_interrupted_context_hook(), load_acquire by on_signal() (the hook's code is static).
+constinit detail::InterruptedContextHook g_context_hook = nullptr;
+
+// Shows the hook every context of this thread a broadcast must look at: the one the signal
+// interrupted, then the declared parked ones, innermost first (nullptr for one that did not
+// fit). Runs on the target thread, in on_signal(), before the ack: a broadcaster that reads
+// the ack (RT2) sees whatever the hook did.
+void show_contexts(void* uc) {
+  detail::InterruptedContextHook hook = load_acquire(&g_context_hook);
+  if (!hook) return;
+  hook(uc);
+  const int depth = read_once(t_parked_depth);
+  compiler_barrier();  // the depth before the entries it covers (the writer's order, reversed)
+  for (int i = depth - 1; i >= 0; --i)
+    hook(i < ParkedSignalContext::kMaxParkedContexts ? read_once(t_parked[i]) : nullptr);
+}
+
 // The signal broadcast (Runtime::Impl::run_signals() on the broadcaster, on_signal() on
 // each target) is membarrier(2) made by hand; the pairs, in the order they happen:
 //
@@ -120,6 +146,10 @@ void on_signal(int sig, siginfo_t* si, void* uc) {
     // Acquire: pairs with run_signals()'s smp_mb() before its write_once of `request`,
     // so this thread's accesses after the handler see the broadcaster's earlier ones.
     const std::uint32_t req = load_acquire(&rec->request);
+    // The patcher's check of threads stopped inside a region it replaces (PT7): after
+    // the acquire above, so the hook sees what the broadcaster published before the
+    // broadcast (RT1); before the ack, so the broadcaster sees what it did (RT2).
+    show_contexts(uc);
     // The target's full barrier "during the call": orders everything this thread did
     // before the signal before the ack below, which run_signals() reads with acquire
     // before its final smp_mb() (the membarrier(2) guarantee, made by hand).
@@ -925,6 +955,42 @@ Status ThreadAttachment::detach() noexcept {
   sys::futex_wake(&rec->ack, 1);
   record_ = nullptr;
   return {};
+}
+
+void detail::set_interrupted_context_hook(InterruptedContextHook hook) noexcept {
+  // Pairs with show_contexts()'s load_acquire (the hook is a function: nothing else to publish).
+  store_release(&g_context_hook, hook);
+}
+
+ParkedSignalContext::ParkedSignalContext(void* ucontext) noexcept {
+  const int d = read_once(t_parked_depth);
+  if (d < kMaxParkedContexts) write_once(t_parked[d], ucontext);
+  compiler_barrier();  // the entry before the depth that covers it (show_contexts())
+  write_once(t_parked_depth, d + 1);
+  // Recorded: broadcasts may come in now. (The handler's sa_mask held the signal back
+  // until here, if the embedder installed it as documented.)
+  if (Runtime* rt = Runtime::current()) {
+    sigset_t set;
+    sigemptyset(&set);
+    sigaddset(&set, rt->signal_number());
+    pthread_sigmask(SIG_UNBLOCK, &set, nullptr);  // async-signal-safe (signal-safety(7))
+  }
+}
+
+ParkedSignalContext::~ParkedSignalContext() {
+  // Block the signal before forgetting the context: from here to the handler's return no
+  // broadcast handler runs on this thread, and the return (rt_sigreturn) restores the
+  // interrupted mask, so a broadcast pending meanwhile is taken in the interrupted context
+  // itself, where its handler sees the real PC.
+  if (Runtime* rt = Runtime::current()) {
+    sigset_t set;
+    sigemptyset(&set);
+    sigaddset(&set, rt->signal_number());
+    pthread_sigmask(SIG_BLOCK, &set, nullptr);
+  }
+  const int d = read_once(t_parked_depth);
+  compiler_barrier();
+  write_once(t_parked_depth, d - 1);
 }
 
 }  // namespace jitpatch

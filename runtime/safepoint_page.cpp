@@ -2,6 +2,7 @@
 // (PROT_NONE) to arm; the process-wide SIGSEGV handler recognizes a fault on the faulting
 // thread's own poll page and runs the slow path inside the handler. Every other SIGSEGV
 // goes to the handler installed before ours.
+#include <pthread.h>
 #include <sys/mman.h>
 #include <ucontext.h>
 
@@ -9,6 +10,7 @@
 #include <csignal>
 
 #include <jitpatch/internal/signal_chain.hpp>
+#include <jitpatch/runtime.hpp>
 
 #include "safepoint_impl.hpp"
 
@@ -23,6 +25,9 @@ namespace {
 constinit SafepointsImpl* g_page_sp = nullptr;
 constinit struct sigaction g_prev_segv = {};
 constinit std::mutex g_segv_mu;
+// The Runtime signal in the installed handler's sa_mask (0 before the first install). One
+// word, marked: written under g_segv_mu before sigaction(), read by the handler.
+constinit int g_segv_masked_signal = 0;
 
 void on_segv(int sig, siginfo_t* si, void* uc) {
   const int saved_errno = errno;
@@ -43,9 +48,24 @@ void on_segv(int sig, siginfo_t* si, void* uc) {
     pc = reinterpret_cast<const void*>(ctx->uc_mcontext.pc);
 #endif
     fetch_add_relaxed(&sp->page_faults, 1);  // statistics only
-    detail::safepoint_slow(t, pc);
+    {
+      // The thread waits here, in the handler, with its interrupted PC at the poll: a
+      // point inside managed code, possibly inside a multi-instruction region a patch
+      // replaces meanwhile. Declared, so that the patcher's check of stopped threads
+      // sees this context and not only the handler's own code (docs/patching.md).
+      ParkedSignalContext parked(uc);
+      detail::safepoint_slow(t, pc);
+    }
     errno = saved_errno;
     return;
+  }
+  // Not a poll fault: the handler chained to runs with the Runtime's signal unblocked, as
+  // it would without ours in front (sa_mask held it back only for the poll path above).
+  if (const int rt_sig = read_once(g_segv_masked_signal); rt_sig != 0) {
+    sigset_t set;
+    sigemptyset(&set);
+    sigaddset(&set, rt_sig);
+    pthread_sigmask(SIG_UNBLOCK, &set, nullptr);
   }
   errno = saved_errno;
   detail::chain_signal(g_prev_segv, sig, si, uc);
@@ -65,6 +85,10 @@ Status install_page_polls(SafepointsImpl* s) noexcept {
   sa.sa_sigaction = on_segv;
   sa.sa_flags = SA_SIGINFO | SA_RESTART | SA_ONSTACK;
   sigemptyset(&sa.sa_mask);
+  // The Runtime's broadcast signal is held back from the handler's entry until
+  // ParkedSignalContext has recorded the interrupted context (it unblocks it then).
+  sigaddset(&sa.sa_mask, s->rt->signal_number());
+  write_once(g_segv_masked_signal, s->rt->signal_number());
   // The handler to chain to is recorded before ours is installed: a fault that is not a
   // poll fault, taken the moment ours is in place, must find it (not a zeroed action,
   // which would be SIG_DFL and kill the process). A handler left installed by an earlier

@@ -36,10 +36,19 @@
 // new first byte/word, serialize. A thread that reaches the trap meanwhile takes SIGTRAP;
 // the patcher's handler recognizes the address, waits until the batch is done and
 // resumes the thread at the start of the site, where it runs the new instructions. Any
-// other SIGTRAP goes to the handler installed before (debuggers, the embedder). The
-// region must be entered only at its first byte (one instruction, or a sequence no
-// branch targets and no thread can be stopped inside); validation checks that both the
-// old and the new bytes are whole instructions. On aarch64 the Arm ARM permits
+// other SIGTRAP goes to the handler installed before (debuggers, the embedder). No branch
+// may target the inside of the region (not checked); validation checks that both the old
+// and the new bytes are whole instructions. A thread can still be stopped inside a region
+// of several instructions (preempted, blocked in a system call, parked in a signal
+// handler), so when other threads are attached, commit() moves them out between round 1
+// and round 2: it publishes a copy of the old instructions followed by a jump to the
+// region's end, and a signal broadcast to every attached thread moves a PC strictly
+// inside the region (in the interrupted context, or in one declared with
+// ParkedSignalContext) to the same offset in the copy, as Detours' DetourUpdateThread
+// does. Such a region must therefore be position-independent (no PC-relative operand or
+// branch, no call before its last instruction), validated. Threads not attached to the
+// Runtime are not reached (docs/patching.md, "Threads stopped inside a region"). On
+// aarch64 the Arm ARM permits
 // concurrent modification only among B, BL, BRK, NOP, ISB, SVC, HVC, SMC, so replacing
 // other instructions there is only safe when no other thread runs the code.
 //
@@ -89,6 +98,11 @@ struct PatcherStats {
   std::uint64_t batches = 0;          // batches committed
   std::uint64_t serializations = 0;   // serialize_cores() rounds
   std::uint64_t veneers = 0;          // veneers emitted
+  // Threads found stopped inside a multi-instruction region being replaced and moved to
+  // its out-of-line copy of the old instructions; and the batches whose copies were kept
+  // because a thread went there (they stay in the heap, see PatchBatch::replace).
+  std::uint64_t displaced = 0;
+  std::uint64_t displaced_copies = 0;
 };
 
 class PatchBatch;
@@ -188,7 +202,9 @@ class PatchBatch {
   void redirect_entry(const CodeBlob& blob, const void* target);
   void restore_entry(const CodeBlob& blob);
   // Replace the instruction(s) at `at` (inside a live blob) with `n` <= 16 new bytes by
-  // the breakpoint protocol. A batch with any replace uses 3 serialization rounds.
+  // the breakpoint protocol. A batch with any replace uses 3 serialization rounds. With
+  // more than one old instruction and other threads attached, also one signal broadcast
+  // and an out-of-line copy of the old code (kept in the heap if a thread was moved there).
   void replace(std::byte* at, const void* bytes, std::size_t n);
   std::size_t size() const noexcept { return requests_.size(); }
   void clear() noexcept { requests_.clear(); }

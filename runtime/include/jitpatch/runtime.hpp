@@ -153,6 +153,32 @@ class ThreadAttachment {
   void* record_ = nullptr;
 };
 
+// Declares, for its lifetime, that the calling thread is parked inside a signal handler
+// whose interrupted context is `ucontext` (the third argument of an SA_SIGINFO handler),
+// for instance a VM's SIGSEGV handler that waits for a GC at a faulting poll. A Runtime
+// broadcast that reaches the thread then looks at that context too, not only at the
+// handler's own code: the patcher moves a thread stopped inside a multi-instruction
+// region it replaces (docs/patching.md, "Threads stopped inside a region") whether it was
+// preempted there or is parked in such a handler. Without it, a parked thread whose
+// interrupted PC lies in a replaced region resumes in the middle of the new bytes.
+//
+// Use it on the handler's own stack, around the wait. For the declaration to be
+// watertight, install the handler with the Runtime's signal (signal_number()) in its
+// sa_mask: the constructor records the context and then unblocks that signal, and the
+// destructor blocks it again before it forgets the context, so that no broadcast handler
+// can run between the handler's entry and the record, or between the forget and the
+// handler's return (the return restores the interrupted mask). Async-signal-safe. Up to
+// kMaxParkedContexts nested declarations per thread; a deeper one is not recorded, and a
+// patch that needs to check the thread then fails (Errc::unavailable) instead of guessing.
+class ParkedSignalContext {
+ public:
+  static constexpr int kMaxParkedContexts = 8;
+  explicit ParkedSignalContext(void* ucontext) noexcept;
+  ~ParkedSignalContext();
+  ParkedSignalContext(const ParkedSignalContext&) = delete;
+  ParkedSignalContext& operator=(const ParkedSignalContext&) = delete;
+};
+
 class Runtime {
  public:
   // Probe, register, install the signal handler. Errc::busy if a Runtime already exists
