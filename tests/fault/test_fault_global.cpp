@@ -120,3 +120,65 @@ TEST_CASE("fault: GLOBAL refused after start-up: process_barrier steps down to s
         }) == "");
 }
 
+// --- SharedGraceDomain without GLOBAL_EXPEDITED -----------------------------------------
+
+namespace {
+struct alignas(64) DomainMemory {
+  unsigned char bytes[SharedGraceDomain::required_size(4)];
+};
+}  // namespace
+
+TEST_CASE("fault: REGISTER_GLOBAL_EXPEDITED refused: the shared domain falls back to GLOBAL", "[fault]") {
+  CHECK(test::run_in_child([]() -> std::string {
+          if (auto e = test::deny_membarrier_commands(EPERM, {mb::register_global_expedited}); !e.empty()) return e;
+          static DomainMemory m1, m2;
+          auto d = SharedGraceDomain::create(m1.bytes, sizeof m1.bytes);
+          if (!d.ok()) return "create: " + d.status().message();
+          EXPECT(!d->uses_global());
+          auto r = d->register_reader();
+          if (!r.ok()) return "register_reader: " + r.status().message();
+          // The reader's process is not registered: GLOBAL_EXPEDITED would skip it, so the
+          // domain uses GLOBAL from now on, for every process (SG4).
+          EXPECT(d->uses_global());
+          EXPECT(d->synchronize().ok());
+          EXPECT(d->stats().grace_periods == 1);
+          // Strict: the registration's error, and no slot taken.
+          SharedGraceOptions strict;
+          strict.barrier = SharedGraceBarrier::global_expedited;
+          auto s = SharedGraceDomain::create(m2.bytes, sizeof m2.bytes, strict);
+          if (!s.ok()) return "create strict: " + s.status().message();
+          auto sr = s->register_reader();
+          EXPECT(!sr.ok());
+          EXPECT(sr.status().code() == Errc::refused);
+          EXPECT(sr.status().sys_errno() == EPERM);
+          EXPECT(s->reader_count() == 0);
+          return "";
+        }) == "");
+}
+
+TEST_CASE("fault: GLOBAL_EXPEDITED refused to the writer: GLOBAL for that round, or the error", "[fault]") {
+  CHECK(test::run_in_child([]() -> std::string {
+          static DomainMemory m1, m2;
+          auto d = SharedGraceDomain::create(m1.bytes, sizeof m1.bytes);
+          SharedGraceOptions strict;
+          strict.barrier = SharedGraceBarrier::global_expedited;
+          auto s = SharedGraceDomain::create(m2.bytes, sizeof m2.bytes, strict);
+          if (!d.ok() || !s.ok()) return "create failed";
+          auto r = d->register_reader();  // registered before the filter: the reader is fine
+          if (!r.ok()) return "register_reader: " + r.status().message();
+          if (auto e = test::deny_membarrier_commands(EPERM, {mb::global_expedited}); !e.empty()) return e;
+          EXPECT(!d->uses_global());
+          EXPECT(d->synchronize().ok());
+          EXPECT(d->stats().global_fallbacks == 2);  // MB(A) and MB(B)
+          const Status st = s->synchronize();
+          EXPECT(st.code() == Errc::refused);
+          EXPECT(st.sys_errno() == EPERM);
+          EXPECT(s->stats().grace_periods == 0);
+          // Nothing left at all: an error the caller sees, never a grace period that lies.
+          if (auto e = test::deny_membarrier_commands(EPERM, {mb::global}); !e.empty()) return e;
+          const Status none = d->synchronize();
+          EXPECT(none.code() == Errc::refused);
+          EXPECT(d->stats().grace_periods == 1);
+          return "";
+        }) == "");
+}
