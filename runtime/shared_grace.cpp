@@ -9,7 +9,7 @@
 //   two waits around the phase flip, as GraceDomain (SG3)
 //   reader registration:   fetch_or(flags) if it could not register ; claim slot ; sections
 //   synchronize():         caller's unlink      ; smp_mb()         ; load flags    (SG4)
-//   slot reuse:            zero ctr/start ; release owner  vs  claim (fully ordered) (SG5)
+//   slot reuse:            zero ctr ; release owner  vs  claim (fully ordered)       (SG5)
 // MB(A)/MB(B) are membarrier MEMBARRIER_CMD_GLOBAL_EXPEDITED: every CPU running a thread
 // of a registered process executes a full barrier during the call (membarrier(2);
 // kernel/sched/membarrier.c, membarrier_global_expedited(), which also puts smp_mb() at
@@ -48,18 +48,13 @@ constexpr std::uint64_t kNestMask = 0xffffffffull;
 constexpr std::uint64_t kPhaseBit = 1ull << 32;  // as detail::kGracePhase
 constexpr std::uint32_t kMaxReaders = 1u << 20;
 
-std::uint64_t owner_word(pid_t pid, pid_t tid) noexcept {
-  return static_cast<std::uint32_t>(pid) | (static_cast<std::uint64_t>(static_cast<std::uint32_t>(tid)) << 32);
-}
-pid_t owner_pid(std::uint64_t owner) noexcept { return static_cast<pid_t>(owner & 0xffffffffu); }
-std::uint64_t my_owner_word() noexcept { return owner_word(::getpid(), sys::gettid()); }
-
-// State and start time of `pid` from /proc/PID/stat: field 3 and field 22 (proc(5)),
-// counted after the command name's closing parenthesis (the name may hold spaces and
-// parentheses of its own). False when the file cannot be read.
-bool read_proc_stat(pid_t pid, char* state, std::uint64_t* start) noexcept {
+// State and start time of thread `tid` from /proc/TID/stat: field 3 and field 22
+// (proc(5); a thread id names its own /proc entry, listed or not), counted after the
+// command name's closing parenthesis (the name may hold spaces and parentheses of its
+// own). False when the file cannot be read.
+bool read_proc_stat(pid_t tid, char* state, std::uint64_t* start) noexcept {
   char path[48];
-  std::snprintf(path, sizeof path, "/proc/%d/stat", static_cast<int>(pid));
+  std::snprintf(path, sizeof path, "/proc/%d/stat", static_cast<int>(tid));
   const int fd = ::open(path, O_RDONLY | O_CLOEXEC);
   if (fd < 0) return false;
   char buf[1024];
@@ -83,35 +78,43 @@ bool read_proc_stat(pid_t pid, char* state, std::uint64_t* start) noexcept {
   return false;
 }
 
-// This process's start time, 0 if unknown. Cached per pid: a forked child computes its
-// own. The cache words are marked accesses; two threads racing compute the same value.
-constinit pid_t g_start_pid = 0;
-constinit std::uint64_t g_start_time = 0;
-std::uint64_t my_start_time() noexcept {
-  const pid_t pid = ::getpid();
-  if (read_once(g_start_pid) == pid) return read_once(g_start_time);
+// Who owns a slot or the writer lock, in one word: the thread id (low 32 bits) and the
+// low 32 bits of that thread's start time (clock ticks since boot; 0 when /proc could not
+// tell). One word, so that a writer never pairs one owner's tid with another's start
+// time. The tid names the thread, across processes (one pid namespace); the start time
+// tells it from a later thread or process that got the same id.
+pid_t owner_tid(std::uint64_t owner) noexcept { return static_cast<pid_t>(owner & 0xffffffffu); }
+
+// The calling thread's owner word. Cached per thread, keyed by the tid: a forked child's
+// thread has a copy of the cache and another tid, and computes its own.
+thread_local pid_t t_owner_tid = 0;
+thread_local std::uint64_t t_owner_word = 0;
+std::uint64_t my_owner_word() noexcept {
+  const pid_t tid = sys::gettid();
+  if (t_owner_tid == tid) return t_owner_word;
   char state = 0;
   std::uint64_t start = 0;
-  if (!read_proc_stat(pid, &state, &start)) start = 0;
-  write_once(g_start_time, start);
-  write_once(g_start_pid, pid);  // a racing reader may pair the new pid with the old time: recomputes next call at worst
-  return start;
+  if (!read_proc_stat(tid, &state, &start)) start = 0;
+  t_owner_word = static_cast<std::uint32_t>(tid) | (start & 0xffffffffull) << 32;
+  t_owner_tid = tid;
+  return t_owner_word;
 }
 
-// Whether the process that owned a slot (or the writer lock) is gone: no such process
-// (kill(2) with signal 0 reports ESRCH), a zombie (kill() still finds it until it is
-// reaped), or a process with that pid but another start time (the pid was reused).
-// EPERM from kill() means it exists (another user's). Unknown start time (0): kill() and
-// the state decide alone.
-bool owner_gone(std::uint64_t owner, std::uint64_t start) noexcept {
-  const pid_t pid = owner_pid(owner);
-  if (pid <= 0) return false;
-  if (::kill(pid, 0) != 0 && errno == ESRCH) return true;
+// Whether the thread that owned a slot (or the writer lock) is gone: no such thread
+// (kill(2) with signal 0 reports ESRCH), a zombie (kill() still finds a process nobody
+// reaped, and an exited thread-group leader), or a thread with that id but another start
+// time (the id was reused). EPERM from kill() means it exists (another user's). When
+// /proc cannot be read, kill() decides alone.
+bool owner_gone(std::uint64_t owner) noexcept {
+  const pid_t tid = owner_tid(owner);
+  if (tid <= 0) return false;
+  if (::kill(tid, 0) != 0 && errno == ESRCH) return true;
   char state = 0;
   std::uint64_t now_start = 0;
-  if (!read_proc_stat(pid, &state, &now_start)) return false;  // cannot tell: keep waiting
+  if (!read_proc_stat(tid, &state, &now_start)) return false;  // cannot tell: keep waiting
   if (state == 'Z' || state == 'X') return true;
-  return start != 0 && now_start != start;
+  const std::uint64_t start32 = owner >> 32;
+  return start32 != 0 && (now_start & 0xffffffffull) != start32;
 }
 
 Status membarrier_status(int e, const char* what) noexcept {
@@ -236,18 +239,14 @@ Result<SharedGraceReader> SharedGraceDomain::register_reader() noexcept {
   for (std::size_t i = 0; i < cap; ++i)
     if (read_once(s[i].owner) == me)
       return Status(Errc::already_attached, 0, "this thread already has a reader slot in this domain");
-  const std::uint64_t start = my_start_time();
   for (std::size_t i = 0; i < cap; ++i) {
     std::uint64_t expected = 0;
     if (read_once(s[i].owner) != 0) continue;
     // SG5: fully ordered claim. Its acquire side pairs with the release of the owner word
-    // by the last owner (or the writer that reclaimed the slot), which zeroed ctr and
-    // owner_start before it: this reader starts from a clean slot. Its full barrier also
-    // keeps SG4's flag before every section of this reader.
+    // by the last owner (or the writer that reclaimed the slot), which zeroed ctr before
+    // it: this reader starts from a clean slot. Its full barrier also keeps SG4's flag
+    // before every section of this reader.
     if (!try_cmpxchg(&s[i].owner, &expected, me)) continue;
-    // Read by a writer only to tell a dead owner from a live one with a reused pid; a
-    // writer that reads 0 here (before this store) relies on kill() and the state alone.
-    write_once(s[i].owner_start, start);
     return SharedGraceReader(&s[i], &hdr_->phase, me);
   }
   return Status(Errc::busy, 0, "SharedGraceDomain: no free reader slot (every slot of the domain's capacity is taken)");
@@ -271,26 +270,27 @@ SharedGraceReader::~SharedGraceReader() { release(); }
 
 Status SharedGraceReader::unregister() noexcept {
   if (!slot_) return {};
-  if (owner_pid(owner_) != ::getpid())
-    return Status(Errc::invalid_argument, 0, "SharedGraceReader::unregister: the slot belongs to another process");
+  if (owner_tid(owner_) != sys::gettid())
+    return Status(Errc::invalid_argument, 0,
+                  "SharedGraceReader::unregister: the slot belongs to another thread (or, after fork(), process)");
   if (in_section()) return Status(Errc::invalid_argument, 0, "SharedGraceReader::unregister: inside a read-side section");
   release();
   return {};
 }
 
-// Gives the slot back. In another process (a forked child's copy of the handle) it only
-// forgets it: the slot is the parent's. A slot that is no longer ours (a writer took it
-// back, believing this process dead: not while it runs) is left alone.
+// Gives the slot back. On another thread, or in another process (a forked child's copy
+// of the handle), it only forgets it: the slot is that thread's. A slot that is no longer
+// ours (a writer took it back, believing this thread gone: not while it runs) is left
+// alone.
 void SharedGraceReader::release() noexcept {
   SharedGraceSlot* s = slot_;
   slot_ = nullptr;
-  if (!s || owner_pid(owner_) != ::getpid() || read_once(s->owner) != owner_) return;
+  if (!s || owner_tid(owner_) != sys::gettid() || read_once(s->owner) != owner_) return;
   // A section still open ends here: release, as read_unlock() (SG2), so its loads come
   // before the slot reads as free.
   compiler_barrier();
   store_release(&s->ctr, std::uint64_t{0});
-  write_once(s->owner_start, std::uint64_t{0});
-  // SG5: release: the zeroed ctr and owner_start before the slot can be claimed again.
+  // SG5: release: the zeroed ctr before the slot can be claimed again.
   std::uint64_t expected = owner_;
   (void)try_cmpxchg_release(&s->owner, &expected, std::uint64_t{0});
 }
@@ -342,11 +342,10 @@ bool SharedGraceDomain::wait_for_readers(const std::chrono::steady_clock::time_p
       if (owner == 0 || owner == me) continue;  // free, or the caller (checked: not in a section)
       const std::uint64_t c = load_acquire(&s[i].ctr);
       if ((c & kNestMask) == 0 || ((c ^ phase) & kPhaseBit) == 0) continue;
-      if (round >= 64 && owner_gone(owner, read_once(s[i].owner_start))) {
-        // The owner died inside a section: its process runs nothing any more, so its
-        // section is over. SG5: zero the words, then release the owner word.
+      if (round >= 64 && owner_gone(owner)) {
+        // The owner died inside a section: a thread that no longer exists reads nothing,
+        // so its section is over. SG5: zero ctr, then release the owner word.
         store_release(&s[i].ctr, std::uint64_t{0});
-        write_once(s[i].owner_start, std::uint64_t{0});
         std::uint64_t expected = owner;
         if (try_cmpxchg_release(&s[i].owner, &expected, std::uint64_t{0}))
           fetch_add_relaxed(&hdr_->reclaimed, 1);  // statistics only
@@ -379,17 +378,17 @@ Status SharedGraceDomain::run(const std::chrono::steady_clock::time_point* deadl
       cpu_relax();
       continue;
     }
-    if (owner_gone(expected, read_once(hdr_->writer_start)) && try_cmpxchg_acquire(&hdr_->writer, &expected, me))
-      break;
+    // The lock word names the holder with its start time: a live holder never looks
+    // gone, and the CAS takes over only from the holder that was checked.
+    if (owner_gone(expected) && try_cmpxchg_acquire(&hdr_->writer, &expected, me)) break;
     if (deadline && std::chrono::steady_clock::now() >= *deadline) {
       fetch_add_relaxed(&hdr_->timeouts, 1);  // statistics only
       return Status(Errc::timeout, 0, "SharedGraceDomain::synchronize: another writer held the domain at the deadline");
     }
     pause_for(50'000);
   }
-  write_once(hdr_->writer_start, my_start_time());
   auto unlock = [&](Status st) {
-    // Release: our phase flip before the next holder's rounds.
+    // Release: our phase flip before the next holder's round.
     store_release(&hdr_->writer, std::uint64_t{0});
     return st;
   };

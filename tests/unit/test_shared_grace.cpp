@@ -248,3 +248,27 @@ TEST_CASE("shared grace: the GLOBAL barrier needs no registration", "[unit][shar
   CHECK_FALSE(d2.uses_global());
   CHECK(d2.synchronize().ok());
 }
+
+TEST_CASE("shared grace: a reader thread that exits inside a section without ending its handle is taken back", "[unit][shared_grace]") {
+  SharedMap m(SharedGraceDomain::required_size(4));
+  auto d = SharedGraceDomain::create(m.p, m.size).value();
+  SharedGraceReader left;  // the exited thread's handle, moved out: ending it here only forgets it
+  Status got;
+  std::thread t([&] {
+    auto r = d.register_reader();
+    if (!r.ok()) {
+      got = r.status();
+      return;
+    }
+    r->read_lock();
+    left = std::move(r.value());
+  });
+  t.join();
+  REQUIRE(got.ok());
+  CHECK(d.reader_count() == 1);
+  // Not this thread's slot: unregister is refused, and the slot stays.
+  CHECK(left.unregister().code() == Errc::invalid_argument);
+  CHECK(d.synchronize(20s).ok());
+  CHECK(d.stats().reclaimed == 1);
+  CHECK(d.reader_count() == 0);
+}

@@ -27,14 +27,15 @@
 // Implementations of Read-Copy Update", section 3.2 and 3.5), MB(A) before the first scan
 // and MB(B) after the last; docs/memory-ordering.md, pairs SG1-SG5.
 //
-// Readers that die: a slot belongs to a process (its pid and its start time, from
-// /proc/PID/stat). A synchronize() that waits for a slot whose process no longer exists
-// (kill(pid, 0) fails with ESRCH, the pid is a zombie, or it now names a process that
-// started at another time) takes the slot back, in a section or not. Limits: every
-// process of the domain must be in one pid namespace (the pid in the slot must name the
-// reader for the writer); a reader thread that exits without ending its SharedGraceReader
-// while its process lives keeps its slot (and, inside a section, every grace period:
-// the timed synchronize() returns Errc::timeout).
+// Readers that die: a slot belongs to a thread (its tid and its start time, from
+// /proc/TID/stat). A synchronize() that waits for a slot whose thread no longer exists
+// (kill(tid, 0) fails with ESRCH, the thread is a zombie, or the id now names a thread
+// that started at another time) takes the slot back, in a section or not: a reader
+// process that died, or a reader thread that exited without ending its handle. A writer
+// that dies holding the writer lock is taken over the same way. Limit: every process of
+// the domain must be in one pid namespace (the tid in the slot must name the reader for
+// the writer). A reader that is alive but stopped (SIGSTOP, a debugger) inside a section
+// holds every grace period: the timed synchronize() returns Errc::timeout.
 #pragma once
 
 #include <jitpatch/arch.hpp>
@@ -53,12 +54,11 @@ struct alignas(64) SharedGraceSlot {
   // phase it started in (bit 32), 0 outside a section. Written by the owning thread only
   // (and zeroed by the writer that reclaims a dead owner's slot).
   std::uint64_t ctr;
-  // 0: free. Else the owner: pid (low 32 bits) and the tid of the reader thread (high 32
-  // bits). Claimed by try_cmpxchg from 0, released by the owner or a reclaiming writer.
+  // 0: free. Else the owner thread: its tid (low 32 bits) and the low 32 bits of its
+  // start time (field 22 of /proc/TID/stat, clock ticks since boot; 0 when unknown), which
+  // tells a dead owner from a new thread with its id. Claimed by try_cmpxchg from 0,
+  // released by the owner or by a writer that finds the owner gone.
   std::uint64_t owner;
-  // The owner process's start time (field 22 of /proc/PID/stat, clock ticks since boot),
-  // 0 when it could not be read: tells a dead owner from a new process with its pid.
-  std::uint64_t owner_start;
 };
 struct alignas(64) SharedGraceHeader {
   std::uint64_t magic;         // kSharedGraceMagic once create() has finished (release)
@@ -69,9 +69,8 @@ struct alignas(64) SharedGraceHeader {
   std::uint32_t flags;         // kSharedGraceNeedsGlobal: a reader could not register
   // Read by every reader: its own line.
   alignas(64) std::uint64_t phase;  // kGraceCount | phase bit, as GraceDomain's phase_[0]
-  // One round at a time, across processes: 0 or the holder (pid | tid << 32).
+  // One round at a time, across processes: 0 or the holder, named as a slot's owner.
   alignas(64) std::uint64_t writer;
-  std::uint64_t writer_start;  // the holder's start time, for taking over from a dead one
   // Statistics (relaxed RMWs).
   std::uint64_t grace_periods, global_fallbacks, reclaimed, timeouts;
 };
@@ -104,7 +103,8 @@ struct SharedGraceStats {
 class SharedGraceDomain;
 
 // A reader thread's slot. Move-only; end it (destroy it or call unregister()) on the
-// thread that registered it, in the process that registered it, outside a section.
+// thread that registered it, outside a section (a thread that exits without ending it
+// leaves the slot to be taken back by a later synchronize()).
 // read_lock()/read_unlock() nest; they are for the registering thread only (not checked:
 // the read side is a store and a compiler barrier).
 class SharedGraceReader {
@@ -149,10 +149,10 @@ class SharedGraceReader {
   }
   bool in_section() const noexcept { return slot_ && (read_once(slot_->ctr) & kNestMask) != 0; }
 
-  // Frees the slot. Errc::invalid_argument inside a section, or from another process (a
-  // forked child holds a copy of its parent's handle: the slot is the parent's).
-  // Idempotent. The destructor frees the slot in the registering process even inside a
-  // section (the section ends with the handle).
+  // Frees the slot. Errc::invalid_argument inside a section, or from another thread or
+  // process (a forked child holds a copy of its parent's handle: the slot is the
+  // parent's). Idempotent. The destructor frees the slot on the registering thread even
+  // inside a section (the section ends with the handle); elsewhere it only forgets it.
   Status unregister() noexcept;
 
  private:
