@@ -262,5 +262,5 @@ TEST_CASE("shared grace stress: three processes on GLOBAL_EXPEDITED never see a 
 
 TEST_CASE("shared grace stress: three processes on GLOBAL never see a poisoned retirement", "[stress][shared_grace]") {
   // A kernel RCU grace period per membarrier: fewer updates in the same time.
-  torture(SharedGraceBarrier::global, JITPATCH_TSAN ? 30 : 100);
+  torture(SharedGraceBarrier::global, JITPATCH_TSAN ? 20 : 50);
 }
