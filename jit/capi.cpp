@@ -37,6 +37,7 @@ using namespace jitpatch;
 static_assert(JITPATCH_E_INVALID_ARGUMENT == static_cast<int>(Errc::invalid_argument));
 static_assert(JITPATCH_E_OS_ERROR == static_cast<int>(Errc::os_error));
 static_assert(JITPATCH_STRATEGY_NONE == static_cast<int>(Strategy::none));
+static_assert(JITPATCH_STRATEGY_MEMBARRIER_GLOBAL == static_cast<int>(Strategy::membarrier_global));
 static_assert(JITPATCH_OP_RSEQ_FENCE == static_cast<int>(Operation::rseq_fence));
 static_assert(JITPATCH_SITE_CALL == static_cast<int>(SiteKind::call));
 static_assert(JITPATCH_SITE_ENTRY == static_cast<int>(SiteKind::entry));
@@ -191,7 +192,7 @@ int enum_value(const E& e) noexcept {
 }
 
 bool valid_strategy(const jitpatch_strategy& s) {
-  return enum_value(s) >= JITPATCH_STRATEGY_AUTOMATIC && enum_value(s) <= JITPATCH_STRATEGY_NONE;
+  return enum_value(s) >= JITPATCH_STRATEGY_AUTOMATIC && enum_value(s) <= JITPATCH_STRATEGY_MEMBARRIER_GLOBAL;
 }
 
 std::chrono::steady_clock::time_point monotonic(std::uint64_t ns) {

@@ -55,6 +55,7 @@ const char* strategy_name(Strategy s) noexcept {
     case Strategy::mprotect: return "mprotect";
     case Strategy::signals: return "signals";
     case Strategy::none: return "none";
+    case Strategy::membarrier_global: return "membarrier_global";
   }
   return "unknown";
 }
@@ -70,7 +71,7 @@ const char* operation_name(Operation op) noexcept {
 
 bool parse_strategy(const char* text, Strategy* out) noexcept {
   static constexpr Strategy all[] = {Strategy::automatic, Strategy::membarrier, Strategy::mprotect,
-                                     Strategy::signals, Strategy::none};
+                                     Strategy::signals, Strategy::none, Strategy::membarrier_global};
   if (!text || !out) return false;
   for (Strategy s : all) {
     if (std::strcmp(text, strategy_name(s)) == 0) {

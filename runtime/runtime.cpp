@@ -249,7 +249,7 @@ Status apply_environment(RuntimeOptions& o) {
           return Status(Errc::invalid_argument, 0, "JITPATCH_FORCE: unknown strategy");
         // A bare strategy applies to every operation it can perform.
         o.process_barrier = s;
-        if (s != Strategy::mprotect) {
+        if (s != Strategy::mprotect && s != Strategy::membarrier_global) {
           o.serialize_cores = s;
           o.rseq_fence = s;
         }
@@ -297,11 +297,13 @@ struct Runtime::Impl {
 
   void probe();
   void register_membarrier();
+  bool verify_membarrier_global();
   void check_no_dependents();
   bool usable(Operation op, Strategy s) const;
   Strategy best(Operation op, Strategy at_or_below) const;
   Status run_membarrier(Operation op, int cpu);
   Status run_mprotect();
+  Status run_membarrier_global();
   Status run_signals();
   Status run(Operation op, Strategy s, int cpu);
   Status run_current(Operation op, int cpu);
@@ -369,6 +371,16 @@ void Runtime::Impl::probe() {
   caps.aarch64_ctr_el0 = arch::native::read_ctr_el0();
 #endif
   caps.mprotect_barrier_refused = mprotect_barrier_refusal(&caps.x86_invlpgb);
+  // QUERY is all the probe asks about GLOBAL: the kernel leaves the bit out of QUERY's mask
+  // when nohz_full is on (membarrier_global is not compatible with it: the RCU grace period
+  // it waits for does not see user-mode code on a nohz_full CPU as passing a barrier;
+  // kernel/sched/membarrier.c, the QUERY case), so "listed" already covers that limit.
+  // create() calls it once before it relies on it (verify_membarrier_global()).
+  if (!(caps.membarrier_supported & mb::global))
+    caps.membarrier_global_refused =
+        caps.membarrier_query_errno
+            ? "membarrier QUERY failed: MEMBARRIER_CMD_GLOBAL cannot be used"
+            : "membarrier QUERY does not list MEMBARRIER_CMD_GLOBAL (Linux < 4.3, or nohz_full)";
   long conf = ::sysconf(_SC_NPROCESSORS_CONF), onl = ::sysconf(_SC_NPROCESSORS_ONLN);
   caps.cpus_configured = conf > 0 ? static_cast<unsigned>(conf) : 0;
   caps.cpus_online = onl > 0 ? static_cast<unsigned>(onl) : 0;
@@ -404,6 +416,19 @@ void Runtime::Impl::register_membarrier() {
   }
 }
 
+// GLOBAL has no registration that would fail for us, and QUERY lists it even when a
+// seccomp filter refuses the command itself: call it once, only when it is about to be
+// relied on (it costs a kernel grace period), and take it off the ladder if it fails.
+bool Runtime::Impl::verify_membarrier_global() {
+  const Status st = run_membarrier_global();
+  if (st.ok()) return true;
+  caps.membarrier_global_errno = st.sys_errno();
+  caps.membarrier_global_refused = st.code() == Errc::refused
+                                       ? "MEMBARRIER_CMD_GLOBAL was refused when tried (EPERM: a seccomp filter?)"
+                                       : "MEMBARRIER_CMD_GLOBAL failed when tried";
+  return false;
+}
+
 bool Runtime::Impl::usable(Operation op, Strategy s) const {
   switch (s) {
     case Strategy::automatic: return false;
@@ -413,14 +438,29 @@ bool Runtime::Impl::usable(Operation op, Strategy s) const {
       return op == Operation::process_barrier && mprotect_page != nullptr && caps.mprotect_barrier_refused == nullptr;
     case Strategy::signals: return handler_installed;
     case Strategy::none: return true;
+    case Strategy::membarrier_global:
+      return op == Operation::process_barrier && caps.membarrier_global_refused == nullptr;
   }
   return false;
 }
 
 // The ladder: the best usable strategy strictly after `after` (automatic = from the top).
+// Correctness decides the order before cost does. The rungs above `signals` are barriers
+// on every thread of the process, attached or not, running, blocked or stopped:
+// PRIVATE_EXPEDITED (microseconds), the mprotect shootdown where it is offered
+// (microseconds, x86-64 with IPI shootdowns only), then GLOBAL (a kernel RCU grace
+// period: milliseconds, but a real barrier on every architecture and every CPU, with no
+// registration: membarrier(2); Linux commit 5b25b13ab08f). The signal broadcast is ten to
+// a hundred times cheaper than GLOBAL but reaches only the attached threads (an
+// unattached one is silently missed) and needs each of them to run its handler (a
+// stopped one makes the call time out), so it comes after: a fallback may be slower,
+// it must not be weaker without saying so. Force `signals` to trade the coverage for speed.
+// For serialize_cores and rseq_fence, neither mprotect nor GLOBAL is usable(): GLOBAL
+// promises ordering only, not a core-serializing instruction on each CPU nor an rseq
+// abort (membarrier(2) gives those to the SYNC_CORE and RSEQ commands alone).
 Strategy Runtime::Impl::best(Operation op, Strategy after) const {
-  static constexpr Strategy ladder[] = {Strategy::membarrier, Strategy::mprotect, Strategy::signals,
-                                        Strategy::none};
+  static constexpr Strategy ladder[] = {Strategy::membarrier, Strategy::mprotect, Strategy::membarrier_global,
+                                        Strategy::signals, Strategy::none};
   bool past = after == Strategy::automatic;
   for (Strategy s : ladder) {
     if (past && usable(op, s)) return s;
@@ -472,6 +512,29 @@ Status Runtime::Impl::run_mprotect() {
 #else
   return Status(Errc::unsupported, 0, "the mprotect barrier is valid on x86-64 only");
 #endif
+}
+
+Status Runtime::Impl::run_membarrier_global() {
+  // MEMBARRIER_CMD_GLOBAL: "all threads on the system pass through a state where all
+  // memory accesses to user-space addresses match program order between entry to and
+  // return from the membarrier() system call" (membarrier(2)). The kernel implements it as
+  // synchronize_rcu() (synchronize_sched() when it came in, commit 5b25b13ab08f): every
+  // CPU passes a quiescent state, with a full barrier, inside the call, whichever process
+  // it runs; this is the pair of the compiler barrier on the other threads' side, as for
+  // PRIVATE_EXPEDITED. The smp_mb()s make the caller's own half (its accesses before the
+  // call against the other threads' after, and theirs before against its after) explicit
+  // instead of resting on what synchronize_rcu() does on the calling CPU; nanoseconds
+  // against the call's milliseconds. No registration: EPERM can only be a refusal.
+  smp_mb();
+  if (sys::membarrier(mb::global) == 0) {
+    smp_mb();
+    return {};
+  }
+  const int e = errno;
+  if (e == EPERM) return Status(Errc::refused, e, "membarrier(MEMBARRIER_CMD_GLOBAL) refused");
+  // EINVAL: unknown command (Linux < 4.3) or nohz_full (the kernel refuses GLOBAL there).
+  if (e == ENOSYS || e == EINVAL) return Status(Errc::unsupported, e, "membarrier(MEMBARRIER_CMD_GLOBAL) not supported");
+  return Status(Errc::os_error, e, "membarrier(MEMBARRIER_CMD_GLOBAL)");
 }
 
 Status Runtime::Impl::run_signals() {
@@ -547,6 +610,11 @@ Status Runtime::Impl::run(Operation op, Strategy s, int cpu) {
         return Status(Errc::unsupported, 0,
                       caps.mprotect_barrier_refused ? caps.mprotect_barrier_refused : "the mprotect barrier page could not be mapped");
       return run_mprotect();
+    case Strategy::membarrier_global:
+      if (op != Operation::process_barrier)
+        return Status(Errc::invalid_argument, 0, "membarrier_global only implements process_barrier");
+      if (!usable(op, s)) return Status(Errc::unsupported, caps.membarrier_global_errno, caps.membarrier_global_refused);
+      return run_membarrier_global();
     case Strategy::signals: return run_signals();
     case Strategy::none: return Status(Errc::unavailable, 0, "no strategy left for this operation");
     case Strategy::automatic: break;
@@ -647,8 +715,10 @@ Result<std::unique_ptr<Runtime>> Runtime::create(const RuntimeOptions& options_i
   const Strategy wanted[3] = {options.process_barrier, options.serialize_cores, options.rseq_fence};
   if (wanted[1] == Strategy::mprotect || wanted[2] == Strategy::mprotect)
     return Status(Errc::invalid_argument, 0, "mprotect only implements process_barrier");
+  if (wanted[1] == Strategy::membarrier_global || wanted[2] == Strategy::membarrier_global)
+    return Status(Errc::invalid_argument, 0, "membarrier_global only implements process_barrier");
   for (Strategy w : wanted) {
-    if (static_cast<unsigned>(w) > static_cast<unsigned>(Strategy::none))
+    if (static_cast<unsigned>(w) > static_cast<unsigned>(Strategy::membarrier_global))
       return Status(Errc::invalid_argument, 0, "no such strategy");
   }
   if (options.ack_timeout.count() <= 0) return Status(Errc::invalid_argument, 0, "ack_timeout must be positive");
@@ -710,8 +780,13 @@ Result<std::unique_ptr<Runtime>> Runtime::create(const RuntimeOptions& options_i
     const auto op = static_cast<Operation>(i);
     if (wanted[i] == Strategy::automatic) {
       impl->automatic[i] = true;
-      impl->set_strategy(i, impl->best(op, Strategy::automatic));
+      Strategy s = impl->best(op, Strategy::automatic);
+      if (s == Strategy::membarrier_global && !impl->verify_membarrier_global()) s = impl->best(op, s);
+      impl->set_strategy(i, s);
     } else {
+      if (wanted[i] == Strategy::membarrier_global && impl->usable(op, wanted[i]) && !impl->verify_membarrier_global())
+        return Status(impl->caps.membarrier_global_errno == EPERM ? Errc::refused : Errc::unsupported,
+                      impl->caps.membarrier_global_errno, "forced strategy 'membarrier_global': MEMBARRIER_CMD_GLOBAL failed");
       if (!impl->usable(op, wanted[i])) {
         if (wanted[i] == Strategy::membarrier)
           return Status(Errc::unsupported, i == 0 ? impl->caps.register_private_expedited_errno
@@ -720,6 +795,8 @@ Result<std::unique_ptr<Runtime>> Runtime::create(const RuntimeOptions& options_i
                         "forced strategy 'membarrier' is not available here");
         if (wanted[i] == Strategy::mprotect && impl->caps.mprotect_barrier_refused)
           return Status(Errc::unsupported, 0, impl->caps.mprotect_barrier_refused);
+        if (wanted[i] == Strategy::membarrier_global && impl->caps.membarrier_global_refused)
+          return Status(Errc::unsupported, impl->caps.membarrier_global_errno, impl->caps.membarrier_global_refused);
         return Status(Errc::unsupported, 0, "forced strategy is not available here");
       }
       impl->set_strategy(i, wanted[i]);

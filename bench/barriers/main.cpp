@@ -6,12 +6,19 @@
 //                       pair, smp_mb__before_atomic + relaxed RMW, sync_core(): cost on
 //                       the calling thread only
 //   process-wide ops    process_barrier, serialize_cores, rseq_fence with each usable
-//                       strategy (membarrier, mprotect on x86-64, signals), with 0, 1
-//                       and 3 other threads attached and spinning
+//                       strategy (membarrier, mprotect on x86-64, membarrier_global,
+//                       signals), with 0, 1 and 3 other threads attached and spinning
+//   grace periods       one synchronize() with no reader inside a section, one column per
+//                       membarrier command: GraceDomain on PRIVATE_EXPEDITED,
+//                       SharedGraceDomain on GLOBAL_EXPEDITED and on GLOBAL
 //
 // Usage: jitpatch-bench-barriers [--quick] [--json FILE] [--runs N] [--only TEXT] [--no-pin]
 #include <jitpatch/arch.hpp>
+#include <jitpatch/grace.hpp>
 #include <jitpatch/runtime.hpp>
+#include <jitpatch/shared_grace.hpp>
+
+#include <sys/mman.h>
 
 #include "jitpatch_bench.hpp"
 
@@ -47,6 +54,7 @@ struct Row {
   Strategy strategy{};
   int busy = 0;
   jb::Summary s;
+  const char* command = nullptr;  // a grace-period row: the membarrier command
 };
 
 struct Skip {
@@ -56,7 +64,10 @@ struct Skip {
 
 constexpr int kBusyLevels[] = {0, 1, 3};
 constexpr Operation kOps[] = {Operation::process_barrier, Operation::serialize_cores, Operation::rseq_fence};
-constexpr Strategy kStrategies[] = {Strategy::membarrier, Strategy::mprotect, Strategy::signals};
+constexpr Strategy kStrategies[] = {Strategy::membarrier, Strategy::mprotect, Strategy::membarrier_global,
+                                    Strategy::signals};
+// Strategies that implement process_barrier only.
+bool barrier_only(Strategy s) { return s == Strategy::mprotect || s == Strategy::membarrier_global; }
 
 // Targets of the local primitives. Globals, so the compiler must assume other threads
 // see them and keeps every access; cache-line aligned so they share no line with
@@ -107,6 +118,7 @@ class Bench {
 
     run_local();
     if (rt_) run_operations();
+    if (rt_) run_grace_periods();
     print_tables();
     std::map<std::string, double> ratios = compute_ratios();
     print_ratios(ratios);
@@ -171,12 +183,16 @@ class Bench {
     // Which strategies can run here, decided once: the same set at every busy level.
     for (Operation op : kOps) {
       for (Strategy s : kStrategies) {
-        if (s == Strategy::mprotect && op != Operation::process_barrier) continue;  // not a strategy of it
+        if (barrier_only(s) && op != Operation::process_barrier) continue;  // not a strategy of it
         const std::string base = std::string(operation_name(op)) + "/" + strategy_name(s);
         if (!rt_->can_use(op, s))
           skips_.push_back({base, s == Strategy::mprotect ? "the mprotect barrier is valid on x86-64 only"
                                   : s == Strategy::membarrier ? membarrier_reason(op)
-                                                               : "the signal handler could not be installed"});
+                                  : s == Strategy::membarrier_global
+                                      ? std::string(rt_->capabilities().membarrier_global_refused
+                                                        ? rt_->capabilities().membarrier_global_refused
+                                                        : "MEMBARRIER_CMD_GLOBAL not offered")
+                                      : "the signal handler could not be installed"});
       }
     }
     for (int busy : kBusyLevels) {
@@ -196,7 +212,7 @@ class Bench {
       Runtime* rt = rt_.get();
       for (Operation op : kOps) {
         for (Strategy s : kStrategies) {
-          if (!rt_->can_use(op, s) || (s == Strategy::mprotect && op != Operation::process_barrier)) continue;
+          if (!rt_->can_use(op, s) || (barrier_only(s) && op != Operation::process_barrier)) continue;
           const std::string name = op_case(op, s, busy);
           if (!selected(name)) continue;
           Row r;
@@ -227,6 +243,77 @@ class Bench {
     progress_done();
   }
 
+  // Grace periods by membarrier command. Each synchronize() with no reader inside a
+  // section is two membarrier calls (MB(A), MB(B)) and two scans, so the columns compare
+  // what the command costs a writer: PRIVATE_EXPEDITED (GraceDomain: IPIs to this
+  // process's CPUs), GLOBAL_EXPEDITED (SharedGraceDomain: IPIs to the CPUs of every
+  // registered process; this one registers through its reader slot) and GLOBAL
+  // (SharedGraceDomain: a kernel RCU grace period).
+  void run_grace_periods() {
+    GraceOptions go;
+    go.background_reclaimer = false;
+    std::unique_ptr<GraceDomain> gd;
+    if (rt_->strategy(Operation::process_barrier) == Strategy::membarrier) {
+      auto g = GraceDomain::create(*rt_, go);
+      if (g) gd = std::move(g.value());
+    }
+    if (!gd) skips_.push_back({"synchronize/PRIVATE_EXPEDITED", "process_barrier is not on membarrier here"});
+    const std::size_t page = static_cast<std::size_t>(::getpagesize());
+    void* mem = ::mmap(nullptr, 2 * page, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+    if (mem == MAP_FAILED) {
+      skips_.push_back({"synchronize/GLOBAL*", "mmap of the shared domains failed"});
+      mem = nullptr;
+    }
+    SharedGraceOptions eo, go2;
+    eo.barrier = SharedGraceBarrier::global_expedited;
+    go2.barrier = SharedGraceBarrier::global;
+    const std::size_t dsize = SharedGraceDomain::required_size(4);
+    auto se = mem ? SharedGraceDomain::create(mem, dsize, eo) : Result<SharedGraceDomain>(Status(Errc::out_of_memory));
+    auto sg = mem ? SharedGraceDomain::create(static_cast<char*>(mem) + page, dsize, go2)
+                  : Result<SharedGraceDomain>(Status(Errc::out_of_memory));
+    Result<SharedGraceReader> reader = se ? se->register_reader() : Result<SharedGraceReader>(se.status());
+    if (!reader) skips_.push_back({"synchronize/GLOBAL_EXPEDITED", reader.status().message()});
+    for (int busy : kBusyLevels) {
+      jb::BusyThreads threads;
+      if (Status st = threads.start(rt_.get(), busy, opt_.pin); !st) continue;  // reported by run_operations()
+      std::vector<Row> pending;
+      std::vector<std::function<Status()>> calls;
+      auto add = [&](const char* command, std::function<Status()> call) {
+        Row r;
+        r.name = std::string("synchronize/") + command + "/busy=" + std::to_string(busy);
+        if (!selected(r.name)) return;
+        r.command = command;
+        r.busy = busy;
+        pending.push_back(std::move(r));
+        calls.push_back(std::move(call));
+      };
+      if (gd) add("PRIVATE_EXPEDITED", [&] { return gd->synchronize(); });
+      if (reader) add("GLOBAL_EXPEDITED", [&] { return se->synchronize(); });
+      if (sg) add("GLOBAL", [&] { return sg->synchronize(); });
+      if (pending.empty()) continue;
+      progress(std::to_string(pending.size()) + " grace periods with " + std::to_string(busy) + " busy threads");
+      std::vector<jb::Summary> sums = jb::measure_interleaved(op_plan_, calls);
+      progress_done();
+      for (std::size_t i = 0; i < pending.size(); ++i) {
+        pending[i].s = sums[i];
+        if (!sums[i].ok()) {
+          skips_.push_back({pending[i].name, sums[i].status.message()});
+          continue;
+        }
+        rows_.push_back(std::move(pending[i]));
+      }
+      threads.stop();
+    }
+    if (reader) (void)reader->unregister();
+    if (mem) ::munmap(mem, 2 * page);
+  }
+
+  const Row* find_grace(const char* command, int busy) const {
+    for (const Row& r : rows_)
+      if (r.command && std::strcmp(r.command, command) == 0 && r.busy == busy) return &r;
+    return nullptr;
+  }
+
   std::string membarrier_reason(Operation op) const {
     const Capabilities& c = rt_->capabilities();
     int e = op == Operation::process_barrier   ? c.register_private_expedited_errno
@@ -238,7 +325,7 @@ class Bench {
 
   const Row* find(Operation op, Strategy s, int busy) const {
     for (const Row& r : rows_)
-      if (!r.local && r.op == op && r.strategy == s && r.busy == busy) return &r;
+      if (!r.local && !r.command && r.op == op && r.strategy == s && r.busy == busy) return &r;
     return nullptr;
   }
 
@@ -284,6 +371,29 @@ class Bench {
       ops.print(stdout, "  ");
       std::printf("\n");
     }
+    {
+      static constexpr const char* kCommands[] = {"PRIVATE_EXPEDITED", "GLOBAL_EXPEDITED", "GLOBAL"};
+      jb::Table g({"busy threads", "PRIVATE_EXPEDITED", "GLOBAL_EXPEDITED", "GLOBAL"}, 1);
+      bool any = false;
+      for (int busy : kBusyLevels) {
+        std::vector<std::string> cells = {std::to_string(busy)};
+        bool have = false;
+        for (const char* c : kCommands) {
+          const Row* r = find_grace(c, busy);
+          cells.push_back(r ? jb::format_ns(r->s.median_ns) + " (p99 " + jb::format_ns(r->s.p99_ns) + ")" : "-");
+          have = have || r;
+        }
+        if (!have) continue;
+        any = true;
+        g.add(std::move(cells));
+      }
+      if (any) {
+        std::printf("Grace periods by membarrier command (one synchronize(), no reader in a section; "
+                    "PRIVATE_EXPEDITED: GraceDomain, the others: SharedGraceDomain)\n");
+        g.print(stdout, "  ");
+        std::printf("\n");
+      }
+    }
     if (!skips_.empty()) {
       std::printf("Not measured\n");
       for (const Skip& s : skips_) std::printf("  %s: %s\n", s.name.c_str(), s.reason.c_str());
@@ -305,6 +415,8 @@ class Bench {
           Strategy::membarrier);
     ratio("process_barrier.signals_over_membarrier", Operation::process_barrier, Strategy::signals,
           Strategy::membarrier);
+    ratio("process_barrier.membarrier_global_over_membarrier", Operation::process_barrier,
+          Strategy::membarrier_global, Strategy::membarrier);
     ratio("serialize_cores.signals_over_membarrier", Operation::serialize_cores, Strategy::signals,
           Strategy::membarrier);
     ratio("rseq_fence.signals_over_membarrier", Operation::rseq_fence, Strategy::signals, Strategy::membarrier);

@@ -43,7 +43,8 @@ namespace jb = jitpatch::bench;
 namespace mb = jitpatch::membarrier_cmd;
 
 constexpr Operation kOps[] = {Operation::process_barrier, Operation::serialize_cores, Operation::rseq_fence};
-constexpr Strategy kStrategies[] = {Strategy::membarrier, Strategy::mprotect, Strategy::signals};
+constexpr Strategy kStrategies[] = {Strategy::membarrier, Strategy::mprotect, Strategy::membarrier_global,
+                                    Strategy::signals};
 constexpr int kBusyLevels[] = {0, 1};
 
 // "EPERM", or "errno 1234" for one glibc has no name for.
@@ -80,7 +81,7 @@ struct CommandInfo {
   const char* used_for;    // the jitpatch operation it implements, or nullptr
 };
 constexpr CommandInfo kCommands[] = {
-    {"GLOBAL", mb::global, 0, nullptr},
+    {"GLOBAL", mb::global, 0, "process_barrier (fallback)"},
     {"GLOBAL_EXPEDITED", mb::global_expedited, mb::register_global_expedited, nullptr},
     {"PRIVATE_EXPEDITED", mb::private_expedited, mb::register_private_expedited, "process_barrier"},
     {"PRIVATE_EXPEDITED_SYNC_CORE", mb::private_expedited_sync_core, mb::register_private_expedited_sync_core,
@@ -98,7 +99,7 @@ struct OpReport {
   Operation op{};
   Strategy chosen = Strategy::none;
   std::vector<Strategy> usable;
-  Cost cost[3][2];  // [strategy index in kStrategies][busy level index]
+  Cost cost[std::size(kStrategies)][std::size(kBusyLevels)];  // [strategy index in kStrategies][busy level]
   std::string verdict;
 };
 
@@ -120,8 +121,8 @@ struct Report {
 };
 
 int strategy_index(Strategy s) {
-  for (int i = 0; i < 3; ++i)
-    if (kStrategies[i] == s) return i;
+  for (std::size_t i = 0; i < std::size(kStrategies); ++i)
+    if (kStrategies[i] == s) return static_cast<int>(i);
   return -1;
 }
 
@@ -191,6 +192,7 @@ std::string make_verdict(const Report& r, const OpReport& o) {
     else if (!membarrier_usable) v += " (membarrier unavailable: " + errno_name(register_errno(r.caps, o.op)) + ")";
   }
   if (o.chosen == Strategy::signals) v += "; reaches attached threads only";
+  if (o.chosen == Strategy::membarrier_global) v += "; a kernel RCU grace period per call (every thread, attached or not)";
   return v;
 }
 
@@ -275,7 +277,8 @@ Report build_report(bool quick, bool measure) {
     if (!rt) continue;
     o.chosen = rt->strategy(o.op);
     for (Strategy s : kStrategies) {
-      if (s == Strategy::mprotect && o.op != Operation::process_barrier) continue;
+      if ((s == Strategy::mprotect || s == Strategy::membarrier_global) && o.op != Operation::process_barrier)
+        continue;
       if (rt->can_use(o.op, s)) o.usable.push_back(s);
     }
     if (rt->can_use(o.op, Strategy::signals)) r.signals_usable = true;
@@ -338,6 +341,10 @@ void print_text(const Report& r) {
         std::string reg, kern = "-";
         if (ci.reg == 0) {
           reg = "(needs none)";
+          if (ci.cmd == mb::global && sup && c.membarrier_global_errno)
+            reg = "(needs none) FAILED when tried: " + errno_name(c.membarrier_global_errno);
+        } else if (ci.cmd == mb::global_expedited) {
+          reg = "no: SharedGraceDomain readers register";  // per process, in attach()
         } else if (!ci.used_for) {
           reg = "no (not used)";
         } else if (c.membarrier_registered & ci.reg) {
@@ -383,9 +390,13 @@ void print_text(const Report& r) {
     const std::string sig = signal_name(r.signal) + " (" + std::to_string(r.signal) + ")";
     std::printf("  signal fallback: %s, handler %s\n", sig.c_str(),
                 r.signals_usable ? "installed" : "NOT installed");
-    std::printf("  mprotect barrier: %s\n\n",
+    std::printf("  mprotect barrier: %s\n",
                 r.caps.mprotect_barrier_refused ? (std::string("refused: ") + r.caps.mprotect_barrier_refused).c_str()
                                                 : "offered (TLB shootdowns are IPIs here)");
+    std::printf("  membarrier GLOBAL: %s\n\n",
+                r.caps.membarrier_global_refused
+                    ? (std::string("refused: ") + r.caps.membarrier_global_refused).c_str()
+                    : "offered (process_barrier's rung below mprotect: every thread, milliseconds per call)");
   }
 
   // Which hardening a dual-mapped code heap can have here (CodeHeapOptions::hardening).
@@ -521,6 +532,14 @@ void print_json(const Report& r) {
   j.kv("offered", r.runtime_ok && r.caps.mprotect_barrier_refused == nullptr);
   j.key("refused");
   r.caps.mprotect_barrier_refused ? j.value(r.caps.mprotect_barrier_refused) : j.null();
+  j.end_object();
+
+  j.key("membarrier_global").begin_object(true);
+  j.kv("offered", r.runtime_ok && r.caps.membarrier_global_refused == nullptr);
+  j.key("refused");
+  r.caps.membarrier_global_refused ? j.value(r.caps.membarrier_global_refused) : j.null();
+  j.key("errno");
+  r.caps.membarrier_global_errno ? j.value(errno_name(r.caps.membarrier_global_errno)) : j.null();
   j.end_object();
 
   j.key("heap_hardening").begin_object(true);

@@ -76,7 +76,8 @@ typedef enum jitpatch_strategy {
   JITPATCH_STRATEGY_MEMBARRIER = 1,
   JITPATCH_STRATEGY_MPROTECT = 2, /* process_barrier only, x86-64 only */
   JITPATCH_STRATEGY_SIGNALS = 3,
-  JITPATCH_STRATEGY_NONE = 4
+  JITPATCH_STRATEGY_NONE = 4,
+  JITPATCH_STRATEGY_MEMBARRIER_GLOBAL = 5 /* process_barrier only: MEMBARRIER_CMD_GLOBAL, milliseconds */
 } jitpatch_strategy;
 
 typedef enum jitpatch_operation {

@@ -10,7 +10,8 @@
 //
 //   process_barrier()  every thread of the process executed a full memory barrier
 //                      membarrier PRIVATE_EXPEDITED -> mprotect TLB shootdown (x86-64
-//                      only) -> signal broadcast -> Errc::unavailable
+//                      only) -> membarrier GLOBAL (milliseconds) -> signal broadcast
+//                      -> Errc::unavailable
 //   serialize_cores()  as above, and every thread's core executed a core-serializing
 //                      instruction: no stale prefetched instruction survives
 //                      membarrier PRIVATE_EXPEDITED_SYNC_CORE -> signal broadcast -> error
@@ -47,10 +48,16 @@ struct RuntimeDepsAccess;  // dependents' registration: jitpatch/internal/runtim
 
 enum class Strategy : std::uint8_t {
   automatic,   // only as an option: resolved to the best available one at create()
-  membarrier,
+  membarrier,  // the operation's PRIVATE_EXPEDITED command
   mprotect,    // process_barrier only, x86-64 only
   signals,
   none,        // the operation reports Errc::unavailable
+  // process_barrier only: MEMBARRIER_CMD_GLOBAL (Linux 4.3, formerly SHARED). No
+  // registration; waits for a kernel RCU grace period, so milliseconds per call; not
+  // offered with nohz_full (QUERY leaves it out, the call is EINVAL). It orders memory
+  // only: no core serialization, no rseq abort, so it is on no other ladder. Numbered
+  // after `none` so that the earlier values (and the C API's) keep their numbers.
+  membarrier_global,
 };
 const char* strategy_name(Strategy s) noexcept;
 
@@ -108,6 +115,14 @@ struct Capabilities {
   // why the barrier is not offered (a static string), or nullptr when it is.
   bool x86_invlpgb = false;
   const char* mprotect_barrier_refused = nullptr;
+
+  // MEMBARRIER_CMD_GLOBAL as a process_barrier rung (Strategy::membarrier_global). It
+  // needs no registration, so the probe has only QUERY's word for it; when the ladder
+  // would choose it (or it is forced), create() calls it once, and
+  // membarrier_global_errno is that call's errno (0: it worked, or it was not tried).
+  // membarrier_global_refused: why the rung is not offered (a static string), or nullptr.
+  int membarrier_global_errno = 0;
+  const char* membarrier_global_refused = nullptr;
 };
 
 struct RuntimeOptions {
@@ -236,8 +251,8 @@ class Runtime {
   friend class ThreadAttachment;
 };
 
-// Parse "membarrier", "mprotect", "signals", "none", "auto". False on anything else, and
-// when `text` or `out` is null.
+// Parse "membarrier", "mprotect", "membarrier_global", "signals", "none", "auto". False on
+// anything else, and when `text` or `out` is null.
 bool parse_strategy(const char* text, Strategy* out) noexcept;
 
 }  // namespace jitpatch

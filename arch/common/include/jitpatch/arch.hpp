@@ -45,6 +45,7 @@
 
 namespace jitpatch {
 
+using arch::generic::always_lock_free;
 using arch::native::compiler_barrier;
 using arch::native::cpu_relax;
 using arch::native::fetch_add;

@@ -50,6 +50,15 @@ JITPATCH_ALWAYS_INLINE T read_once(const T& x) noexcept { return __atomic_load_n
 template <Marked T>
 JITPATCH_ALWAYS_INLINE void write_once(T& x, T v) noexcept { __atomic_store_n(&x, v, __ATOMIC_RELAXED); }
 
+// Whether every marked access and RMW of a T is lock-free, whatever the object's address.
+// Lock-free operations are also address-free ([atomics.lockfree]: they "should also be
+// address-free, that is, not depend on the address"), which is what an access to memory
+// shared with another process, possibly mapped there at another address, needs: no lock
+// table indexed by the address. (std::atomic<T>::is_always_lock_free asks the same of the
+// same builtin.) Check it with static_assert where such memory is used.
+template <Marked T>
+inline constexpr bool always_lock_free = __atomic_always_lock_free(sizeof(T), 0);
+
 // smp_load_acquire()/smp_store_release().
 template <Marked T>
 JITPATCH_ALWAYS_INLINE T load_acquire(const T* p) noexcept { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
