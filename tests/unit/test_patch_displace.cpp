@@ -273,7 +273,8 @@ TEST_CASE("patch: a thread blocked in a system call inside a multi-instruction r
   });
   CHECK(in_copy);
 
-  __atomic_store_n(&word, 1, __ATOMIC_SEQ_CST);
+  // Release: the waiter's futex(2) re-reads the word in the kernel; FUTEX_WAKE after it.
+  store_release(&word, 1);
   syscall(SYS_futex, &word, FUTEX_WAKE_PRIVATE, 1, nullptr, nullptr, 0);
   t.join();
   CHECK(result.load() == 1);  // the old region, finished; not (rcx + 4)
