@@ -175,9 +175,13 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
       case 3: batch.redirect_entry(blob, pick_target(in, *raw, *real)); break;
       case 4: batch.restore_entry(blob); break;
       default: {
-        const std::vector<std::uint8_t> bytes = in.ConsumeBytes<std::uint8_t>(in.ConsumeIntegralInRange<std::size_t>(0, 17));
-        batch.replace(pick_address(in, *raw, *real), bytes.empty() ? nullptr : bytes.data(),
-                      in.ConsumeBool() ? bytes.size() : in.ConsumeIntegralInRange<std::size_t>(0, 20));
+        // n up to 20 (over the limit of 16); the buffer always holds n bytes, since
+        // reading n bytes from `bytes` is replace()'s contract, not something it checks.
+        std::uint8_t bytes[20] = {};
+        const std::size_t n = in.ConsumeIntegralInRange<std::size_t>(0, sizeof bytes);
+        const std::vector<std::uint8_t> given = in.ConsumeBytes<std::uint8_t>(n);
+        if (!given.empty()) std::memcpy(bytes, given.data(), given.size());
+        batch.replace(pick_address(in, *raw, *real), in.ConsumeIntegralInRange<int>(0, 7) == 0 ? nullptr : bytes, n);
         break;
       }
     }
