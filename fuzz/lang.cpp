@@ -32,7 +32,7 @@
 namespace {
 
 constexpr unsigned kChildSeconds = 10;
-constexpr std::uint64_t kMaxSteps = 20000;
+constexpr std::uint64_t kMaxSteps = 200000;
 
 struct Outcome {
   int status;  // as waitpid() reports it
@@ -140,6 +140,9 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   o.tier = lang::Tier::interp;
   o.max_steps = kMaxSteps;
   const Outcome want = run_tier(*prog, o);
+  // JITPATCH_FUZZ_VERBOSE=1 shows what each tier printed (for reading a crash file).
+  static const bool verbose = std::getenv("JITPATCH_FUZZ_VERBOSE") != nullptr;
+  if (verbose) std::fprintf(stderr, "--- interp (%s)\n%s", describe(want.status).c_str(), want.output.c_str());
   expect_clean(o.tier, src, want);
   if (want.output.find("jitpatch-lang: error: step limit (") != std::string::npos) return 0;
 
@@ -148,6 +151,7 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
     o.tier = t;
     o.hot = 1;
     const Outcome got = run_tier(*prog, o);
+    if (verbose) std::fprintf(stderr, "--- %s (%s)\n%s", tier_name(t), describe(got.status).c_str(), got.output.c_str());
     expect_clean(t, src, got);
     if (got.status != want.status || got.output != want.output) {
       std::fprintf(stderr,
