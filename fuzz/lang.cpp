@@ -10,6 +10,8 @@
 //   jit          every function compiled first
 //   auto         compiled after its first call (--hot=1): interpreter and compiled
 //                frames mixed, inline caches patched while the program runs
+//   auto x2      the same on two threads at once (programs that end without an error):
+//                each thread prints what the interpreter printed
 // The compiled tiers run only when the interpreter ended within its budget, so they end
 // too unless they are wrong; a child that is still running after kChildSeconds is
 // reported as a hang. Exit code and output (the program's prints, then the error
@@ -159,6 +161,26 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
                    "--- interp (%s)\n%s\n--- %s (%s)\n%s\n",
                    tier_name(t), src.c_str(), describe(want.status).c_str(), want.output.c_str(), tier_name(t),
                    describe(got.status).c_str(), got.output.c_str());
+      std::abort();
+    }
+  }
+  // Two threads run the top level at once, sharing code, shapes and inline caches (which
+  // are patched while the other thread runs them); each has its own globals, so each
+  // prints what the interpreter printed, and the output is thread 0's then thread 1's.
+  // Only for programs that end without an error: an error ends the process with the
+  // output of the thread that failed.
+  if (WIFEXITED(want.status) && WEXITSTATUS(want.status) == 0) {
+    o.tier = lang::Tier::automatic;
+    o.threads = 2;
+    const Outcome got = run_tier(*prog, o);
+    if (verbose) std::fprintf(stderr, "--- auto, 2 threads (%s)\n%s", describe(got.status).c_str(), got.output.c_str());
+    expect_clean(o.tier, src, got);
+    if (got.status != want.status || got.output != want.output + want.output) {
+      std::fprintf(stderr,
+                   "fuzz lang: two threads (auto) differ from the interpreter twice\n--- program\n%s\n"
+                   "--- interp (%s)\n%s\n--- auto, 2 threads (%s)\n%s\n",
+                   src.c_str(), describe(want.status).c_str(), want.output.c_str(), describe(got.status).c_str(),
+                   got.output.c_str());
       std::abort();
     }
   }

@@ -125,6 +125,58 @@ const void* pick_target(FuzzedDataProvider& in, const CodeBlob& raw, const CodeB
   }
 }
 
+// What a single accepted request must have left at its site. x86-64 only: the fuzz
+// build runs on x86-64 hosts (decoding aarch64 branches here would add nothing the unit
+// tests do not check).
+struct Expect {
+  int op = -1;
+  PatchSite site{SiteKind::other, nullptr, {}, nullptr};
+  const void* target = nullptr;
+  bool on = false;
+  std::uint64_t value = 0;
+};
+
+void check_written(const Expect& e) {
+#if defined(__x86_64__)
+  const auto* at = reinterpret_cast<const std::uint8_t*>(e.site.address);
+  auto fail = [&](const char* what) {
+    std::fprintf(stderr, "fuzz patch_site: an accepted %s request at %p (kind %s) left %s: %02x %02x %02x %02x %02x\n",
+                 e.op == 0 ? "retarget" : e.op == 1 ? "toggle" : "slot", static_cast<const void*>(at),
+                 site_kind_name(e.site.kind), what, at[0], at[1], at[2], at[3], at[4]);
+    std::abort();
+  };
+  // Where a call/jmp rel32 at `at` goes, through a veneer (jmp [rip+2]; int3 x2; slot).
+  auto destination = [&]() {
+    std::int32_t rel;
+    std::memcpy(&rel, at + 1, 4);
+    const std::uint8_t* d = at + 5 + rel;
+    static const std::uint8_t kVeneer[6] = {0xFF, 0x25, 0x02, 0x00, 0x00, 0x00};
+    if (std::memcmp(d, kVeneer, sizeof kVeneer) == 0) {
+      std::uint64_t t;
+      std::memcpy(&t, d + 8, 8);
+      return reinterpret_cast<const void*>(t);
+    }
+    return static_cast<const void*>(d);
+  };
+  switch (e.op) {
+    case 0:
+      if (at[0] != (e.site.kind == SiteKind::call ? 0xE8 : 0xE9)) fail("another instruction");
+      if (destination() != e.target) fail("a branch to somewhere else");
+      break;
+    case 1:
+      if (e.on ? at[0] != 0xE9 : std::memcmp(at, "\x0f\x1f\x44\x00\x00", 5) != 0) fail("the wrong instruction");
+      break;
+    case 2:
+      if (std::memcmp(at, &e.value, 8) != 0) fail("another value");
+      break;
+    default:
+      break;  // entries and replacements: the unit tests check their bytes
+  }
+#else
+  (void)e;
+#endif
+}
+
 }  // namespace
 
 extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
@@ -155,6 +207,7 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   BlobRef real = emit_real(w);
 
   PatchBatch batch(*w.patcher);
+  Expect expect;  // the last request: checked when it was the only one
   std::vector<PatchSite> made;  // the batch keeps site addresses, not PatchSite objects
   made.reserve(16);
   const int nreq = in.ConsumeIntegralInRange<int>(1, 8);
@@ -168,10 +221,13 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
                                pick_address(in, *raw, *real), "made", nullptr});
       site = &made.back();
     }
-    switch (in.ConsumeIntegralInRange<int>(0, 5)) {
-      case 0: batch.retarget(*site, pick_target(in, *raw, *real)); break;
-      case 1: batch.set_toggle(*site, in.ConsumeBool()); break;
-      case 2: batch.write_slot(*site, in.ConsumeIntegral<std::uint64_t>()); break;
+    const int op = in.ConsumeIntegralInRange<int>(0, 5);
+    expect.op = op;
+    expect.site = *site;
+    switch (op) {
+      case 0: batch.retarget(*site, expect.target = pick_target(in, *raw, *real)); break;
+      case 1: batch.set_toggle(*site, expect.on = in.ConsumeBool()); break;
+      case 2: batch.write_slot(*site, expect.value = in.ConsumeIntegral<std::uint64_t>()); break;
       case 3: batch.redirect_entry(blob, pick_target(in, *raw, *real)); break;
       case 4: batch.restore_entry(blob); break;
       default: {
@@ -199,6 +255,7 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
       std::abort();
     }
   }
+  if (st.ok() && nreq == 1) check_written(expect);
   Status f = w.em->free(raw);
   if (!f.ok()) die("free raw", f);
   f = w.em->free(real);
