@@ -161,7 +161,11 @@ void check_written(const Expect& e) {
   switch (e.op) {
     case 0:
       if (at[0] != (e.site.kind == SiteKind::call ? 0xE8 : 0xE9)) fail("another instruction");
-      if (destination() != e.target) fail("a branch to somewhere else");
+      if (destination() != e.target) {
+        std::fprintf(stderr, "fuzz patch_site: wanted %p, the branch goes to %p (site %p in blob %p..)\n", e.target,
+                     destination(), static_cast<const void*>(at), e.site.target);
+        fail("a branch to somewhere else");
+      }
       break;
     case 1:
       if (e.on ? at[0] != 0xE9 : std::memcmp(at, "\x0f\x1f\x44\x00\x00", 5) != 0) fail("the wrong instruction");
