@@ -172,6 +172,7 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   if (WIFEXITED(want.status) && WEXITSTATUS(want.status) == 0) {
     o.tier = lang::Tier::automatic;
     o.threads = 2;
+    o.heap_max *= 2;  // one heap for both threads: each may keep what the interpreter kept
     const Outcome got = run_tier(*prog, o);
     if (verbose) std::fprintf(stderr, "--- auto, 2 threads (%s)\n%s", describe(got.status).c_str(), got.output.c_str());
     expect_clean(o.tier, src, got);
