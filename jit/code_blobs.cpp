@@ -172,7 +172,7 @@ Result<BlobRef> Emitter::link_blob(std::string_view name, const CodeRange& range
       fresh_ += sizeof(CodeBlob);
       // Not live until linked. No ordering: the descriptor is new, no other thread has
       // its address yet; the release store of `live` below publishes it.
-      write_once(blob->state_, BlobState::freed);
+      write_once(blob->state_, static_cast<std::underlying_type_t<BlobState>>(BlobState::freed));
     }
     try {
       blob->sites_.clear();
@@ -195,7 +195,7 @@ Result<BlobRef> Emitter::link_blob(std::string_view name, const CodeRange& range
     // sees `live` sees the filled descriptor (name, range, entry, sites). The registry
     // entry itself is published below by registry_->add(), whose smp_wmb() also orders
     // these stores before it (pairs with find()'s smp_rmb()).
-    store_release(&blob->state_, BlobState::live);
+    blob->store_state_release(BlobState::live);
     blob->owner_ = this;
     blob->pending_grace_ = false;
     gen = blob->generation_;
@@ -375,7 +375,7 @@ Status Emitter::free_blob(CodeBlob* blob, const BlobRef* ref) noexcept {
     // Pairs with the load_acquire in CodeBlob::state(): a lock-free reader that still
     // holds the pointer (found before registry_->remove() below) and reads the state
     // after this store sees `freed` and refuses the blob.
-    store_release(&blob->state_, BlobState::freed);
+    blob->store_state_release(BlobState::freed);
     rx = blob->range_.rx;
     if (visibility_) (void)visibility_->on_unload(rx);
     if (registry_) (void)registry_->remove(rx);
@@ -394,7 +394,7 @@ Status Emitter::retire(BlobRef ref) noexcept {
   // Pairs with the load_acquire in CodeBlob::state(): Patcher::plan() refuses retired
   // code from here on. The release orders the caller's earlier accesses (its unlinking of
   // the blob) before the state a lock-free reader checks.
-  store_release(&blob->state_, BlobState::retired);
+  blob->store_state_release(BlobState::retired);
   return {};
 }
 
@@ -440,7 +440,7 @@ Result<CodeBlob*> Emitter::hand_to_grace(const BlobRef& ref) noexcept {
   if (!owns_unfreed(ref) || ref.p_->state() != BlobState::live)
     return Status(Errc::invalid_argument, 0, "retire_code: not a live blob of this emitter (empty, stale, or retired already)");
   // Pairs with the load_acquire in CodeBlob::state(), as in retire().
-  store_release(&ref.p_->state_, BlobState::retired);
+  ref.p_->store_state_release(BlobState::retired);
   ref.p_->pending_grace_ = true;
   ++pending_grace_;
   return ref.p_;

@@ -710,8 +710,10 @@ Result<std::byte*> Patcher::veneer_for(std::uint64_t target) noexcept {
   auto b = emitter_->publish("jitpatch_veneer", code, sizeof code, &slot, 1);
   if (!b.ok()) return b.status();
   try {
+    veneer_blobs_.insert(b->get());
     veneers_.emplace(target, b->get());
   } catch (...) {
+    veneer_blobs_.erase(b->get());
     (void)emitter_->free(*b);
     return Status(Errc::out_of_memory);
   }
@@ -733,6 +735,15 @@ Result<const CodeBlob*> Patcher::live_range(const Request& r, std::size_t len) n
   if (!heap_->contains(site) || !heap_->contains(site + (len - 1)))
     return reject_address("site is in live code of another code heap than the patcher's", site);
   if (!blob->contains(site + (len - 1))) return reject("the site's bytes run past the end of its blob", site, blob);
+  // A made-up PatchSite (or a replace() address) can name any bytes of a live blob,
+  // including the veneers this patcher emitted for itself: rewriting one would send
+  // every branch through it somewhere else. Found by the patch_site fuzzer.
+  bool veneer;
+  {
+    std::lock_guard<std::mutex> g(veneer_mu_);
+    veneer = veneer_blobs_.count(blob) != 0;
+  }
+  if (veneer) return reject("site is inside a veneer (the patcher's own code, shared by every branch to its target)", site, blob);
   return blob;
 }
 

@@ -23,9 +23,9 @@ thread_local constinit SafepointThread* t_safepoint_thread __attribute__((tls_mo
 }  // namespace detail
 
 namespace sp_internal {
-thread_local SafepointsImpl* t_in_stop = nullptr;
-thread_local bool t_in_op = false;
-thread_local SafepointsImpl* t_reg_held = nullptr;
+thread_local constinit SafepointsImpl* t_in_stop = nullptr;
+thread_local constinit bool t_in_op = false;
+thread_local constinit SafepointsImpl* t_reg_held = nullptr;
 }  // namespace sp_internal
 
 using namespace sp_internal;

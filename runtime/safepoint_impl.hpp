@@ -72,12 +72,14 @@ struct HsOp {
 
 // Set while this thread runs a handshake operation (nested requests are refused), and
 // while it coordinates a stop (nested requests run at once). Defined in safepoint.cpp.
-extern JITPATCH_HIDDEN thread_local SafepointsImpl* t_in_stop;
-extern JITPATCH_HIDDEN thread_local bool t_in_op;
+// constinit: without it Clang reaches these through a TLS init wrapper (_ZTH...), which a
+// hidden symbol cannot give libjitpatch.so (an R_X86_64_PC32 to an undefined symbol).
+extern JITPATCH_HIDDEN thread_local constinit SafepointsImpl* t_in_stop;
+extern JITPATCH_HIDDEN thread_local constinit bool t_in_op;
 // The Safepoints whose reg_mu this thread holds where caller code may run under it
 // (RegistryLock below): the QSBR nudge then arms under that lock instead of trying it,
 // which std::mutex does not allow its owner.
-extern JITPATCH_HIDDEN thread_local SafepointsImpl* t_reg_held;
+extern JITPATCH_HIDDEN thread_local constinit SafepointsImpl* t_reg_held;
 
 }  // namespace sp_internal
 

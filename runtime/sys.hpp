@@ -11,7 +11,9 @@
 #include <jitpatch/export.hpp>
 
 namespace jitpatch {
-namespace JITPATCH_HIDDEN sys {
+// JITPATCH_HIDDEN's GNU spelling before a namespace's name is GCC-only; Clang takes the
+// standard attribute position, which GCC also honours.
+namespace [[gnu::visibility("hidden")]] sys {
 
 // membarrier(2): cmd, flags, cpu_id (kernel 5.10+ takes the cpu_id argument).
 long membarrier(unsigned cmd, unsigned flags = 0, int cpu_id = 0) noexcept;

@@ -159,6 +159,10 @@ struct RunOptions {
   bool recompile = true;          // auto: recompile a loop whose stubbed inner loops got hot
   std::size_t retire_capacity = 0;  // GraceOptions::retire_capacity (0: its default); 1
                                     // reclaims inline at every retirement (tests)
+  // naive only: stop with an error after this many taken back edges (0: no limit). A run
+  // that stays within it executes at most (limit + 1) * source length commands, so the
+  // fuzzer can tell a program that ends from one that may not before it runs the others.
+  std::uint64_t max_back_edges = 0;
 };
 
 struct Stats {

@@ -565,9 +565,14 @@ class Builder {
     push({Op::Add, off, n, 0, 0, src});
   }
   void set(std::int32_t off, int v, std::uint32_t src) {
-    // An Add to the same cell right before is overwritten.
-    while (out.size() > fence_ && out.back().off == off && (out.back().op == Op::Add || out.back().op == Op::Set))
+    // An Add or Set to the same cell right before is overwritten. Its command was the
+    // first access of that cell since anything else was accessed, so the Set takes over
+    // its source position: a tape error must name it, as the naive interpreter does
+    // (`<++[+]` fails at the first '+', not at the '['). Found by the bf fuzzer.
+    while (out.size() > fence_ && out.back().off == off && (out.back().op == Op::Add || out.back().op == Op::Set)) {
+      src = out.back().src;
       out.pop_back();
+    }
     push({Op::Set, off, v & 255, 0, 0, src});
   }
 

@@ -135,6 +135,7 @@ RunResult run_naive(const Program& prog, Io& io, const RunOptions& o) {
     return true;
   };
   bool ok = true;
+  std::uint64_t back_edges = 0;
   for (std::uint32_t pc = 0; ok && pc < s.size(); ++pc) {
     switch (s[pc]) {
       case '>': ++p; break;
@@ -144,7 +145,17 @@ RunResult run_naive(const Program& prog, Io& io, const RunOptions& o) {
       case '.': if ((ok = access(pc))) io.put(tape[p]); break;
       case ',': if ((ok = access(pc))) tape[p] = io.get(tape[p]); break;
       case '[': if ((ok = access(pc)) && !tape[p]) pc = jump[pc]; break;
-      case ']': if ((ok = access(pc)) && tape[p]) pc = jump[pc]; break;
+      case ']':
+        if ((ok = access(pc)) && tape[p]) {
+          if (o.max_back_edges != 0 && ++back_edges > o.max_back_edges) {
+            r.error = "step limit reached at " + prog.where(pc) + ": more than " + std::to_string(o.max_back_edges) +
+                      " loop iterations";
+            ok = false;
+            break;
+          }
+          pc = jump[pc];
+        }
+        break;
       default: break;
     }
   }

@@ -246,6 +246,10 @@ struct Options {
   PollKind poll = PollKind::patched;
   std::uint64_t gc_every = 0;                        // collect every K allocations of a thread (0: off)
   std::size_t heap_max = std::size_t{1} << 30;       // bytes of object heap
+  // Interpreted function entries plus loop back-edges a thread may take before the run
+  // stops with an error (0: no limit). Compiled code does not count: it bounds the
+  // interpreter tier, which the fuzzer runs first to know a program ends.
+  std::uint64_t max_steps = 0;
 };
 
 struct Thread;
@@ -336,6 +340,7 @@ struct Thread {
   std::uint64_t allocated = 0;     // bytes since the last collection
   std::uint64_t allocated_total = 0;
   std::uint64_t gc_countdown = 0;  // --gc-every
+  std::uint64_t steps = 0;         // --max-steps
   std::unique_ptr<std::atomic<std::uint64_t>[]> active;  // kMaxDepth + 2 entries
 };
 // The call depth, read by the code scan hook on another thread: the runtime writes it

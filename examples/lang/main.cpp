@@ -29,6 +29,8 @@ void usage(std::FILE* out) {
                "  --heap-max=MIB          object heap limit (default 1024 MiB); beyond it after a\n"
                "                          collection, allocation is an out-of-memory error\n"
                "  --gc-every=K            also collect after every K allocations of a thread (testing)\n"
+               "  --max-steps=N           stop with an error after N interpreted calls + loop\n"
+               "                          iterations of a thread (compiled code is not counted)\n"
                "  --poll=patched|word|page  the safepoint poll compiled code uses (default patched)\n"
                "  --stats                 print counters to stderr at exit\n"
                "  --disasm                print the compiled code (Capstone) to stderr at exit\n"
@@ -72,6 +74,8 @@ int main(int argc, char** argv) {
       o.heap_max = static_cast<std::size_t>(n) << 20;
     } else if (!std::strncmp(a, "--gc-every=", 11) && parse_count(a + 11, 1ull << 40, &n)) {
       o.gc_every = n;
+    } else if (!std::strncmp(a, "--max-steps=", 12) && parse_count(a + 12, 1ull << 62, &n)) {
+      o.max_steps = n;
     } else if (!std::strncmp(a, "--poll=", 7)) {
       const char* k = a + 7;
       if (!std::strcmp(k, "patched")) o.poll = lang::PollKind::patched;

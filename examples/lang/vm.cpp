@@ -476,10 +476,20 @@ void fuse(Fn& f) {
   }
 }
 
+namespace {
+// Options::max_steps: calls and back-edges are the only ways the interpreter repeats
+// work, so counting them bounds a run.
+inline void count_step(Thread* t, const Ins* ins) {
+  if (t->opt->max_steps != 0 && ++t->steps > t->opt->max_steps)
+    fail(t, ins, "step limit (" + std::to_string(t->opt->max_steps) + ") reached");
+}
+}  // namespace
+
 Value interpret(Thread* t, Fn* f, Value* fp) {
   // This depth runs no compiled code (see ThreadHot::active), then the entry poll.
   t->h.active[t->h.depth].store(0, std::memory_order_relaxed);
   t->h.spt->poll();
+  count_step(t, f->code.data());
   const Ins* code = f->code.data();
   const IOp* icode = f->icode.data();
   Value* s = fp + f->nlocals;  // operand stack; s[ins.depth - 1] is the top
@@ -613,7 +623,10 @@ Value interpret(Thread* t, Fn* f, Value* fp) {
       }
       case K(CallM): call_method(t, fp, &x); break;
       case K(Jmp):
-        if (static_cast<std::size_t>(x.a) <= pc) t->h.spt->poll();  // a loop's back-edge
+        if (static_cast<std::size_t>(x.a) <= pc) {  // a loop's back-edge
+          t->h.spt->poll();
+          count_step(t, &x);
+        }
         pc = static_cast<std::size_t>(x.a);
         continue;
       case K(JmpF):

@@ -18,6 +18,7 @@
 #include <memory>
 #include <string>
 #include <thread>
+#include <vector>
 
 #include "support/child.hpp"
 #include "support/patch_fixture.hpp"
@@ -117,6 +118,55 @@ TEST_CASE("misuse patch: a null, wild or unregistered site is refused without re
           EXPECT(c->as<IntFn>()() == 2);
           return "";
         }) == "");
+}
+
+TEST_CASE("misuse patch: a site inside one of the patcher's veneers is refused", "[unit][patch][misuse]") {
+  // Found by the patch_site fuzzer (fuzz/corpus/patch_site/veneer_slot): a made-up data
+  // slot on a veneer's slot was written, and a later retarget through that veneer (from
+  // another caller) jumped to the corrupted address.
+  test::PatchFixture f;
+  BlobRef t = f.constant(1);
+  BlobRef c = f.caller(t->entry());
+  const void* native = reinterpret_cast<const void*>(&jitpatch_misuse_native_target);
+  REQUIRE(f.patcher->retarget(*c->site("call"), native).ok());
+  if (f.patcher->stats().veneers == 0) {
+    WARN("the native target is in direct reach of the heap: no veneer to check");
+    return;
+  }
+  // The veneer is where the call now branches.
+#if defined(__x86_64__)
+  std::int32_t rel;
+  std::memcpy(&rel, c->site("call")->address + 1, 4);
+  std::byte* vaddr = c->site("call")->address + 5 + rel;
+#else
+  std::uint32_t insn;
+  std::memcpy(&insn, c->site("call")->address, 4);
+  const std::int32_t imm26 = static_cast<std::int32_t>(insn << 6) >> 6;
+  std::byte* vaddr = c->site("call")->address + std::ptrdiff_t{imm26} * 4;
+#endif
+  const CodeBlob* veneer = f.registry.lookup(vaddr);
+  REQUIRE(veneer != nullptr);
+  REQUIRE(veneer != c.get());
+  const std::vector<std::byte> before(veneer->begin(), veneer->end());
+
+  const PatchSite slot{SiteKind::data_slot, veneer->begin() + 8, "made up", nullptr};
+  Status st = f.patcher->write_slot(slot, 0x1234);
+  CHECK(st.code() == Errc::invalid_argument);
+  CHECK(has(Patcher::last_error_detail(), "veneer"));
+  const PatchSite jump{SiteKind::jump, veneer->begin(), "made up", nullptr};
+  CHECK(f.patcher->retarget(jump, t->entry()).code() == Errc::invalid_argument);
+  const std::uint8_t nop = 0x90;
+  PatchBatch b(*f.patcher);
+  b.replace(veneer->begin() + 8, &nop, 1);
+  CHECK(b.commit().code() == Errc::invalid_argument);
+  CHECK(std::memcmp(before.data(), veneer->begin(), before.size()) == 0);
+
+  // Another caller retargeted to the same target shares the veneer and still gets there.
+  BlobRef c2 = f.caller(t->entry());
+  REQUIRE(f.patcher->retarget(*c2->site("call"), native).ok());
+  CHECK(f.patcher->stats().veneers == 1);
+  CHECK(c2->as<IntFn>()() == 555);
+  CHECK(c->as<IntFn>()() == 555);
 }
 
 TEST_CASE("misuse patch: replace() with a bad length or no bytes is an error, whatever the address",

@@ -91,7 +91,7 @@ class CodeBlob {
   // Lock-free; callable on a pointer from CodeRegistry::find(). The acquire pairs with the
   // Emitter's release stores of the state: emit() (live: the descriptor's name, range,
   // entry and sites were filled before), retire() and free().
-  BlobState state() const noexcept { return load_acquire(&state_); }
+  BlobState state() const noexcept { return static_cast<BlobState>(load_acquire(&state_)); }
   bool contains(const void* pc) const noexcept {
     return static_cast<const std::byte*>(pc) >= begin() && static_cast<const std::byte*>(pc) < end();
   }
@@ -109,8 +109,13 @@ class CodeBlob {
   std::byte* entry_ = nullptr;
   std::vector<PatchSite> sites_;
   // Written only by the owning Emitter, under its mutex, with store_release; read with
-  // load_acquire (state()), also without that mutex.
-  BlobState state_ = BlobState::live;
+  // load_acquire (state()), also without that mutex. Kept as the enum's underlying
+  // integer: Clang's __atomic builtins accept only integers and pointers (GCC's also
+  // take enums), and the marked accesses are those builtins.
+  std::underlying_type_t<BlobState> state_ = static_cast<std::underlying_type_t<BlobState>>(BlobState::live);
+  void store_state_release(BlobState s) noexcept {
+    store_release(&state_, static_cast<std::underlying_type_t<BlobState>>(s));
+  }
   // Bumped (write_once, under the Emitter's mutex) each time the descriptor is freed: a
   // BlobRef made before no longer matches (read_once in BlobRef::valid()).
   std::uint64_t generation_ = 0;

@@ -64,6 +64,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <set>
 #include <string>
 #include <utility>
 #include <vector>
@@ -183,6 +184,10 @@ class Patcher {
   std::vector<std::pair<std::uintptr_t, std::uintptr_t>> exec_ranges_;
   std::mutex veneer_mu_;
   std::map<std::uint64_t, CodeBlob*> veneers_;
+  // The same blobs by address: live_range() refuses a site inside one (guarded by
+  // veneer_mu_). A veneer is shared by every branch to its target, so a request naming
+  // its bytes would redirect other callers' branches.
+  std::set<const CodeBlob*> veneer_blobs_;
   PatcherStats stats_;
 };
 

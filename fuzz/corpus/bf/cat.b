@@ -1,0 +1,2 @@
+cat for eof zero: read until a zero arrives
+,[.,]

@@ -1,0 +1,2 @@
+cat for eof minus1
+,+[-.,+]

@@ -1,0 +1,2 @@
+A folded loop near the right end of the tape
+++[>++[>>>>>>>>>>+<<<<<<<<<<-]<-]

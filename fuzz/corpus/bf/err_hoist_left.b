@@ -1,0 +1,3 @@
+A right walk whose multiply loop (range tested once at the loop head) does reach left of cell 0
+>+>>+>>+>>+<<<+<<<
+[>>>[-<<<<<+>>>>>]<]

@@ -1,0 +1,2 @@
+A left walk (not a scan) runs off the tape inside compiled code
+>+[<+<+]

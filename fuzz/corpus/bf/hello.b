@@ -1,0 +1,2 @@
+Hello World: the classic from the Wikipedia article on Brainfuck
+++++++++[>++++[>++>+++>+++>+<<<<-]>+>+>->>+[<]<-]>>.>---.+++++++..+++.>>.<-.<.+++.------.--------.>>+.>++.

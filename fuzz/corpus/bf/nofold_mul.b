@@ -1,0 +1,2 @@
+Multiplication that restores its operand: the inner MulAdd reads a cell the body changes
++++[>++[>+>+<<-]>>[<<+>>-]<<<-]

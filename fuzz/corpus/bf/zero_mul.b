@@ -1,0 +1,3 @@
+Multiply loops whose counter is zero touch nothing: no tape error at cell zero
+[-<+>][<<<+>>>-][>>>>>>>>>>[-]<<<<<<<<<<-]
+++++++++[>++++++++<-]>+.
