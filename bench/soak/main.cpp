@@ -700,11 +700,35 @@ Row soak_stw(Runtime& rt, const Options& opt, bool page, std::string& fatal) {
   }
   const std::uint64_t target = scaled(1e5, opt.scale);
   std::uint64_t stops = 0, checks = 0, moved = 0;
+  std::uint64_t running = 0;  // mutators that had run managed code since the previous stop
   std::uint64_t unsafe_by_state[6] = {};  // by ThreadState: seen inside fn, not safe
   std::uint64_t progress0 = 0, progress1 = 0;
   for (const Slot& c : sh.counters) progress0 += read_once(c.v);
   const std::int64_t t0 = jb::now_ns();
+  std::uint64_t last[kMutators];
+  for (int i = 0; i < kMutators; ++i) last[i] = read_once(sh.counters[i].v);
+  std::int64_t resume_wait_ns = 0;
   while (stops < target) {
+    // Some mutator must have run managed code since the previous stop before the next
+    // one: otherwise, on a loaded machine, back-to-back stops find the mutators still
+    // parked from the previous stop (never woken in between) and stop nobody who runs.
+    // Waiting for all four costs a scheduler slice each (4 spinning mutators on 2 CPUs:
+    // ~4 ms per stop here), too slow for 10^5 stops; how many were running at each stop
+    // is counted instead (`running`). Sleep rather than spin or yield: the mutators may
+    // need this CPU, and sched_yield() hardly gives it up under CFS. Capped.
+    const std::int64_t r0 = jb::now_ns();
+    for (;;) {
+      int ran = 0;
+      for (int i = 0; i < kMutators; ++i) ran += read_once(sh.counters[i].v) != last[i];
+      if (ran > 0) break;
+      if (jb::now_ns() - r0 > kStartCapNs) {
+        row.error = "no mutator ran for 10 s after a stop";
+        break;
+      }
+      std::this_thread::sleep_for(std::chrono::microseconds(20));
+    }
+    resume_wait_ns += jb::now_ns() - r0;
+    if (!row.error.empty()) break;
     Status st = sp.stop_the_world([&] {
       // Each mutator's counter must stand still while we look: a stopped thread runs no
       // managed code. The counter is read after the acquire load of the state (SP4), so
@@ -733,6 +757,8 @@ Row soak_stw(Runtime& rt, const Options& opt, bool page, std::string& fatal) {
         if (odd[i])
           while (jb::now_ns() - w0 < 1'000'000 && read_once(sh.counters[i].v) == before[i]) cpu_relax();
         if (read_once(sh.counters[i].v) != before[i]) ++moved;
+        running += before[i] != last[i];
+        last[i] = before[i];
         ++checks;
       }
     });
@@ -758,12 +784,15 @@ Row soak_stw(Runtime& rt, const Options& opt, bool page, std::string& fatal) {
   row.checked = checks;
   row.wrong = moved;
   row.extra.push_back({"states seen not safe inside fn (counter then watched 1 ms)", unsafe});
+  row.extra.push_back({"mutators stopped that had run since the previous stop", running});
+  row.extra.push_back({"ns waiting for a mutator to run between stops", static_cast<std::uint64_t>(resume_wait_ns)});
   const SafepointStats ss = sp.stats();
   if (row.error.empty() && progress1 == progress0) row.error = "the mutators made no progress";
   std::printf("  %-42s %10" PRIu64 " stops, %" PRIu64 " thread checks, %" PRIu64 " counters moved, %" PRIu64
-              " seen not safe inside fn%s, %" PRIu64 " slow paths, %" PRIu64 " page faults, ttsp p50 %s p99 %s, "
+              " seen not safe inside fn%s, %" PRIu64 " of the mutators stopped had run since the previous stop, "
+              "%.1f s waiting for one to run, %" PRIu64 " slow paths, %" PRIu64 " page faults, ttsp p50 %s p99 %s, "
               "%.1f s%s%s\n",
-              row.name.c_str(), stops, checks, moved, unsafe, states.c_str(), ss.slow_paths, ss.page_faults,
+              row.name.c_str(), stops, checks, moved, unsafe, states.c_str(), running, static_cast<double>(resume_wait_ns) / 1e9, ss.slow_paths, ss.page_faults,
               jb::format_ns(ss.ttsp.quantile_ns(0.5)).c_str(), jb::format_ns(ss.ttsp.quantile_ns(0.99)).c_str(),
               row.seconds, row.error.empty() ? "" : ": ", row.error.c_str());
   std::fflush(stdout);
