@@ -78,7 +78,12 @@ struct Row {
   std::uint64_t wrong = 0;
   double seconds = 0;
   std::string error;  // non-empty: the case failed (timeout, API error)
-  std::vector<std::pair<std::string, std::uint64_t>> extra;  // further counts, for the JSON
+  struct Extra {
+    std::string metric;
+    std::uint64_t value;
+    const char* unit;
+  };
+  std::vector<Extra> extra;  // further figures, for the JSON
 };
 
 std::uint64_t scaled(double base, double scale) {
@@ -783,9 +788,9 @@ Row soak_stw(Runtime& rt, const Options& opt, bool page, std::string& fatal) {
   row.count = stops;
   row.checked = checks;
   row.wrong = moved;
-  row.extra.push_back({"states seen not safe inside fn (counter then watched 1 ms)", unsafe});
-  row.extra.push_back({"mutators stopped that had run since the previous stop", running});
-  row.extra.push_back({"ns waiting for a mutator to run between stops", static_cast<std::uint64_t>(resume_wait_ns)});
+  row.extra.push_back({"states seen not safe inside fn (counter then watched 1 ms)", unsafe, "count"});
+  row.extra.push_back({"mutators stopped that had run since the previous stop", running, "count"});
+  row.extra.push_back({"waiting for a mutator to run between stops", static_cast<std::uint64_t>(resume_wait_ns), "ns"});
   const SafepointStats ss = sp.stats();
   if (row.error.empty() && progress1 == progress0) row.error = "the mutators made no progress";
   std::printf("  %-42s %10" PRIu64 " stops, %" PRIu64 " thread checks, %" PRIu64 " counters moved, %" PRIu64
@@ -831,7 +836,7 @@ bool write_json(const Options& opt, const jb::Machine& m, const std::vector<Row>
     if (!r.checked_unit.empty()) put(name, "checked", static_cast<double>(r.checked), r.checked_unit);
     put(name, "wrong", static_cast<double>(r.wrong), "count");
     put(name, "time", r.seconds, "s");
-    for (const auto& [metric, v] : r.extra) put(name, metric.c_str(), static_cast<double>(v), "count");
+    for (const Row::Extra& e : r.extra) put(name, e.metric.c_str(), static_cast<double>(e.value), e.unit);
     wrong += r.wrong;
   }
   put("total", "wrong", static_cast<double>(wrong), "count");
