@@ -3,6 +3,8 @@
 // refused are the fault tests' (tests/fault/test_fault_global.cpp).
 #include <catch2/catch.hpp>
 
+#include "support/env.hpp"
+
 #include <jitpatch/jitpatch.hpp>
 
 #include <cstdlib>
@@ -12,11 +14,7 @@ using namespace jitpatch;
 namespace mb = membarrier_cmd;
 
 namespace {
-struct EnvGuard {
-  const char* name;
-  explicit EnvGuard(const char* n, const char* v) : name(n) { ::setenv(n, v, 1); }
-  ~EnvGuard() { ::unsetenv(name); }
-};
+using test::EnvGuard;
 }  // namespace
 
 TEST_CASE("runtime: membarrier_global is named, parsed, and a process_barrier strategy only", "[unit]") {

@@ -1,5 +1,7 @@
 #include <catch2/catch.hpp>
 
+#include "support/env.hpp"
+
 #include <jitpatch/jitpatch.hpp>
 #include <jitpatch/internal/runtime_testing.hpp>
 
@@ -15,11 +17,7 @@
 using namespace jitpatch;
 
 namespace {
-struct EnvGuard {
-  const char* name;
-  explicit EnvGuard(const char* n, const char* v) : name(n) { ::setenv(n, v, 1); }
-  ~EnvGuard() { ::unsetenv(name); }
-};
+using test::EnvGuard;
 }  // namespace
 
 TEST_CASE("runtime: create probes and chooses a strategy for each operation", "[unit]") {

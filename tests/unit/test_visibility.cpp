@@ -3,6 +3,8 @@
 // the library's own structs).
 #include <catch2/catch.hpp>
 
+#include "support/env.hpp"
+
 #include <jitpatch/visibility.hpp>
 
 #include <elf.h>
@@ -79,11 +81,7 @@ class TestCode {
   std::size_t len_ = 0;
 };
 
-struct EnvGuard {
-  const char* name;
-  EnvGuard(const char* n, const char* v) : name(n) { ::setenv(n, v, 1); }
-  ~EnvGuard() { ::unsetenv(name); }
-};
+using test::EnvGuard;
 
 struct TempDir {
   std::string path;
