@@ -48,13 +48,21 @@ constexpr std::uint64_t kNestMask = 0xffffffffull;
 constexpr std::uint64_t kPhaseBit = 1ull << 32;  // as detail::kGracePhase
 constexpr std::uint32_t kMaxReaders = 1u << 20;
 
-// State and start time of thread `tid` from /proc/TID/stat: field 3 and field 22
-// (proc(5); a thread id names its own /proc entry, listed or not), counted after the
-// command name's closing parenthesis (the name may hold spaces and parentheses of its
-// own). False when the file cannot be read.
+// State and start time of thread `tid` from /proc/TID/task/TID/stat: field 3 and field 22
+// (proc(5); a thread id names its own /proc entry, listed or not, and its thread group's
+// task/ directory holds it), counted after the command name's closing parenthesis (the
+// name may hold spaces and parentheses of its own). False when the file cannot be read.
+//
+// The reader records its own start time and a writer in another process compares it, so
+// both must read the same file. Not /proc/TID/stat: qemu-user answers a process's reads
+// of /proc/self/stat and /proc/PID/stat itself (linux-user/syscall.c, open_self_stat(),
+// matched by is_proc_myself()) with a start time of its own making, a few ticks off the
+// kernel's, while another process reading the same file gets the kernel's. A writer then
+// took every live reader for a reused id and reclaimed its slot (the torture test saw
+// poisoned objects on every qemu-user run). The task/ path is passed to the kernel.
 bool read_proc_stat(pid_t tid, char* state, std::uint64_t* start) noexcept {
-  char path[48];
-  std::snprintf(path, sizeof path, "/proc/%d/stat", static_cast<int>(tid));
+  char path[64];
+  std::snprintf(path, sizeof path, "/proc/%d/task/%d/stat", static_cast<int>(tid), static_cast<int>(tid));
   const int fd = ::open(path, O_RDONLY | O_CLOEXEC);
   if (fd < 0) return false;
   char buf[1024];

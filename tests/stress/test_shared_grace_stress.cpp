@@ -212,14 +212,6 @@ Outcome run_processes(Shared* sh, std::uint64_t overlaps, std::chrono::seconds c
 }
 
 void torture(SharedGraceBarrier barrier, std::uint64_t overlaps) {
-  if (std::getenv("JITPATCH_QEMU_USER")) {
-    // OPEN BUG, not a qemu limit we understand: under qemu-user (aarch64 build, 2026-12-03)
-    // the GLOBAL_EXPEDITED case saw 41-53 poisoned reads per reader on every run, and the
-    // GLOBAL case failed too. Not yet explained; docs/limits.md
-    // says SharedGraceDomain is unproven on aarch64. Skipped here so CI reports the rest.
-    WARN("skipped under qemu-user: an open failure (docs/limits.md, SharedGraceDomain)");
-    return;
-  }
   const std::size_t size = (sizeof(Shared) + 4095) & ~std::size_t{4095};
   void* mem = ::mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
   REQUIRE(mem != MAP_FAILED);

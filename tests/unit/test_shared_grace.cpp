@@ -272,3 +272,33 @@ TEST_CASE("shared grace: a reader thread that exits inside a section without end
   CHECK(d.stats().reclaimed == 1);
   CHECK(d.reader_count() == 0);
 }
+
+TEST_CASE("shared grace: a live reader in another process holds that process's synchronize", "[unit][shared_grace]") {
+  // The reader is this process's main thread (its tid is the pid), and the writer is a
+  // forked child: the child must find the reader alive through the owner word the reader
+  // recorded. Under qemu-user the two once read different start times (the emulator answers
+  // /proc/PID/stat for its own process), so the child took the reader for a reused id,
+  // reclaimed its slot and returned at once (runtime/shared_grace.cpp, read_proc_stat).
+  SharedMap m(SharedGraceDomain::required_size(4));
+  auto d = SharedGraceDomain::create(m.p, m.size).value();
+  auto r = d.register_reader().value();
+  r.read_lock();
+  const int held = in_child([&] {
+    auto view = SharedGraceDomain::attach(m.p);
+    if (!view.ok()) return 1;
+    const Status s = view->synchronize(300ms);
+    if (s.code() != Errc::timeout) return 2;
+    if (view->stats().reclaimed != 0) return 3;
+    return 0;
+  });
+  CHECK(held == 0);
+  r.read_unlock();
+  const int passes = in_child([&] {
+    auto view = SharedGraceDomain::attach(m.p);
+    if (!view.ok()) return 1;
+    if (!view->synchronize(20s).ok()) return 2;
+    return view->reader_count() == 1 ? 0 : 3;
+  });
+  CHECK(passes == 0);
+  CHECK(d.reader_count() == 1);
+}

@@ -28,7 +28,7 @@
 // and MB(B) after the last; docs/memory-ordering.md, pairs SG1-SG5.
 //
 // Readers that die: a slot belongs to a thread (its tid and its start time, from
-// /proc/TID/stat). A synchronize() that waits for a slot whose thread no longer exists
+// /proc/TID/task/TID/stat). A synchronize() that waits for a slot whose thread no longer exists
 // (kill(tid, 0) fails with ESRCH, the thread is a zombie, or the id now names a thread
 // that started at another time) takes the slot back, in a section or not: a reader
 // process that died, or a reader thread that exited without ending its handle. A writer
@@ -55,7 +55,7 @@ struct alignas(64) SharedGraceSlot {
   // (and zeroed by the writer that reclaims a dead owner's slot).
   std::uint64_t ctr;
   // 0: free. Else the owner thread: its tid (low 32 bits) and the low 32 bits of its
-  // start time (field 22 of /proc/TID/stat, clock ticks since boot; 0 when unknown), which
+  // start time (field 22 of /proc/TID/task/TID/stat, clock ticks since boot; 0 when unknown), which
   // tells a dead owner from a new thread with its id. Claimed by try_cmpxchg from 0,
   // released by the owner or by a writer that finds the owner gone.
   std::uint64_t owner;
