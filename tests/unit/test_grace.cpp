@@ -75,7 +75,14 @@ TEST_CASE("grace: registration, nesting and bad input", "[grace]") {
 
     CHECK_FALSE(reader.in_section());
     reader.lock();
+    // lock()/unlock() take the mode from the value they copy into ctr (kGraceSymmetric),
+    // not from the record: both must say the same, through nesting and after the last
+    // unlock().
+    auto mode_in_ctr = [&] { return (read_once(reader.record()->ctr) & detail::kGraceSymmetric) != 0; };
+    CHECK(mode_in_ctr() == d->symmetric());
+    CHECK(reader.record()->symmetric == d->symmetric());
     reader.lock();
+    CHECK(mode_in_ctr() == d->symmetric());
     CHECK(reader.in_section());
     // Waiting for itself would never end.
     Status st = d->synchronize();
@@ -84,7 +91,13 @@ TEST_CASE("grace: registration, nesting and bad input", "[grace]") {
     CHECK(reader.in_section());
     reader.unlock();
     CHECK_FALSE(reader.in_section());
+    CHECK(mode_in_ctr() == d->symmetric());
+    // Rounds flip the phase bit only: the mode stays in the phase word.
     CHECK(d->synchronize().ok());
+    CHECK(d->synchronize().ok());
+    reader.lock();
+    CHECK(mode_in_ctr() == d->symmetric());
+    reader.unlock();
 
     CHECK(d->retire(nullptr, static_cast<void (*)(void*)>(nullptr)).code() == Errc::invalid_argument);
     CHECK(d->retire(nullptr, static_cast<void (*)(void*, void*)>(nullptr), nullptr).code() == Errc::invalid_argument);
