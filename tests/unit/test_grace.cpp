@@ -141,6 +141,16 @@ TEST_CASE("grace: synchronize waits for a pre-existing reader, not for later one
     {
       AsyncSync s(*d);
       CHECK_FALSE(s.done_within(100ms));  // the reader is still in its section
+      // Release the reader only once the round sleeps: its first wait never waits for
+      // this reader (same phase), so a sleep means the phase has flipped, and the
+      // reader's next section (stage 3) announces the new phase. Released earlier (a
+      // loaded machine can delay the round past the 100 ms above), that section would
+      // announce the old phase and rightly hold this round's second wait until stage 4,
+      // which is only set after this round: the test would hang in ~AsyncSync.
+      for (const auto until = std::chrono::steady_clock::now() + 10s;
+           d->stats().sleeps == 0 && std::chrono::steady_clock::now() < until;)
+        std::this_thread::sleep_for(1ms);
+      CHECK(d->stats().sleeps > 0);  // not REQUIRE: leaving the scope would join a waiting round
       stage.store(2);
       CHECK(s.done_within(10s));
       CHECK(s.result.ok());
