@@ -635,6 +635,10 @@ std::string mix_at(Mix m, int n) { return n <= 2 ? "running" : mix_key(m); }
 
 // --- section 3: grace periods -----------------------------------------------------------
 
+// Reads per reader CPU-second, by (case, N): the read side's cost, whatever share of the
+// CPUs the scheduler gave the readers (reads/s, the goal's figure, includes that share).
+std::map<std::pair<std::string, int>, double> g_grace_reads_per_cpu_s;
+
 void run_grace(const Options& opt, const std::vector<int>& ns) {
   reclaim_bench::Config cfg;
   cfg.writers = 1;
@@ -652,6 +656,7 @@ void run_grace(const Options& opt, const std::vector<int>& ns) {
       sum[f].reads += o.reads;
       sum[f].writes += o.writes;
       sum[f].bad += o.bad;
+      sum[f].reader_cpu_ns += o.reader_cpu_ns;
       sum[f].gp_ns.insert(sum[f].gp_ns.end(), o.gp_ns.begin(), o.gp_ns.end());
       if (o.error) sum[f].error = o.error;
     }
@@ -661,6 +666,8 @@ void run_grace(const Options& opt, const std::vector<int>& ns) {
       c.a.median = static_cast<double>(o.reads) / (2 * cfg.seconds);
       c.a.p99 = static_cast<double>(o.writes) / (2 * cfg.seconds);  // grace periods per second
       c.a.samples = static_cast<std::size_t>(o.bad);                // must be 0
+      g_grace_reads_per_cpu_s[{c.name, n}] =
+          o.reader_cpu_ns ? static_cast<double>(o.reads) * 1e9 / static_cast<double>(o.reader_cpu_ns) : std::nan("");
       if (o.bad != 0 && c.error.empty()) c.error = "a reader saw a freed value";
       g_cells.push_back(c);
     }
@@ -811,21 +818,30 @@ int run(const Options& opt) {
   // --- 3. grace
   if (opt.wants("grace")) {
     std::printf("3. grace periods: N readers + 1 writer (synchronize() in a loop), 2 runs of %s each\n", opt.quick ? "0.08 s" : "0.75 s");
-    jb::Table t({"N", "jitpatch reads/s", "liburcu reads/s", "ratio", "jitpatch sync", "p99", "liburcu sync", "p99",
-                 "ratio", "GPs/s jitpatch", "GPs/s liburcu", "bad"});
+    jb::Table t({"N", "jitpatch reads/s", "liburcu reads/s", "ratio", "reads/CPU-s ratio", "jitpatch sync", "p99",
+                 "liburcu sync", "p99", "ratio", "GPs/s jitpatch", "GPs/s liburcu", "bad"});
+    auto per_cpu = [](const char* name, int n) {
+      auto it = g_grace_reads_per_cpu_s.find({name, n});
+      return it == g_grace_reads_per_cpu_s.end() ? std::nan("") : it->second;
+    };
     for (int n : ns) {
       const Cell *j = find("grace", "jitpatch", "running", n), *u = find("grace", "liburcu memb", "running", n);
       const double rr = j && u ? div(j->a.median, u->a.median) : std::nan("");
       const double sr = j && u ? div(u->b.median, j->b.median) : std::nan("");
-      t.add({std::to_string(n), j ? fmt(j->a.median) : "-", u ? fmt(u->a.median) : "-", jb::format_ratio(rr), ns_of(j, true),
+      const double cr = j && u ? div(per_cpu("jitpatch", n), per_cpu("liburcu memb", n)) : std::nan("");
+      t.add({std::to_string(n), j ? fmt(j->a.median) : "-", u ? fmt(u->a.median) : "-", jb::format_ratio(rr),
+             jb::format_ratio(cr), ns_of(j, true),
              ns_of(j, true, true), ns_of(u, true), ns_of(u, true, true), jb::format_ratio(sr), j ? fmt(j->a.p99) : "-",
              u ? fmt(u->a.p99) : "-", std::to_string((j ? j->a.samples : 0) + (u ? u->a.samples : 0))});
       ratios[key("scale.grace.reads_over_liburcu_memb", n)] = rr;
+      ratios[key("scale.grace.reads_per_cpu_over_liburcu_memb", n)] = cr;
       ratios[key("scale.grace.sync_liburcu_over_jitpatch", n)] = sr;
       if (j && u) ratios[key("scale.grace.gps_over_liburcu_memb", n)] = div(j->a.p99, u->a.p99);
     }
     t.print(stdout, "  ");
-    std::printf("  ratio: jitpatch over liburcu for reads, liburcu over jitpatch for synchronize() latency (goal >= 1.0)\n\n");
+    std::printf("  ratio: jitpatch over liburcu for reads, liburcu over jitpatch for synchronize() latency (goal >= 1.0)\n"
+                "  reads/CPU-s ratio: the same for reads per CPU-second the reader threads used (CLOCK_THREAD_CPUTIME_ID):\n"
+                "  the read side's cost without the share of the CPUs the scheduler gave each side's readers\n\n");
   }
 
   std::printf("ratios (goals: scale.patch.stw_signals_over_jitpatch_64 >= 10, scale.patch.jitpatch_64_over_1 <= 1.5,\n"
@@ -950,6 +966,8 @@ int run(const Options& opt) {
         put(c, "median_synchronize", c.b.median, "ns");
         put(c, "p99_synchronize", c.b.p99, "ns");
         put(c, "bad_reads", static_cast<double>(c.a.samples), "count");
+        if (auto it = g_grace_reads_per_cpu_s.find({c.name, c.n}); it != g_grace_reads_per_cpu_s.end())
+          put(c, "reads_per_reader_cpu_s", it->second, "1/s");
       } else if (c.section == "storm") {
         put(c, "throughput_fraction", c.a.median, "ratio");
         put(c, "calls_per_s_undisturbed", c.b.median, "1/s");
