@@ -51,6 +51,8 @@ static_assert(offsetof(jitpatch_grace_reader, phase) == offsetof(detail::GraceRe
 static_assert(offsetof(jitpatch_grace_reader, wake_word) == offsetof(detail::GraceReaderRecord, wake_word));
 static_assert(offsetof(jitpatch_grace_reader, domain) == offsetof(detail::GraceReaderRecord, domain));
 static_assert(sizeof(bool) == 1 && sizeof(jitpatch_grace_reader) <= sizeof(detail::GraceReaderRecord));
+// jitpatch_grace_section_mb_() tests bit 63 of the phase word and ctr for the mode.
+static_assert(detail::kGraceSymmetric == 1ull << 63);
 static_assert(detail::kGraceCount == 1 && detail::kGraceNestMask == 0xffffffffull);
 static_assert(SafepointThread::kPollWordOffset == 0);
 

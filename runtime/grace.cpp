@@ -181,6 +181,9 @@ GraceDomain::GraceDomain(Runtime& rt, const GraceOptions& options)
       symmetric_(options.symmetric || rt.strategy(Operation::process_barrier) == Strategy::none),
       impl_(std::make_unique<Impl>()) {
   impl_->options = options;
+  // The mode rides in the phase word (detail::kGraceSymmetric), before any reader can
+  // exist; the flips in run_grace_period() leave the bit alone.
+  if (symmetric_) phase_[0] |= detail::kGraceSymmetric;
   // A user of the Runtime from here to the end of ~GraceDomain(), which still runs a
   // grace period through it (runtime_deps.hpp); also when create() fails after this.
   detail::runtime_add_dependent(rt, "GraceDomain");

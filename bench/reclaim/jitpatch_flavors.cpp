@@ -14,16 +14,21 @@ jitpatch::GraceDomain* g_domain = nullptr;
 template <bool Qsbr>
 struct Flavor {
   static constexpr bool qsbr = Qsbr;
+  // The GraceReader itself, as a program keeps it, not the Result register_reader()
+  // returns: Result::operator-> checks ok() on every use, which put two compares and
+  // branches per read into the loop that liburcu's side does not have (its reader is
+  // a TLS variable). Like with like: each side reaches its reader state without checks.
   struct Reader {
-    jitpatch::Result<jitpatch::GraceReader> r;
-    Reader() : r(g_domain->register_reader(Qsbr ? jitpatch::ReaderKind::qsbr : jitpatch::ReaderKind::critical_section)) {}
+    // value() aborts with the status on a failed registration, as operator-> did.
+    jitpatch::GraceReader r;
+    Reader() : r(g_domain->register_reader(Qsbr ? jitpatch::ReaderKind::qsbr : jitpatch::ReaderKind::critical_section).value()) {}
     ~Reader() {
-      if (r.ok() && Qsbr) r->offline();
+      if (Qsbr) r.offline();
     }
-    bool ok() const { return r.ok(); }
-    void lock() { r->lock(); }
-    void unlock() { r->unlock(); }
-    void quiescent() { r->quiescent(); }
+    bool ok() const { return r.registered(); }
+    void lock() { r.lock(); }
+    void unlock() { r.unlock(); }
+    void quiescent() { r.quiescent(); }
   };
   static void writer_begin() {}
   static void writer_end() {}

@@ -35,6 +35,9 @@ struct Outcome {
   std::vector<double> gp_ns;          // one per grace period a writer waited for
   const char* error = nullptr;
   std::uint64_t sleeps = 0;           // jitpatch rows: futex sleeps while waiting for readers
+  // CPU time the reader threads used (CLOCK_THREAD_CPUTIME_ID, summed): reads per reader
+  // CPU-second is the read side's cost with the scheduler's share taken out.
+  std::uint64_t reader_cpu_ns = 0;
 };
 
 inline std::int64_t mono_ns() {
@@ -56,7 +59,7 @@ Outcome run_torture(const Config& cfg) {
   shared_ptr = new int(8);
   std::atomic<bool> go{false}, stop{false};
   std::atomic<int> ready{0};
-  std::atomic<std::uint64_t> reads{0}, writes{0}, bad{0};
+  std::atomic<std::uint64_t> reads{0}, writes{0}, bad{0}, reader_cpu_ns{0};
   std::atomic<bool> failed{false};
   std::vector<std::vector<double>> lat(static_cast<std::size_t>(cfg.writers));
   std::vector<std::thread> ts;
@@ -68,6 +71,8 @@ Outcome run_torture(const Config& cfg) {
       ready.fetch_add(1);
       while (!go.load(std::memory_order_acquire)) std::this_thread::yield();
       std::uint64_t n = 0, b = 0;
+      timespec c0;
+      clock_gettime(CLOCK_THREAD_CPUTIME_ID, &c0);
       for (;;) {
         if constexpr (!Flavor::qsbr) r.lock();
         // Acquire: pairs with the writer's release exchange of a fully initialized int.
@@ -80,6 +85,9 @@ Outcome run_torture(const Config& cfg) {
         }
         if (stop.load(std::memory_order_relaxed)) [[unlikely]] break;
       }
+      timespec c1;
+      clock_gettime(CLOCK_THREAD_CPUTIME_ID, &c1);
+      reader_cpu_ns.fetch_add(std::uint64_t((c1.tv_sec - c0.tv_sec) * 1'000'000'000 + (c1.tv_nsec - c0.tv_nsec)));
       reads.fetch_add(n);
       bad.fetch_add(b);
     });
@@ -122,6 +130,7 @@ Outcome run_torture(const Config& cfg) {
   o.reads = reads.load();
   o.writes = writes.load();
   o.bad = bad.load();
+  o.reader_cpu_ns = reader_cpu_ns.load();
   for (auto& l : lat) o.gp_ns.insert(o.gp_ns.end(), l.begin(), l.end());
   if (failed.load()) o.error = "registration or synchronize failed";
   return o;

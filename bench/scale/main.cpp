@@ -15,6 +15,15 @@
 //            mprotect flip of a single-mapping heap (as bench/patch; here the handlers
 //            sleep on a futex instead of spinning, which is kinder to the baseline when
 //            64 threads share 2 CPUs). Every executor result is checked.
+//            With more executors than CPUs, the patcher's wall time is mostly its wait in
+//            the run queue (64 spinning threads on 2 CPUs leave it about 1/33 of a CPU),
+//            not what the mechanism costs. So each case is also measured two more ways,
+//            interleaved with the plain one sample by sample: the patching thread's own
+//            CPU time per patch (CLOCK_THREAD_CPUTIME_ID: the kernel's membarrier work is
+//            charged to it, the executors' signal handlers are not), and its wall time
+//            with the patching thread at SCHED_FIFO (run_realtime()), so that it runs as
+//            soon as it is runnable, while a signal stop still waits for every executor
+//            to be scheduled: that wait is the peer's real cost and stays in its figure.
 // 2. stw     a stop of the world for a collector, stop + resume with nothing to do:
 //            jitpatch Safepoints with each poll kind (threads in blocking calls enter
 //            `blocked` first, as a VM's would), vs Boehm GC collecting a near-empty heap
@@ -30,7 +39,7 @@
 // run. --plot DIR draws every figure against N (log x) as SVG with gnuplot.
 //
 // Usage: jitpatch-bench-scale [--quick] [--json FILE] [--plot DIR] [--max-threads N]
-//                             [--only patch,stw,grace,storm]
+//                             [--only patch,stw,grace,storm] [--no-realtime]
 #include <jitpatch/jitpatch.hpp>
 
 #include "jitpatch_bench.hpp"
@@ -71,6 +80,7 @@ struct Options {
   int max_threads = 0;  // 0: 64, or 16 with --quick
   std::string only;  // comma-separated sections; empty: all
   std::string mix;   // "running" or "blocked"; empty: both
+  bool realtime = true;  // section 1's SCHED_FIFO cases (--no-realtime: left out)
   bool wants(const char* s) const { return only.empty() || ("," + only + ",").find("," + std::string(s) + ",") != std::string::npos; }
 };
 
@@ -82,7 +92,8 @@ void usage(std::FILE* out) {
                "  --plot DIR       draw each figure against N as DIR/scale-*.svg (needs gnuplot)\n"
                "  --max-threads N  largest thread count (default 64; 16 with --quick)\n"
                "  --only LIST      comma-separated sections: patch,stw,grace,storm\n"
-               "  --mix MIX        only the mix `running` or `blocked` (sections 1 and 2)\n");
+               "  --mix MIX        only the mix `running` or `blocked` (sections 1 and 2)\n"
+               "  --no-realtime    leave out section 1's cases with the patcher at SCHED_FIFO\n");
 }
 
 enum class Mix { running, blocked };
@@ -94,6 +105,63 @@ long futex(std::uint32_t* w, int op, std::uint32_t val, const timespec* ts = nul
   return ::syscall(SYS_futex, w, op, val, ts, nullptr, 0);
 }
 pid_t gettid_() { return static_cast<pid_t>(::syscall(SYS_gettid)); }
+
+// The calling thread's CPU time (user + system), including the running slice.
+std::int64_t thread_cpu_ns() {
+  timespec ts;
+  ::clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+  return static_cast<std::int64_t>(ts.tv_sec) * 1000000000 + ts.tv_nsec;
+}
+
+// --- the patcher at SCHED_FIFO (section 1) ---------------------------------------------
+//
+// A SCHED_FIFO thread runs whenever it is runnable, ahead of every SCHED_OTHER thread on
+// its CPU: the executors cannot hold it in the run queue. It must never spin waiting for
+// an executor (on 2 CPUs that could starve the executor it waits for; the kernel's RT
+// throttling, sched_rt_runtime_us, is not relied on). What it runs while raised, and why
+// each one blocks or is bounded:
+//   jitpatch: Patcher::retarget(): its commit mutex (uncontended: the only patcher), the
+//             store, and membarrier SYNC_CORE, whose IPIs are handled in interrupt context
+//             on the other CPUs, so the wait for them needs no executor to be scheduled.
+//             (On the signal strategy, Runtime::run() waits for the handlers with 256
+//             cpu_relax() polls, then futex sleeps of at most 1 ms: it blocks too.)
+//   signals, mprotect: signal_stop(): at most 200 cpu_relax() polls, then futex sleeps of
+//             1 ms until the last handler wakes it; the release is a store and a wake.
+//   between samples: gap() sleeps 200 us.
+// Priority 1, the lowest real-time one: above every normal thread, below the kernel's
+// own real-time threads.
+class Realtime {
+ public:
+  // Tries SCHED_FIFO once and goes back; note() says why not if refused.
+  bool probe() {
+    if (!enter()) return false;
+    leave();
+    return true;
+  }
+  bool enter() {
+    sched_param sp{};
+    sp.sched_priority = 1;
+    const int rc = ::pthread_setschedparam(::pthread_self(), SCHED_FIFO, &sp);
+    if (rc != 0) {
+      error_ = rc;
+      note_ = std::string("SCHED_FIFO refused (") + std::strerror(rc) + ")";
+      return false;
+    }
+    return true;
+  }
+  void leave() {
+    sched_param sp{};
+    sp.sched_priority = 0;
+    (void)::pthread_setschedparam(::pthread_self(), SCHED_OTHER, &sp);
+  }
+  const std::string& note() const { return note_; }
+  int error() const { return error_; }
+
+ private:
+  std::string note_;
+  int error_ = 0;
+};
+Realtime g_realtime;
 
 // --- statistics --------------------------------------------------------------------------
 
@@ -112,8 +180,8 @@ Stat summarize(const std::vector<double>& v) {
 }
 
 // One figure of one case at one N in one mix. `a` is the main figure (patch cost, pause,
-// reads/s, fraction), `b` a second one where the section has it (time to safepoint,
-// synchronize() latency).
+// reads/s, fraction), `b` a second one where the section has it (the patcher's CPU time,
+// time to safepoint, synchronize() latency).
 struct Cell {
   std::string section, name, mix;
   int n = 0;
@@ -279,20 +347,56 @@ struct Budget {
 
 void gap() { std::this_thread::sleep_for(std::chrono::microseconds(200)); }
 
-// Interleaved sample by sample, after b.warmup untimed calls each.
+// What reading the thread's CPU clock around a call adds to the figure: the part of the
+// two clock_gettime() calls and of the two wall-clock reads between them.
+double cpu_overhead_ns() {
+  static const double cached = [] {
+    std::vector<double> v;
+    for (int i = 0; i < 201; ++i) {
+      const std::int64_t c0 = thread_cpu_ns();
+      const std::int64_t t0 = jb::now_ns();
+      const std::int64_t t1 = jb::now_ns();
+      const std::int64_t c1 = thread_cpu_ns();
+      (void)t0, (void)t1;
+      v.push_back(static_cast<double>(c1 - c0));
+    }
+    return jb::median(v);
+  }();
+  return cached;
+}
+
+// Interleaved sample by sample, after b.warmup untimed calls each. `cpu` (if given)
+// receives the calling thread's CPU time per timed call; case i runs with this thread
+// at SCHED_FIFO, from before its gap() to after the call, where (*realtime)[i] is set.
 void sample(std::vector<CaseFn>& fns, const Budget& b, std::vector<std::vector<double>>& first,
-            std::vector<std::vector<double>>& second, std::vector<Status>& status) {
+            std::vector<std::vector<double>>& second, std::vector<Status>& status,
+            std::vector<std::vector<double>>* cpu = nullptr, const std::vector<bool>* realtime = nullptr) {
   const double overhead = jb::timer_overhead_ns();
+  const double cpu_overhead = cpu ? cpu_overhead_ns() : 0;
   first.assign(fns.size(), {});
   second.assign(fns.size(), {});
   status.assign(fns.size(), Status{});
+  if (cpu) cpu->assign(fns.size(), {});
+  auto is_rt = [&](std::size_t i) { return realtime && (*realtime)[i]; };
+  auto raise = [&](std::size_t i) {
+    if (is_rt(i) && !g_realtime.enter()) {
+      status[i] = Status(Errc::os_error, g_realtime.error(), "pthread_setschedparam(SCHED_FIFO)");
+      return false;
+    }
+    return true;
+  };
+  auto lower = [&](std::size_t i) {
+    if (is_rt(i)) g_realtime.leave();
+  };
   // Warm-up ends early for slow cases (a signal stop of 64 running threads takes up to a
   // second): what it is for, first touches and lazy binding, is done by the first call.
   for (std::size_t i = 0; i < fns.size(); ++i) {
     const std::int64_t w0 = jb::now_ns();
     for (int k = 0; k < b.warmup && status[i].ok() && (k == 0 || jb::now_ns() - w0 < 20'000'000); ++k) {
+      if (!raise(i)) break;
       Fig x;
       status[i] = fns[i](&x);
+      lower(i);
     }
   }
   const std::int64_t start = jb::now_ns();
@@ -301,17 +405,22 @@ void sample(std::vector<CaseFn>& fns, const Budget& b, std::vector<std::vector<d
     for (std::size_t i = 0; i < fns.size(); ++i) {
       if (!status[i].ok()) continue;
       any = true;
+      if (!raise(i)) continue;
       gap();
       Fig x;
+      const std::int64_t c0 = cpu ? thread_cpu_ns() : 0;
       const std::int64_t t0 = jb::now_ns();
       Status st = fns[i](&x);
       const std::int64_t t1 = jb::now_ns();
+      const std::int64_t c1 = cpu ? thread_cpu_ns() : 0;
+      lower(i);
       if (!st.ok()) {
         status[i] = st;
         continue;
       }
       first[i].push_back(x.pause >= 0 ? x.pause : std::max(0.0, static_cast<double>(t1 - t0) - overhead));
       if (x.ttsp >= 0) second[i].push_back(x.ttsp);
+      if (cpu) (*cpu)[i].push_back(std::max(0.0, static_cast<double>(c1 - c0) - cpu_overhead));
     }
     const std::size_t done = round + 1;
     if (!any || done >= b.max_samples) break;
@@ -411,7 +520,7 @@ void executor(Runtime& rt, Crew& crew, int i, bool running) {
   g_checked.fetch_add(calls);
 }
 
-void run_patch(Runtime& rt, PatchRig& rig, const Options& opt, const std::vector<int>& ns, bool storm) {
+void run_patch(Runtime& rt, PatchRig& rig, const Options& opt, const std::vector<int>& ns, bool storm, bool realtime) {
   const Budget budget{opt.quick ? 40'000'000 : 1'000'000'000, opt.quick ? 3u : 7u, 100000, opt.quick ? 1 : 3};
   for (Mix mix : {Mix::running, Mix::blocked}) {
     for (int n : ns) {
@@ -435,13 +544,23 @@ void run_patch(Runtime& rt, PatchRig& rig, const Options& opt, const std::vector
             return signal_stop(crew.tids(), [&] { return rig.flip_heap->store_code_word(rig.flip_site + 1, rel32(rig.flip_site, t), 4); }, f);
           },
       };
-      const char* names[] = {"jitpatch", "signals", "mprotect"};
+      std::vector<std::string> names = {"jitpatch", "signals", "mprotect"};
+      // The same three with the patcher at SCHED_FIFO (sharing each one's side, so
+      // every call still changes the target), interleaved with the plain ones.
+      std::vector<bool> rt_case(fns.size(), false);
+      if (realtime)
+        for (std::size_t k = 0; k < 3; ++k) {
+          fns.push_back(fns[k]);
+          names.push_back(names[k] + " rt");
+          rt_case.push_back(true);
+        }
       if (opt.wants("patch")) {
-        std::vector<std::vector<double>> first, second;
+        std::vector<std::vector<double>> first, second, cpu;
         std::vector<Status> status;
-        sample(fns, budget, first, second, status);
+        sample(fns, budget, first, second, status, &cpu, &rt_case);
         for (std::size_t k = 0; k < fns.size(); ++k)
-          g_cells.push_back({"patch", names[k], mix_key(mix), n, summarize(first[k]), {}, status[k].ok() ? "" : status[k].message()});
+          g_cells.push_back({"patch", names[k], mix_key(mix), n, summarize(first[k]), summarize(cpu[k]),
+                             status[k].ok() ? "" : status[k].message()});
       }
       if (storm && mix == Mix::running) {
         // Undisturbed windows (this thread sleeps) alternating with windows of back-to-back
@@ -635,6 +754,10 @@ std::string mix_at(Mix m, int n) { return n <= 2 ? "running" : mix_key(m); }
 
 // --- section 3: grace periods -----------------------------------------------------------
 
+// Reads per reader CPU-second, by (case, N): the read side's cost, whatever share of the
+// CPUs the scheduler gave the readers (reads/s, the goal's figure, includes that share).
+std::map<std::pair<std::string, int>, double> g_grace_reads_per_cpu_s;
+
 void run_grace(const Options& opt, const std::vector<int>& ns) {
   reclaim_bench::Config cfg;
   cfg.writers = 1;
@@ -652,6 +775,7 @@ void run_grace(const Options& opt, const std::vector<int>& ns) {
       sum[f].reads += o.reads;
       sum[f].writes += o.writes;
       sum[f].bad += o.bad;
+      sum[f].reader_cpu_ns += o.reader_cpu_ns;
       sum[f].gp_ns.insert(sum[f].gp_ns.end(), o.gp_ns.begin(), o.gp_ns.end());
       if (o.error) sum[f].error = o.error;
     }
@@ -661,6 +785,8 @@ void run_grace(const Options& opt, const std::vector<int>& ns) {
       c.a.median = static_cast<double>(o.reads) / (2 * cfg.seconds);
       c.a.p99 = static_cast<double>(o.writes) / (2 * cfg.seconds);  // grace periods per second
       c.a.samples = static_cast<std::size_t>(o.bad);                // must be 0
+      g_grace_reads_per_cpu_s[{c.name, n}] =
+          o.reader_cpu_ns ? static_cast<double>(o.reads) * 1e9 / static_cast<double>(o.reader_cpu_ns) : std::nan("");
       if (o.bad != 0 && c.error.empty()) c.error = "a reader saw a freed value";
       g_cells.push_back(c);
     }
@@ -725,8 +851,18 @@ int run(const Options& opt) {
     CPU_SET(::sched_getcpu(), &one);
     (void)::sched_setaffinity(0, sizeof one, &one);
   }
+  // Section 1's SCHED_FIFO cases: tried once here; refused (no CAP_SYS_NICE, or an
+  // RLIMIT_RTPRIO of 0) they are left out, and the output says so.
+  bool realtime = false;
+  std::string realtime_note;
+  if (opt.wants("patch")) {
+    if (!opt.realtime) realtime_note = "left out (--no-realtime)";
+    else if (g_realtime.probe()) realtime = true;
+    else realtime_note = g_realtime.note() + ": the SCHED_FIFO columns are left out";
+  }
+  if (!realtime_note.empty()) std::printf("note: section 1 at SCHED_FIFO: %s\n\n", realtime_note.c_str());
   const std::int64_t t_start = jb::now_ns();
-  if (opt.wants("patch") || opt.wants("storm")) run_patch(*rt, rig, opt, ns, opt.wants("storm"));
+  if (opt.wants("patch") || opt.wants("storm")) run_patch(*rt, rig, opt, ns, opt.wants("storm"), realtime);
   if (opt.wants("stw")) run_stw(*rt, rig, opt, ns);
   // The torture's threads inherit this thread's affinity: unpinned again first.
   if (g_have_all_cpus) (void)::sched_setaffinity(0, sizeof g_all_cpus, &g_all_cpus);
@@ -762,6 +898,49 @@ int run(const Options& opt) {
         div(med(find("patch", "jitpatch", "running", top)), med(find("patch", "jitpatch", "running", 1)));
     ratios["scale.patch.jitpatch_" + std::to_string(top) + "_over_1_blocked"] =
         div(med(find("patch", "jitpatch", "blocked", top)), med(find("patch", "jitpatch", "running", 1)));
+    // The same ratio without the run queue: the patcher's CPU time, and its wall time at
+    // SCHED_FIFO. Both stay above 1 where N = 1 leaves no other CPU running an executor
+    // (membarrier then sends no IPI) and N = top always does.
+    auto cpu_med = [](const Cell* c) { return c ? c->b.median : std::nan(""); };
+    ratios["scale.patch.jitpatch_" + std::to_string(top) + "_over_1_cpu"] =
+        div(cpu_med(find("patch", "jitpatch", "running", top)), cpu_med(find("patch", "jitpatch", "running", 1)));
+    ratios["scale.patch.jitpatch_" + std::to_string(top) + "_over_1_cpu_blocked"] =
+        div(cpu_med(find("patch", "jitpatch", "blocked", top)), cpu_med(find("patch", "jitpatch", "running", 1)));
+    if (realtime) {
+      ratios["scale.patch.jitpatch_" + std::to_string(top) + "_over_1_rt"] =
+          div(med(find("patch", "jitpatch rt", "running", top)), med(find("patch", "jitpatch rt", "running", 1)));
+      ratios["scale.patch.jitpatch_" + std::to_string(top) + "_over_1_rt_blocked"] =
+          div(med(find("patch", "jitpatch rt", "blocked", top)), med(find("patch", "jitpatch rt", "running", 1)));
+    }
+    for (Mix mix : {Mix::running, Mix::blocked}) {
+      std::printf("1b. patch, %s, without the run queue: the patching thread's CPU time per patch, and its\n"
+                  "    wall time at SCHED_FIFO (%s) (medians)\n",
+                  mix_title(mix), realtime ? "priority 1" : realtime_note.c_str());
+      jb::Table t({"N", "jitpatch wall", "cpu", "fifo", "fifo p99", "signals cpu", "fifo", "mprotect cpu", "fifo",
+                   "signals/jitpatch fifo", "mprotect/jitpatch fifo"});
+      for (int n : ns) {
+        const std::string mk = mix_at(mix, n);
+        const Cell *j = find("patch", "jitpatch", mk, n), *s = find("patch", "signals", mk, n), *p = find("patch", "mprotect", mk, n);
+        const Cell *jr = find("patch", "jitpatch rt", mk, n), *sr = find("patch", "signals rt", mk, n),
+                   *pr = find("patch", "mprotect rt", mk, n);
+        t.add({std::to_string(n), ns_of(j), jb::format_ns(cpu_med(j)), ns_of(jr), ns_of(jr, false, true),
+               jb::format_ns(cpu_med(s)), ns_of(sr), jb::format_ns(cpu_med(p)), ns_of(pr),
+               jb::format_ratio(div(med(sr), med(jr))), jb::format_ratio(div(med(pr), med(jr)))});
+        const std::string sfx = mix == Mix::running ? "" : "_blocked";
+        if (realtime && (mix == Mix::running || n > 2)) {
+          ratios[key(("scale.patch.stw_signals_over_jitpatch_rt" + sfx).c_str(), n)] = div(med(sr), med(jr));
+          ratios[key(("scale.patch.mprotect_over_jitpatch_rt" + sfx).c_str(), n)] = div(med(pr), med(jr));
+        }
+      }
+      t.print(stdout, "  ");
+      std::printf("\n");
+    }
+    std::printf("  wall: the figure of the table above (normal priority: it includes the patcher's wait in the\n"
+                "  run queue behind the executors). cpu: CLOCK_THREAD_CPUTIME_ID of the patching thread over\n"
+                "  the call (membarrier's kernel work, IPIs and the wait for them, is charged to it; the\n"
+                "  executors' signal handlers are not, so the peers' cpu is only their coordinator's share).\n"
+                "  fifo: wall time with the patching thread at SCHED_FIFO, interleaved with the rest; a signal\n"
+                "  stop still waits for every executor to be scheduled and run its handler.\n\n");
     std::printf("  executor results checked: %llu, wrong: %llu\n\n", static_cast<unsigned long long>(g_checked.load()),
                 static_cast<unsigned long long>(g_bad.load()));
   }
@@ -811,25 +990,35 @@ int run(const Options& opt) {
   // --- 3. grace
   if (opt.wants("grace")) {
     std::printf("3. grace periods: N readers + 1 writer (synchronize() in a loop), 2 runs of %s each\n", opt.quick ? "0.08 s" : "0.75 s");
-    jb::Table t({"N", "jitpatch reads/s", "liburcu reads/s", "ratio", "jitpatch sync", "p99", "liburcu sync", "p99",
-                 "ratio", "GPs/s jitpatch", "GPs/s liburcu", "bad"});
+    jb::Table t({"N", "jitpatch reads/s", "liburcu reads/s", "ratio", "reads/CPU-s ratio", "jitpatch sync", "p99",
+                 "liburcu sync", "p99", "ratio", "GPs/s jitpatch", "GPs/s liburcu", "bad"});
+    auto per_cpu = [](const char* name, int n) {
+      auto it = g_grace_reads_per_cpu_s.find({name, n});
+      return it == g_grace_reads_per_cpu_s.end() ? std::nan("") : it->second;
+    };
     for (int n : ns) {
       const Cell *j = find("grace", "jitpatch", "running", n), *u = find("grace", "liburcu memb", "running", n);
       const double rr = j && u ? div(j->a.median, u->a.median) : std::nan("");
       const double sr = j && u ? div(u->b.median, j->b.median) : std::nan("");
-      t.add({std::to_string(n), j ? fmt(j->a.median) : "-", u ? fmt(u->a.median) : "-", jb::format_ratio(rr), ns_of(j, true),
+      const double cr = j && u ? div(per_cpu("jitpatch", n), per_cpu("liburcu memb", n)) : std::nan("");
+      t.add({std::to_string(n), j ? fmt(j->a.median) : "-", u ? fmt(u->a.median) : "-", jb::format_ratio(rr),
+             jb::format_ratio(cr), ns_of(j, true),
              ns_of(j, true, true), ns_of(u, true), ns_of(u, true, true), jb::format_ratio(sr), j ? fmt(j->a.p99) : "-",
              u ? fmt(u->a.p99) : "-", std::to_string((j ? j->a.samples : 0) + (u ? u->a.samples : 0))});
       ratios[key("scale.grace.reads_over_liburcu_memb", n)] = rr;
+      ratios[key("scale.grace.reads_per_cpu_over_liburcu_memb", n)] = cr;
       ratios[key("scale.grace.sync_liburcu_over_jitpatch", n)] = sr;
       if (j && u) ratios[key("scale.grace.gps_over_liburcu_memb", n)] = div(j->a.p99, u->a.p99);
     }
     t.print(stdout, "  ");
-    std::printf("  ratio: jitpatch over liburcu for reads, liburcu over jitpatch for synchronize() latency (goal >= 1.0)\n\n");
+    std::printf("  ratio: jitpatch over liburcu for reads, liburcu over jitpatch for synchronize() latency (goal >= 1.0)\n"
+                "  reads/CPU-s ratio: the same for reads per CPU-second the reader threads used (CLOCK_THREAD_CPUTIME_ID):\n"
+                "  the read side's cost without the share of the CPUs the scheduler gave each side's readers\n\n");
   }
 
   std::printf("ratios (goals: scale.patch.stw_signals_over_jitpatch_64 >= 10, scale.patch.jitpatch_64_over_1 <= 1.5,\n"
-              "        scale.stw.boehm_over_jitpatch_64 >= 5, scale.stw.jitpatch_64_over_2 <= 2, grace >= 1.0)\n");
+              "        scale.stw.boehm_over_jitpatch_64 >= 5, scale.stw.jitpatch_64_over_2 <= 2, grace >= 1.0;\n"
+              "        jitpatch_64_over_1 is wall time at normal priority, _cpu and _rt the same without the run queue: 1b)\n");
   jb::Table rt_table({"ratio", "value"});
   for (const auto& [k, v] : ratios) rt_table.add({k, fmt(v)});
   rt_table.print(stdout, "  ");
@@ -873,6 +1062,13 @@ int run(const Options& opt) {
         p.series("jitpatch" + sfx, pts("patch", "jitpatch", mix, us), d);
         p.series("STW signals + store" + sfx, pts("patch", "signals", mix, us), d);
         p.series("STW signals + mprotect" + sfx, pts("patch", "mprotect", mix, us), d);
+      }
+      // Without the run queue (all run): the patcher's CPU time, and its wall time at
+      // SCHED_FIFO, for jitpatch and the signal stop.
+      p.series("jitpatch, patcher CPU time (all run)", pts("patch", "jitpatch", Mix::running, [](const Cell& c) { return c.b.median / 1e3; }), true);
+      if (realtime) {
+        p.series("jitpatch, patcher at SCHED_FIFO (all run)", pts("patch", "jitpatch rt", Mix::running, us), true);
+        p.series("STW signals + store, at SCHED_FIFO (all run)", pts("patch", "signals rt", Mix::running, us), true);
       }
       plots.push_back({"scale-patch.svg", p});
     }
@@ -926,6 +1122,14 @@ int run(const Options& opt) {
     jb::write_machine(j, m);
     j.key("settings").begin_object(true);
     j.kv("quick", opt.quick).kv("max_threads", max_threads).kv("seconds", elapsed_s).kv("loadavg_1min_end", m_end.loadavg_1min);
+    j.kv("patch_realtime", realtime).kv("patch_realtime_note", realtime_note);
+    j.kv("patch_method",
+         "median_per_patch: wall time of the call (signal stops: request to release done) at normal priority, "
+         "which includes the patching thread's wait in the run queue behind the executors; "
+         "median_cpu_per_patch: CLOCK_THREAD_CPUTIME_ID of the patching thread over the call (the kernel's "
+         "membarrier work is charged to it, the executors' signal handlers are not); cases named '<name> rt': "
+         "the same with the patching thread at SCHED_FIFO priority 1, interleaved sample by sample with the "
+         "others (ratios *_rt); a signal stop still waits for every executor to be scheduled");
     j.end_object();
     j.key("results").begin_array();
     auto put = [&](const Cell& c, const char* metric, double v, const char* unit) {
@@ -935,8 +1139,11 @@ int run(const Options& opt) {
     for (const Cell& c : g_cells) {
       if (!c.error.empty()) continue;
       if (c.section == "patch") {
+        // Cases named "... rt" ran with the patcher at SCHED_FIFO (settings.patch_method).
         put(c, "median_per_patch", c.a.median, "ns");
         put(c, "p99_per_patch", c.a.p99, "ns");
+        put(c, "median_cpu_per_patch", c.b.median, "ns");
+        put(c, "p99_cpu_per_patch", c.b.p99, "ns");
         put(c, "samples", static_cast<double>(c.a.samples), "count");
       } else if (c.section == "stw") {
         put(c, "median_pause", c.a.median, "ns");
@@ -950,6 +1157,8 @@ int run(const Options& opt) {
         put(c, "median_synchronize", c.b.median, "ns");
         put(c, "p99_synchronize", c.b.p99, "ns");
         put(c, "bad_reads", static_cast<double>(c.a.samples), "count");
+        if (auto it = g_grace_reads_per_cpu_s.find({c.name, c.n}); it != g_grace_reads_per_cpu_s.end())
+          put(c, "reads_per_reader_cpu_s", it->second, "1/s");
       } else if (c.section == "storm") {
         put(c, "throughput_fraction", c.a.median, "ratio");
         put(c, "calls_per_s_undisturbed", c.b.median, "1/s");
@@ -989,6 +1198,7 @@ int main(int argc, char** argv) {
   auto extra = [&](const char* a, auto& next) {
     if (!std::strcmp(a, "--plot")) o.plot_dir = next();
     else if (!std::strcmp(a, "--only")) o.only = next();
+    else if (!std::strcmp(a, "--no-realtime")) o.realtime = false;
     else if (!std::strcmp(a, "--mix")) {
       o.mix = next();
       if (o.mix != "running" && o.mix != "blocked") return false;

@@ -75,7 +75,14 @@ TEST_CASE("grace: registration, nesting and bad input", "[grace]") {
 
     CHECK_FALSE(reader.in_section());
     reader.lock();
+    // lock()/unlock() take the mode from the value they copy into ctr (kGraceSymmetric),
+    // not from the record: both must say the same, through nesting and after the last
+    // unlock().
+    auto mode_in_ctr = [&] { return (read_once(reader.record()->ctr) & detail::kGraceSymmetric) != 0; };
+    CHECK(mode_in_ctr() == d->symmetric());
+    CHECK(reader.record()->symmetric == d->symmetric());
     reader.lock();
+    CHECK(mode_in_ctr() == d->symmetric());
     CHECK(reader.in_section());
     // Waiting for itself would never end.
     Status st = d->synchronize();
@@ -84,7 +91,13 @@ TEST_CASE("grace: registration, nesting and bad input", "[grace]") {
     CHECK(reader.in_section());
     reader.unlock();
     CHECK_FALSE(reader.in_section());
+    CHECK(mode_in_ctr() == d->symmetric());
+    // Rounds flip the phase bit only: the mode stays in the phase word.
     CHECK(d->synchronize().ok());
+    CHECK(d->synchronize().ok());
+    reader.lock();
+    CHECK(mode_in_ctr() == d->symmetric());
+    reader.unlock();
 
     CHECK(d->retire(nullptr, static_cast<void (*)(void*)>(nullptr)).code() == Errc::invalid_argument);
     CHECK(d->retire(nullptr, static_cast<void (*)(void*, void*)>(nullptr), nullptr).code() == Errc::invalid_argument);
@@ -128,6 +141,16 @@ TEST_CASE("grace: synchronize waits for a pre-existing reader, not for later one
     {
       AsyncSync s(*d);
       CHECK_FALSE(s.done_within(100ms));  // the reader is still in its section
+      // Release the reader only once the round sleeps: its first wait never waits for
+      // this reader (same phase), so a sleep means the phase has flipped, and the
+      // reader's next section (stage 3) announces the new phase. Released earlier (a
+      // loaded machine can delay the round past the 100 ms above), that section would
+      // announce the old phase and rightly hold this round's second wait until stage 4,
+      // which is only set after this round: the test would hang in ~AsyncSync.
+      for (const auto until = std::chrono::steady_clock::now() + 10s;
+           d->stats().sleeps == 0 && std::chrono::steady_clock::now() < until;)
+        std::this_thread::sleep_for(1ms);
+      CHECK(d->stats().sleeps > 0);  // not REQUIRE: leaving the scope would join a waiting round
       stage.store(2);
       CHECK(s.done_within(10s));
       CHECK(s.result.ok());

@@ -286,12 +286,21 @@ JITPATCH_C_INLINE void jitpatch_grace_reader_mb_(const jitpatch_grace_reader* r)
   else
     jitpatch_arch_compiler_barrier();
 }
+/* lock/unlock take the domain's mode from the phase word they copy into ctr (bit 63,
+ * detail::kGraceSymmetric in grace.hpp) rather than from the record: no load for it. */
+JITPATCH_C_INLINE void jitpatch_grace_section_mb_(uint64_t ctr_or_phase) {
+  if (__builtin_expect((ctr_or_phase >> 63) != 0, 0))
+    jitpatch_arch_smp_mb();
+  else
+    jitpatch_arch_compiler_barrier();
+}
 JITPATCH_C_INLINE void jitpatch_read_lock(jitpatch_grace_reader* r) {
   const uint64_t tmp = jitpatch_arch_read_once_u64(&r->ctr);
   if ((tmp & 0xffffffffull) == 0) {
     /* Store ctr, barrier, then the section's loads: pairs with MB(A) of synchronize. */
-    jitpatch_arch_write_once_u64(&r->ctr, jitpatch_arch_read_once_u64(r->phase));
-    jitpatch_grace_reader_mb_(r);
+    const uint64_t phase = jitpatch_arch_read_once_u64(r->phase);
+    jitpatch_arch_write_once_u64(&r->ctr, phase);
+    jitpatch_grace_section_mb_(phase);
   } else {
     jitpatch_arch_write_once_u64(&r->ctr, tmp + 1);
   }
@@ -301,9 +310,9 @@ JITPATCH_C_INLINE void jitpatch_read_unlock(jitpatch_grace_reader* r) {
   if ((tmp & 0xffffffffull) == 1) {
     /* The section's loads before the release store (pairs with MB(B) and the scan's
      * acquire load); then store, barrier, wake-word load (pairs with a sleeping scan). */
-    jitpatch_grace_reader_mb_(r);
+    jitpatch_grace_section_mb_(tmp);
     jitpatch_arch_store_release_u64(&r->ctr, tmp - 1);
-    jitpatch_grace_reader_mb_(r);
+    jitpatch_grace_section_mb_(tmp);
     if (__builtin_expect(jitpatch_arch_read_once_i32(r->wake_word) == -1, 0)) jitpatch_grace_wake_(r->domain);
   } else {
     jitpatch_arch_write_once_u64(&r->ctr, tmp - 1);
