@@ -103,6 +103,26 @@ int code_pkey(int* err) {
 // grants access while this is above zero.
 thread_local unsigned t_pkey_depth = 0;
 
+// A memfd for code, `size` bytes: MFD_EXEC (kernel 6.3+) says it is meant to be
+// executable; with vm.memfd_noexec=1 a memfd without it cannot be mapped executable.
+// Older kernels reject the unknown flag with EINVAL: retry without it (memfd_create(2)).
+// -1 with errno set on failure; *sized_failed says whether ftruncate was the step that failed.
+int code_memfd(std::size_t size, bool* sized_failed) noexcept {
+  *sized_failed = false;
+  constexpr unsigned kMfdCloexec = 0x0001u, kMfdExec = 0x0010u;
+  int f = sys::memfd_create("jitpatch-code", kMfdCloexec | kMfdExec);
+  if (f < 0 && errno == EINVAL) f = sys::memfd_create("jitpatch-code", kMfdCloexec);
+  if (f < 0) return -1;
+  if (::ftruncate(f, static_cast<off_t>(size)) != 0) {
+    const int e = errno;
+    ::close(f);
+    errno = e;
+    *sized_failed = true;
+    return -1;
+  }
+  return f;
+}
+
 }  // namespace
 
 bool heap_pkeys_available() noexcept { return code_pkey(nullptr) >= 0; }
@@ -496,18 +516,10 @@ Status CodeHeap::Impl::reserve_dual_anonymous(std::size_t size) {
 }
 
 Status CodeHeap::Impl::reserve_dual_memfd(std::size_t size) {
-  // MFD_EXEC (kernel 6.3+) says this memfd is meant to be executable; with
-  // vm.memfd_noexec=1 a memfd without it cannot be mapped executable. Older kernels reject
-  // the unknown flag with EINVAL: retry without it.
-  constexpr unsigned kMfdCloexec = 0x0001u, kMfdExec = 0x0010u;
-  int f = sys::memfd_create("jitpatch-code", kMfdCloexec | kMfdExec);
-  if (f < 0 && errno == EINVAL) f = sys::memfd_create("jitpatch-code", kMfdCloexec);
+  bool truncate_failed;
+  const int f = code_memfd(size, &truncate_failed);
+  if (f < 0 && truncate_failed) return Status(Errc::out_of_memory, errno, "ftruncate of the code heap memfd");
   if (f < 0) return Status(Errc::unsupported, errno, "memfd_create for the code heap");
-  if (::ftruncate(f, static_cast<off_t>(size)) != 0) {
-    int e = errno;
-    ::close(f);
-    return Status(Errc::out_of_memory, e, "ftruncate of the code heap memfd");
-  }
   void* x = ::mmap(nullptr, size, PROT_READ | PROT_EXEC, MAP_SHARED | MAP_NORESERVE, f, 0);
   if (x == MAP_FAILED) {
     int e = errno;
