@@ -113,13 +113,14 @@ constexpr std::uint32_t kForkScopes = 0x7fffffffu;
 // fork() must not hang on it (nor on a thread that waits for a lock the forker holds).
 constexpr long kForkWaitNs = 100 * 1000 * 1000;
 
-// The calling thread's own open write scopes, per heap: fork_prepare() cannot wait for
-// the forking thread's scopes to close (it is the thread that would close them), and a
-// thread that already holds a scope on a heap must pass its gate, or a fork pending
-// between its outer and inner scope (a hardened patch batch: open_alias over the runs,
-// then one store_code_word per site) would wait for it while it waits for the fork. A
-// few heaps per thread at once is all the library does; past that t_scope_untracked
-// counts them, and a fork leaves every heap shared (the count cannot say whose they are).
+// The calling thread's own open write scopes, per heap. The fork gate counts a thread's
+// outermost scope on a heap only: a nested one (a hardened patch batch's stores inside
+// its open_alias() over the runs, a store inside an open writer) is counted here alone,
+// with no atomic, and passes a pending fork, which could not complete before the outer
+// scope closed anyway. And fork_prepare() cannot wait for the forking thread's own scope
+// to close (it is the thread that would close it). A few heaps per thread at once is all
+// the library does; past that t_scope_untracked counts the scopes, each one in the gate
+// word, and a fork leaves every heap shared (the count cannot say whose they are).
 struct OwnScopes {
   const void* heap;
   unsigned n;
@@ -128,30 +129,16 @@ constexpr int kOwnScopeSlots = 4;
 thread_local OwnScopes t_scopes[kOwnScopeSlots] = {};
 thread_local unsigned t_scope_untracked = 0;
 
-unsigned own_scopes(const void* heap) noexcept {
-  for (const OwnScopes& s : t_scopes)
-    if (s.n != 0 && s.heap == heap) return s.n;
-  return 0;
-}
-void own_scope_add(const void* heap) noexcept {
-  OwnScopes* empty = nullptr;
-  for (OwnScopes& s : t_scopes) {
-    if (s.n != 0 && s.heap == heap) {
-      ++s.n;
-      return;
-    }
-    if (s.n == 0 && !empty) empty = &s;
-  }
-  if (empty) *empty = {heap, 1};
-  else ++t_scope_untracked;
-}
-void own_scope_sub(const void* heap) noexcept {
+// The calling thread's slot for `heap` (it holds a scope there), or nullptr.
+OwnScopes* own_slot(const void* heap) noexcept {
   for (OwnScopes& s : t_scopes)
-    if (s.n != 0 && s.heap == heap) {
-      --s.n;
-      return;
-    }
-  if (t_scope_untracked) --t_scope_untracked;
+    if (s.n != 0 && s.heap == heap) return &s;
+  return nullptr;
+}
+OwnScopes* free_slot() noexcept {
+  for (OwnScopes& s : t_scopes)
+    if (s.n == 0) return &s;
+  return nullptr;
 }
 
 std::int64_t monotonic_ns() noexcept {
@@ -344,9 +331,9 @@ struct CodeHeap::Impl {
   int fork_errno = 0;
   // The fork gate: kForkPending | the number of write scopes open on this heap (every
   // write through rw is inside Impl::open_alias() .. close_alias(), which enter and leave
-  // it). A writer enters with a try_cmpxchg_acquire that adds one unless a fork is
-  // pending (then it waits on the futex, unless it already holds a scope on this heap:
-  // see OwnScopes) and leaves with fetch_sub_release. fork_prepare() sets kForkPending
+  // it; a thread's nested scopes count once, see OwnScopes). A writer enters with a
+  // try_cmpxchg_acquire that adds one unless a fork is pending (then it waits on the
+  // futex) and leaves with fetch_sub_release. fork_prepare() sets kForkPending
   // with a fully ordered fetch_or, then load_acquires the count until only its own
   // scopes are left; the parent handler clears it with fetch_and_release and wakes the
   // waiters. Pairs: HP3 in docs/memory-ordering.md. One CAS and one decrement per scope.
@@ -522,16 +509,18 @@ CodeHeap::Impl::~Impl() {
   unmap();
 }
 
-// The fork gate (see fork_gate). Entering: one try_cmpxchg_acquire that adds a scope
-// unless a fork is pending. Its acquire pairs with fork_parent()'s fetch_and_release
-// (HP3): the writes of a scope that waited for a fork come after the snapshot's reads.
-// A thread that already holds a scope on this heap enters even while a fork is pending
-// (fork_prepare() would otherwise wait for the scope it holds); the count then goes up
-// and prepare waits on, bounded, as for any other scope.
+// The fork gate (see fork_gate). Entering, outermost scope: one try_cmpxchg_acquire that
+// adds one unless a fork is pending. Its acquire pairs with fork_parent()'s
+// fetch_and_release (HP3): the writes of a scope that waited for a fork come after the
+// snapshot's reads. A nested scope only counts itself in its thread's slot.
 void CodeHeap::Impl::gate_enter() noexcept {
+  if (OwnScopes* s = own_slot(this)) {
+    ++s->n;
+    return;
+  }
   std::uint32_t w = read_once(fork_gate);
   for (;;) {
-    if ((w & kForkPending) && own_scopes(this) == 0) {
+    if (w & kForkPending) {
       // FUTEX_WAIT returns at once if the word changed (futex(2)): no lost wake-up.
       (void)sys::futex_wait(&fork_gate, w, nullptr);
       w = read_once(fork_gate);
@@ -539,15 +528,20 @@ void CodeHeap::Impl::gate_enter() noexcept {
     }
     if (try_cmpxchg_acquire(&fork_gate, &w, w + 1)) break;
   }
-  own_scope_add(this);
+  if (OwnScopes* s = free_slot()) *s = {this, 1};
+  else ++t_scope_untracked;
 }
 
-// Leaving: fetch_sub_release, after the scope's last write through the alias (and after
-// the alias is closed again, for a hardened heap). Pairs with fork_prepare()'s
-// load_acquire of the count (HP3): a snapshot taken once the count is down includes
-// every write of every scope that was open.
+// Leaving the outermost scope: fetch_sub_release, after the scope's last write through
+// the alias (and after the alias is closed again, for a hardened heap). Pairs with
+// fork_prepare()'s load_acquire of the count (HP3): a snapshot taken once the count is
+// down includes every write of every scope that was open.
 void CodeHeap::Impl::gate_leave() noexcept {
-  own_scope_sub(this);
+  if (OwnScopes* s = own_slot(this)) {
+    if (--s->n != 0) return;
+  } else if (t_scope_untracked != 0) {
+    --t_scope_untracked;
+  }
   (void)fetch_sub_release(&fork_gate, 1u);
 }
 
@@ -597,7 +591,7 @@ void CodeHeap::Impl::fork_prepare_one(std::int64_t deadline) noexcept {
   // order, either the writer sees the bit and waits, or its count is seen below).
   (void)fetch_or(&fork_gate, kForkPending);
   fork_gated = true;
-  const std::uint32_t mine = own_scopes(this);
+  const std::uint32_t mine = own_slot(this) ? 1 : 0;  // the forking thread's outermost scope
   // Acquire: pairs with gate_leave()'s fetch_sub_release (HP3).
   while ((load_acquire(&fork_gate) & kForkScopes) != mine) {
     if (monotonic_ns() >= deadline) return give_up(kForkScopeHeld, 0);
