@@ -996,13 +996,30 @@ Status Patcher::commit_locked(const std::vector<Request>& requests, bool wait) n
   //    each site against the registry and its alignment: no second lookup here.)
   //    A hardened heap opens its alias once per run of pages the batch touches, not once
   //    per store (each closing of an mprotect-hardened page is a TLB shootdown).
-  std::vector<std::pair<std::byte*, std::byte*>> runs;  // [first page, end of last page)
+  std::vector<std::pair<std::byte*, std::byte*>> runs;  // hardened: [first page, end of last page)
   if (heap_->hardening() != HeapHardening::none) {
     try {
       runs = alias_runs(plan_list);
     } catch (...) {
       return Status(Errc::out_of_memory);
     }
+  } else if (heap_->strategy() == HeapStrategy::dual_mapping && plan_list.size() > 1) {
+    // Unhardened: one write scope over the whole batch, so the stores inside it pass the
+    // heap's fork gate without an atomic each (CodeHeap::Impl::gate_enter()), and a
+    // fork() snapshots the batch whole or not at all.
+    std::byte* lo = plan_list.front().word;
+    std::byte* hi = lo + plan_list.front().width;
+    for (const Planned& p : plan_list) {
+      lo = std::min(lo, p.word);
+      hi = std::max(hi, p.word + p.width);
+    }
+    try {
+      runs.emplace_back(lo, hi);
+    } catch (...) {
+      return Status(Errc::out_of_memory);
+    }
+  }
+  if (!runs.empty()) {
     for (std::size_t i = 0; i < runs.size(); ++i) {
       if (Status st = heap_->open_alias(runs[i].first, static_cast<std::size_t>(runs[i].second - runs[i].first)); !st) {
         while (i-- > 0) (void)heap_->close_alias(runs[i].first, static_cast<std::size_t>(runs[i].second - runs[i].first));

@@ -103,6 +103,85 @@ int code_pkey(int* err) {
 // grants access while this is above zero.
 thread_local unsigned t_pkey_depth = 0;
 
+// The fork gate (CodeHeap::Impl::fork_gate): bit 31 says a fork() is pending, bits 0-30
+// count the write scopes open on the heap. See fork_prepare().
+constexpr std::uint32_t kForkPending = 0x80000000u;
+constexpr std::uint32_t kForkScopes = 0x7fffffffu;
+// The longest fork_prepare() waits, for all heaps together, for write scopes to close and
+// locks to come free. Past it a heap is left shared with the child, as it was before
+// children got copies: a thread holding a scope that long is stuck or descheduled, and
+// fork() must not hang on it (nor on a thread that waits for a lock the forker holds).
+constexpr long kForkWaitNs = 100 * 1000 * 1000;
+
+// The calling thread's own open write scopes, per heap. The fork gate counts a thread's
+// outermost scope on a heap only: a nested one (a hardened patch batch's stores inside
+// its open_alias() over the runs, a store inside an open writer) is counted here alone,
+// with no atomic, and passes a pending fork, which could not complete before the outer
+// scope closed anyway. And fork_prepare() cannot wait for the forking thread's own scope
+// to close (it is the thread that would close it). A few heaps per thread at once is all
+// the library does; past that t_scope_untracked counts the scopes, each one in the gate
+// word, and a fork leaves every heap shared (the count cannot say whose they are).
+struct OwnScopes {
+  const void* heap;
+  unsigned n;
+};
+constexpr int kOwnScopeSlots = 4;
+thread_local OwnScopes t_scopes[kOwnScopeSlots] = {};
+thread_local unsigned t_scope_untracked = 0;
+
+// The calling thread's slot for `heap` (it holds a scope there), or nullptr.
+OwnScopes* own_slot(const void* heap) noexcept {
+  for (OwnScopes& s : t_scopes)
+    if (s.n != 0 && s.heap == heap) return &s;
+  return nullptr;
+}
+OwnScopes* free_slot() noexcept {
+  for (OwnScopes& s : t_scopes)
+    if (s.n == 0) return &s;
+  return nullptr;
+}
+
+std::int64_t monotonic_ns() noexcept {
+  timespec ts;
+  ::clock_gettime(CLOCK_MONOTONIC, &ts);
+  return std::int64_t(ts.tv_sec) * 1000000000 + ts.tv_nsec;
+}
+
+// A short sleep between polls of fork_prepare()'s bounded waits.
+void fork_poll_pause() noexcept {
+  const timespec ts{0, 20 * 1000};
+  ::nanosleep(&ts, nullptr);
+}
+
+// std::mutex::try_lock() until the deadline (at least once).
+bool try_lock_until(std::mutex& m, std::int64_t deadline) noexcept {
+  for (;;) {
+    if (m.try_lock()) return true;
+    if (monotonic_ns() >= deadline) return false;
+    fork_poll_pause();
+  }
+}
+
+// A memfd for code, `size` bytes: MFD_EXEC (kernel 6.3+) says it is meant to be
+// executable; with vm.memfd_noexec=1 a memfd without it cannot be mapped executable.
+// Older kernels reject the unknown flag with EINVAL: retry without it (memfd_create(2)).
+// -1 with errno set on failure; *sized_failed says whether ftruncate was the step that failed.
+int code_memfd(std::size_t size, bool* sized_failed) noexcept {
+  *sized_failed = false;
+  constexpr unsigned kMfdCloexec = 0x0001u, kMfdExec = 0x0010u;
+  int f = sys::memfd_create("jitpatch-code", kMfdCloexec | kMfdExec);
+  if (f < 0 && errno == EINVAL) f = sys::memfd_create("jitpatch-code", kMfdCloexec);
+  if (f < 0) return -1;
+  if (::ftruncate(f, static_cast<off_t>(size)) != 0) {
+    const int e = errno;
+    ::close(f);
+    errno = e;
+    *sized_failed = true;
+    return -1;
+  }
+  return f;
+}
+
 }  // namespace
 
 bool heap_pkeys_available() noexcept { return code_pkey(nullptr) >= 0; }
@@ -144,8 +223,12 @@ struct CodeHeap::Impl {
   std::uint32_t* page_open = nullptr;  // mprotect hardening: capacity / page entries
   std::size_t page_open_bytes = 0;
   Status apply_hardening();
+  // A write scope over [off, off + size): the fork gate (see fork_gate), then the
+  // hardening's opening of the alias (the _sealed halves).
   Status open_alias(std::size_t off, std::size_t size);
   Status close_alias(std::size_t off, std::size_t size);
+  Status open_alias_sealed(std::size_t off, std::size_t size);
+  Status close_alias_sealed(std::size_t off, std::size_t size);
 
   mutable std::mutex mu;                 // allocator state below
   struct Free {
@@ -224,17 +307,56 @@ struct CodeHeap::Impl {
   std::size_t open_writers = 0;
 
   // fork(): a dual mapping is MAP_SHARED (shared anonymous memory or a memfd), so after
-  // fork() the child's heap and the parent's are the same pages. A write from either
-  // side would change the code the other runs without its serialize_cores() and without
-  // its patch tables (a trap byte the other process's SIGTRAP handler has no entry for).
-  // In the child (heaps_after_fork_child) every dual-mapped heap is therefore marked
-  // shared and refuses every write; the child can still run the code and destroy the
-  // heap. A protection-flip heap is private memory, copied on write: the child's is its
-  // own. Marked accesses: set in the single-threaded child, read by later writers.
+  // fork() the child's heap and the parent's would be the same pages: a write from either
+  // side would change the code the other runs, without its serialize_cores() and without
+  // its patch tables, and the parent freeing code would pull it from under the child.
+  // So the fork handlers (pthread_atfork(3), registered once) give the child a copy:
+  //   prepare  (parent, before fork) takes serialize_mu, then mu (bounded try-locks),
+  //            closes the fork gate and waits, bounded, until no write scope but the
+  //            forking thread's own is open; takes seal_mu; copies [0, high-water mark)
+  //            into new shared memory (fork_copy, or a memfd in fork_copy_fd).
+  //   child    maps the copy over rx (R+X) and rw (RW, or as the hardening has it), at
+  //            the same addresses: every pointer into the heap stays valid. Opens the
+  //            gate, releases the locks.
+  //   parent   unmaps its reference to the copy, opens the gate (waking writers blocked
+  //            on it), releases the locks.
+  // A heap whose scopes or locks were not free within kForkWaitNs, or whose copy could
+  // not be made or mapped, is left as before children got copies: shared_after_fork in
+  // the child, every write refused with fork_reason (and fork_errno) saying why. The
+  // child can still run the code and destroy the heap. A protection-flip heap is private
+  // memory, copied on write: the child's is its own without any of this.
+  // shared_after_fork: marked accesses, set in the single-threaded child, read by writers.
   bool shared_after_fork = false;
-  // Every live dual-mapped heap, for the fork handlers (pthread_atfork(3), registered
-  // once). fork_mu is taken only by list_for_fork(), ~Impl() and the handlers, never
-  // with another lock held, so prepare cannot deadlock against them.
+  const char* fork_reason = nullptr;  // with shared_after_fork: the refusal's message
+  int fork_errno = 0;
+  // The fork gate: kForkPending | the number of write scopes open on this heap (every
+  // write through rw is inside Impl::open_alias() .. close_alias(), which enter and leave
+  // it; a thread's nested scopes count once, see OwnScopes). A writer enters with a
+  // try_cmpxchg_acquire that adds one unless a fork is pending (then it waits on the
+  // futex) and leaves with fetch_sub_release. fork_prepare() sets kForkPending
+  // with a fully ordered fetch_or, then load_acquires the count until only its own
+  // scopes are left; the parent handler clears it with fetch_and_release and wakes the
+  // waiters. Pairs: HP3 in docs/memory-ordering.md. One CAS and one decrement per scope.
+  std::uint32_t fork_gate = 0;
+  void gate_enter() noexcept;
+  void gate_leave() noexcept;
+  void gate_open() noexcept;  // clears kForkPending, wakes writers waiting on it
+  // What fork_prepare() did to this heap, for the parent and child handlers (all under
+  // fork_mu, which prepare holds across the fork).
+  bool fork_held_serialize = false, fork_held_mu = false, fork_held_seal = false, fork_gated = false;
+  std::byte* fork_copy = nullptr;  // capacity bytes, RW, MAP_SHARED: the child's code
+  int fork_copy_fd = -1;           // fork_copy's memfd, when the heap uses memfd memory
+  std::size_t fork_copied = 0;     // bytes of code copied (a page multiple)
+  void fork_prepare_one(std::int64_t deadline) noexcept;
+  void fork_release_locks() noexcept;
+  bool fork_map_copy_in_child() noexcept;
+  // Every live dual-mapped heap, for the fork handlers. fork_mu is taken only by
+  // list_for_fork(), ~Impl() and the handlers, never with another lock held. The lock
+  // order in prepare is fork_mu -> serialize_mu -> mu -> the gate -> seal_mu, each
+  // heap's in turn; make_clean() nests serialize_mu -> mu and free() mu -> the gate
+  // (fill_traps()) -> seal_mu, the same order. A thread that holds a scope and then waits
+  // for mu (allocating while its writer is open) inverts mu and the gate: prepare's
+  // bounded wait is what keeps that from deadlocking (the heap falls back).
   static inline constinit std::mutex fork_mu;
   static inline constinit Impl* fork_list = nullptr;  // under fork_mu
   static inline constinit bool fork_atfork = false;   // under fork_mu
@@ -245,12 +367,38 @@ struct CodeHeap::Impl {
   static void fork_parent() noexcept;
   static void fork_child() noexcept;
   Status list_for_fork();
+  Status shared_status() const noexcept {
+    return Status(Errc::unsupported, read_once(fork_errno), read_once(fork_reason) ? read_once(fork_reason) : kSharedAfterFork);
+  }
 
   ~Impl();
 
+  // The refusals of a heap left shared with the parent (see shared_after_fork): what
+  // went wrong when the process forked.
   static constexpr const char* kSharedAfterFork =
       "this dual-mapped code heap is shared with the parent process after fork(): the child "
       "cannot write to it (create a new CodeHeap in the child)";
+  static constexpr const char* kForkScopeHeld =
+      "this dual-mapped code heap is shared with the parent process after fork(): another thread "
+      "of the parent held a write scope on it (an open CodeWriter, a code-word store or a patch) "
+      "for the 100 ms fork() waits, so the child got no copy of its own and cannot write to it "
+      "(create a new CodeHeap in the child)";
+  static constexpr const char* kForkLockHeld =
+      "this dual-mapped code heap is shared with the parent process after fork(): another thread "
+      "of the parent held its allocator or serialization lock for the 100 ms fork() waits, so the "
+      "child got no copy of its own and cannot write to it (create a new CodeHeap in the child)";
+  static constexpr const char* kForkUntracked =
+      "this dual-mapped code heap is shared with the parent process after fork(): the forking "
+      "thread had write scopes open on more than 4 code heaps at once, so the child got no copy "
+      "of its own and cannot write to it (create a new CodeHeap in the child)";
+  static constexpr const char* kForkNoCopy =
+      "this dual-mapped code heap is shared with the parent process after fork(): the memory for "
+      "the child's copy could not be created before fork(), so the child cannot write to it "
+      "(create a new CodeHeap in the child)";
+  static constexpr const char* kForkNoMap =
+      "this dual-mapped code heap is shared with the parent process after fork(): mapping the "
+      "child's copy at the heap's addresses failed in the child, so the child cannot write to it "
+      "(create a new CodeHeap in the child)";
 
   void unmap() {
     if (rx) ::munmap(rx, capacity);
@@ -361,12 +509,219 @@ CodeHeap::Impl::~Impl() {
   unmap();
 }
 
-void CodeHeap::Impl::fork_prepare() noexcept { fork_mu.lock(); }
-void CodeHeap::Impl::fork_parent() noexcept { fork_mu.unlock(); }
-// The child side (see shared_after_fork). The child is single-threaded here, and
-// fork_prepare() took fork_mu, so the list is whole.
+// The fork gate (see fork_gate). Entering, outermost scope: one try_cmpxchg_acquire that
+// adds one unless a fork is pending. Its acquire pairs with fork_parent()'s
+// fetch_and_release (HP3): the writes of a scope that waited for a fork come after the
+// snapshot's reads. A nested scope only counts itself in its thread's slot.
+void CodeHeap::Impl::gate_enter() noexcept {
+  if (OwnScopes* s = own_slot(this)) {
+    ++s->n;
+    return;
+  }
+  std::uint32_t w = read_once(fork_gate);
+  for (;;) {
+    if (w & kForkPending) {
+      // FUTEX_WAIT returns at once if the word changed (futex(2)): no lost wake-up.
+      (void)sys::futex_wait(&fork_gate, w, nullptr);
+      w = read_once(fork_gate);
+      continue;
+    }
+    if (try_cmpxchg_acquire(&fork_gate, &w, w + 1)) break;
+  }
+  if (OwnScopes* s = free_slot()) *s = {this, 1};
+  else ++t_scope_untracked;
+}
+
+// Leaving the outermost scope: fetch_sub_release, after the scope's last write through
+// the alias (and after the alias is closed again, for a hardened heap). Pairs with
+// fork_prepare()'s load_acquire of the count (HP3): a snapshot taken once the count is
+// down includes every write of every scope that was open.
+void CodeHeap::Impl::gate_leave() noexcept {
+  if (OwnScopes* s = own_slot(this)) {
+    if (--s->n != 0) return;
+  } else if (t_scope_untracked != 0) {
+    --t_scope_untracked;
+  }
+  (void)fetch_sub_release(&fork_gate, 1u);
+}
+
+void CodeHeap::Impl::gate_open() noexcept {
+  // Release: the snapshot's reads (fork_prepare_one()) come before any write a waiting
+  // writer makes once it sees the bit clear (HP3).
+  if (fetch_and_release(&fork_gate, ~kForkPending) & kForkPending) (void)sys::futex_wake(&fork_gate, INT32_MAX);
+}
+
+void CodeHeap::Impl::fork_release_locks() noexcept {
+  if (fork_held_seal) seal_mu.unlock();
+  if (fork_held_mu) mu.unlock();
+  if (fork_held_serialize) serialize_mu.unlock();
+  fork_held_seal = fork_held_mu = fork_held_serialize = false;
+}
+
+// The parent side of one heap, before fork(): quiesce it and copy its code (see
+// shared_after_fork). On any failure the heap is released again, fork_reason says why,
+// and fork_child() marks it shared.
+void CodeHeap::Impl::fork_prepare_one(std::int64_t deadline) noexcept {
+  fork_gated = false;
+  fork_copy = nullptr;
+  fork_copy_fd = -1;
+  fork_copied = 0;
+  // Already shared (this process is itself a child that got no copy): stays shared with
+  // the same parent, and the reason stays the one recorded then.
+  if (read_once(shared_after_fork)) return;
+  fork_reason = nullptr;
+  fork_errno = 0;
+  const auto give_up = [&](const char* why, int err) {
+    if (fork_gated) gate_open();
+    fork_gated = false;
+    fork_release_locks();
+    fork_reason = why;
+    fork_errno = err;
+  };
+  if (t_scope_untracked != 0) return give_up(kForkUntracked, 0);
+  // The locks first, in their order (see fork_mu), so the child's allocator metadata is
+  // consistent and its mutexes are not inherited locked (a mutex held by a thread that
+  // does not exist in the child would stay locked forever: pthread_atfork(3)).
+  if (!try_lock_until(serialize_mu, deadline)) return give_up(kForkLockHeld, 0);
+  fork_held_serialize = true;
+  if (!try_lock_until(mu, deadline)) return give_up(kForkLockHeld, 0);
+  fork_held_mu = true;
+  // Close the gate. Fully ordered, though coherence alone settles the race with a writer's
+  // try_cmpxchg (both are RMWs of this word: whichever comes first in its modification
+  // order, either the writer sees the bit and waits, or its count is seen below).
+  (void)fetch_or(&fork_gate, kForkPending);
+  fork_gated = true;
+  const std::uint32_t mine = own_slot(this) ? 1 : 0;  // the forking thread's outermost scope
+  // Acquire: pairs with gate_leave()'s fetch_sub_release (HP3).
+  while ((load_acquire(&fork_gate) & kForkScopes) != mine) {
+    if (monotonic_ns() >= deadline) return give_up(kForkScopeHeld, 0);
+    fork_poll_pause();
+  }
+  // No other thread is inside open_alias()/close_alias() now, so seal_mu is free; taken
+  // so the child's page counts are the ones the copy's protections are set from.
+  if (!seal_mu.try_lock()) return give_up(kForkLockHeld, 0);
+  fork_held_seal = true;
+  // The high-water mark: nothing above top_dirty_end (nor top) was ever allocated, so
+  // it is still zero, as new memory is.
+  const std::size_t ps = page_size();
+  fork_copied = std::min(capacity, round_up(std::max(top, top_dirty_end), ps));
+  // New memory of the kind the heap has: shared anonymous memory, whose second view the
+  // child makes with mremap(old_size = 0) ("creates a new mapping of the same pages",
+  // mremap(2)); or a memfd where create() had to use one (qemu-user refuses that mremap).
+  // Made here, not in the child: the child handler runs after fork() has returned in the
+  // parent too, and the parent's handler reopens the gate, so only a copy taken while it
+  // is closed is a snapshot. MAP_SHARED, so the child inherits it (fork(2)); the parent
+  // drops its reference in fork_parent() and the pages are the child's alone.
+  void* c = MAP_FAILED;
+  if (fd < 0) {
+    c = ::mmap(nullptr, capacity, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  } else {
+    bool truncate_failed;
+    fork_copy_fd = code_memfd(capacity, &truncate_failed);
+    if (fork_copy_fd >= 0) c = ::mmap(nullptr, capacity, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_NORESERVE, fork_copy_fd, 0);
+  }
+  if (c == MAP_FAILED) {
+    const int e = errno;
+    if (fork_copy_fd >= 0) ::close(fork_copy_fd);
+    fork_copy_fd = -1;
+    return give_up(kForkNoCopy, e);
+  }
+  fork_copy = static_cast<std::byte*>(c);
+  // Through the RX view: it is always readable, the alias may be closed (hardening).
+  std::memcpy(fork_copy, rx, fork_copied);
+}
+
+// Prepare: every heap in turn, against one deadline for the whole fork().
+void CodeHeap::Impl::fork_prepare() noexcept {
+  fork_mu.lock();
+  const std::int64_t deadline = monotonic_ns() + kForkWaitNs;
+  for (Impl* h = fork_list; h; h = h->fork_next) h->fork_prepare_one(deadline);
+}
+
+void CodeHeap::Impl::fork_parent() noexcept {
+  for (Impl* h = fork_list; h; h = h->fork_next) {
+    if (h->fork_copy) ::munmap(h->fork_copy, h->capacity);
+    if (h->fork_copy_fd >= 0) ::close(h->fork_copy_fd);
+    h->fork_copy = nullptr;
+    h->fork_copy_fd = -1;
+    if (h->fork_gated) h->gate_open();
+    h->fork_gated = false;
+    h->fork_release_locks();
+    // The parent's heap is not shared: the reason was for the child.
+    if (!read_once(h->shared_after_fork)) {
+      h->fork_reason = nullptr;
+      h->fork_errno = 0;
+    }
+  }
+  fork_mu.unlock();
+}
+
+// In the child: put the copy at rx and rw. Plain system calls, no allocation; the child
+// is single-threaded here (fork(2)). Never a writable and executable page: each view
+// gets its final protection before it replaces the old one, or is created with one that
+// is not both. Returns false (errno set) if a step failed; the views then still hold
+// memory the child cannot write safely, and it marks the heap shared.
+bool CodeHeap::Impl::fork_map_copy_in_child() noexcept {
+  if (fork_copy_fd < 0) {
+    // The RW view: a second mapping of the copy's pages over rw (MREMAP_FIXED replaces
+    // whatever is there, mremap(2)); it starts with the copy's protection, RW.
+    if (::mremap(fork_copy, 0, capacity, MREMAP_MAYMOVE | MREMAP_FIXED, rw) == MAP_FAILED) return false;
+    // The copy itself becomes the RX view: R+X first, then moved over rx.
+    if (::mprotect(fork_copy, capacity, PROT_READ | PROT_EXEC) != 0) return false;
+    if (::mremap(fork_copy, capacity, capacity, MREMAP_MAYMOVE | MREMAP_FIXED, rx) == MAP_FAILED) return false;
+    fork_copy = nullptr;
+  } else {
+    // MAP_FIXED replaces the old views in place (mmap(2)).
+    if (::mmap(rw, capacity, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED | MAP_NORESERVE, fork_copy_fd, 0) == MAP_FAILED)
+      return false;
+    if (::mmap(rx, capacity, PROT_READ | PROT_EXEC, MAP_SHARED | MAP_FIXED | MAP_NORESERVE, fork_copy_fd, 0) == MAP_FAILED)
+      return false;
+    ::munmap(fork_copy, capacity);
+    fork_copy = nullptr;
+    ::close(fd);
+    fd = fork_copy_fd;
+    fork_copy_fd = -1;
+  }
+  // The alias as the hardening has it: closed except where the forking thread's own
+  // scopes are open (page_open counts only those now: the gate waited for the others).
+  if (harden == HeapHardening::mprotect) {
+    const std::size_t ps = page_size();
+    if (::mprotect(rw, capacity, PROT_NONE) != 0) return false;
+    for (std::size_t i = 0; i < fork_copied / ps; ++i)
+      if (page_open[i] != 0 && ::mprotect(rw + i * ps, ps, PROT_READ | PROT_WRITE) != 0) return false;
+  } else if (harden == HeapHardening::pkey) {
+    // The key tags the mapping, so the new view needs it again (pkeys(7)); the forking
+    // thread's PKRU, with whatever its open scopes granted, is inherited as it was.
+    if (::pkey_mprotect(rw, capacity, PROT_READ | PROT_WRITE, pkey) != 0) return false;
+  }
+  // arm64: the copy's bytes were written as data; make instruction fetch see them at
+  // their addresses (x86-64: nothing to do).
+  flush_icache(rx, rx + fork_copied);
+  return true;
+}
+
+// The child side. fork_prepare() took fork_mu, so the list is whole, and each heap's
+// locks, which the child's one thread (the forker) now releases.
 void CodeHeap::Impl::fork_child() noexcept {
-  for (Impl* h = fork_list; h; h = h->fork_next) write_once(h->shared_after_fork, true);
+  for (Impl* h = fork_list; h; h = h->fork_next) {
+    if (h->fork_copy && !h->fork_map_copy_in_child()) {
+      const int e = errno;
+      if (h->fork_copy) ::munmap(h->fork_copy, h->capacity);
+      if (h->fork_copy_fd >= 0) ::close(h->fork_copy_fd);
+      h->fork_copy = nullptr;
+      h->fork_copy_fd = -1;
+      h->fork_reason = kForkNoMap;
+      h->fork_errno = e;
+    }
+    // No copy: prepare recorded why (or the heap was already shared).
+    if (h->fork_reason) write_once(h->shared_after_fork, true);
+    // Only the forking thread's own scopes are counted in the child's gate (the others
+    // closed before the snapshot, or the heap is shared and refuses writes). No one waits
+    // on it here: a plain store.
+    write_once(h->fork_gate, h->fork_gate & ~kForkPending);
+    h->fork_gated = false;
+    h->fork_release_locks();
+  }
   fork_mu.unlock();
 }
 
@@ -402,7 +757,23 @@ Status CodeHeap::Impl::apply_hardening() {
   return {};
 }
 
+// Every write through rw is inside open_alias() .. close_alias(): CodeWriter,
+// store_code_word(), fill_traps() and the patcher's batch scopes (CodeHeap::open_alias).
+// Each passes the fork gate first and leaves it last (see fork_gate).
 Status CodeHeap::Impl::open_alias(std::size_t off, std::size_t size) {
+  gate_enter();
+  Status st = open_alias_sealed(off, size);
+  if (!st) gate_leave();
+  return st;
+}
+
+Status CodeHeap::Impl::close_alias(std::size_t off, std::size_t size) {
+  Status st = close_alias_sealed(off, size);
+  gate_leave();
+  return st;
+}
+
+Status CodeHeap::Impl::open_alias_sealed(std::size_t off, std::size_t size) {
   if (harden == HeapHardening::pkey) {
     // WRPKRU (what pkey_set(3) runs) is not speculated past: accesses after it use the new
     // rights (Intel SDM Vol. 2B, WRPKRU), so the writes of the scope need no fence.
@@ -427,7 +798,7 @@ Status CodeHeap::Impl::open_alias(std::size_t off, std::size_t size) {
   return {};
 }
 
-Status CodeHeap::Impl::close_alias(std::size_t off, std::size_t size) {
+Status CodeHeap::Impl::close_alias_sealed(std::size_t off, std::size_t size) {
   if (harden == HeapHardening::pkey) {
     // Stores before WRPKRU were checked against the old rights when they executed; the
     // ones after it cannot reach the alias.
@@ -496,18 +867,10 @@ Status CodeHeap::Impl::reserve_dual_anonymous(std::size_t size) {
 }
 
 Status CodeHeap::Impl::reserve_dual_memfd(std::size_t size) {
-  // MFD_EXEC (kernel 6.3+) says this memfd is meant to be executable; with
-  // vm.memfd_noexec=1 a memfd without it cannot be mapped executable. Older kernels reject
-  // the unknown flag with EINVAL: retry without it.
-  constexpr unsigned kMfdCloexec = 0x0001u, kMfdExec = 0x0010u;
-  int f = sys::memfd_create("jitpatch-code", kMfdCloexec | kMfdExec);
-  if (f < 0 && errno == EINVAL) f = sys::memfd_create("jitpatch-code", kMfdCloexec);
+  bool truncate_failed;
+  const int f = code_memfd(size, &truncate_failed);
+  if (f < 0 && truncate_failed) return Status(Errc::out_of_memory, errno, "ftruncate of the code heap memfd");
   if (f < 0) return Status(Errc::unsupported, errno, "memfd_create for the code heap");
-  if (::ftruncate(f, static_cast<off_t>(size)) != 0) {
-    int e = errno;
-    ::close(f);
-    return Status(Errc::out_of_memory, e, "ftruncate of the code heap memfd");
-  }
   void* x = ::mmap(nullptr, size, PROT_READ | PROT_EXEC, MAP_SHARED | MAP_NORESERVE, f, 0);
   if (x == MAP_FAILED) {
     int e = errno;
@@ -827,8 +1190,7 @@ Result<CodeRange> CodeHeap::allocate_writer(std::size_t size, std::size_t alignm
 
 Result<CodeWriter> CodeHeap::open_writer(std::byte* b, std::size_t size) noexcept {
   Impl& h = *impl_;
-  if (h.strategy == HeapStrategy::dual_mapping && read_once(h.shared_after_fork))
-    return Status(Errc::unsupported, 0, Impl::kSharedAfterFork);
+  if (h.strategy == HeapStrategy::dual_mapping && read_once(h.shared_after_fork)) return h.shared_status();
   CodeWriter w;
   w.rx_ = b;
   w.size_ = size;
@@ -935,7 +1297,7 @@ Status CodeHeap::store_code_word_checked_by_caller(std::byte* b, std::uint64_t v
   std::byte* page = nullptr;
   bool alias_opened = false;
   if (h.strategy == HeapStrategy::dual_mapping) {
-    if (read_once(h.shared_after_fork)) return Status(Errc::unsupported, 0, Impl::kSharedAfterFork);
+    if (read_once(h.shared_after_fork)) return h.shared_status();
     if (Status st = h.open_alias(h.offset_of(b), width); !st) return st;
     alias_opened = true;
     dst = h.rw + (b - h.rx);

@@ -50,6 +50,15 @@
 // when dirty memory is involved. The ordering pairs of publication (new code vs its
 // first execution, reused memory vs stale instructions) are written out in
 // docs/memory-ordering.md, HP1 and HP2.
+//
+// fork(): a forked child gets its own copy of every dual-mapped heap, at the same
+// addresses, and uses it as the parent uses its own (pthread_atfork(3) handlers; a
+// protection-flip heap is private memory anyway). fork() waits, at most 100 ms in all, for
+// other threads' write scopes on the heap to close (writers that start meanwhile wait for
+// the fork), and copies the used part of each heap. A heap it could not quiesce or copy
+// stays shared with the parent in the child, where every write path then returns
+// Errc::unsupported with a message saying why. Each write scope pays one compare-and-swap
+// and one atomic decrement for this (docs/code-heap.md, "fork"; HP3).
 #pragma once
 
 #include <cstddef>
