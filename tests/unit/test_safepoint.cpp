@@ -345,7 +345,11 @@ TEST_CASE("safepoint: the last stop names its late thread, and late arrivals are
       continue;
     }
     ++late_stops;
-    CHECK(last.slowest_state == ThreadState::managed);
+    // Its state when the stop was requested: managed, or still parked from the stop before
+    // (back-to-back stops: under load it may not have run since it was released; it then
+    // wakes, leaves the old stop and is caught at its poll like a managed thread). Seen in
+    // 1 of 36 whole-binary runs beside another test binary, 2026-12-03.
+    CHECK((last.slowest_state == ThreadState::managed || last.slowest_state == ThreadState::parked));
     CHECK(last.slowest_site != nullptr);
     CHECK(last.slowest_ns > 0);
     if (site == nullptr) site = last.slowest_site;
