@@ -26,6 +26,28 @@
 
 namespace jitpatch::test {
 
+// The child's side of the report: what its body returned, on `fd`, then _exit (0 when
+// it passed). Used by run_in_child() and by tests that fork children of other shapes.
+[[noreturn]] inline void report_and_exit(int fd, const std::string& err) {
+  ssize_t w = ::write(fd, err.data(), err.size());
+  (void)w;
+  ::_exit(err.empty() ? 0 : 1);
+}
+
+// The parent's side: reads the report from `fd` (closing it), reaps `pid` and returns ""
+// when the child passed, else what it reported or how it died.
+inline std::string collect_child(pid_t pid, int fd) {
+  std::string out;
+  char buf[512];
+  for (ssize_t n; (n = ::read(fd, buf, sizeof buf)) > 0;) out.append(buf, static_cast<size_t>(n));
+  ::close(fd);
+  int status = 0;
+  ::waitpid(pid, &status, 0);
+  if (WIFSIGNALED(status)) return out + " [child killed by signal " + std::to_string(WTERMSIG(status)) + "]";
+  if (WEXITSTATUS(status) != 0 && out.empty()) return "child exited with " + std::to_string(WEXITSTATUS(status));
+  return out;
+}
+
 inline std::string run_in_child(const std::function<std::string()>& body) {
   int fds[2];
   if (::pipe(fds) != 0) return "pipe failed";
@@ -34,21 +56,10 @@ inline std::string run_in_child(const std::function<std::string()>& body) {
   if (pid < 0) return "fork failed";
   if (pid == 0) {
     ::close(fds[0]);
-    std::string err = body();
-    ssize_t w = ::write(fds[1], err.data(), err.size());
-    (void)w;
-    ::_exit(err.empty() ? 0 : 1);
+    report_and_exit(fds[1], body());
   }
   ::close(fds[1]);
-  std::string out;
-  char buf[512];
-  for (ssize_t n; (n = ::read(fds[0], buf, sizeof buf)) > 0;) out.append(buf, static_cast<size_t>(n));
-  ::close(fds[0]);
-  int status = 0;
-  ::waitpid(pid, &status, 0);
-  if (WIFSIGNALED(status)) return out + " [child killed by signal " + std::to_string(WTERMSIG(status)) + "]";
-  if (WEXITSTATUS(status) != 0 && out.empty()) return "child exited with " + std::to_string(WEXITSTATUS(status));
-  return out;
+  return collect_child(pid, fds[0]);
 }
 
 }  // namespace jitpatch::test

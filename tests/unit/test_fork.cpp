@@ -61,10 +61,7 @@ class HeldChild {
       ::close(go_[1]);
       ::close(out_[0]);
       char c;
-      std::string err = ::read(go_[0], &c, 1) == 1 ? body() : "the parent never released the child";
-      ssize_t w = ::write(out_[1], err.data(), err.size());
-      (void)w;
-      ::_exit(err.empty() ? 0 : 1);
+      test::report_and_exit(out_[1], ::read(go_[0], &c, 1) == 1 ? body() : "the parent never released the child");
     }
     ::close(go_[0]);
     ::close(out_[1]);
@@ -78,16 +75,9 @@ class HeldChild {
     const char c = 1;
     if (::write(go_[1], &c, 1) != 1) return "could not release the child";
     ::close(go_[1]);
-    std::string out;
-    char buf[512];
-    for (ssize_t n; (n = ::read(out_[0], buf, sizeof buf)) > 0;) out.append(buf, static_cast<size_t>(n));
-    ::close(out_[0]);
-    int status = 0;
-    ::waitpid(pid_, &status, 0);
+    const pid_t pid = pid_;
     pid_ = -1;
-    if (WIFSIGNALED(status)) return out + " [child killed by signal " + std::to_string(WTERMSIG(status)) + "]";
-    if (WEXITSTATUS(status) != 0 && out.empty()) return "child exited with " + std::to_string(WEXITSTATUS(status));
-    return out;
+    return test::collect_child(pid, out_[0]);
   }
   ~HeldChild() {
     if (pid_ > 0) (void)release();
