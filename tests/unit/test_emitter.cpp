@@ -2,6 +2,7 @@
 
 #include <jitpatch/jitpatch.hpp>
 
+#include <cstdio>
 #include <string>
 #include <thread>
 #include <vector>
@@ -228,6 +229,70 @@ TEST_CASE("emitter: free, reuse, and double free", "[unit][emit]") {
   CHECK((*b)->begin() == where);
   CHECK(f.heap->stats().serializations == ser + 1);
   CHECK((*b)->as<int(int)>()(1) == 3);
+}
+
+// Past 1016 descriptors (slabs of 8 ... 512 from malloc) an Emitter takes its descriptors
+// from 2 MiB private arenas meant for transparent huge pages (jit/code_blobs.cpp). 16,000
+// functions fill the first arena (14,563 descriptors) and start a second; every one must
+// run and keep its name, recycled descriptors must come from the arenas too, and the
+// arenas must go with the emitter.
+TEST_CASE("emitter: descriptors past the small slabs come from arenas that go with the emitter", "[unit][emit]") {
+  Fixture f;
+  constexpr int kN = 16000;
+  const void* arena_descriptor = nullptr;
+  {
+    Emitter em(*f.heap);
+    std::vector<BlobRef> blobs;
+    blobs.reserve(kN);
+    const EmitOptions eo{.alignment = 16};
+    for (int i = 0; i < kN; ++i) {
+      char name[16];
+      std::snprintf(name, sizeof name, "f%d", i);
+      auto b = em.emit(name, [i](EmitContext& cx) { add_const(cx, i % 2000); }, eo);
+      if (!b) FAIL("emit " << i << ": " << b.status().message());
+      blobs.push_back(*b);
+    }
+    // The 2000th descriptor is in the first arena: a private, anonymous, read-write
+    // mapping (never executable), not malloc's heap.
+    arena_descriptor = &*blobs[2000];
+    const std::string perms = test::perms_at(arena_descriptor);
+    CHECK(perms == "rw-p");
+    bool in_heap = false;
+    for (const test::Mapping& m : test::read_maps())
+      if (reinterpret_cast<unsigned long>(arena_descriptor) >= m.begin &&
+          reinterpret_cast<unsigned long>(arena_descriptor) < m.end)
+        in_heap = m.path == "[heap]";
+    CHECK_FALSE(in_heap);
+    for (int i = 0; i < kN; ++i) {
+      if (i % 97 != 0 && i < kN - 64) continue;
+      INFO("function " << i);
+      CHECK(blobs[i]->as<int(int)>()(7) == 7 + i % 2000);
+      char name[16];
+      std::snprintf(name, sizeof name, "f%d", i);
+      CHECK(blobs[i]->name() == name);
+    }
+    // Free every other one, then emit as many again: they reuse the freed descriptors, so
+    // a stale handle's descriptor comes back under a new generation.
+    for (int i = 1; i < kN; i += 2) REQUIRE(em.free(blobs[i]).ok());
+    CHECK(em.live_blobs() == kN / 2);
+    const BlobRef stale = blobs[kN - 1];
+    for (int i = 1; i < kN; i += 2) {
+      char name[16];
+      std::snprintf(name, sizeof name, "g%d", i);
+      auto b = em.emit(name, [i](EmitContext& cx) { add_const(cx, i % 1000); }, eo);
+      if (!b) FAIL("re-emit " << i << ": " << b.status().message());
+      blobs[i] = *b;
+    }
+    CHECK_FALSE(stale.valid());
+    CHECK(em.live_blobs() == kN);
+    for (int i = 0; i < kN; i += 13) {
+      INFO("function " << i);
+      CHECK(blobs[i]->as<int(int)>()(1) == 1 + (i % 2 ? i % 1000 : i % 2000));
+    }
+    CHECK(test::writable_and_executable().empty());
+  }
+  // munmap'ed with the emitter (nothing in this thread maps memory in between).
+  CHECK(test::perms_at(arena_descriptor).empty());
 }
 
 TEST_CASE("emitter: batch publication with one serialization", "[unit][emit]") {

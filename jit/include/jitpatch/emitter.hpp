@@ -345,14 +345,17 @@ class Emitter {
   mutable std::mutex mu_;
   CodeBlob* live_ = nullptr;   // intrusive list of live blobs
   CodeBlob* spare_ = nullptr;  // unused descriptors, linked through next_
-  // Descriptors come in slabs (8, 16, ... then one allocation per 256 blobs, freed with
-  // the emitter): a malloc per publication was a measurable share of its cost (bench/publish).
-  // A slab's descriptors are constructed as they are first handed out: [fresh_, fresh_end_)
-  // is the newest slab's never-used storage.
+  // Descriptors come in slabs (8, 16, ... 512 from malloc, then 2 MiB arenas meant for
+  // huge pages; freed with the emitter): a malloc per publication was a measurable share
+  // of its cost, and past a thousand functions so were 4 KiB pages touched for the first
+  // time (bench/publish; code_blobs.cpp). A slab's descriptors are constructed as they are
+  // first handed out: [fresh_, fresh_end_) is the newest slab's never-used storage, and
+  // [fresh_, populated_) the part of it already populated.
   struct Slab;
   Slab* slabs_ = nullptr;  // newest first, linked through Slab::prev
   std::byte* fresh_ = nullptr;
   std::byte* fresh_end_ = nullptr;
+  std::byte* populated_ = nullptr;
   std::size_t slab_count_ = 0;
   std::size_t live_count_ = 0;
   std::size_t pending_grace_ = 0;  // blobs retire_code() handed to grace domains, not freed yet
