@@ -8,7 +8,8 @@
 //                    compiler barrier)
 //   reader unlock(): loads of the data    ; barrier ; store ctr
 //   synchronize():   scan sees ctr changed; MB(B)   ; caller frees  (MB(B) makes every
-//                    CPU complete the reader's earlier loads)
+//                    CPU complete the reader's earlier loads; on x86-64, TSO already
+//                    has: mb_after_scans())
 //   reader unlock()/quiescent()/offline(): store ctr ; barrier ; load wake word
 //   wait_for_readers(): store wake word   ; master_mb() ; scan ctr  (store buffering again:
 //                    a sleeping synchronize() is either woken or sees the reader gone)
@@ -365,6 +366,30 @@ Status GraceDomain::master_mb() noexcept {
   return rt_->process_barrier();
 }
 
+// MB(B) (GP2). On a weakly ordered CPU (aarch64) it is master_mb(): a scan may have read a
+// reader's next lock() store, a relaxed store that the reader's compiler barrier does not
+// order after its section's loads, and only a barrier run on the reader's CPU (or the
+// context switch of a reader not running) completes those loads before the caller frees.
+// On x86-64 the hardware already gives that order: "writes are not reordered with older
+// reads" and "memory ordering obeys causality" (Intel SDM Vol. 3A, section 9.2.2, "Memory
+// Ordering in P6 and More Recent Processor Families"; AMD APM Vol. 2, section 7.2). Every
+// store to ctr is an ordinary MOV to write-back memory (write_once, store_release), after
+// the section's loads in program order (the compiler barrier keeps them there), so once
+// the scan's load_acquire has read any store at or after the unlock's, the section's loads
+// have been performed; the load_acquire keeps the caller's frees after the scan (loads are
+// not reordered with later writes, the same section). So x86-64 needs no process barrier
+// here, and a grace period costs one membarrier instead of two. The symmetric mode keeps
+// its smp_mb(): it costs nothing next to the scan, and ThreadSanitizer models the fence.
+Status GraceDomain::mb_after_scans() noexcept {
+#if defined(__x86_64__)
+  if (!symmetric_) {
+    compiler_barrier();
+    return {};
+  }
+#endif
+  return master_mb();
+}
+
 // Waits for the readers the current round must wait for: those still inside a section
 // of the other phase (critical_section), and in the second wait also the online qsbr
 // readers that have not reported since the counter advanced. Returns false, leaving the
@@ -495,7 +520,7 @@ Status GraceDomain::run_grace_period(const Clock::time_point* deadline, bool* ab
   // MB(B): every reader's section loads complete before the callers free. Pairs with the
   // slave_mb() before the release store of ctr in unlock()/offline(): it covers a scan
   // that read a later, relaxed ctr store (the reader's next lock()), not the release.
-  Status st = master_mb();
+  Status st = mb_after_scans();
   fetch_add_relaxed(&impl_->grace_periods, 1);
   return st;
 }

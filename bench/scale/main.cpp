@@ -53,6 +53,7 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cerrno>
 #include <chrono>
@@ -757,6 +758,11 @@ std::string mix_at(Mix m, int n) { return n <= 2 ? "running" : mix_key(m); }
 // Reads per reader CPU-second, by (case, N): the read side's cost, whatever share of the
 // CPUs the scheduler gave the readers (reads/s, the goal's figure, includes that share).
 std::map<std::pair<std::string, int>, double> g_grace_reads_per_cpu_s;
+// Share of grace periods that took 1 ms or more, by (case, N). With more readers than
+// CPUs a round often has to wait until a reader preempted inside its section runs again
+// (a scheduler slice: milliseconds), so synchronize()'s latency is bimodal and its median
+// says which mode held the majority; this says how often each side was in the slow one.
+std::map<std::pair<std::string, int>, double> g_grace_slow_share;
 
 void run_grace(const Options& opt, const std::vector<int>& ns) {
   reclaim_bench::Config cfg;
@@ -787,6 +793,10 @@ void run_grace(const Options& opt, const std::vector<int>& ns) {
       c.a.samples = static_cast<std::size_t>(o.bad);                // must be 0
       g_grace_reads_per_cpu_s[{c.name, n}] =
           o.reader_cpu_ns ? static_cast<double>(o.reads) * 1e9 / static_cast<double>(o.reader_cpu_ns) : std::nan("");
+      if (!o.gp_ns.empty())
+        g_grace_slow_share[{c.name, n}] =
+            static_cast<double>(std::count_if(o.gp_ns.begin(), o.gp_ns.end(), [](double v) { return v >= 1e6; })) /
+            static_cast<double>(o.gp_ns.size());
       if (o.bad != 0 && c.error.empty()) c.error = "a reader saw a freed value";
       g_cells.push_back(c);
     }
@@ -991,7 +1001,15 @@ int run(const Options& opt) {
   if (opt.wants("grace")) {
     std::printf("3. grace periods: N readers + 1 writer (synchronize() in a loop), 2 runs of %s each\n", opt.quick ? "0.08 s" : "0.75 s");
     jb::Table t({"N", "jitpatch reads/s", "liburcu reads/s", "ratio", "reads/CPU-s ratio", "jitpatch sync", "p99",
-                 "liburcu sync", "p99", "ratio", "GPs/s jitpatch", "GPs/s liburcu", "bad"});
+                 "liburcu sync", "p99", "ratio", "slow jitpatch", "slow liburcu", "GPs/s jitpatch", "GPs/s liburcu",
+                 "bad"});
+    auto slow = [](const char* name, int n) -> std::string {
+      auto it = g_grace_slow_share.find({name, n});
+      if (it == g_grace_slow_share.end()) return "-";
+      char b[16];
+      std::snprintf(b, sizeof b, "%.0f%%", 100.0 * it->second);
+      return b;
+    };
     auto per_cpu = [](const char* name, int n) {
       auto it = g_grace_reads_per_cpu_s.find({name, n});
       return it == g_grace_reads_per_cpu_s.end() ? std::nan("") : it->second;
@@ -1003,7 +1021,8 @@ int run(const Options& opt) {
       const double cr = j && u ? div(per_cpu("jitpatch", n), per_cpu("liburcu memb", n)) : std::nan("");
       t.add({std::to_string(n), j ? fmt(j->a.median) : "-", u ? fmt(u->a.median) : "-", jb::format_ratio(rr),
              jb::format_ratio(cr), ns_of(j, true),
-             ns_of(j, true, true), ns_of(u, true), ns_of(u, true, true), jb::format_ratio(sr), j ? fmt(j->a.p99) : "-",
+             ns_of(j, true, true), ns_of(u, true), ns_of(u, true, true), jb::format_ratio(sr), slow("jitpatch", n),
+             slow("liburcu memb", n), j ? fmt(j->a.p99) : "-",
              u ? fmt(u->a.p99) : "-", std::to_string((j ? j->a.samples : 0) + (u ? u->a.samples : 0))});
       ratios[key("scale.grace.reads_over_liburcu_memb", n)] = rr;
       ratios[key("scale.grace.reads_per_cpu_over_liburcu_memb", n)] = cr;
@@ -1012,6 +1031,8 @@ int run(const Options& opt) {
     }
     t.print(stdout, "  ");
     std::printf("  ratio: jitpatch over liburcu for reads, liburcu over jitpatch for synchronize() latency (goal >= 1.0)\n"
+                "  slow: share of grace periods of 1 ms or more (waiting for a reader preempted inside its section:\n"
+                "  with more readers than CPUs the latency is bimodal, and the median shows the mode that held most rounds)\n"
                 "  reads/CPU-s ratio: the same for reads per CPU-second the reader threads used (CLOCK_THREAD_CPUTIME_ID):\n"
                 "  the read side's cost without the share of the CPUs the scheduler gave each side's readers\n\n");
   }
@@ -1159,6 +1180,8 @@ int run(const Options& opt) {
         put(c, "bad_reads", static_cast<double>(c.a.samples), "count");
         if (auto it = g_grace_reads_per_cpu_s.find({c.name, c.n}); it != g_grace_reads_per_cpu_s.end())
           put(c, "reads_per_reader_cpu_s", it->second, "1/s");
+        if (auto it = g_grace_slow_share.find({c.name, c.n}); it != g_grace_slow_share.end())
+          put(c, "slow_share", it->second, "ratio");
       } else if (c.section == "storm") {
         put(c, "throughput_fraction", c.a.median, "ratio");
         put(c, "calls_per_s_undisturbed", c.b.median, "1/s");

@@ -28,7 +28,8 @@
 // (membarrier variant); QSBR is section 3.4. Written here from the paper. In the comments
 // below, MB(A) is the barrier synchronize() runs before it scans the readers and MB(B)
 // the one after its last scan (GraceDomain::run_grace_period()): process_barrier() in the
-// asymmetric mode, smp_mb() in the symmetric one.
+// asymmetric mode (on x86-64 MB(B) is the hardware's own store order: grace.cpp,
+// mb_after_scans()), smp_mb() in the symmetric one.
 //
 // A reader handle belongs to the thread that registered it: using it from another thread
 // is a caller bug (not detected). synchronize() from inside the caller's own read-side
@@ -352,6 +353,7 @@ class GraceDomain {
   explicit GraceDomain(Runtime& rt, const GraceOptions& options);
   using Clock = std::chrono::steady_clock;
   Status master_mb() noexcept;
+  Status mb_after_scans() noexcept;  // MB(B): master_mb(), or nothing on x86-64 (grace.cpp)
   Status run_grace_period(const Clock::time_point* deadline, bool* abandoned) noexcept;
   Status wait_for_round(const Clock::time_point* deadline) noexcept;
   Status synchronize_impl(const Clock::time_point* deadline) noexcept;
