@@ -7,6 +7,7 @@
 
 #include <jitpatch/grace.hpp>
 #include <jitpatch/internal/fatal.hpp>
+#include <jitpatch/internal/huge_map.hpp>
 #include <jitpatch/visibility.hpp>
 
 #if defined(__x86_64__)
@@ -83,25 +84,9 @@ void populate(void* mem, std::size_t size) noexcept {
 #endif
 }
 
-constexpr std::size_t kArenaBytes = std::size_t(2) << 20;     // one PMD-sized huge page (4 KiB base pages)
+constexpr std::size_t kArenaBytes = detail::kHugeAlign;        // one PMD-sized huge page (4 KiB base pages)
 constexpr std::size_t kPopulateStep = std::size_t(64) << 10;  // arena pages populated ahead, per step
 constexpr unsigned kSmallSlabs = 7;                           // 8 << 0 .. 8 << 6 descriptors, then arenas
-
-// A 2 MiB-aligned 2 MiB private mapping, or nullptr. Over-map by the alignment and unmap
-// the ends: mmap(2) aligns only to the base page.
-void* map_arena() noexcept {
-  const std::size_t len = 2 * kArenaBytes;
-  void* raw = ::mmap(nullptr, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-  if (raw == MAP_FAILED) return nullptr;
-  const auto r = reinterpret_cast<std::uintptr_t>(raw);
-  const std::uintptr_t b = (r + kArenaBytes - 1) & ~(kArenaBytes - 1);
-  if (b != r) (void)::munmap(raw, b - r);
-  if (r + len != b + kArenaBytes) (void)::munmap(reinterpret_cast<void*>(b + kArenaBytes), r + len - b - kArenaBytes);
-#if defined(MADV_HUGEPAGE)
-  (void)::madvise(reinterpret_cast<void*>(b), kArenaBytes, MADV_HUGEPAGE);  // advice: EINVAL without THP
-#endif
-  return reinterpret_cast<void*>(b);
-}
 }  // namespace
 
 // A slab's header; its descriptors follow it, kHeader bytes in. `mapped` is the size of an
@@ -159,7 +144,7 @@ Emitter::~Emitter() {
     const std::size_t mapped = s->mapped;
     s->~Slab();
     if (mapped)
-      (void)::munmap(static_cast<void*>(s), mapped);
+      detail::unmap_huge(static_cast<void*>(s), mapped);
     else
       ::operator delete(static_cast<void*>(s));
     s = prev;
@@ -204,7 +189,7 @@ Result<BlobRef> Emitter::link_blob(std::string_view name, const CodeRange& range
       if (fresh_ == fresh_end_) {
         void* mem = nullptr;
         std::size_t n = 0, mapped = 0;
-        if (slab_count_ >= kSmallSlabs && (mem = map_arena()) != nullptr) {
+        if (slab_count_ >= kSmallSlabs && (mem = detail::map_huge(kArenaBytes)) != nullptr) {
           mapped = kArenaBytes;
           n = (kArenaBytes - Slab::kHeader) / sizeof(CodeBlob);
         } else {

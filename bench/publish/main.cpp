@@ -5,6 +5,8 @@
 //                         (PublishBatch of one) as it is emitted
 //   jitpatch batched      EmitOptions{.publish = false} for every function, then one
 //                         PublishBatch::commit for all N
+//   jitpatch single + registry   as single, and every blob registered in a CodeRegistry
+//                         for PC lookup: what the Jit facade does
 //   asmjit JitRuntime     JitRuntime::add, one CodeHolder per function, default settings
 //   asmjit JitAllocator   kUseDualMapping; alloc(rx, rw), relocateToBase, copyFlattenedData,
 //                         flushInstructionCache: the steps jitpatch's emit takes, by hand
@@ -30,6 +32,7 @@
 //
 // Usage: jitpatch-bench-publish [--quick] [--json FILE]
 #include <jitpatch/code_heap.hpp>
+#include <jitpatch/code_registry.hpp>
 #include <jitpatch/emitter.hpp>
 #include <jitpatch/runtime.hpp>
 
@@ -123,15 +126,19 @@ Rep fill_heap_stats(Rep r, const CodeHeap& heap, std::size_t n, std::uint64_t se
 }
 
 // jitpatch, fresh memory. batched = false: emit() publishes each function itself.
-Rep jitpatch_fresh(Runtime& rt, std::size_t n, bool batched, HeapHardening hd = HeapHardening::none) {
+// with_registry: the Emitter also registers each blob in a CodeRegistry (PC lookup), as the
+// Jit facade's does; a fresh registry per repetition, made outside the timed region.
+Rep jitpatch_fresh(Runtime& rt, std::size_t n, bool batched, HeapHardening hd = HeapHardening::none,
+                   bool with_registry = false) {
   Rep r;
   auto heap = fresh_heap(rt, hd);
   if (!heap) return Rep{heap.status()};
   Slots slots;
   slots.reset(n);
   std::vector<BlobRef> blobs(n);
+  CodeRegistry registry;
   {
-    Emitter em(**heap);
+    Emitter em(**heap, with_registry ? &registry : nullptr);
     const EmitOptions eo{.alignment = 16, .publish = !batched};
     const std::int64_t t0 = jb::now_ns();
     for (std::size_t i = 0; i < n; ++i) {
@@ -393,6 +400,8 @@ class Bench {
         {"jitpatch single (fresh)", [&rt](std::size_t n) { return jitpatch_fresh(rt, n, false); }},
         {"jitpatch batched (fresh)", [&rt](std::size_t n) { return jitpatch_fresh(rt, n, true); }},
         {"jitpatch CodeHeap by hand (fresh)", [&rt](std::size_t n) { return jitpatch_heap_by_hand(rt, n); }},
+        {"jitpatch single + registry (fresh)",
+         [&rt](std::size_t n) { return jitpatch_fresh(rt, n, false, HeapHardening::none, true); }},
         // The hardened heap (CodeHeapOptions::hardening): the alias is opened and closed
         // around every emit; batched emits still open and close once per function.
         {"jitpatch single (fresh, hardened mprotect)",
@@ -411,7 +420,7 @@ class Bench {
     // Protection keys only where the CPU has them (heap_pkeys_available(); not on the AMD
     // EPYC machine of docs/benchmarks.md).
     if (heap_pkeys_available())
-      cases.insert(cases.begin() + 5, {"jitpatch single (fresh, hardened pkey)", [&rt](std::size_t n) {
+      cases.insert(cases.begin() + 6, {"jitpatch single (fresh, hardened pkey)", [&rt](std::size_t n) {
                                          return jitpatch_fresh(rt, n, false, HeapHardening::pkey);
                                        }});
     else
@@ -517,6 +526,8 @@ class Bench {
     ratio("publish.asmjit_over_jitpatch", "asmjit JitAllocator dual", "jitpatch batched (fresh)");
     ratio("publish.asmjit_over_jitpatch_heap", "asmjit JitAllocator dual", "jitpatch CodeHeap by hand (fresh)");
     ratio("publish.jitruntime_over_jitpatch", "asmjit JitRuntime::add", "jitpatch batched (fresh)");
+    // The Jit facade's path: every blob also registered for PC lookup.
+    ratio("publish.asmjit_over_jitpatch_registry", "asmjit JitAllocator dual", "jitpatch single + registry (fresh)");
     // Single publishes that each serialize (replace each) against one serialization.
     ratio("publish.batched_speedup", "jitpatch single (dirty, replace each)", "jitpatch batched (dirty)");
     ratio("publish.batched_speedup_free_all_first", "jitpatch single (dirty, free all first)",

@@ -3,6 +3,7 @@
 #include <jitpatch/jitpatch.hpp>
 
 #include <atomic>
+#include <chrono>
 #include <thread>
 #include <vector>
 
@@ -74,4 +75,52 @@ TEST_CASE("registry: lock-free readers during concurrent updates never see a wro
   reader.join();
   CHECK(wrong.load() == 0);
   CHECK(lookups.load() > 0);
+}
+
+// Past 1024 entries the table stops doubling into new[] memory and grows in place inside
+// one large reservation (jit/code_registry.cpp). Cross that point in both orders (appends
+// at the end, and inserts at the front, which move every entry), with a reader looking up
+// the stable entries throughout, and check every range afterwards, then remove them all.
+TEST_CASE("registry: a table past 1024 entries keeps every range, in any insertion order", "[unit][registry]") {
+  for (const bool descending : {false, true}) {
+    INFO((descending ? "descending" : "ascending") << " insertion");
+    CodeRegistry reg;
+    constexpr std::uintptr_t kN = 3000, kBase = 0x10000000, kStride = 0x40;
+    auto addr = [&](std::uintptr_t i) { return kBase + kStride * i; };
+    // Stable entries the reader checks: every 100th, registered first.
+    for (std::uintptr_t i = 0; i < kN; i += 100) REQUIRE(reg.add(at(addr(i)), at(addr(i) + 0x20), fake(i)).ok());
+    std::atomic<bool> stop{false};
+    std::atomic<long> wrong{0}, lookups{0};
+    std::thread reader([&] {
+      std::uintptr_t i = 0;
+      while (!stop.load(std::memory_order_relaxed)) {
+        i = (i + 100) % kN;
+        const CodeBlob* b = reg.find(at(addr(i) + 0x10));
+        if (b != nullptr && b != fake(i)) wrong.fetch_add(1);
+        lookups.fetch_add(1, std::memory_order_relaxed);
+      }
+    });
+    for (std::uintptr_t n = 0; n < kN; ++n) {
+      const std::uintptr_t i = descending ? kN - 1 - n : n;
+      if (i % 100 == 0) continue;
+      const Status st = reg.add(at(addr(i)), at(addr(i) + 0x20), fake(i));
+      if (!st) FAIL("add " << i << ": " << st.message());
+    }
+    // The reader must have overlapped with the growth; on a loaded machine it may start
+    // late, so wait for it (generous cap) rather than assume it ran.
+    for (int spins = 0; lookups.load(std::memory_order_relaxed) < 1000 && spins < 100000; ++spins)
+      std::this_thread::sleep_for(std::chrono::microseconds(100));
+    stop = true;
+    reader.join();
+    CHECK(wrong.load() == 0);
+    CHECK(lookups.load() >= 1000);
+    REQUIRE(reg.size() == kN);
+    for (std::uintptr_t i = 0; i < kN; ++i) {
+      if (reg.lookup(at(addr(i) + 0x1f)) != fake(i)) FAIL("range " << i << " not found at its end");
+      if (reg.lookup(at(addr(i) + 0x20)) != nullptr) FAIL("a pc between ranges " << i << " found a blob");
+    }
+    for (std::uintptr_t i = 0; i < kN; ++i) REQUIRE(reg.remove(at(addr(i))).ok());
+    CHECK(reg.size() == 0);
+    CHECK(reg.find(at(addr(5) + 0x10)) == nullptr);
+  }
 }

@@ -53,11 +53,18 @@ class CodeRegistry {
   };
   // A table and its count, published together through table_: a reader takes the count
   // from the table it searches, so it never pairs one table with another's count.
+  // Small tables come from new[]; from kLargeTable entries on, a table is a reservation
+  // of address space meant for huge pages (code_registry.cpp), unmapped by its deleter.
+  struct EntriesDeleter {
+    std::size_t mapped;  // bytes of the mapping, 0 for new[] (no initializer: CWG 1397, the
+                         // enclosing class is incomplete where Table uses it)
+    void operator()(Entry* p) const noexcept;
+  };
   struct Table {
-    std::size_t capacity;              // immutable
-    std::size_t count;                 // entries in use (marked accesses)
-    std::unique_ptr<Entry[]> entries;  // immutable pointer; the entries: marked accesses
-    std::unique_ptr<Table> older;      // the table this one replaced (kept; writer-only)
+    std::size_t capacity;                              // immutable
+    std::size_t count;                                 // entries in use (marked accesses)
+    std::unique_ptr<Entry[], EntriesDeleter> entries;  // immutable pointer; the entries: marked accesses
+    std::unique_ptr<Table> older;                      // the table this one replaced (kept; writer-only)
   };
   Status grow_locked() noexcept;
 
