@@ -66,7 +66,7 @@ namespace {
 //    the build machine, 9-17 ns per descriptor's first writes against 150 ns on 4 KiB pages
 //    populated ahead and 340 ns faulted one by one. Without THP ("never", no free huge page,
 //    or 64 KiB base pages) the arena is ordinary pages, populated 64 KiB at a time ahead of
-//    use (populate_ahead()), which is the small slabs' cost again and no worse.
+//    use (kPopulateStep, in link_blob()), which is the small slabs' cost again and no worse.
 // Populating never alters a page that is present, and an absent anonymous page reads zero
 // either way: the contents are unchanged. Both are best effort: an older kernel's EINVAL
 // leaves pages to fault in on first write. Called under the emitter's lock, like the
