@@ -366,27 +366,23 @@ Status GraceDomain::master_mb() noexcept {
   return rt_->process_barrier();
 }
 
-// MB(B) (GP2). On a weakly ordered CPU (aarch64) it is master_mb(): a scan may have read a
-// reader's next lock() store, a relaxed store that the reader's compiler barrier does not
-// order after its section's loads, and only a barrier run on the reader's CPU (or the
-// context switch of a reader not running) completes those loads before the caller frees.
-// On x86-64 the hardware already gives that order: "writes are not reordered with older
-// reads" and "memory ordering obeys causality" (Intel SDM Vol. 3A, section 9.2.2, "Memory
-// Ordering in P6 and More Recent Processor Families"; AMD APM Vol. 2, section 7.2). Every
-// store to ctr is an ordinary MOV to write-back memory (write_once, store_release), after
-// the section's loads in program order (the compiler barrier keeps them there), so once
-// the scan's load_acquire has read any store at or after the unlock's, the section's loads
-// have been performed; the load_acquire keeps the caller's frees after the scan (loads are
-// not reordered with later writes, the same section). So x86-64 needs no process barrier
-// here, and a grace period costs one membarrier instead of two. The symmetric mode keeps
-// its smp_mb(): it costs nothing next to the scan, and ThreadSanitizer models the fence.
+// MB(B) (GP2). Where a plain store may become visible before its thread's older loads
+// (aarch64) it is master_mb(): a scan may have read a reader's next lock() store, a
+// relaxed store that the reader's compiler barrier does not order after its section's
+// loads, and only a barrier run on the reader's CPU (or the context switch of a reader
+// not running) completes those loads before the caller frees. Where the hardware orders
+// stores after older loads (kStoresOrderedAfterLoads: x86-64, Intel SDM Vol. 3A 9.2.2),
+// every store to ctr (write_once, store_release: plain MOVs) comes after the section's
+// loads in program order (the reader's compiler barrier keeps it there), so the scan's
+// load_acquire of any store at or after the unlock's already shows those loads done, and
+// it keeps the caller's frees after the scan. Then a grace period costs one membarrier
+// instead of two. The symmetric mode keeps its smp_mb(): it costs nothing next to the
+// scan, and ThreadSanitizer models the fence.
 Status GraceDomain::mb_after_scans() noexcept {
-#if defined(__x86_64__)
-  if (!symmetric_) {
-    compiler_barrier();
+  if (kStoresOrderedAfterLoads && !symmetric_) {
+    compiler_barrier();  // the caller's frees after the scans, for the compiler (the CPU keeps them)
     return {};
   }
-#endif
   return master_mb();
 }
 

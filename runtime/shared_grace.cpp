@@ -416,19 +416,18 @@ Status SharedGraceDomain::run(const std::chrono::steady_clock::time_point* deadl
     fetch_add_relaxed(&hdr_->timeouts, 1);  // statistics only
     return unlock(Status(Errc::timeout, 0, "SharedGraceDomain::synchronize: readers still held the grace period at the deadline"));
   }
-  // MB(B) (SG2): every reader's section loads complete before the caller frees. On x86-64
-  // the hardware gives it, as for GraceDomain (grace.cpp, mb_after_scans(): Intel SDM Vol.
-  // 3A, section 9.2.2, writes are not reordered with older reads, and causality): a
-  // reader's ctr stores, in any process, are ordinary MOVs to the shared write-back page,
-  // after its section's loads; the scan's load_acquire keeps the caller's frees after it.
-  // Readers are on the same machine, so on the same architecture (a qemu-user reader's
-  // translated accesses run on this x86-64 host, which orders them as its own).
-#if defined(__x86_64__)
-  compiler_barrier();
+  // MB(B) (SG2): every reader's section loads complete before the caller frees. Where
+  // the hardware orders stores after older loads (kStoresOrderedAfterLoads: x86-64) it
+  // already has, as for GraceDomain (grace.cpp, mb_after_scans()): a reader's ctr stores,
+  // in any process, are plain stores to the shared page after its section's loads, and
+  // the scan's load_acquire keeps the caller's frees after it. Readers run on the same
+  // machine, so under the same ordering (a qemu-user reader's translated accesses run as
+  // this host's own).
   Status st;
-#else
-  Status st = membarrier_mb();
-#endif
+  if (kStoresOrderedAfterLoads)
+    compiler_barrier();  // the caller's frees after the scans, for the compiler (the CPU keeps them)
+  else
+    st = membarrier_mb();
   if (st.ok()) fetch_add_relaxed(&hdr_->grace_periods, 1);  // statistics only
   return unlock(st);
 }

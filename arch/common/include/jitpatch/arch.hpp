@@ -10,6 +10,9 @@
 //   load_acquire / store_release                 x86: MOV; arm64: LDAR / STLR
 //   smp_mb__before/after_atomic                  x86: compiler only; arm64: DMB ISH
 //   cpu_relax()                                  x86: PAUSE; arm64: YIELD
+//   kStoresOrderedAfterLoads    (constant)       a plain store is visible only after the
+//                                                thread's older loads: x86 true (TSO),
+//                                                arm64 false
 //   sync_core()                 serialize the local core (SERIALIZE/CPUID, ISB)
 //   flush_icache(begin, end)    make [begin, end) visible to instruction fetch
 //
@@ -48,6 +51,7 @@ namespace jitpatch {
 using arch::generic::always_lock_free;
 using arch::native::compiler_barrier;
 using arch::native::cpu_relax;
+using arch::native::kStoresOrderedAfterLoads;
 using arch::native::fetch_add;
 using arch::native::fetch_add_acquire;
 using arch::native::fetch_add_relaxed;

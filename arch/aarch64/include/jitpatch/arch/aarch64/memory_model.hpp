@@ -22,6 +22,11 @@ using generic::smp_wmb;
 #else
 // DMB ISH: all loads and stores (kernel arch/arm64/include/asm/barrier.h: __smp_mb).
 JITPATCH_ALWAYS_INLINE void smp_mb() noexcept { __asm__ __volatile__("dmb ish" ::: "memory"); }
+// A plain STR may become visible before an older load of its thread is satisfied (Arm ARM
+// B2.3: load-to-store ordering comes only from barriers, acquire/release or
+// dependencies), so an updater cannot learn from a reader's later plain store that the
+// reader's earlier loads are done (see the x86-64 constant of this name).
+inline constexpr bool kStoresOrderedAfterLoads = false;
 // DMB ISHLD: earlier loads against later loads and stores (kernel: __smp_rmb).
 JITPATCH_ALWAYS_INLINE void smp_rmb() noexcept { __asm__ __volatile__("dmb ishld" ::: "memory"); }
 // DMB ISHST: earlier stores against later stores (kernel: __smp_wmb).

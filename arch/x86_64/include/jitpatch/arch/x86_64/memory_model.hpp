@@ -28,6 +28,13 @@ JITPATCH_ALWAYS_INLINE void smp_mb() noexcept {
   __asm__ __volatile__("lock; orl $0, (%%rsp)" ::: "memory", "cc");
 #endif
 }
+// A plain store becomes visible only after every earlier load of its thread has been
+// performed ("writes are not reordered with older reads", and "memory ordering obeys
+// causality": SDM Vol. 3A 9.2.2; AMD APM Vol. 2 7.2), for ordinary MOVs to write-back
+// memory. An updater that has read a reader's later store with load_acquire therefore
+// knows the reader's earlier loads are done without running a barrier on the reader's
+// CPU (GraceDomain's MB(B): docs/memory-ordering.md GP2).
+inline constexpr bool kStoresOrderedAfterLoads = true;
 JITPATCH_ALWAYS_INLINE void smp_rmb() noexcept { compiler_barrier(); }
 JITPATCH_ALWAYS_INLINE void smp_wmb() noexcept { compiler_barrier(); }
 // Locked RMW instructions are already full barriers on x86 (SDM 9.2.2), so only the
